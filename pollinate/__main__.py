@@ -1,0 +1,5 @@
+"""``python -m pollinate`` runs the CLI."""
+
+from pollinate.cli import main
+
+main()

@@ -1,0 +1,326 @@
+"""The ``pollinate`` command.
+
+Every error a user can cause ends in one red line and a documented exit code, never a
+traceback: 2 bad setting, 3 bad data, 4 privacy budget, 5 bad run directory, 1 other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pollinate.errors import CheckpointError, ConfigError, PollinateError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="pollinate",
+    help="Federated learning with differential privacy on edge devices, built on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+EXIT_CODES = {
+    0: "success",
+    1: "an unexpected failure (see the message)",
+    2: "an invalid setting or flag",
+    3: "missing, empty or corrupt data",
+    4: "a privacy budget would be exceeded",
+    5: "a missing or inconsistent run directory / checkpoint",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    pkg = logging.getLogger("pollinate")
+    pkg.handlers[:] = [handler]
+    pkg.setLevel(logging.INFO if verbose else logging.WARNING)
+    pkg.propagate = False
+    for noisy in ("flwr", "ray"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _fail(err: PollinateError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {err}")
+    return typer.Exit(code=err.exit_code)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(
+                f"--set expects KEY=VALUE, got {pair!r}; e.g. --set learning-rate=0.05"
+            )
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _Progress:
+    """Rich progress bar fed by the ServerApp's round events."""
+
+    def __init__(self, progress: Any, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("rounds", total=total)
+
+    def on_start(self, first_round: int, num_rounds: int) -> None:
+        self.progress.update(self.task, completed=first_round - 1, total=num_rounds)
+
+    def on_round(self, record: Any) -> None:
+        eps = "" if record.max_epsilon is None else f" ε_max {record.max_epsilon:.2f}"
+        acc = "" if record.accuracy is None else f" acc {record.accuracy:.3f}"
+        self.progress.update(
+            self.task,
+            completed=record.server_round,
+            description=f"round {record.server_round}{acc}{eps}",
+        )
+
+
+@app.command()
+def simulate(
+    preset: Annotated[
+        str, typer.Option(help="Starting point: default, demo, quick, non-iid, client-dp.")
+    ] = "default",
+    num_clients: Annotated[
+        int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Fraction of clients sampled per round.")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
+    ] = None,
+    robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
+    model: Annotated[str | None, typer.Option(help="cnn or mlp.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="mnist, digits, or a path (.npz, .csv, image folder).")
+    ] = None,
+    partitioner: Annotated[str | None, typer.Option(help="iid, dirichlet or shards.")] = None,
+    dp: Annotated[
+        str | None, typer.Option(help="Sample-level DP: sample (DP-SGD) or none.")
+    ] = None,
+    noise: Annotated[float | None, typer.Option(help="DP-SGD noise multiplier.")] = None,
+    clip: Annotated[float | None, typer.Option(help="DP-SGD per-sample clipping norm.")] = None,
+    target_epsilon: Annotated[
+        float | None, typer.Option(help="Calibrate noise so no client exceeds this epsilon.")
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Per-client budget: clients decline past it (0 = none).")
+    ] = None,
+    client_dp: Annotated[
+        str | None, typer.Option(help="Client-level DP: none, server-fixed or client-fixed.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for data split, sampling and noise.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Where checkpoints, metrics and the report go.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this directory from its last round.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any run-config key, e.g. --set learning-rate=0.05."),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's and pollinate's logs.")
+    ] = False,
+) -> None:
+    """Run a federated simulation with Flower's simulation engine.
+
+    Examples:
+
+      pollinate simulate                          # 1000 clients, 10% per round, DP-SGD
+
+      pollinate simulate --preset demo            # no DP, >= 90% accuracy in minutes
+
+      pollinate simulate --target-epsilon 4 --rounds 10
+
+      pollinate simulate --resume runs/my-run     # continue after a crash
+    """
+    from pollinate.config import RunSettings
+    from pollinate.simulation.presets import get_preset
+
+    _setup_logging(verbose)
+    try:
+        flags: dict[str, Any] = {
+            "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
+            "robust": robust, "model": model, "dataset": data, "partitioner": partitioner,
+            "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
+            "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
+            "client-dp": client_dp, "seed": seed,
+        }  # fmt: skip
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        overrides.update(_parse_sets(set_ or []))
+        if resume is not None:
+            config, clients = _resume_config(resume, overrides)
+            if num_clients is not None and num_clients != clients:
+                raise ConfigError(
+                    f"--num-clients {num_clients} differs from the run's {clients} clients; "
+                    "a resumed run keeps its clients"
+                )
+        else:
+            chosen = get_preset(preset)
+            config = {**chosen.settings, **overrides}
+            clients = num_clients if num_clients is not None else chosen.num_clients
+            target = run_dir or Path("runs") / _default_run_name()
+            if target.exists() and (target / "LATEST").exists():
+                raise CheckpointError(
+                    f"{target} already holds a run; pass --resume {target} to continue it "
+                    "or choose another --run-dir"
+                )
+            config["run-dir"] = str(target.resolve())
+        if clients < 1:
+            raise ConfigError(f"--num-clients must be at least 1, got {clients}")
+        settings = RunSettings.from_run_config(config)
+        _check_data(settings)
+        result = _run_with_progress(settings, clients, verbose)
+    except PollinateError as err:
+        raise _fail(err) from None
+    _print_summary(result)
+
+
+def _default_run_name() -> str:
+    import time
+
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        raise CheckpointError(
+            f"{run_dir} is not a pollinate run directory (no run.json); pass the folder a "
+            "previous `pollinate simulate` wrote"
+        )
+    try:
+        saved = json.loads(run_json.read_text())
+        config = dict(saved["settings"])
+        population = int(saved["population"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{run_json} is corrupt ({err})") from err
+    config.update(overrides)
+    config["resume"] = True
+    config["run-dir"] = str(run_dir.resolve())
+    return config, population
+
+
+def _check_data(settings: Any) -> None:
+    """Load the data once up front so a bad path fails here, not inside 1000 clients."""
+    from pollinate.data import load_dataset
+
+    load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+
+
+def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pollinate.data import load_dataset, partition_indices
+    from pollinate.server import events
+    from pollinate.simulation.runner import SimulationOptions, simulate
+
+    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    partition_indices(
+        data.train.y, clients, settings.partitioner, seed=settings.seed,
+        alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+    )  # fmt: skip
+    console.print(
+        f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
+        f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
+        f"client-dp {settings.client_dp.value} -> {settings.run_dir}"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=verbose,
+    ) as progress:  # fmt: skip
+        listener = _Progress(progress, settings.num_server_rounds)
+        events.add_listener(listener)
+        try:
+            return simulate(settings, SimulationOptions(num_clients=clients, verbose=verbose))
+        finally:
+            events.remove_listener(listener)
+
+
+def _print_summary(result: Any) -> None:
+    from pollinate.server.report import render_summary_table
+
+    out = Console(width=max(Console().width, 120))
+    out.print(render_summary_table(result.history, result.privacy))
+    last = result.history[-1] if result.history else None
+    if last is not None and last.accuracy is not None:
+        out.print(f"final accuracy [bold]{last.accuracy:.4f}[/] after round {last.server_round}")
+    sample = result.privacy.get("sample_level", {})
+    if sample.get("enabled") and sample.get("max_epsilon") is not None:
+        out.print(
+            f"sample-level ε (per client, δ={result.privacy.get('delta')}): "
+            f"max {sample['max_epsilon']:.3f}, median {sample['median_epsilon']:.3f}"
+        )
+    client = result.privacy.get("client_level", {})
+    if client.get("enabled") and client.get("epsilon") is not None:
+        out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
+    out.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory written by `pollinate simulate`.")
+    ],
+) -> None:
+    """Re-draw the report (plots and summary.md) of a run directory.
+
+    Example:
+
+      pollinate report runs/run-20261126-150000
+    """
+    from pollinate.server.report import RoundRecord, write_report
+
+    try:
+        metrics = run_dir / "metrics.json"
+        if not metrics.exists():
+            raise CheckpointError(
+                f"{run_dir} has no metrics.json; is it a pollinate run directory?"
+            )
+        history = [RoundRecord.from_dict(r) for r in json.loads(metrics.read_text())]
+        privacy_file = run_dir / "privacy.json"
+        privacy = json.loads(privacy_file.read_text())["summary"] if privacy_file.exists() else {}
+        settings = json.loads((run_dir / "run.json").read_text()).get("settings", {})
+        files = write_report(run_dir, history, privacy=privacy, settings=settings)
+    except PollinateError as err:
+        raise _fail(err) from None
+    except (OSError, ValueError) as err:
+        raise _fail(CheckpointError(f"cannot read {run_dir}: {err}")) from None
+    for f in files:
+        Console().print(str(f))
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """List the exit codes of the pollinate command."""
+    for code, meaning in EXIT_CODES.items():
+        Console().print(f"{code}  {meaning}")
+
+
+@app.command()
+def version() -> None:
+    """Print the pollinate version."""
+    from pollinate import __version__
+
+    Console().print(__version__)
+
+
+def main() -> None:
+    """Entry point of the ``pollinate`` console script."""
+    app()

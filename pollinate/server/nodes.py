@@ -1,0 +1,121 @@
+"""Who is connected, and sampling by stable client identity.
+
+Flower's node ids are random per launch (simulation registers fresh ones every time), so a
+run sampled by node id could not be resumed reproducibly. The ServerApp asks each new node
+once for its stable client key (``query`` message) and samples in key order with a seeded
+generator: the same seed and round give the same clients, before and after a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from pollinate.errors import PollinateError
+from pollinate.log import logger
+
+__all__ = ["NodeDirectory", "SampledGrid"]
+
+
+class SampledGrid(Grid):
+    """A Grid whose ``get_node_ids`` returns a fixed sample; everything else is delegated.
+
+    Flower's strategies sample from ``grid.get_node_ids()``; with ``fraction_train=1`` they
+    take exactly the nodes given here.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class NodeDirectory:
+    """Maps connected node ids to stable client keys, learning new nodes as they join."""
+
+    def __init__(self, grid: Grid, *, timeout: float = 120.0) -> None:
+        self._grid = grid
+        self._timeout = timeout
+        self._keys: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key_of(self, node_id: int) -> str:
+        """The client key of a known node (its node id as text if it never answered)."""
+        return self._keys.get(node_id, f"n{node_id}")
+
+    def wait_for(self, minimum: int) -> None:
+        """Block until at least ``minimum`` nodes are connected (bounded by the timeout)."""
+        deadline = time.monotonic() + self._timeout
+        while len(list(self._grid.get_node_ids())) < minimum:
+            if time.monotonic() > deadline:
+                have = len(list(self._grid.get_node_ids()))
+                raise PollinateError(
+                    f"only {have} of the {minimum} nodes needed connected within "
+                    f"{self._timeout:.0f} s; start more SuperNodes or lower min-train-nodes"
+                )
+            time.sleep(0.5)
+
+    def refresh(self) -> None:
+        """Ask nodes not seen before for their client key; forget nodes that left."""
+        connected = set(self._grid.get_node_ids())
+        for gone in set(self._keys) - connected:
+            del self._keys[gone]
+        new = sorted(connected - set(self._keys))
+        if not new:
+            return
+        logger.info("identifying %d new node(s)", len(new))
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord()}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in new
+        ]
+        for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
+            src = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %d did not identify itself: %s", src, reply.error.reason)
+                continue
+            info = reply.content.config_records.get("info")
+            self._keys[src] = str(info["client"]) if info and "client" in info else f"n{src}"
+        for n in new:
+            self._keys.setdefault(n, f"n{n}")
+
+    def sample(self, size: int, rng: np.random.Generator) -> list[int]:
+        """``size`` node ids chosen uniformly without replacement, in client-key order."""
+        ordered = sorted(self._keys.items(), key=lambda kv: kv[1])
+        size = min(size, len(ordered))
+        picks = rng.choice(len(ordered), size=size, replace=False)
+        return [ordered[i][0] for i in sorted(picks.tolist())]

@@ -1,0 +1,210 @@
+"""Assemble Flower's strategies by name, with robust aggregation and client-level DP wrappers.
+
+The chain is ``DP( Robust( Strategy ) )``:
+
+* ``Strategy`` is one of Flower's own: FedAvg, FedProx, FedAdam, FedYogi;
+* ``Robust`` (optional) replaces the replies by Flower's Krum / trimmed-mean aggregate before
+  the strategy's own update rule runs on it, so FedAdam on top of Krum works;
+* ``DP`` (optional) is Flower's DifferentialPrivacy{Server,Client}SideFixedClipping with
+  Flower's RdpAccountant (no amplification, as Flower requires for fixed clipping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from pollinate.config import ClientDP, RobustAggregation, RunSettings, StrategyName
+from pollinate.errors import ConfigError
+from pollinate.log import logger
+
+__all__ = ["RobustAggregator", "build_strategy", "client_level_accountant", "strategy_state"]
+
+WEIGHT_KEY = "num-examples"
+UNIFORM_WEIGHT_KEY = "client-weight"
+
+
+class RobustAggregator(Strategy):
+    """Run Flower's Krum or trimmed mean first, then hand one reply to the inner strategy."""
+
+    def __init__(self, inner: FedAvg, robust: FedAvg) -> None:
+        self.inner = inner
+        self.robust = robust
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, _ = self.robust.aggregate_train(server_round, replies)
+        if arrays is None:
+            return None, None
+        metrics = aggregate_metricrecords([m.content for m in replies], self.inner.weighted_by_key)
+        summary = Message(
+            RecordDict(
+                {
+                    "arrays": arrays,
+                    "metrics": MetricRecord({self.inner.weighted_by_key: 1}),
+                }
+            ),
+            dst_node_id=0,
+            message_type="train",
+        )
+        new_arrays, _ = self.inner.aggregate_train(server_round, [_as_reply(summary)])
+        return new_arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        logger.info("robust aggregation %s before %s", type(self.robust).__name__, self.inner)
+        self.inner.summary()
+
+
+def _as_reply(msg: Message) -> Message:
+    """A reply-shaped copy of ``msg`` (Flower's aggregation reads only the content)."""
+    return Message(msg.content, reply_to=msg)
+
+
+def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
+    """The strategy chain for ``settings`` with ``population`` clients."""
+    sample_size = settings.sample_size(population)
+    weight_key = UNIFORM_WEIGHT_KEY if settings.client_dp != ClientDP.NONE else WEIGHT_KEY
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,  # the ServerApp samples; the strategy takes whom it is given
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
+        "weighted_by_key": weight_key,
+    }
+    inner: FedAvg
+    if settings.strategy == StrategyName.FEDAVG:
+        inner = FedAvg(**common)
+    elif settings.strategy == StrategyName.FEDPROX:
+        inner = FedProx(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == StrategyName.FEDADAM:
+        inner = FedAdam(eta=settings.server_learning_rate, **common)
+    else:
+        inner = FedYogi(eta=settings.server_learning_rate, **common)
+    strategy: Strategy = inner
+    if settings.robust == RobustAggregation.KRUM:
+        strategy = RobustAggregator(
+            inner, Krum(num_malicious_nodes=settings.num_malicious, **common)
+        )
+    elif settings.robust == RobustAggregation.TRIMMED_MEAN:
+        strategy = RobustAggregator(inner, FedTrimmedAvg(beta=settings.trim_beta, **common))
+    if settings.client_dp == ClientDP.NONE:
+        return strategy
+    accountant = client_level_accountant(settings, population=population)
+    kwargs: dict[str, Any] = {
+        "noise_multiplier": settings.client_dp_noise,
+        "clipping_norm": settings.client_dp_clip,
+        "num_sampled_clients": sample_size,
+    }
+    if isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train:
+        kwargs["accountant"] = accountant
+    else:
+        logger.warning(
+            "client-level DP with %s: Flower's accountant needs plain FedAvg aggregation, "
+            "so client-level epsilon is not reported for this combination",
+            settings.strategy.value if settings.robust == RobustAggregation.NONE else "robust",
+        )
+    if settings.client_dp == ClientDP.SERVER_FIXED:
+        return DifferentialPrivacyServerSideFixedClipping(strategy, **kwargs)
+    return DifferentialPrivacyClientSideFixedClipping(strategy, **kwargs)
+
+
+def client_level_accountant(settings: RunSettings, *, population: int) -> Any:
+    """Flower's RdpAccountant for client-level DP (fixed clipping: no amplification)."""
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+    budget = settings.client_dp_budget if settings.client_dp_budget > 0 else None
+    try:
+        config = PrivacyConfig(
+            target_delta=settings.target_delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=budget,
+        )
+    except ValueError as err:
+        raise ConfigError(f"client-level DP settings: {err}") from err
+    return RdpAccountant(config)
+
+
+def _chain(strategy: Strategy) -> list[Strategy]:
+    out = [strategy]
+    while True:
+        inner = getattr(out[-1], "strategy", None) or getattr(out[-1], "inner", None)
+        if not isinstance(inner, Strategy):
+            return out
+        out.append(inner)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """Server-optimizer state (FedAdam/FedYogi moments) of the chain, as flat named arrays."""
+    state: dict[str, np.ndarray] = {}
+    for depth, part in enumerate(_chain(strategy)):
+        for attr in ("m_t", "v_t"):
+            value = getattr(part, attr, None)
+            if isinstance(value, dict):
+                for key, arr in value.items():
+                    state[f"{depth}/{attr}/{key}"] = np.asarray(arr)
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Put arrays saved by :func:`strategy_state` back into the chain."""
+    parts = _chain(strategy)
+    for name, arr in state.items():
+        depth_s, attr, key = name.split("/", 2)
+        part = parts[int(depth_s)]
+        current = getattr(part, attr, None)
+        if not isinstance(current, dict):
+            current = {}
+            setattr(part, attr, current)
+        current[key] = arr
+
+
+def dp_wrapper(strategy: Strategy) -> Any:
+    """The client-level DP wrapper of the chain, if any."""
+    for part in _chain(strategy):
+        if isinstance(
+            part,
+            DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyClientSideFixedClipping,
+        ):
+            return part
+    return None
+
+
+def known_strategies() -> list[str]:
+    """Names accepted for the ``strategy`` setting."""
+    return [s.value for s in StrategyName]

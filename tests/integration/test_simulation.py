@@ -1,0 +1,145 @@
+"""Real simulations through Flower's simulation engine (Ray backend), via the CLI.
+
+Each test starts `pollinate simulate` in its own process group, as a user would, and reads
+the run directory it leaves: metrics, privacy ledger, checkpoints, clients' accountants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pollinate.privacy import ClientAccountant
+from pollinate.server.checkpoint import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ENV = {
+    **os.environ,
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "160",
+}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pollinate", *args]
+
+
+def _simulate(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**ENV, "FLWR_HOME": str(tmp / ".flwr")}
+    return subprocess.run(
+        _cli("simulate", *args), capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _final_model(run_dir: Path) -> dict[str, np.ndarray]:
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    return ckpt.model
+
+
+def test_1000_clients_two_rounds_improve_and_keep_a_consistent_ledger(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _simulate(
+        tmp_path, "--num-clients", "1000", "--rounds", "2", "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [m["server_round"] for m in metrics] == [0, 1, 2]
+    # DP-SGD on 4 samples per client learns slowly; two rounds must still lower the loss
+    # every round and end above the initial accuracy.
+    assert metrics[2]["loss"] < metrics[1]["loss"] < metrics[0]["loss"]
+    assert metrics[2]["accuracy"] > metrics[0]["accuracy"]
+    for m in metrics[1:]:
+        assert m["sampled"] == 100
+        assert m["replied"] + m["failed"] == 100
+        assert m["failed"] == 0
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    summary = privacy["summary"]["sample_level"]
+    # The ledger agrees with every client's own accountant, recomputed from its saved state.
+    client_files = sorted((run_dir / "clients").glob("*.accountant.json"))
+    assert 100 <= len(client_files) <= 200
+    eps = {f.name.split(".")[0]: ClientAccountant.load(f).epsilon(1e-5) for f in client_files}
+    assert summary["clients"] == len(eps)
+    assert summary["max_epsilon"] == pytest.approx(max(eps.values()), rel=1e-9)
+    assert summary["median_epsilon"] == pytest.approx(
+        float(np.median(list(eps.values()))), rel=1e-9
+    )
+    # A client sampled twice composed both rounds (one accountant across rounds).
+    steps = {
+        k: ClientAccountant.load(run_dir / "clients" / f"{k}.accountant.json").total_steps
+        for k in eps
+    }
+    assert max(steps.values()) >= 1
+    twice = [k for k, s in steps.items() if s == 2 * min(steps.values())]
+    if twice:
+        once_eps = min(eps.values())
+        assert eps[twice[0]] > once_eps
+    for name in ("summary.md", "accuracy.png", "loss.png", "epsilon.png", "run.json"):
+        assert (run_dir / name).exists(), name
+    assert "max" in proc.stdout and "run directory" in proc.stdout
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    common = ("--preset", "quick", "--num-clients", "40", "--rounds", "4", "--seed", "7")
+    full = tmp_path / "full"
+    proc = _simulate(tmp_path, *common, "--run-dir", str(full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = {**ENV, "FLWR_HOME": str(tmp_path / ".flwr")}
+    child = subprocess.Popen(
+        _cli("simulate", *common, "--run-dir", str(killed)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ckpt = latest_checkpoint(killed) if killed.exists() else None
+        if ckpt is not None and ckpt.server_round >= 2:
+            break
+        assert child.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    ckpt = latest_checkpoint(killed)
+    assert ckpt is not None and 2 <= ckpt.server_round < 4
+
+    proc = _simulate(tmp_path, "--resume", str(killed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final_model(full), _final_model(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ma = json.loads((full / "metrics.json").read_text())
+    mb = json.loads((killed / "metrics.json").read_text())
+    assert [m["server_round"] for m in mb] == [0, 1, 2, 3, 4]
+    for x, y in zip(ma, mb, strict=True):
+        assert x["accuracy"] == pytest.approx(y["accuracy"], abs=1e-6)
+    # Privacy never goes backwards: each client's epsilon after resume is at least the
+    # uninterrupted run's (a round cut by the crash still counts against its clients).
+    ea = json.loads((full / "privacy.json").read_text())["summary"]["sample_level"]
+    eb = json.loads((killed / "privacy.json").read_text())["summary"]["sample_level"]
+    assert eb["max_epsilon"] >= ea["max_epsilon"] - 1e-9
+    assert eb["clients"] == ea["clients"]
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _simulate(tmp_path, "--preset", "quick", "--num-clients", "20", "--rounds", "1",
+                     "--run-dir", str(run_dir))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _simulate(tmp_path, "--resume", str(run_dir), "--seed", "99", "--rounds", "2")
+    assert proc.returncode == 2
+    assert "cannot resume" in proc.stderr and "seed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert load_file(str(run_dir / "checkpoints" / "round-0001" / "model.safetensors"))
