@@ -140,15 +140,20 @@ def simulate(
 ) -> None:
     """Run a federated simulation with Flower's simulation engine.
 
+    The default is 1000 clients, 10% per round, DP-SGD. Every run writes a run directory:
+    checkpoints, metrics.json, privacy.json and a report (summary.md, PNG plots).
+
     Examples:
 
-      pollinate simulate                          # 1000 clients, 10% per round, DP-SGD
+      pollinate simulate
 
-      pollinate simulate --preset demo            # no DP, >= 90% accuracy in minutes
+      pollinate simulate --preset demo --run-dir runs/demo
 
       pollinate simulate --target-epsilon 4 --rounds 10
 
-      pollinate simulate --resume runs/my-run     # continue after a crash
+      pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
+
+      pollinate simulate --resume runs/demo
     """
     from pollinate.config import RunSettings
     from pollinate.simulation.presets import get_preset
@@ -176,6 +181,7 @@ def simulate(
             config = {**chosen.settings, **overrides}
             clients = num_clients if num_clients is not None else chosen.num_clients
             target = run_dir or Path("runs") / _default_run_name()
+            _check_run_dir_target(target)
             if target.exists() and (target / "LATEST").exists():
                 raise CheckpointError(
                     f"{target} already holds a run; pass --resume {target} to continue it "
@@ -198,6 +204,15 @@ def _default_run_name() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
+def _check_run_dir_target(target: Path) -> None:
+    """Fail before any process starts when --run-dir (or a folder above it) is a file."""
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CheckpointError(
+            f"--run-dir {target}: {existing} is a file, not a folder; choose another --run-dir"
+        )
+
+
 def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
     run_json = run_dir / "run.json"
     if not run_json.exists():
@@ -209,7 +224,7 @@ def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, 
         saved = json.loads(run_json.read_text())
         config = dict(saved["settings"])
         population = int(saved["population"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{run_json} is corrupt ({err})") from err
     config.update(overrides)
     config["resume"] = True
@@ -302,6 +317,10 @@ def report(
         raise _fail(err) from None
     except (OSError, ValueError) as err:
         raise _fail(CheckpointError(f"cannot read {run_dir}: {err}")) from None
+    except (TypeError, KeyError, AttributeError) as err:
+        raise _fail(
+            CheckpointError(f"{run_dir} holds malformed run files ({type(err).__name__}: {err})")
+        ) from None
     for f in files:
         Console().print(str(f))
 

@@ -84,18 +84,20 @@ class RunSettings:
     seed: int = 42
     local_epochs: int = 1
     batch_size: int = 32
-    learning_rate: float = 0.1
+    learning_rate: float = 0.5
     momentum: float = 0.0
     dp: SampleDP = SampleDP.DPSGD
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     target_delta: float = 1e-5
     target_epsilon: float = 0.0
+    participation_bound: int = 0
     epsilon_budget: float = 0.0
     client_dp: ClientDP = ClientDP.NONE
     client_dp_noise: float = 1.0
     client_dp_clip: float = 1.0
     client_dp_budget: float = 0.0
+    client_dp_target_epsilon: float = 0.0
     max_update_norm: float = 100.0
     run_dir: str = ""
     resume: bool = False
@@ -175,6 +177,7 @@ class RunSettings:
             ("epsilon-budget", self.epsilon_budget),
             ("client-dp-noise", self.client_dp_noise),
             ("client-dp-budget", self.client_dp_budget),
+            ("client-dp-target-epsilon", self.client_dp_target_epsilon),
         ):
             _non_negative_float(key, value)
         if not 0.0 < self.target_delta < 1.0:
@@ -191,6 +194,8 @@ class RunSettings:
             raise ConfigError(
                 "setting 'client-dp-noise' must be positive when client-dp is enabled"
             )
+        if self.participation_bound < 0:
+            raise ConfigError("setting 'participation-bound' must be >= 0 (0 means every round)")
         if self.robust == RobustAggregation.TRIMMED_MEAN and not 0.0 < self.trim_beta < 0.5:
             raise ConfigError(f"setting 'trim-beta' must be in (0, 0.5), got {self.trim_beta}")
         if self.robust == RobustAggregation.KRUM and self.num_malicious < 0:
@@ -210,6 +215,12 @@ class RunSettings:
     def sample_size(self, population: int) -> int:
         """Clients sampled per round from ``population`` connected nodes."""
         return min(population, max(self.min_train_nodes, int(population * self.fraction_train)))
+
+    def max_participations(self) -> int:
+        """Rounds a client may train in when noise is calibrated to a target epsilon."""
+        if self.participation_bound == 0:
+            return self.num_server_rounds
+        return min(self.participation_bound, self.num_server_rounds)
 
     def evaluate_size(self, population: int) -> int:
         """Clients asked for federated evaluation per round (0 disables it)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from pollinate.client.training import evaluate as evaluate_model
@@ -88,8 +89,9 @@ def _central_eval(
 def resolve_noise(settings: RunSettings, data: DatasetSplit, population: int) -> float:
     """The DP-SGD noise multiplier: as given, or calibrated to ``target-epsilon``.
 
-    Calibration is for the worst case: a client with the smallest expected partition that is
-    sampled in every round. Its epsilon then stays within the target; others spend less.
+    Calibration is for a client with the average partition size that trains in
+    ``participation-bound`` rounds (every round by default). The target is also each client's
+    budget, so a client that would go past it declines instead.
     """
     if settings.dp != SampleDP.DPSGD or settings.target_epsilon == 0:
         return settings.noise_multiplier
@@ -97,7 +99,7 @@ def resolve_noise(settings: RunSettings, data: DatasetSplit, population: int) ->
 
     n = max(1, len(data.train) // population)
     batches = max(1, math.ceil(n / settings.batch_size))
-    steps = batches * settings.local_epochs * settings.num_server_rounds
+    steps = batches * settings.local_epochs * settings.max_participations()
     return noise_multiplier_for_budget(
         target_epsilon=settings.target_epsilon,
         delta=settings.target_delta,
@@ -210,11 +212,15 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
             sample_size, np.random.default_rng(seed_for(settings.seed, rnd, 13))
         )
         counts.sampled = len(chosen)
-        messages = list(
-            strategy.configure_train(
-                rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+        try:
+            messages = list(
+                strategy.configure_train(
+                    rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+                )
             )
-        )
+        except PrivacyBudgetExhausted as err:
+            logger.warning("stopping before round %d: client-level budget spent (%s)", rnd, err)
+            break
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
         accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts)
         train_metrics: dict[str, float] = {}

@@ -125,7 +125,7 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
         return strategy
     accountant = client_level_accountant(settings, population=population)
     kwargs: dict[str, Any] = {
-        "noise_multiplier": settings.client_dp_noise,
+        "noise_multiplier": client_noise(settings, population=population),
         "clipping_norm": settings.client_dp_clip,
         "num_sampled_clients": sample_size,
     }
@@ -158,6 +158,39 @@ def client_level_accountant(settings: RunSettings, *, population: int) -> Any:
     except ValueError as err:
         raise ConfigError(f"client-level DP settings: {err}") from err
     return RdpAccountant(config)
+
+
+def client_noise(settings: RunSettings, *, population: int) -> float:
+    """Client-level noise multiplier: as given, or the smallest that keeps the whole run
+    (``num-server-rounds`` releases) within ``client-dp-target-epsilon`` by Flower's
+    RdpAccountant."""
+    target = settings.client_dp_target_epsilon
+    if target == 0:
+        return settings.client_dp_noise
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    sample = settings.sample_size(population)
+
+    def epsilon(noise: float) -> float:
+        acc = client_level_accountant(settings.replace(client_dp_budget=0.0), population=population)
+        event = GaussianPrivacyEvent(
+            noise_multiplier=noise, sample_size=sample, population_size=population
+        )
+        acc.compose(event, count=settings.num_server_rounds)
+        return float(acc.get_epsilon(settings.target_delta))
+
+    low, high = 0.01, 1.0
+    while epsilon(high) > target:
+        high *= 2
+        if high > 1e4:
+            raise ConfigError(f"client-dp-target-epsilon {target} cannot be reached")
+    for _ in range(40):
+        mid = (low + high) / 2
+        if epsilon(mid) > target:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def _chain(strategy: Strategy) -> list[Strategy]:

@@ -1,0 +1,101 @@
+"""Helpers shared by the benchmarks: run a command, sample the RSS of its process tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    """A finished command with its timing and memory."""
+
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    first_round_s: float | None
+    stderr_tail: str
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of ``proc`` and all its descendants, in bytes (each process counted once)."""
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) -> Run:
+    """Run ``python -m pollinate ARGS``, sampling tree RSS and the first checkpoint's time."""
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(run_dir.parent / ".flwr"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    start = time.monotonic()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pollinate", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    proc = psutil.Process(child.pid)
+    peak = 0
+    first_round: float | None = None
+    stderr_chunks: list[str] = []
+
+    def drain() -> None:
+        assert child.stderr is not None
+        for line in child.stderr:
+            stderr_chunks.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    while child.poll() is None:
+        peak = max(peak, tree_rss(proc))
+        if first_round is None and (run_dir / "checkpoints" / "round-0001").exists():
+            first_round = time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            child.kill()
+            break
+        time.sleep(0.25)
+    child.wait()
+    reader.join(timeout=5)
+    return Run(
+        returncode=child.returncode,
+        wall_s=time.monotonic() - start,
+        peak_rss_mb=peak / 2**20,
+        first_round_s=first_round,
+        stderr_tail="".join(stderr_chunks)[-2000:],
+    )
+
+
+def write_result(name: str, result: dict[str, object]) -> Path:
+    """Write ``benchmarks/results/NAME.json`` and print the JSON."""
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    out.write_text(text + "\n")
+    print(text)
+    return out

@@ -1,0 +1,181 @@
+"""`flwr run .` in the repository root runs pollinate's ServerApp and ClientApp.
+
+Flower 1.42's `flwr run` starts a local SuperLink on first use and leaves it running after
+it returns. The fixture gives that SuperLink its own FLWR_HOME and its own free port (so it
+never meets a SuperLink of another test or user on the default port 39091) and stops it,
+with every process it started, when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from flwr.cli.config_migration import CONFIG_MIGRATION_NOTICE
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+NUM_SUPERNODES = 10
+ROUNDS = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalFlower:
+    env: dict[str, str]
+    home: Path
+    port: int
+
+
+def _processes_of(flower: LocalFlower) -> dict[int, psutil.Process]:
+    """The local SuperLink started for this test, and every process below it.
+
+    The SuperLink is recognised by its command line, which names this test's FLWR_HOME (its
+    log file and database) and port; the SuperExec and the simulation process it starts name
+    the same port in ``--runtime-api-address``.
+    """
+    marks = (str(flower.home), f"127.0.0.1:{flower.port}")
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if proc.pid == os.getpid() or not any(m in arg for arg in cmdline for m in marks):
+                continue
+            found[proc.pid] = proc
+            for child in proc.children(recursive=True):
+                found[child.pid] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop(flower: LocalFlower) -> list[str]:
+    """Terminate the local SuperLink and its descendants; return what survived a SIGKILL."""
+    procs = list(_processes_of(flower).values())
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    return [f"pid {p.pid} ({p.name()})" for p in alive if p.is_running()]
+
+
+@pytest.fixture
+def local_flower(e2e_env: dict[str, str], tmp_path: Path) -> Iterator[LocalFlower]:
+    port = _free_port()
+    flower = LocalFlower(
+        env={
+            **e2e_env,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+            # Deprecated in 1.42 but still passed to flower-superlink: keep it off 39093 too.
+            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        },
+        home=Path(e2e_env["FLWR_HOME"]),
+        port=port,
+    )
+    yield flower
+    survivors = _stop(flower)
+    assert not survivors, f"processes left behind: {survivors}"
+    assert not _processes_of(flower), "the local SuperLink is still running"
+
+
+def _git_status() -> list[str]:
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=normal"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return out.splitlines()
+
+
+def _top_level_files(status: list[str]) -> list[str]:
+    """Entries for files directly in the repository root (where `flwr run` could write).
+
+    Folders are left out: other work may add or edit files in the package, tests or docs
+    while this test runs, and `flwr run` only reads them.
+    """
+    return sorted(line for line in status if "/" not in line[3:])
+
+
+def test_flwr_run_runs_the_server_and_client_apps(
+    local_flower: LocalFlower, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    pyproject = REPO / "pyproject.toml"
+    # flwr 1.42 rewrites pyproject.toml only to migrate a [tool.flwr.federations] table.
+    assert "federations" not in tomllib.loads(pyproject.read_text())["tool"]["flwr"]
+    status_before = _git_status()
+
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "flwr"), "run", ".",
+            "--run-config", f'num-server-rounds={ROUNDS} run-dir="{run_dir}"',
+            "--federation-config", f"num-supernodes={NUM_SUPERNODES}",
+            "--stream",
+        ],
+        cwd=REPO, env=local_flower.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, log
+    assert "Successfully started run" in proc.stdout, log
+    assert f"127.0.0.1:{local_flower.port}" in proc.stdout, log
+    # The SuperLink flwr started belongs to this test (its log is in this FLWR_HOME).
+    assert (local_flower.home / "local-superlink" / "superlink.log").exists()
+
+    # The run directory pollinate's ServerApp writes.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [m["server_round"] for m in metrics] == list(range(ROUNDS + 1)), log
+    for m in metrics[1:]:
+        assert m["sampled"] >= 2
+        assert m["replied"] == m["sampled"], m
+        assert m["failed"] == 0, m
+    assert metrics[-1]["accuracy"] is not None
+
+    run_json = json.loads((run_dir / "run.json").read_text())
+    assert run_json["population"] == NUM_SUPERNODES, "--federation-config did not size it"
+    assert run_json["settings"]["num-server-rounds"] == ROUNDS
+    assert run_json["settings"]["run-dir"] == str(run_dir)
+
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    sample = privacy["summary"]["sample_level"]
+    assert sample["enabled"] is True
+    assert sample["max_epsilon"] > 0
+    assert sample["clients"] >= 2
+    client_files = list((run_dir / "clients").glob("*.accountant.json"))
+    assert len(client_files) == sample["clients"]
+
+    latest = (run_dir / "LATEST").read_text().strip()
+    assert latest == f"checkpoints/round-{ROUNDS:04d}"
+    assert (run_dir / latest / "model.safetensors").exists()
+    summary = (run_dir / "summary.md").read_text()
+    assert "num-server-rounds" in summary
+
+    # `flwr run` left the repository alone. Its only rewrite of pyproject.toml (the migration
+    # of [tool.flwr.federations]) writes a notice and comments the table out: neither is
+    # there. (Not a byte comparison: the file may be edited by other work while this runs.)
+    text = pyproject.read_text()
+    assert CONFIG_MIGRATION_NOTICE.strip() not in text
+    assert "tool.flwr.federations" not in text
+    assert "federations" not in tomllib.loads(text)["tool"]["flwr"]
+    status_after = _git_status()
+    assert _top_level_files(status_after) == _top_level_files(status_before)

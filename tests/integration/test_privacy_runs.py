@@ -1,0 +1,66 @@
+"""Budgets, declines and client-level DP in real simulations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dp_accounting
+import pytest
+
+from pollinate.privacy import ClientAccountant, MechanismStep
+from tests.integration.test_simulation import _simulate
+
+pytestmark = pytest.mark.slow
+
+
+def test_clients_decline_past_their_budget_and_the_server_counts_it(tmp_path: Path) -> None:
+    # 20 clients hold 200 training samples each: batch 32 -> 7 Poisson batches (q = 1/7).
+    one = ClientAccountant([MechanismStep(noise_multiplier=1.0, sample_rate=1 / 7, steps=7)])
+    two = ClientAccountant([MechanismStep(noise_multiplier=1.0, sample_rate=1 / 7, steps=14)])
+    budget = (one.epsilon(1e-5) + two.epsilon(1e-5)) / 2  # room for exactly one round
+    run_dir = tmp_path / "run"
+    proc = _simulate(
+        tmp_path, "--preset", "quick", "--num-clients", "20", "--fraction", "0.5",
+        "--rounds", "4", "--epsilon-budget", f"{budget:.6f}", "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    declined = sum(m["declined"] for m in metrics)
+    assert declined > 0
+    for m in metrics[1:]:
+        assert m["replied"] == m["sampled"] == 10
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    sample = ledger["summary"]["sample_level"]
+    assert sample["declines"] == declined
+    assert sample["max_epsilon"] <= budget
+    assert sample["max_epsilon"] == pytest.approx(one.epsilon(1e-5), rel=1e-9)
+    assert "declin" in (run_dir / "summary.md").read_text().lower()
+
+
+def test_client_level_and_sample_level_epsilon_are_reported_apart(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _simulate(
+        tmp_path, "--preset", "quick", "--num-clients", "20", "--fraction", "0.5",
+        "--rounds", "2", "--client-dp", "server-fixed", "--set", "client-dp-noise=2.0",
+        "--run-dir", str(run_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "privacy.json").read_text())["summary"]
+    client = summary["client_level"]
+    sample = summary["sample_level"]
+    assert client["enabled"] and sample["enabled"]
+    # Client level: 2 releases of the Gaussian mechanism, sigma 2, no amplification,
+    # checked against Google's dp-accounting directly.
+    reference = dp_accounting.rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    assert client["epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+    assert client["releases"] == 2
+    # Separate numbers; the summary and the report never add them.
+    total = client["epsilon"] + sample["max_epsilon"]
+    text = (run_dir / "summary.md").read_text()
+    assert f"{total:.2f}" not in text
+    assert "not added" in text or "never added" in text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics[-1]["client_level_epsilon"] == pytest.approx(client["epsilon"])
+    assert metrics[-1]["max_epsilon"] == pytest.approx(sample["max_epsilon"])
