@@ -67,6 +67,7 @@ class RunSettings:
     num_server_rounds: int = 5
     fraction_train: float = 0.1
     min_train_nodes: int = 2
+    min_available_nodes: int = 0
     fraction_evaluate: float = 0.0
     round_timeout: float = 600.0
     strategy: StrategyName = StrategyName.FEDAVG
@@ -98,7 +99,7 @@ class RunSettings:
     client_dp_clip: float = 1.0
     client_dp_budget: float = 0.0
     client_dp_target_epsilon: float = 0.0
-    max_update_norm: float = 100.0
+    max_update_norm: float = 0.0
     run_dir: str = ""
     resume: bool = False
     keep_checkpoints: int = 3
@@ -166,7 +167,6 @@ class RunSettings:
             ("dirichlet-alpha", self.dirichlet_alpha),
             ("round-timeout", self.round_timeout),
             ("client-dp-clip", self.client_dp_clip),
-            ("max-update-norm", self.max_update_norm),
         ):
             _positive_float(key, value)
         for key, value in (
@@ -178,6 +178,7 @@ class RunSettings:
             ("client-dp-noise", self.client_dp_noise),
             ("client-dp-budget", self.client_dp_budget),
             ("client-dp-target-epsilon", self.client_dp_target_epsilon),
+            ("max-update-norm", self.max_update_norm),
         ):
             _non_negative_float(key, value)
         if not 0.0 < self.target_delta < 1.0:
@@ -194,6 +195,8 @@ class RunSettings:
             raise ConfigError(
                 "setting 'client-dp-noise' must be positive when client-dp is enabled"
             )
+        if self.min_available_nodes < 0:
+            raise ConfigError("setting 'min-available-nodes' must be >= 0")
         if self.participation_bound < 0:
             raise ConfigError("setting 'participation-bound' must be >= 0 (0 means every round)")
         if self.robust == RobustAggregation.TRIMMED_MEAN and not 0.0 < self.trim_beta < 0.5:

@@ -64,7 +64,14 @@ def _local_data(context: Context, task: ClientTask) -> ArrayDataset:
 
 
 def _state_file(context: Context, task: ClientTask, key: str) -> Path | None:
-    base = context.node_config.get("state-dir") or task.client_state_dir
+    """Where this client's accountant is mirrored on disk.
+
+    A device names its own ``state-dir`` in its node config; a simulated node (one with a
+    ``partition-id``) uses the folder the server chose inside the run directory. A device
+    never writes to a path the server sent.
+    """
+    node = context.node_config
+    base = node.get("state-dir") or (task.client_state_dir if "partition-id" in node else "")
     if not base:
         return None
     return Path(str(base)) / f"{key}.accountant.json"

@@ -88,6 +88,15 @@ def _read_npz(path: Path) -> RawData:
     try:
         # Open the file here: np.load leaks its own handle when the archive is corrupt.
         with path.open("rb") as handle:
+            head = handle.read(6)
+            if head and not head.startswith((b"PK", b"\x93NUMPY")):
+                # numpy's own message for this case suggests allow_pickle, which would be
+                # dangerous advice for a file from elsewhere: say what is wrong instead.
+                raise DataError(
+                    f"Data file {path} is not an .npz archive (no zip header); re-create it "
+                    "with numpy.savez(path, x=samples, y=labels)."
+                )
+            handle.seek(0)
             loaded = np.load(handle, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise DataError(

@@ -12,12 +12,9 @@ The history travels between rounds in Flower's ``Context.state`` (see
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
+from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError, PrivacyBudgetError
 from pollinate.log import logger
 
@@ -113,32 +111,8 @@ def _unit_rdp(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.flo
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically.
-
-    The text goes to a temporary file in the same directory, which is flushed, fsynced and then
-    moved over ``path`` with :func:`os.replace`, so a reader sees either the old or the new
-    content, never a partial file. Missing parent directories are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    # Make the rename itself durable where the platform allows fsync on a directory.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``text`` to ``path`` atomically (see :func:`pollinate._atomic.atomic_write_text`)."""
+    atomic_write_text(Path(path), text)
 
 
 # ---------------------------------------------------------------- mechanism step

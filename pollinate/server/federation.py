@@ -162,7 +162,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
     directory = NodeDirectory(grid, timeout=settings.round_timeout)
-    directory.wait_for(settings.min_train_nodes)
+    directory.wait_for(max(settings.min_train_nodes, settings.min_available_nodes))
+    directory.settle()
     directory.refresh()
     population = len(directory)
     strategy = build_strategy(settings, population=population)
@@ -201,6 +202,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
     events.emit_start(first_round, settings.num_server_rounds)
     cfg = client_config(settings, data, population=population, noise=noise, run_dir=run_dir)
     sample_size = settings.sample_size(population)
+    bound = update_bound(settings, arrays, mean_samples=len(data.train) / population, noise=noise)
+    logger.info("updates moving the model by more than %.4g (L2) are rejected", bound)
     for rnd in range(first_round, settings.num_server_rounds + 1):
         started = time.monotonic()
         # Flower's DP wrappers and sampling use the global generators: seed them per round.
@@ -222,7 +225,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
             logger.warning("stopping before round %d: client-level budget spent (%s)", rnd, err)
             break
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts)
+        accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts, bound)
         train_metrics: dict[str, float] = {}
         if accepted:
             accepted.sort(key=lambda m: directory.key_of(m.metadata.src_node_id))
@@ -257,7 +260,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
             rejected=counts.rejected,
             failed=counts.failed,
             train_loss=train_metrics.get("train-loss"),
-            train_accuracy=fed if fed is not None else train_metrics.get("train-accuracy"),
+            train_accuracy=train_metrics.get("train-accuracy"),
+            federated_accuracy=fed,
             max_epsilon=sample_level.get("max_epsilon") if ledger_enabled(sample_level) else None,
             median_epsilon=sample_level.get("median_epsilon")
             if ledger_enabled(sample_level)
@@ -281,6 +285,28 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
     return RunResult(run_dir=run_dir, history=history, privacy=privacy, model=arrays)
 
 
+def update_bound(
+    settings: RunSettings, arrays: dict[str, np.ndarray], *, mean_samples: float, noise: float
+) -> float:
+    """The L2 bound above which an update is rejected as malformed.
+
+    ``max-update-norm`` when set. Otherwise 100, plus with DP-SGD five times the norm that
+    the DP noise alone gives an honest update of an average client (noise std
+    ``lr * sigma * C / B`` per coordinate and step, a random walk over its local steps,
+    amplified by momentum): honest noisy updates pass, NaN, scaled or broken ones do not.
+    """
+    if settings.max_update_norm > 0:
+        return settings.max_update_norm
+    bound = 100.0
+    if settings.dp == SampleDP.DPSGD:
+        dims = sum(int(v.size) for v in arrays.values())
+        batch = max(1.0, min(float(settings.batch_size), mean_samples))
+        steps = settings.local_epochs * max(1, math.ceil(mean_samples / settings.batch_size))
+        per_step = settings.learning_rate * noise * settings.max_grad_norm * math.sqrt(dims) / batch
+        bound += 5.0 * per_step * math.sqrt(steps) / max(1e-6, 1.0 - settings.momentum)
+    return bound
+
+
 def ledger_enabled(section: dict[str, Any]) -> bool:
     """Whether a ledger summary section is on and has data."""
     return bool(section.get("enabled")) and section.get("max_epsilon") is not None
@@ -294,6 +320,7 @@ def _triage(
     ledger: PrivacyLedger,
     rnd: int,
     counts: _Round,
+    bound: float,
 ) -> list[Message]:
     """Split replies into failed, declined, rejected and accepted; account every client."""
     accepted: list[Message] = []
@@ -329,7 +356,7 @@ def _triage(
                     counts.rejected += 1
                     logger.warning("round %d: client %s rejected: %s", rnd, key, err)
                     continue
-        problem = validate_update(reply, arrays, max_update_norm=settings.max_update_norm)
+        problem = validate_update(reply, arrays, max_update_norm=bound)
         if problem is not None:
             counts.rejected += 1
             logger.warning("round %d: update of client %s rejected: %s", rnd, key, problem)

@@ -86,6 +86,24 @@ class NodeDirectory:
                 )
             time.sleep(0.5)
 
+    def settle(self, *, quiet: float = 1.0, limit: float = 30.0) -> int:
+        """Wait until the number of connected nodes stops changing for ``quiet`` seconds.
+
+        Nodes register over a moment (a simulation registers 1000 of them while the ServerApp
+        starts); sampling before they are all there would shrink every round's sample.
+        """
+        deadline = time.monotonic() + limit
+        count = len(list(self._grid.get_node_ids()))
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = len(list(self._grid.get_node_ids()))
+            if now != count:
+                count, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= quiet:
+                break
+        return count
+
     def refresh(self) -> None:
         """Ask nodes not seen before for their client key; forget nodes that left."""
         connected = set(self._grid.get_node_ids())

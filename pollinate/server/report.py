@@ -18,16 +18,14 @@ imported lazily, inside the functions that need them, so importing this module i
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pollinate._atomic import atomic_write_bytes
 from pollinate.errors import CheckpointError
 from pollinate.log import logger
 
@@ -68,7 +66,7 @@ class RoundRecord:
         accuracy: Central test accuracy after the round, ``None`` without central evaluation.
         loss: Central test loss after the round, ``None`` without central evaluation.
         sampled: Clients sampled for training.
-        replied: Clients whose update was aggregated.
+        replied: Clients that answered (declined and rejected ones included).
         declined: Clients that declined (for example, their privacy budget was spent).
         rejected: Malformed updates rejected before aggregation.
         failed: Error replies and timeouts.
@@ -78,6 +76,7 @@ class RoundRecord:
         median_epsilon: Sample-level epsilon, median over the clients that trained so far.
         client_level_epsilon: Client-level epsilon after the round (``None``: not enabled).
         seconds: Wall-clock duration of the round.
+        federated_accuracy: Mean accuracy of federated evaluation on clients' data, if run.
     """
 
     server_round: int
@@ -94,6 +93,7 @@ class RoundRecord:
     median_epsilon: float | None = None
     client_level_epsilon: float | None = None
     seconds: float | None = None
+    federated_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         """Reject negative round numbers and counts.
@@ -264,19 +264,8 @@ def _rounds_completed(history: Sequence[RoundRecord]) -> int:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    atomic_write_bytes(path, data)
 
 
 # ---------------------------------------------------------------------------- summary.md

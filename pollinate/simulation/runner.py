@@ -48,6 +48,10 @@ def simulate(settings: RunSettings, options: SimulationOptions) -> RunResult:
 
     if options.num_clients < 1:
         raise PollinateError(f"--num-clients must be at least 1, got {options.num_clients}")
+    # Sample only once every simulated node is registered.
+    settings = settings.replace(
+        min_available_nodes=max(settings.min_available_nodes, options.num_clients)
+    )
     outcome: dict[str, object] = {}
     server_app = ServerApp()
 

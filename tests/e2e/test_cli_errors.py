@@ -101,7 +101,7 @@ CASES: dict[str, Case] = {
     "empty-npz": _sim("--data", "{tmp}/zero-bytes.npz", code=3, words=("zero-bytes.npz", "empty")),
     "corrupt-npz": _sim(
         "--data", "{tmp}/random-bytes.npz", code=3,
-        words=("random-bytes.npz", "not a readable .npz"),
+        words=("random-bytes.npz", "not an .npz archive"),
     ),
     "truncated-npz": _sim(
         "--data", "{tmp}/truncated.npz", code=3, words=("truncated.npz", "not a readable .npz"),
@@ -203,6 +203,7 @@ def test_mistyped_input_fails_fast_with_one_clear_message(
 
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out[-3000:]
+    assert "allow_pickle" not in out  # never advise unpickling a file from elsewhere
     assert proc.returncode == case.code, out[-3000:]
     assert proc.returncode in EXIT_CODES
     stderr = _flat(proc.stderr)

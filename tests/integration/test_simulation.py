@@ -133,11 +133,14 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert eb["clients"] == ea["clients"]
 
 
-def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+def test_federated_evaluation_and_resume_refusing_changed_settings(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _simulate(tmp_path, "--preset", "quick", "--num-clients", "20", "--rounds", "1",
-                     "--run-dir", str(run_dir))  # fmt: skip
+                     "--set", "fraction-evaluate=0.5", "--run-dir", str(run_dir))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads((run_dir / "metrics.json").read_text())[-1]
+    assert last["federated_accuracy"] is not None
+    assert 0.0 <= last["federated_accuracy"] <= 1.0
     proc = _simulate(tmp_path, "--resume", str(run_dir), "--seed", "99", "--rounds", "2")
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "seed" in proc.stderr

@@ -62,3 +62,30 @@ def test_update_norm_matches_numpy() -> None:
     b = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in a.items()}
     flat = np.concatenate([(b[k].astype(np.float64) - a[k]).ravel() for k in a])
     assert update_norm(a, b) == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
+
+
+def test_auto_bound_passes_honest_dp_updates_and_rejects_scaled_ones() -> None:
+    import torch
+
+    from pollinate.client.training import train
+    from pollinate.config import RunSettings
+    from pollinate.data import load_partition
+    from pollinate.models import build_model
+    from pollinate.server.federation import update_bound
+
+    settings = RunSettings.from_run_config({"learning-rate": 2.0, "noise-multiplier": 5.0})
+    data = load_partition("mnist", 0, 1000, "iid", seed=42)
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    before = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    bound = update_bound(settings, before, mean_samples=4.0, noise=5.0)
+    for seed in range(5):
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in before.items()})
+        train(model, data.x, data.y, epochs=1, batch_size=32, learning_rate=2.0, dp=True,
+              noise_multiplier=5.0, max_grad_norm=1.0, seed=seed)  # fmt: skip
+        after = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        honest = update_norm(before, after)
+        assert honest < bound
+        scaled = {k: before[k] + 10 * (after[k] - before[k]) for k in before}
+        assert update_norm(before, scaled) > bound
+    assert update_bound(settings.replace(max_update_norm=7.0), before, mean_samples=4, noise=5) == 7
