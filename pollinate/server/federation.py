@@ -45,6 +45,7 @@ from pollinate.server.nodes import NodeDirectory, SampledGrid
 from pollinate.server.report import RoundRecord, write_report
 from pollinate.server.strategy import (
     build_strategy,
+    client_noise,
     dp_wrapper,
     load_strategy_state,
     strategy_state,
@@ -193,7 +194,16 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             run_dir / "run.json",
-            {"settings": settings.to_run_config(), "population": population, "noise": noise},
+            {
+                "settings": settings.to_run_config(),
+                "population": population,
+                "noise": noise,
+                "client_noise": (
+                    client_noise(settings, population=population)
+                    if settings.client_dp != ClientDP.NONE
+                    else None
+                ),
+            },
         )
         accuracy, loss = _central_eval(model, arrays, data)
         history.append(RoundRecord(server_round=0, accuracy=accuracy, loss=loss))
