@@ -1,7 +1,7 @@
 """The ``pollinate`` command.
 
 Every error a user can cause ends in one red line and a documented exit code, never a
-traceback: 2 bad setting, 3 bad data, 4 privacy budget, 5 bad run directory, 1 other.
+traceback (see ``EXIT_CODES``, printed by ``pollinate exit-codes``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ EXIT_CODES = {
     3: "missing, empty or corrupt data",
     4: "a privacy budget would be exceeded",
     5: "a missing or inconsistent run directory / checkpoint",
+    6: "an exported artifact failed validation against the torch model",
+    7: "a bundle was refused (tampered, truncated, malformed or badly signed)",
+    8: "the inference runtime a bundle needs is not installed",
 }
 
 
@@ -338,6 +341,16 @@ def version() -> None:
     from pollinate import __version__
 
     Console().print(__version__)
+
+
+def _register_export_commands() -> None:
+    from pollinate.cli_export import edge_app, export_command
+
+    app.command("export")(export_command)
+    app.add_typer(edge_app, name="edge")
+
+
+_register_export_commands()
 
 
 def main() -> None:

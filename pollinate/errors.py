@@ -35,3 +35,9 @@ class CheckpointError(PollinateError):
     """A run directory or checkpoint is missing, incomplete or inconsistent."""
 
     exit_code = 5
+
+
+class ExportError(PollinateError):
+    """An exported artifact failed validation against the torch model (or could not be made)."""
+
+    exit_code = 6

@@ -18,6 +18,10 @@ EXPECTED = {
         "ClientAccountant", "MechanismStep", "PrivacyLedger", "noise_multiplier_for_budget",
     },
     "pollinate.models": {"MODELS", "MLP", "SmallCNN", "build_model"},
+    "pollinate.edge_runtime": {
+        "Artifact", "BundleError", "EdgeModel", "InputError", "Manifest", "RuntimeMissingError",
+        "available_runtimes", "load_bundle", "verify_bundle",
+    },
 }  # fmt: skip
 
 

@@ -1,0 +1,170 @@
+"""The bundle manifest (``manifest.json``), schema version 1: written by ``pollinate.export``,
+read by the edge runtime and the serving tier. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pollinate.edge_runtime.errors import BundleError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "SIGNATURE_NAME",
+    "Artifact",
+    "Manifest",
+    "ModelInfo",
+    "Preprocessing",
+    "TensorSpec",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+RUNTIMES = ("onnxruntime", "openvino", "litert")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, dtype, shape (-1 for a dynamic dimension)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw input becomes model input: ``(x * scale - mean) / std`` per channel, layout."""
+
+    layout: str = "NCHW"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    raw_dtype: str = "uint8"
+    description: str = "uint8 pixels 0..255 are scaled to [0, 1]; float input is used as is"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One runnable file of the bundle and what was measured on it."""
+
+    file: str
+    runtime: str
+    min_runtime_version: str
+    precision: str
+    quantization: str | None
+    opset: int | None
+    size_bytes: int
+    sha256: str
+    extra_files: dict[str, str] = field(default_factory=dict)  # file -> sha256 (e.g. IR .bin)
+    accuracy: float | None = None
+    agreement: float | None = None
+    max_abs_error: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where the model comes from."""
+
+    name: str
+    version: str
+    source_run: str
+    source_round: int
+    created: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole ``manifest.json``."""
+
+    model: ModelInfo
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: Preprocessing
+    labels: list[str]
+    artifacts: list[Artifact]
+    reference: dict[str, Any] = field(default_factory=dict)
+    torch_accuracy: float | None = None
+    schema_version: int = SCHEMA_VERSION
+    files: dict[str, str] = field(default_factory=dict)  # other bundle files -> sha256
+
+    def listed_files(self) -> dict[str, str | None]:
+        """Every bundle file the manifest covers -> its sha256 (``None`` until the writer fills it).
+
+        ``manifest.json`` and ``manifest.sig`` are not listed: the signature covers the first,
+        and the second covers itself.
+        """
+        listed: dict[str, str | None] = {}
+        for art in self.artifacts:
+            listed[art.file] = art.sha256 or None
+            for name, digest in art.extra_files.items():
+                listed[name] = digest or None
+        for name, digest in self.files.items():
+            listed[name] = digest or None
+        return listed
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, 2-space indent): the bytes a signature covers."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "manifest.json") -> Manifest:
+        """Parse and check a manifest; any problem is a :class:`BundleError` naming ``where``."""
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError("the top level is not an object")
+            version = raw.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise BundleError(
+                    f"{where}: schema version {version!r} is not supported (this runtime reads "
+                    f"version {SCHEMA_VERSION}); re-export the bundle or upgrade pollinate"
+                )
+            manifest = cls(
+                model=ModelInfo(**raw["model"]),
+                inputs=[TensorSpec(**t) for t in raw["inputs"]],
+                outputs=[TensorSpec(**t) for t in raw["outputs"]],
+                preprocessing=Preprocessing(**raw["preprocessing"]),
+                labels=[str(v) for v in raw["labels"]],
+                artifacts=[Artifact(**a) for a in raw["artifacts"]],
+                reference=dict(raw.get("reference", {})),
+                torch_accuracy=raw.get("torch_accuracy"),
+                schema_version=version,
+                files={str(k): str(v) for k, v in dict(raw.get("files", {})).items()},
+            )
+        except BundleError:
+            raise
+        except (ValueError, TypeError, KeyError) as err:
+            raise BundleError(f"{where} is malformed ({type(err).__name__}: {err})") from err
+        for art in manifest.artifacts:
+            if art.runtime not in RUNTIMES or art.precision not in PRECISIONS:
+                raise BundleError(
+                    f"{where}: artifact {art.file} has unknown runtime {art.runtime!r} or "
+                    f"precision {art.precision!r}"
+                )
+        for name in manifest.listed_files():
+            parts = PurePosixPath(name.replace("\\", "/"))
+            if not name or parts.is_absolute() or ".." in parts.parts or ":" in name:
+                raise BundleError(f"{where}: bundle path {name!r} leaves the bundle")
+            if name in (MANIFEST_NAME, SIGNATURE_NAME):
+                raise BundleError(f"{where}: {name} cannot be listed as a bundle file")
+        return manifest

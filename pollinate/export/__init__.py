@@ -1,0 +1,1 @@
+"""pollinate.export: turn a trained global model into validated, quantized bundles."""
