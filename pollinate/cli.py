@@ -344,9 +344,10 @@ def version() -> None:
 
 
 def _register_export_commands() -> None:
-    from pollinate.cli_export import edge_app, export_command
+    from pollinate.cli_export import edge_app, export_command, keygen_command
 
     app.command("export")(export_command)
+    app.command("keygen")(keygen_command)
     app.add_typer(edge_app, name="edge")
 
 

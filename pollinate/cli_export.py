@@ -15,7 +15,7 @@ from rich.table import Table
 
 from pollinate.errors import PollinateError
 
-__all__ = ["edge_app", "export_command"]
+__all__ = ["edge_app", "export_command", "keygen_command"]
 
 console = Console(stderr=True)
 edge_app = typer.Typer(
@@ -254,3 +254,26 @@ def _cold_start(bundle: Path, backend: str, precision: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
+
+
+def keygen_command(
+    private: Annotated[
+        Path, typer.Argument(help="Where to write the PEM private key (mode 0600).")
+    ],
+    public: Annotated[Path, typer.Argument(help="Where to write the PEM public key.")],
+) -> None:
+    """Make an ed25519 key pair for signing bundles (existing files are never overwritten).
+
+    Example:
+
+      pollinate keygen sign.pem sign.pub && pollinate export runs/demo --out b --sign-key sign.pem
+    """
+    from pollinate.export._bundle import generate_signing_key
+
+    try:
+        generate_signing_key(private, public)
+    except FileExistsError as err:
+        raise _fail(f"{err}; choose new file names or delete the old key on purpose", 2) from None
+    except OSError as err:
+        raise _fail(f"cannot write the key pair: {err}", 1) from None
+    Console().print(f"private key: {private}\npublic key:  {public}")

@@ -130,7 +130,12 @@ def test_signed_bundle_and_bad_exports(
     run_dir: Path, tmp_path: Path, e2e_env: dict[str, str]
 ) -> None:
     key, pub = tmp_path / "sign.pem", tmp_path / "sign.pub"
-    generate_signing_key(key, pub)
+    made = _cli(e2e_env, "keygen", str(key), str(pub))
+    assert made.returncode == 0, made.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    again_key = _cli(e2e_env, "keygen", str(key), str(pub))
+    assert again_key.returncode == 2
+    assert "Traceback" not in again_key.stderr
     out = tmp_path / "signed"
     proc = _cli(e2e_env, "export", str(run_dir), "--out", str(out), "--format", "onnx",
                 "--precision", "fp32", "--sign-key", str(key))  # fmt: skip

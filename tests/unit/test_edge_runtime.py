@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -382,7 +383,12 @@ def test_truncated_or_foreign_archive_is_refused(built: dict[str, Path], tmp_pat
 
 
 # ---------------------------------------------------------------------- runtimes
-def test_missing_runtime_names_the_pip_extra(built: dict[str, Path], tmp_path: Path) -> None:
+def test_missing_runtime_names_the_pip_extra(
+    built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Make LiteRT unimportable whether or not it is installed here (None in sys.modules
+    # makes `import ai_edge_litert` raise ImportError).
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
     with pytest.raises(RuntimeMissingError, match=r'pip install "pollinate\[tflite\]"'):
         load_bundle(built["dir"], backend="litert")
     fake = tmp_path / "model.tflite"
