@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 export FLWR_HOME ?= $(CURDIR)/.flwr
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 
-.PHONY: setup demo simulate test bench clean
+.PHONY: setup litert demo simulate test bench clean
 
 setup: .venv/.installed
 
@@ -13,13 +13,20 @@ setup: .venv/.installed
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
+# litert-torch (PyTorch -> TFLite) pins packages that break flwr: it gets its own venv,
+# which `pollinate export --format tflite` calls as a subprocess.
+litert: .venv-litert/.pollinate-litert
+
+.venv-litert/.pollinate-litert: scripts/setup-litert
+	scripts/setup-litert
+
 demo: setup
 	.venv/bin/pollinate simulate --preset demo --run-dir runs/demo
 
 simulate: setup
 	.venv/bin/pollinate simulate
 
-test: setup
+test: setup litert
 	scripts/check
 
 bench: setup

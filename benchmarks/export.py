@@ -14,6 +14,7 @@ Usage: python benchmarks/export.py [--run-dir RUN] [--repeats 500]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,29 @@ def _trained_run(root: Path) -> Path:
     return root
 
 
+def _open_file(load_bundle: Any, bundle: Path, art: Any) -> Any:
+    """Open one specific artifact by hiding the others of the same runtime and precision."""
+    import shutil
+
+    copy = bundle.parent / f"only-{Path(art.file).stem}"
+    if not copy.exists():
+        shutil.copytree(bundle, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["artifacts"] = [a for a in manifest["artifacts"] if a["file"] == art.file]
+        kept = {art.file, *art.extra_files}
+        for f in manifest["artifacts"][0].get("extra_files", {}):
+            kept.add(f)
+        for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]:
+            for f in (a["file"], *a.get("extra_files", {})):
+                if f not in kept:
+                    (copy / f).unlink()
+        manifest["files"] = {}
+        (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        sig = copy / "manifest.sig"
+        sig.unlink(missing_ok=True)
+    return load_bundle(copy, backend=art.runtime, precision=art.precision)
+
+
 def _latency(fn: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
     for _ in range(50):
         fn(x)
@@ -80,13 +104,14 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from pollinate.edge_runtime import load_bundle
-    from pollinate.export.pipeline import ExportOptions, export_run, load_run
+    from pollinate.export.pipeline import ExportOptions, Format, export_run, load_run
 
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-export-") as tmp_name:
         tmp = Path(tmp_name)
         run_dir = args.run_dir or _trained_run(tmp / "run")
         bundle = tmp / "bundle"
-        result = export_run(run_dir, ExportOptions(out=bundle))
+        formats = (Format.ONNX, Format.OPENVINO, Format.TFLITE)
+        result = export_run(run_dir, ExportOptions(out=bundle, formats=formats, prune=0.75))
         run = load_run(run_dir)
         x = np.array(run.data.test.x, dtype=np.float32)  # a writable copy for torch
         y = np.asarray(run.data.test.y)
@@ -109,6 +134,9 @@ def main() -> None:
         for art in manifest_arts:
             backend = art.runtime
             model = load_bundle(bundle, backend=backend, precision=art.precision)  # type: ignore[arg-type]
+            if model.artifact.file != art.file:  # two INT8 ONNX files: open the one measured
+                model.close()
+                model = _open_file(load_bundle, bundle, art)
             logits = np.concatenate([model.predict(x[i : i + 256]) for i in range(0, len(x), 256)])
             pred = logits.argmax(1)
             p50, p95 = _latency(model.predict, x[:1], args.repeats)

@@ -43,6 +43,9 @@ def export_command(
         list[str] | None, typer.Option(help="fp32, fp16, int8 (repeatable).")
     ] = None,
     calibration_samples: Annotated[int, typer.Option(help="Calibration samples for INT8.")] = 300,
+    prune: Annotated[
+        float, typer.Option(help="Also write a channel-pruned INT8 ONNX (0.75 = keep 25%).")
+    ] = 0.0,
     sign_key: Annotated[
         Path | None, typer.Option(help="PEM ed25519 private key: sign the manifest.")
     ] = None,
@@ -63,6 +66,8 @@ def export_command(
       pollinate export runs/demo --out bundles/demo
 
       pollinate export runs/demo --out bundles/demo-onnx --format onnx --precision int8
+
+      pollinate export runs/demo --out bundles/demo-small --format onnx --prune 0.75
     """
     from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 
@@ -71,7 +76,7 @@ def export_command(
         precisions = tuple(_parse(Precision, precision or ["fp32", "int8"], "--precision"))
         options = ExportOptions(
             out=out, formats=formats, precisions=precisions,
-            calibration_samples=calibration_samples, sign_key=sign_key,
+            calibration_samples=calibration_samples, prune=prune, sign_key=sign_key,
             triton_repo=triton_repo, name=name,
         )  # fmt: skip
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

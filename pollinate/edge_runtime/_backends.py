@@ -193,9 +193,11 @@ class OpenVinoBackend(Backend):
 class LiteRtBackend(Backend):
     """LiteRT (``ai-edge-litert``, the maintained TFLite interpreter).
 
-    A dynamic batch dimension is resized per call; quantized (int8/uint8) input and output
-    tensors are (de)quantized here with the tensor's scale and zero point, so the caller
-    always feeds and receives float.
+    A dynamic batch dimension is resized per call. A model with a static batch (its
+    ``shape_signature`` has no -1 there, as litert-torch writes them) is run in chunks of that
+    batch, the last one zero-padded: XNNPack refuses to resize a static graph. Quantized
+    (int8/uint8) input and output tensors are (de)quantized here with the tensor's scale and
+    zero point, so the caller always feeds and receives float.
     """
 
     runtime = "litert"
@@ -217,10 +219,28 @@ class LiteRtBackend(Backend):
         raw_dtype = np.dtype(self._input["dtype"])
         self._quantized_input = raw_dtype.kind in "iu"
         self.input_dtype = np.dtype(np.float32) if self._quantized_input else raw_dtype
+        signature = self._input.get("shape_signature", self._input["shape"])
+        first = int(signature[0]) if len(signature) else -1
+        self._static_batch = first if first > 0 else None
         self._lock = threading.Lock()  # the interpreter is not thread-safe
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Resize for the batch if needed, (de)quantize, invoke."""
+        """Resize for the batch if needed (or chunk a static batch), (de)quantize, invoke."""
+        fixed = self._static_batch
+        if fixed is None or batch.ndim == 0 or batch.shape[0] == fixed:
+            return self._run_one(batch)
+        if batch.shape[0] == 0:
+            raise ValueError(f"{self.input_name}: an empty batch cannot be run")
+        parts = []
+        for start in range(0, batch.shape[0], fixed):
+            chunk = batch[start : start + fixed]
+            pad = fixed - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            parts.append(self._run_one(chunk)[: fixed - pad])
+        return np.concatenate(parts)
+
+    def _run_one(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
             index = int(self._input["index"])
             if tuple(self._input["shape"]) != batch.shape:

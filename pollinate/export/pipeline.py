@@ -33,7 +33,7 @@ from pollinate.edge_runtime.manifest import (
 )
 from pollinate.errors import CheckpointError, ConfigError
 from pollinate.log import logger
-from pollinate.models import build_model
+from pollinate.models import SmallCNN, build_model
 from pollinate.server.checkpoint import latest_checkpoint
 
 __all__ = ["ExportOptions", "ExportResult", "Format", "Precision", "export_run"]
@@ -63,6 +63,8 @@ class ExportOptions:
     formats: tuple[Format, ...] = (Format.ONNX, Format.OPENVINO)
     precisions: tuple[Precision, ...] = (Precision.FP32, Precision.INT8)
     calibration_samples: int = 300
+    prune: float = 0.0
+    finetune_samples: int = 1000
     sign_key: Path | None = None
     triton_repo: Path | None = None
     name: str | None = None
@@ -173,10 +175,9 @@ def export_run(
 
     step = on_step or (lambda _msg: None)
     if Format.TFLITE in options.formats:
-        raise ConfigError(
-            "format 'tflite' is not available yet (litert-torch needs its own environment); "
-            "choose onnx and/or openvino"
-        )
+        from pollinate.export._tflite import litert_python
+
+        litert_python()  # fail before any work when the converter's environment is missing
     if options.out.exists() and any(options.out.iterdir()):
         raise ConfigError(f"--out {options.out} exists and is not empty; choose a new folder")
     torch.set_num_threads(1)
@@ -355,6 +356,96 @@ def _plan(
             plan.append((Format.OPENVINO, Precision.FP16, ov_fp16))
         if Precision.INT8 in options.precisions:
             plan.append((Format.OPENVINO, Precision.INT8, ov_int8))
+    if Format.TFLITE in options.formats:
+        plan.extend(_tflite_plan(options, run, tmp, calibration))
+    if options.prune > 0:
+        plan.append((Format.ONNX, Precision.INT8, _pruned_builder(options, run, tmp, calibration)))
     if not plan:
-        raise ConfigError("nothing to export: choose --format onnx/openvino and a --precision")
+        raise ConfigError(
+            "nothing to export: choose --format onnx/openvino/tflite and a --precision"
+        )
     return plan
+
+
+def _tflite_plan(
+    options: ExportOptions, run: _LoadedRun, tmp: Path, calibration: np.ndarray
+) -> list[tuple[Format, Precision, Callable[[], _Made]]]:
+    """TFLite FP32/INT8 through litert-torch in its own environment (one worker run)."""
+    from pollinate.export._tflite import TfliteInfo, export_tflite, tflite_runner
+
+    wanted = tuple(p.value for p in (Precision.FP32, Precision.INT8) if p in options.precisions)
+    done: dict[str, TfliteInfo] = {}
+
+    def build_for(precision: str) -> Callable[[], _Made]:
+        def build() -> _Made:
+            if not done:
+                infos = export_tflite(
+                    run.model,
+                    tmp / "tflite",
+                    input_shape=tuple(run.data.input_shape),
+                    calibration=calibration,
+                    precisions=wanted,
+                )
+                done.update({info.precision: info for info in infos})
+            info = done[precision]
+            return _Made(
+                file=info.path.name,
+                files={info.path.name: info.path},
+                runtime="litert",
+                min_version="2.3",
+                recipe=info.recipe,
+                opset=None,
+                run=tflite_runner(info.path),
+            )
+
+        return build
+
+    return [(Format.TFLITE, Precision(p), build_for(p)) for p in wanted]
+
+
+def _pruned_builder(
+    options: ExportOptions, run: _LoadedRun, tmp: Path, calibration: np.ndarray
+) -> Callable[[], _Made]:
+    """Structured pruning + fine-tune + INT8 ONNX: the compressed artifact.
+
+    The fine-tune data is the last ``finetune_samples`` of the training split, standing in
+    for data the server holds; it never touches the test split the artifact is judged on.
+    """
+    from pollinate.export._onnx import export_onnx, onnx_session, quantize_onnx_int8
+    from pollinate.export._parity import check_tolerances, measure_parity, torch_logits
+    from pollinate.export._prune import prune_structured
+
+    def build() -> _Made:
+        n = min(options.finetune_samples, len(run.data.train))
+        x_ft = np.array(run.data.train.x[-n:], dtype=np.float32)
+        y_ft = np.array(run.data.train.y[-n:])
+        if not isinstance(run.model, SmallCNN):
+            raise ConfigError(
+                f"--prune supports the default model 'cnn' only, this run used "
+                f"{run.settings.model!r}; export without --prune"
+            )
+        pruned = prune_structured(
+            run.model, amount=options.prune, finetune_x=x_ft, finetune_y=y_ft,
+            seed=run.settings.seed,
+        )  # fmt: skip
+        fp32 = tmp / "model.pruned.fp32.onnx"
+        export_onnx(pruned.model, fp32, input_shape=tuple(run.data.input_shape))
+        x_test = np.array(run.data.test.x, dtype=np.float32)
+        own = measure_parity(
+            onnx_session(fp32), x_test, np.asarray(run.data.test.y),
+            torch_logits(pruned.model, x_test),
+        )  # fmt: skip
+        check_tolerances("model.pruned.fp32.onnx", own, precision="fp32")
+        out = tmp / "model.pruned.int8.onnx"
+        recipe = quantize_onnx_int8(fp32, out, calibration)
+        return _Made(
+            file=out.name,
+            files={out.name: out},
+            runtime="onnxruntime",
+            min_version="1.17",
+            recipe=f"{pruned.recipe}; {recipe}",
+            opset=18,
+            run=onnx_session(out),
+        )
+
+    return build

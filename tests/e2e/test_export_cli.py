@@ -160,8 +160,50 @@ def test_signed_bundle_and_bad_exports(
     assert proc.returncode == 5
     assert "run.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli(
-        e2e_env, "export", str(run_dir), "--out", str(tmp_path / "b3"), "--format", "tflite"
+        e2e_env, "export", str(run_dir), "--out", str(tmp_path / "b3"), "--format", "coreml"
     )
     assert proc.returncode == 2
-    assert "tflite" in proc.stderr
+    assert "coreml" in proc.stderr and "tflite" in proc.stderr
     assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / ".venv-litert" / "bin" / "python").exists(),
+    reason="the litert-torch environment is missing: run scripts/setup-litert (make test does)",
+)
+def test_tflite_bundle_runs_on_litert(
+    run_dir: Path, torch_predictions: np.ndarray, tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    out = tmp_path / "tfl"
+    proc = _cli(e2e_env, "export", str(run_dir), "--out", str(out), "--format", "tflite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    arts = {(a["runtime"], a["precision"]): a for a in manifest["artifacts"]}
+    assert set(arts) == {("litert", "fp32"), ("litert", "int8")}
+    assert arts[("litert", "fp32")]["max_abs_error"] <= 1e-4
+    assert arts[("litert", "int8")]["accuracy"] >= manifest["torch_accuracy"] - 0.01
+    batch = tmp_path / "batch.npy"
+    np.save(batch, np.array(load_dataset("mnist", seed=42).test.x[:16]))
+    proc = _cli(e2e_env, "edge", "predict", str(out), str(batch), "--backend", "litert")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.array(json.loads(proc.stdout)["labels"], dtype=int)
+    assert np.mean(got == torch_predictions) >= 15 / 16
+
+
+def test_pruned_int8_is_a_tenth_of_fp32_within_a_point(
+    run_dir: Path, tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    out = tmp_path / "small"
+    proc = _cli(e2e_env, "export", str(run_dir), "--out", str(out), "--format", "onnx",
+                "--prune", "0.75")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    arts = {a["file"]: a for a in manifest["artifacts"]}
+    pruned, fp32 = arts["model.pruned.int8.onnx"], arts["model.fp32.onnx"]
+    assert pruned["size_bytes"] <= 0.10 * fp32["size_bytes"]
+    assert pruned["accuracy"] >= manifest["torch_accuracy"] - 0.01
+    assert "pruning" in pruned["quantization"]
+    bad = _cli(e2e_env, "export", str(run_dir), "--out", str(tmp_path / "x"), "--prune", "2")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
