@@ -103,6 +103,7 @@ class RunSettings:
     run_dir: str = ""
     resume: bool = False
     keep_checkpoints: int = 3
+    export_dir: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building

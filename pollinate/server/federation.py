@@ -292,6 +292,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
     privacy = ledger.summary()
     atomic_write_json(run_dir / "privacy.json", {"summary": privacy, "ledger": ledger.to_dict()})
     write_report(run_dir, history, privacy=privacy, settings=settings.to_run_config())
+    if settings.export_dir:
+        _export_at_end(run_dir, Path(settings.export_dir))
     return RunResult(run_dir=run_dir, history=history, privacy=privacy, model=arrays)
 
 
@@ -315,6 +317,26 @@ def update_bound(
         per_step = settings.learning_rate * noise * settings.max_grad_norm * math.sqrt(dims) / batch
         bound += 5.0 * per_step * math.sqrt(steps) / max(1e-6, 1.0 - settings.momentum)
     return bound
+
+
+def _export_at_end(run_dir: Path, out: Path) -> None:
+    """Export the final global model (``export-dir``); a failed export never loses the run."""
+    from pollinate.errors import PollinateError
+
+    try:
+        from pollinate.export.pipeline import ExportOptions, export_run
+
+        result = export_run(run_dir, ExportOptions(out=out.resolve()))
+    except ImportError as err:
+        logger.error(
+            "the run finished but cannot be exported (%s); pip install \"pollinate[export]\" "
+            "and run `pollinate export %s --out %s`", err, run_dir, out,
+        )  # fmt: skip
+        return
+    except PollinateError as err:
+        logger.error("the run finished but its export failed: %s", err)
+        return
+    logger.info("exported the final model to %s", result.bundle)
 
 
 def ledger_enabled(section: dict[str, Any]) -> bool:

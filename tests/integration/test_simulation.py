@@ -135,9 +135,16 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 
 def test_federated_evaluation_and_resume_refusing_changed_settings(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    bundle = tmp_path / "bundle"
     proc = _simulate(tmp_path, "--preset", "quick", "--num-clients", "20", "--rounds", "1",
-                     "--set", "fraction-evaluate=0.5", "--run-dir", str(run_dir))  # fmt: skip
+                     "--set", "fraction-evaluate=0.5", "--set", f"export-dir={bundle}",
+                     "--dp", "none", "--set", "learning-rate=0.05", "--set", "momentum=0.9",
+                     "--run-dir", str(run_dir))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # export-dir: the final model was exported as a verified bundle at the end of the run.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["source_round"] == 1
+    assert {a["runtime"] for a in manifest["artifacts"]} == {"onnxruntime", "openvino"}
     last = json.loads((run_dir / "metrics.json").read_text())[-1]
     assert last["federated_accuracy"] is not None
     assert 0.0 <= last["federated_accuracy"] <= 1.0
