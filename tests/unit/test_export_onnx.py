@@ -25,7 +25,7 @@ from pollinate.export._parity import (
     measure_parity,
     torch_logits,
 )
-from pollinate.models import build_model
+from tests.helpers import train_default_cnn
 
 pytestmark = pytest.mark.unit
 
@@ -40,23 +40,7 @@ def split() -> DatasetSplit:
 @pytest.fixture(scope="module")
 def trained(split: DatasetSplit) -> torch.nn.Module:
     """The default CNN after two epochs of SGD on the real MNIST subset (>= 85% test accuracy)."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model("cnn", input_shape=split.input_shape, num_classes=split.num_classes)
-    x = torch.from_numpy(np.array(split.train.x))
-    y = torch.from_numpy(np.array(split.train.y))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(2):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 32):
-            idx = order[start : start + 32]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = train_default_cnn(split.train.x, split.train.y)
     return model
 
 

@@ -20,6 +20,7 @@ from pollinate.export._onnx import OnnxInfo, export_onnx, onnx_session, quantize
 from pollinate.export._parity import check_tolerances, measure_parity, torch_logits
 from pollinate.export._prune import PrunedCNN, PruneResult, prune_structured
 from pollinate.models import SmallCNN, build_model
+from tests.helpers import train_default_cnn
 
 pytestmark = pytest.mark.unit
 
@@ -46,24 +47,8 @@ def server_data(split: DatasetSplit) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def trained(split: DatasetSplit) -> SmallCNN:
     """The default CNN after two epochs of SGD on 3000 train samples (~96% test accuracy)."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model("cnn", input_shape=split.input_shape, num_classes=split.num_classes)
+    model = train_default_cnn(split.train.x[:BASE_SAMPLES], split.train.y[:BASE_SAMPLES])
     assert isinstance(model, SmallCNN)
-    x = torch.from_numpy(np.array(split.train.x[:BASE_SAMPLES]))
-    y = torch.from_numpy(np.array(split.train.y[:BASE_SAMPLES]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(2):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 32):
-            idx = order[start : start + 32]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-    model.eval()
     return model
 
 
