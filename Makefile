@@ -20,7 +20,9 @@ litert: .venv-litert/.pollinate-litert
 .venv-litert/.pollinate-litert: scripts/setup-litert
 	scripts/setup-litert
 
+# The demo starts afresh each time (its previous run directory is replaced).
 demo: setup
+	rm -rf runs/demo
 	.venv/bin/pollinate simulate --preset demo --run-dir runs/demo
 
 simulate: setup
