@@ -14,7 +14,6 @@ Usage: python benchmarks/export.py [--run-dir RUN] [--repeats 500]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -49,29 +48,6 @@ def _trained_run(root: Path) -> Path:
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     save_checkpoint(root, Checkpoint(server_round=1, model=state))
     return root
-
-
-def _open_file(load_bundle: Any, bundle: Path, art: Any) -> Any:
-    """Open one specific artifact by hiding the others of the same runtime and precision."""
-    import shutil
-
-    copy = bundle.parent / f"only-{Path(art.file).stem}"
-    if not copy.exists():
-        shutil.copytree(bundle, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
-        manifest["artifacts"] = [a for a in manifest["artifacts"] if a["file"] == art.file]
-        kept = {art.file, *art.extra_files}
-        for f in manifest["artifacts"][0].get("extra_files", {}):
-            kept.add(f)
-        for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]:
-            for f in (a["file"], *a.get("extra_files", {})):
-                if f not in kept:
-                    (copy / f).unlink()
-        manifest["files"] = {}
-        (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        sig = copy / "manifest.sig"
-        sig.unlink(missing_ok=True)
-    return load_bundle(copy, backend=art.runtime, precision=art.precision)
 
 
 def _latency(fn: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -133,10 +109,7 @@ def main() -> None:
         fp32_size = (bundle / "model.fp32.onnx").stat().st_size
         for art in manifest_arts:
             backend = art.runtime
-            model = load_bundle(bundle, backend=backend, precision=art.precision)  # type: ignore[arg-type]
-            if model.artifact.file != art.file:  # two INT8 ONNX files: open the one measured
-                model.close()
-                model = _open_file(load_bundle, bundle, art)
+            model = load_bundle(bundle, artifact=art.file)
             logits = np.concatenate([model.predict(x[i : i + 256]) for i in range(0, len(x), 256)])
             pred = logits.argmax(1)
             p50, p95 = _latency(model.predict, x[:1], args.repeats)
@@ -145,8 +118,7 @@ def main() -> None:
             )
             cold = _cold(
                 "import numpy as np\nfrom pollinate.edge_runtime import load_bundle\n"
-                f"m = load_bundle({str(bundle)!r}, backend={backend!r}, "
-                f"precision={art.precision!r})\n"
+                f"m = load_bundle({str(bundle)!r}, artifact={art.file!r})\n"
                 "m.predict(np.zeros((1, 1, 28, 28), dtype=np.float32))\n"
             )
             artifacts[art.file] = {

@@ -194,7 +194,6 @@ def simulate(
         if clients < 1:
             raise ConfigError(f"--num-clients must be at least 1, got {clients}")
         settings = RunSettings.from_run_config(config)
-        _check_data(settings)
         result = _run_with_progress(settings, clients, verbose)
     except PollinateError as err:
         raise _fail(err) from None
@@ -235,13 +234,6 @@ def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, 
     return config, population
 
 
-def _check_data(settings: Any) -> None:
-    """Load the data once up front so a bad path fails here, not inside 1000 clients."""
-    from pollinate.data import load_dataset
-
-    load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
-
-
 def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -249,6 +241,8 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
     from pollinate.server import events
     from pollinate.simulation.runner import SimulationOptions, simulate
 
+    # Load and partition the data here first, so a bad path or partitioning fails before
+    # Ray starts, with one clear message.
     data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
     partition_indices(
         data.train.y, clients, settings.partitioner, seed=settings.seed,

@@ -150,6 +150,7 @@ def load_bundle(
     precision: PrecisionName = "auto",
     public_key: str | Path | None = None,
     threads: int = 1,
+    artifact: str | None = None,
 ) -> EdgeModel:
     """Verify a bundle (directory or ``.tar.gz``) and open one of its artifacts.
 
@@ -157,6 +158,8 @@ def load_bundle(
     ``public_key`` (a PEM file path or PEM text) ``manifest.sig`` must exist and verify.
     ``backend="auto"`` takes the first installed runtime among the bundle's artifacts
     (onnxruntime > openvino > litert); ``precision="auto"`` takes int8, else fp16, else fp32.
+    ``artifact`` names one artifact file of the manifest instead (``backend`` and
+    ``precision`` are then not used), e.g. when a bundle has two INT8 ONNX files.
 
     Raises :class:`BundleError` (missing, tampered, truncated, unsigned or unsuitable bundle),
     :class:`RuntimeMissingError` (the runtime is not installed; the message has the pip
@@ -171,11 +174,18 @@ def load_bundle(
         raise ValueError(f"threads must be an integer of at least 1, got {threads!r}")
     with open_bundle(path) as (root, temp_dir):
         verified = verify_bundle_dir(root, public_key=public_key)
-        artifact = select_artifact(verified.manifest, backend, precision)
+        if artifact is None:
+            chosen = select_artifact(verified.manifest, backend, precision)
+        else:
+            named = [a for a in verified.manifest.artifacts if a.file == artifact]
+            if not named:
+                have = ", ".join(a.file for a in verified.manifest.artifacts)
+                raise BundleError(f"the bundle has no artifact {artifact!r}; it has: {have}")
+            chosen = named[0]
         session = open_backend(
-            artifact.runtime,
-            root.joinpath(*artifact.file.split("/")),
+            chosen.runtime,
+            root.joinpath(*chosen.file.split("/")),
             threads=threads,
             output_name=verified.manifest.outputs[0].name,
         )
-        return EdgeModel(verified.manifest, artifact, session, root, temp_dir=temp_dir)
+        return EdgeModel(verified.manifest, chosen, session, root, temp_dir=temp_dir)

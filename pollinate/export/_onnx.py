@@ -344,7 +344,8 @@ def export_onnx(
     return info
 
 
-def _check_calibration(calibration: np.ndarray) -> np.ndarray:
+def check_calibration(calibration: np.ndarray) -> np.ndarray:
+    """A non-empty, finite float32 batch of samples, or a ConfigError saying what is wrong."""
     data = np.asarray(calibration)
     if data.ndim < 2 or len(data) == 0:
         raise ConfigError(
@@ -386,7 +387,7 @@ def quantize_onnx_int8(
         ExportError: ``fp32_path`` is missing or quantization fails.
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
-    data = _check_calibration(calibration)
+    data = check_calibration(calibration)
     if not fp32_path.is_file():
         raise ExportError(f"cannot quantize {fp32_path}: no such ONNX file")
     from onnxruntime.quantization import (  # type: ignore[import-untyped]

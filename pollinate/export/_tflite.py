@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pollinate.errors import ConfigError, ExportError
+from pollinate.export._onnx import check_calibration
 from pollinate.log import logger
 
 __all__ = [
@@ -131,20 +132,12 @@ def _check_precisions(precisions: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_calibration(calibration: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
-    data = np.asarray(calibration)
-    if data.ndim < 2 or len(data) == 0:
-        raise ConfigError(
-            f"calibration must be a non-empty batch of samples (N, ...), got shape {data.shape}"
-        )
+    """The ONNX exporter's calibration check, plus the sample shape the program expects."""
+    data = check_calibration(calibration)
     if tuple(data.shape[1:]) != dims:
         raise ConfigError(
             f"calibration samples have shape {tuple(data.shape[1:])}, the model input is {dims}"
         )
-    if not np.issubdtype(data.dtype, np.number):
-        raise ConfigError(f"calibration must hold numbers, got dtype {data.dtype}")
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    if not np.all(np.isfinite(data)):
-        raise ConfigError("calibration samples contain NaN or infinite values")
     return data
 
 

@@ -203,6 +203,14 @@ def test_pruned_int8_is_a_tenth_of_fp32_within_a_point(
     assert pruned["size_bytes"] <= 0.10 * fp32["size_bytes"]
     assert pruned["accuracy"] >= manifest["torch_accuracy"] - 0.01
     assert "pruning" in pruned["quantization"]
+    # Two INT8 ONNX files: the runtime opens the one named, and refuses a name not listed.
+    from pollinate.edge_runtime import BundleError, load_bundle
+
+    with load_bundle(out, artifact="model.pruned.int8.onnx") as model:
+        assert model.artifact.size_bytes == pruned["size_bytes"]
+        assert model.predict(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    with pytest.raises(BundleError, match=r"no artifact 'model\.tflite'"):
+        load_bundle(out, artifact="model.tflite")
     bad = _cli(e2e_env, "export", str(run_dir), "--out", str(tmp_path / "x"), "--prune", "2")
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
