@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -99,3 +101,85 @@ def write_result(name: str, result: dict[str, object]) -> Path:
     out.write_text(text + "\n")
     print(text)
     return out
+
+
+@dataclass
+class CommandRun:
+    """A finished command: exit status, wall time, peak RSS of its process tree."""
+
+    returncode: int
+    started_at: float  # time.time() when the command was started
+    wall_s: float
+    peak_rss_mb: float
+    stderr_tail: str
+
+
+def run_command(
+    cmd: Sequence[str],
+    *,
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 1800,
+    cwd: Path = REPO,
+) -> CommandRun:
+    """Run ``cmd`` in its own session, sampling the summed RSS of its whole process tree.
+
+    Anything the command leaves running in its session (Ray's processes, say) is ended with
+    it: on success, on failure and on timeout.
+    """
+    env = {**os.environ, **(env_extra or {})}
+    started_at = time.time()
+    start = time.monotonic()
+    child = subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    proc = psutil.Process(child.pid)
+    peak = 0
+    stderr_chunks: list[str] = []
+
+    def drain() -> None:
+        assert child.stderr is not None
+        for line in child.stderr:
+            stderr_chunks.append(line)
+            del stderr_chunks[:-400]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        while child.poll() is None:
+            peak = max(peak, tree_rss(proc))
+            if time.monotonic() - start > timeout:
+                break
+            time.sleep(0.25)
+    finally:
+        wall = time.monotonic() - start
+        _end_session(child)
+        reader.join(timeout=5)
+        if child.stderr is not None:
+            child.stderr.close()
+    return CommandRun(
+        returncode=child.returncode,
+        started_at=started_at,
+        wall_s=wall,
+        peak_rss_mb=peak / 2**20,
+        stderr_tail="".join(stderr_chunks)[-4000:],
+    )
+
+
+def _end_session(child: subprocess.Popen[str]) -> None:
+    """Stop ``child`` (if still running) and whatever it left in its own session."""
+    with contextlib.suppress(ProcessLookupError):
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        # The leader is gone; members of its session (process group) may not be.
+        os.killpg(child.pid, signal.SIGKILL)

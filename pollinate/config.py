@@ -82,6 +82,7 @@ class RunSettings:
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
+    samples_per_client: int = 0
     seed: int = 42
     local_epochs: int = 1
     batch_size: int = 32
@@ -147,6 +148,11 @@ class RunSettings:
         _positive_int("local-epochs", self.local_epochs)
         _positive_int("batch-size", self.batch_size)
         _positive_int("shards-per-client", self.shards_per_client)
+        if self.samples_per_client < 0:
+            raise ConfigError(
+                f"setting 'samples-per-client' must be >= 0 (0 = training set / clients), "
+                f"got {self.samples_per_client}"
+            )
         _positive_int("keep-checkpoints", self.keep_checkpoints)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(

@@ -9,15 +9,26 @@ resets epsilon), extended by this round's DP-SGD steps, and saved back before re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from pollinate.client.task import ClientTask
+from pollinate.client.training import TrainResult, seed_for
 from pollinate.client.training import evaluate as evaluate_model
-from pollinate.client.training import seed_for
 from pollinate.client.training import train as train_model
 from pollinate.data import ArrayDataset, load_local_data, load_partition
 from pollinate.errors import PollinateError, PrivacyBudgetError
@@ -25,7 +36,7 @@ from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant, MechanismStep
 
-__all__ = ["ACCOUNTANT_KEY", "app", "client_key"]
+__all__ = ["ACCOUNTANT_KEY", "TrainJob", "app", "begin_train", "client_key", "finish_train"]
 
 ACCOUNTANT_KEY = "pollinate.accountant"
 
@@ -59,6 +70,7 @@ def _local_data(context: Context, task: ClientTask) -> ArrayDataset:
         seed=task.seed,
         alpha=task.dirichlet_alpha,
         shards_per_partition=task.shards_per_client,
+        samples_per_partition=task.samples_per_client,
         test_fraction=task.test_fraction,
     )
 
@@ -119,15 +131,37 @@ def _planned_step(task: ClientTask, n: int) -> MechanismStep:
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this node's data; reply with the update."""
-    torch.set_num_threads(1)
+@dataclass
+class TrainJob:
+    """A train request that passed the budget check: everything needed to train and reply."""
+
+    msg: Message
+    task: ClientTask
+    key: str
+    data: ArrayDataset
+    accountant: ClientAccountant
+    planned: MechanismStep
+    state_file: Path | None
+    info: ConfigRecord
+
+    @property
+    def seed(self) -> int:
+        """This client's training seed for this round."""
+        return seed_for(self.task.seed, self.task.server_round, _key_int(self.key))
+
+
+def begin_train(msg: Message, context: Context, *, mirror: bool = True) -> TrainJob | Message:
+    """Parse a train message and restore this client's accountant.
+
+    Returns the job to run, or the reply that declines the round when the planned steps would
+    take the client past its budget. ``mirror=False`` keeps the accountant in ``Context.state``
+    only (the in-process simulation journals it itself).
+    """
     task = ClientTask.from_config(msg.content.config_records["config"])
     key = client_key(context)
     data = _local_data(context, task)
     delta = task.target_delta
-    state_file = _state_file(context, task, key)
+    state_file = _state_file(context, task, key) if mirror else None
     accountant = _restore_accountant(context, state_file)
     info = ConfigRecord({"client": key})
     planned = _planned_step(task, len(data))
@@ -141,31 +175,34 @@ def train(msg: Message, context: Context) -> Message:
                 {"declined": 1, "epsilon": accountant.epsilon(delta), "delta": delta}
             )
             return Message(RecordDict({"metrics": declined, "info": info}), reply_to=msg)
-    model = _model_from(msg, task)
-    result = train_model(
-        model,
-        data.x,
-        data.y,
-        epochs=task.local_epochs,
-        batch_size=task.batch_size,
-        learning_rate=task.learning_rate,
-        momentum=task.momentum,
-        dp=task.dp,
-        noise_multiplier=planned.noise_multiplier,
-        max_grad_norm=task.max_grad_norm,
-        proximal_mu=task.proximal_mu,
-        seed=seed_for(task.seed, task.server_round, _key_int(key)),
-    )
+    return TrainJob(msg, task, key, data, accountant, planned, state_file, info)
+
+
+def finish_train(
+    job: TrainJob,
+    context: Context,
+    result: TrainResult,
+    state: Mapping[str, np.ndarray],
+    *,
+    array: Callable[[np.ndarray], Array] = Array,
+) -> Message:
+    """Record the steps taken in the accountant, save it, and build the reply.
+
+    ``array`` wraps each tensor of the reply (Flower's ``Array``; the in-process engine
+    passes one that skips serialization).
+    """
+    task, accountant = job.task, job.accountant
+    delta = task.target_delta
     epsilon = math.inf
     if task.dp and result.steps > 0:
         accountant.record(
             MechanismStep(
-                noise_multiplier=planned.noise_multiplier,
+                noise_multiplier=job.planned.noise_multiplier,
                 sample_rate=result.sample_rate,
                 steps=result.steps,
             )
         )
-        _save_accountant(context, accountant, state_file)
+        _save_accountant(context, accountant, job.state_file)
     if task.dp:
         epsilon = accountant.epsilon(delta)
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -176,16 +213,43 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         "total-steps": accountant.total_steps,
         "sample-rate": result.sample_rate,
-        "noise-multiplier": planned.noise_multiplier if task.dp else 0.0,
+        "noise-multiplier": job.planned.noise_multiplier if task.dp else 0.0,
         "epsilon": epsilon if math.isfinite(epsilon) else -1.0,
         "delta": delta,
         "declined": 0,
     }
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics), "info": info}
+    arrays = ArrayRecord()  # filled item by item: ArrayRecord(dict) would re-encode each Array
+    for key, value in state.items():
+        arrays[key] = array(np.ascontiguousarray(value))
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "info": job.info})
+    return Message(content, reply_to=job.msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's data; reply with the update."""
+    torch.set_num_threads(1)
+    job = begin_train(msg, context)
+    if isinstance(job, Message):
+        return job
+    model = _model_from(msg, job.task)
+    task = job.task
+    result = train_model(
+        model,
+        job.data.x,
+        job.data.y,
+        epochs=task.local_epochs,
+        batch_size=task.batch_size,
+        learning_rate=task.learning_rate,
+        momentum=task.momentum,
+        dp=task.dp,
+        noise_multiplier=job.planned.noise_multiplier,
+        max_grad_norm=task.max_grad_norm,
+        proximal_mu=task.proximal_mu,
+        seed=job.seed,
     )
-    return Message(content, reply_to=msg)
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    return finish_train(job, context, result, state)
 
 
 @app.evaluate()

@@ -45,6 +45,7 @@ class ClientTask:
     num_partitions: int
     dirichlet_alpha: float
     shards_per_client: int
+    samples_per_client: int
     seed: int
     local_epochs: int
     batch_size: int
@@ -75,6 +76,7 @@ class ClientTask:
             num_partitions=_int(cfg, "num-partitions"),
             dirichlet_alpha=_num(cfg, "dirichlet-alpha"),
             shards_per_client=_int(cfg, "shards-per-client"),
+            samples_per_client=_int(cfg, "samples-per-client", 0),
             seed=_int(cfg, "seed"),
             local_epochs=_int(cfg, "local-epochs"),
             batch_size=_int(cfg, "batch-size"),

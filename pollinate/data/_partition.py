@@ -23,6 +23,7 @@ class Partitioner(StrEnum):
     IID = "iid"
     DIRICHLET = "dirichlet"
     SHARDS = "shards"
+    RESAMPLE = "resample"
 
 
 def _as_partitioner(partitioner: Partitioner | str) -> Partitioner:
@@ -77,12 +78,17 @@ def partition_indices(
     seed: int = 0,
     alpha: float = 0.5,
     shards_per_partition: int = 2,
+    samples_per_partition: int = 0,
 ) -> list[np.ndarray]:
     """Divide the samples with ``labels`` into ``num_partitions`` partitions.
 
     The work is done by flwr-datasets' ``IidPartitioner`` (on a copy shuffled with ``seed``),
     ``DirichletPartitioner`` (``self_balancing=True``, no minimum size) or ``ShardPartitioner``.
-    The result depends only on the arguments.
+    IID partitions are computed with numpy exactly as flwr-datasets computes them (a test
+    holds the two equal): milliseconds instead of seconds for thousands of partitions.
+    ``"resample"`` is for populations larger than the data: each partition is its own seeded
+    draw of ``samples_per_partition`` samples (0: ``N // num_partitions``, at least 1), so
+    partitions may overlap. The result depends only on the arguments.
 
     Args:
         labels: Integer class label of each sample, shape ``(N,)``.
@@ -91,6 +97,7 @@ def partition_indices(
         seed: Seed of every random choice.
         alpha: Dirichlet concentration; smaller means more label skew. Must be > 0.
         shards_per_partition: Shards (label-sorted blocks) per partition for ``"shards"``.
+        samples_per_partition: Partition size for ``"resample"`` (0: automatic).
 
     Returns:
         One read-only ``int64`` array of indices into ``labels`` per partition. IID partitions
@@ -107,10 +114,15 @@ def partition_indices(
     n = int(y.shape[0])
     num_partitions = _as_int(num_partitions, "num_partitions")
     seed = check_seed(seed)
+    if mode is Partitioner.RESAMPLE:
+        if num_partitions < 1:
+            raise ConfigError(f"num_partitions must be at least 1, got {num_partitions}.")
+        return _resample(n, num_partitions, seed, samples_per_partition)
     if not 1 <= num_partitions <= n:
         raise ConfigError(
             f"num_partitions must be between 1 and the number of samples ({n}), "
-            f"got {num_partitions}."
+            f"got {num_partitions}; for more clients than samples use the 'resample' "
+            "partitioner (each client draws its own samples)."
         )
     alpha, shards_per_partition = _check_options(alpha, shards_per_partition)
     if mode is Partitioner.SHARDS and num_partitions * shards_per_partition > n:
@@ -119,7 +131,10 @@ def partition_indices(
             f"{num_partitions * shards_per_partition} samples but there are {n}; use at most "
             f"{n // shards_per_partition} partitions or fewer shards per partition."
         )
-    parts = _run_flwr_partitioner(y, num_partitions, mode, seed, alpha, shards_per_partition)
+    if mode is Partitioner.IID:
+        parts = _iid(n, num_partitions, seed)
+    else:
+        parts = _run_flwr_partitioner(y, num_partitions, mode, seed, alpha, shards_per_partition)
     if mode is Partitioner.DIRICHLET:
         _fill_empty_partitions(parts)
     result = []
@@ -128,6 +143,35 @@ def partition_indices(
         array.flags.writeable = False
         result.append(array)
     return result
+
+
+def _iid(n: int, num_partitions: int, seed: int) -> list[list[int]]:
+    """flwr-datasets' IID partitions of a dataset shuffled with ``seed``, without the datasets.
+
+    ``Dataset.shuffle(seed)`` permutes with ``np.random.default_rng(seed).permutation(n)``;
+    ``IidPartitioner`` then takes contiguous shards, the first ``n % k`` one sample longer.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    size, extra = divmod(n, num_partitions)
+    parts = []
+    for i in range(num_partitions):
+        start = size * i + min(i, extra)
+        parts.append(order[start : start + size + (1 if i < extra else 0)].tolist())
+    return parts
+
+
+def _resample(n: int, num_partitions: int, seed: int, size: int) -> list[np.ndarray]:
+    """Each partition draws ``size`` distinct samples with its own generator (may overlap)."""
+    if size < 0:
+        raise ConfigError(f"samples_per_partition must be >= 0, got {size}.")
+    size = min(n, size or max(1, n // num_partitions))
+    parts = []
+    for i in range(num_partitions):
+        rng = np.random.default_rng([seed, i])
+        part = np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+        part.flags.writeable = False
+        parts.append(part)
+    return parts
 
 
 def _run_flwr_partitioner(
@@ -207,6 +251,7 @@ def load_partition(
     seed: int = 0,
     alpha: float = 0.5,
     shards_per_partition: int = 2,
+    samples_per_partition: int = 0,
     test_fraction: float = 0.2,
 ) -> ArrayDataset:
     """Return one client's share of the training part of ``source``.
@@ -234,8 +279,11 @@ def load_partition(
         alpha_value = 0.5
     if mode is not Partitioner.SHARDS:
         shards = 2
+    samples = _as_int(samples_per_partition, "samples_per_partition")
+    if mode is not Partitioner.RESAMPLE:
+        samples = 0
     partitions = _partitions_cached(
-        os.fspath(source), num_partitions, mode, seed, alpha_value, shards, fraction
+        os.fspath(source), num_partitions, mode, seed, alpha_value, shards, samples, fraction
     )
     train = load_dataset(source, test_fraction=fraction, seed=seed).train
     return train.subset(partitions[partition_id])
@@ -249,6 +297,7 @@ def _partitions_cached(
     seed: int,
     alpha: float,
     shards_per_partition: int,
+    samples_per_partition: int,
     test_fraction: float,
 ) -> tuple[np.ndarray, ...]:
     train = load_dataset(source, test_fraction=test_fraction, seed=seed).train
@@ -260,5 +309,6 @@ def _partitions_cached(
             seed=seed,
             alpha=alpha,
             shards_per_partition=shards_per_partition,
+            samples_per_partition=samples_per_partition,
         )
     )

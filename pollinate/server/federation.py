@@ -127,6 +127,7 @@ def client_config(
             "num-partitions": population,
             "dirichlet-alpha": settings.dirichlet_alpha,
             "shards-per-client": settings.shards_per_client,
+            "samples-per-client": settings.samples_per_client,
             "seed": settings.seed,
             "local-epochs": settings.local_epochs,
             "batch-size": settings.batch_size,
@@ -153,9 +154,13 @@ class _Round:
         self.failed = 0
 
 
-def run_federation(grid: Grid, settings: RunSettings) -> RunResult:
-    """Run (or resume) the federation described by ``settings`` on ``grid``."""
-    torch.set_num_threads(1)
+def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> RunResult:
+    """Run (or resume) the federation described by ``settings`` on ``grid``.
+
+    ``threads``: torch threads for the server's own work (central evaluation). One where
+    clients run beside the server on the same cores; more for the in-process engine.
+    """
+    torch.set_num_threads(max(1, threads))
     run_dir = Path(settings.run_dir or f"runs/run-{int(time.time())}").resolve()
     data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
     torch.manual_seed(settings.seed)

@@ -92,8 +92,10 @@ class NodeDirectory:
         Nodes register over a moment (a simulation registers 1000 of them while the ServerApp
         starts); sampling before they are all there would shrink every round's sample.
         """
-        deadline = time.monotonic() + limit
         count = len(list(self._grid.get_node_ids()))
+        if getattr(self._grid, "static_population", False):
+            return count  # every node registered up front (the in-process engine)
+        deadline = time.monotonic() + limit
         stable_since = time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.25)

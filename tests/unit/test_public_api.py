@@ -17,7 +17,7 @@ EXPECTED = {
     "pollinate.privacy": {
         "ClientAccountant", "MechanismStep", "PrivacyLedger", "noise_multiplier_for_budget",
     },
-    "pollinate.models": {"MODELS", "MLP", "SmallCNN", "build_model"},
+    "pollinate.models": {"MODELS", "MLP", "OpacusMnistCNN", "SmallCNN", "build_model"},
     "pollinate.edge_runtime": {
         "Artifact", "BundleError", "EdgeModel", "InputError", "Manifest", "RuntimeMissingError",
         "available_runtimes", "load_bundle", "verify_bundle",

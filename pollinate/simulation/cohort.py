@@ -1,0 +1,339 @@
+"""Local training of a whole cohort of clients at once: the fast path's arithmetic.
+
+Each client in a round starts from the same global model and trains on its own data with
+its own seed. Instead of one model, one optimizer and one Opacus engine per client, the
+cohort keeps every client's parameters stacked along a leading axis and takes all clients'
+steps together with ``torch.func``: ``vmap`` over clients of ``vmap`` over samples of
+``grad`` gives per-sample gradients for everyone in one call.
+
+The semantics are those of :func:`pollinate.client.training.train` with Opacus, step for step:
+
+- DP-SGD: Poisson sampling with rate ``q = 1 / ceil(n / B)`` for ``ceil(n / B) * epochs``
+  steps; each sample's gradient clipped to ``C`` with Opacus' factor
+  ``min(1, C / (norm + 1e-6))``; Gaussian noise of std ``sigma * C`` on the sum; division by
+  Opacus' expected batch size ``int(n * q)``; an empty batch is a noise-only step.
+- Without DP: shuffled minibatches of ``min(B, n)`` per epoch, mean loss.
+- SGD with momentum (PyTorch's update rule), FedProx's proximal term (added to the
+  gradient without DP; applied as a separate, data-independent step with DP, because a
+  proximal gradient never passes through per-sample clipping).
+
+Every client draws its batches and noise from its own generator seeded by ``seed``, so a
+client's training does not depend on who else is in the cohort. Only aggregates (mean loss,
+accuracy) leave this module; never per-example values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from pollinate.client.training import TrainResult
+
+__all__ = ["CohortMember", "CohortSettings", "train_cohort"]
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CohortMember:
+    """One client of the cohort: its local data and its seed for this round."""
+
+    x: np.ndarray
+    y: np.ndarray
+    seed: int
+
+
+@dataclass(frozen=True)
+class CohortSettings:
+    """The local-training settings every member of a cohort shares."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float = 0.0
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.0
+
+
+@dataclass
+class _Group:
+    """Members with the same number of steps, trained side by side."""
+
+    index: list[int]
+    n: torch.Tensor  # (G,) samples per member
+    x: torch.Tensor  # (G, n_max, *shape), zero-padded
+    y: torch.Tensor  # (G, n_max)
+    steps_per_epoch: int
+    generators: list[torch.Generator]
+
+
+def _batches(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def train_cohort(
+    model: nn.Module, members: Sequence[CohortMember], settings: CohortSettings
+) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
+    """Train a copy of ``model`` for every member; return (result, new state) per member.
+
+    ``model`` holds the global parameters and is not changed. Members without data get an
+    empty :class:`TrainResult` and the global state back.
+    """
+    global_params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    out: list[tuple[TrainResult, dict[str, np.ndarray]] | None] = [None] * len(members)
+    groups: dict[int, list[int]] = {}
+    for i, member in enumerate(members):
+        n = len(member.y)
+        if n == 0:
+            state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+            out[i] = (TrainResult(0.0, 0.0, 0, 0.0, 0), state)
+            continue
+        groups.setdefault(_batches(n, settings.batch_size), []).append(i)
+    trainer = _Trainer(model, global_params, buffers, settings)
+    for steps_per_epoch, index in sorted(groups.items()):
+        group = _make_group(members, index, steps_per_epoch)
+        for i, result in zip(index, trainer.run(group), strict=True):
+            out[i] = result
+    return [r for r in out if r is not None]
+
+
+def _make_group(members: Sequence[CohortMember], index: list[int], steps_per_epoch: int) -> _Group:
+    sizes = [len(members[i].y) for i in index]
+    n_max = max(sizes)
+    shape = members[index[0]].x.shape[1:]
+    x = torch.zeros((len(index), n_max, *shape), dtype=torch.float32)
+    y = torch.zeros((len(index), n_max), dtype=torch.int64)
+    for row, i in enumerate(index):
+        x[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].x, dtype=np.float32))
+        y[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].y, dtype=np.int64))
+    generators = [torch.Generator().manual_seed(members[i].seed) for i in index]
+    return _Group(
+        index=index,
+        n=torch.tensor(sizes, dtype=torch.int64),
+        x=x,
+        y=y,
+        steps_per_epoch=steps_per_epoch,
+        generators=generators,
+    )
+
+
+class _Trainer:
+    """The vectorised step functions for one model architecture."""
+
+    def __init__(
+        self, model: nn.Module, global_params: Params, buffers: Params, settings: CohortSettings
+    ) -> None:
+        self.model = model
+        self.global_params = global_params
+        self.buffers = buffers
+        self.settings = settings
+        self.was_training = model.training
+
+        def sample_loss(
+            params: Params, x: torch.Tensor, y: torch.Tensor
+        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+            loss = nn.functional.cross_entropy(logits, y.unsqueeze(0))
+            return loss, (loss.detach(), logits.squeeze(0).detach())
+
+        def batch_loss(
+            params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            logits = functional_call(model, (params, buffers), (x,))
+            losses = nn.functional.cross_entropy(logits, y, reduction="none")
+            return (losses * w).sum() / w.sum().clamp(min=1.0), (losses, logits)
+
+        # per client (dim 0) and per sample (dim 1): per-sample gradients of every client
+        self.per_sample: Callable[..., Any] = vmap(
+            vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0)), in_dims=(0, 0, 0)
+        )
+        # per client: the gradient of its (masked) mean loss
+        self.per_client: Callable[..., Any] = vmap(
+            grad(batch_loss, has_aux=True), in_dims=(0, 0, 0, 0)
+        )
+
+    def run(self, group: _Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
+        s = self.settings
+        size = len(group.index)
+        params = {
+            k: v.unsqueeze(0).repeat(size, *([1] * v.dim())) for k, v in self.global_params.items()
+        }
+        momentum: Params | None = None
+        loss_sum = torch.zeros(size, dtype=torch.float64)
+        correct = torch.zeros(size, dtype=torch.int64)
+        seen = torch.zeros(size, dtype=torch.int64)
+        steps = group.steps_per_epoch * s.epochs
+        if s.dp:
+            rate = 1.0 / group.steps_per_epoch
+            expected = torch.floor(group.n.to(torch.float64) * rate).clamp(min=1.0)
+        self.model.train()
+        try:
+            for _ in range(s.epochs):
+                batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                if s.dp:
+                    batches = (self._poisson(group, rate) for _ in range(group.steps_per_epoch))
+                else:
+                    batches = iter(self._shuffled(group))
+                for idx, valid in batches:
+                    if s.dp:
+                        grads, losses, logits = self._private_grads(
+                            params, group, idx, valid, expected
+                        )
+                    else:
+                        grads, losses, logits = self._plain_grads(params, group, idx, valid)
+                    params, momentum = self._step(params, grads, momentum)
+                    if idx.shape[1]:
+                        labels = torch.gather(group.y, 1, idx)
+                        vf = valid.to(torch.float64)
+                        loss_sum += (losses.detach().to(torch.float64) * vf).sum(1)
+                        correct += ((logits.detach().argmax(-1) == labels) & valid).sum(1)
+                        seen += valid.sum(1)
+        finally:
+            self.model.train(self.was_training)
+        results = []
+        for row in range(size):
+            n_seen = int(seen[row])
+            result = TrainResult(
+                loss=float(loss_sum[row]) / n_seen if n_seen else math.nan,
+                accuracy=int(correct[row]) / n_seen if n_seen else 0.0,
+                steps=steps,
+                sample_rate=(1.0 / group.steps_per_epoch)
+                if s.dp
+                else min(1.0, s.batch_size / int(group.n[row])),
+                num_examples=int(group.n[row]),
+            )
+            state = {k: v[row].numpy().copy() for k, v in params.items()}
+            state.update({k: v.numpy().copy() for k, v in self.buffers.items()})
+            results.append((result, state))
+        return results
+
+    # ------------------------------------------------------------ batches
+
+    def _poisson(self, group: _Group, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member keeps each of its samples with probability ``rate``, independently."""
+        picks = []
+        for row, gen in enumerate(group.generators):
+            n = int(group.n[row])
+            keep = torch.rand(n, generator=gen) < rate
+            picks.append(torch.nonzero(keep).flatten())
+        return _pad(picks)
+
+    def _shuffled(self, group: _Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of consecutive ``min(B, n)`` chunks of a random permutation per member."""
+        per_member = []
+        for row, gen in enumerate(group.generators):
+            n = int(group.n[row])
+            order = torch.randperm(n, generator=gen)
+            size = min(self.settings.batch_size, n)
+            per_member.append([order[i : i + size] for i in range(0, n, size)])
+        steps = max(len(chunks) for chunks in per_member)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return [
+            _pad([chunks[step] if step < len(chunks) else empty for chunks in per_member])
+            for step in range(steps)
+        ]
+
+    # ------------------------------------------------------------ gradients
+
+    def _private_grads(
+        self,
+        params: Params,
+        group: _Group,
+        idx: torch.Tensor,
+        valid: torch.Tensor,
+        expected: torch.Tensor,
+    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        s = self.settings
+        size = len(group.index)
+        if idx.shape[1]:
+            xb = _gather(group.x, idx)
+            yb = torch.gather(group.y, 1, idx)
+            per_sample, (losses, logits) = self.per_sample(params, xb, yb)
+            norms = torch.zeros(idx.shape, dtype=torch.float32)
+            for g in per_sample.values():
+                norms += g.reshape(*idx.shape, -1).pow(2).sum(-1)
+            factor = (s.max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0) * valid
+            summed = {k: torch.einsum("cb,cb...->c...", factor, g) for k, g in per_sample.items()}
+        else:  # every member drew an empty batch: noise only
+            summed = {k: torch.zeros_like(v) for k, v in params.items()}
+            losses = logits = torch.zeros(0)
+        noise = self._noise(group, params, s.noise_multiplier * s.max_grad_norm)
+        scale = expected.to(torch.float32)
+        grads = {
+            k: (total + noise[k]) / scale.view(size, *([1] * (total.dim() - 1)))
+            for k, total in summed.items()
+        }
+        return grads, losses, logits
+
+    def _noise(self, group: _Group, params: Params, std: float) -> Params:
+        """Gaussian noise per member from its own generator, laid out like ``params``."""
+        numel = sum(int(v[0].numel()) for v in params.values())
+        flat = torch.stack([torch.randn(numel, generator=gen) for gen in group.generators]).mul_(
+            std
+        )
+        out: Params = {}
+        offset = 0
+        for k, v in params.items():
+            count = int(v[0].numel())
+            out[k] = flat[:, offset : offset + count].reshape(v.shape)
+            offset += count
+        return out
+
+    def _plain_grads(
+        self, params: Params, group: _Group, idx: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        s = self.settings
+        xb = _gather(group.x, idx)
+        yb = torch.gather(group.y, 1, idx)
+        grads, (losses, logits) = self.per_client(params, xb, yb, valid.to(torch.float32))
+        if s.proximal_mu > 0:
+            for k, g in grads.items():
+                g.add_(params[k] - self.global_params[k], alpha=s.proximal_mu)
+        return grads, losses, logits
+
+    # ------------------------------------------------------------ update
+
+    def _step(
+        self, params: Params, grads: Params, momentum: Params | None
+    ) -> tuple[Params, Params | None]:
+        s = self.settings
+        if s.momentum > 0:
+            if momentum is None:
+                momentum = {k: g.clone() for k, g in grads.items()}
+            else:
+                momentum = {k: momentum[k].mul_(s.momentum).add_(g) for k, g in grads.items()}
+            direction = momentum
+        else:
+            direction = grads
+        new = {k: p - s.learning_rate * direction[k] for k, p in params.items()}
+        if s.dp and s.proximal_mu > 0:
+            shrink = s.learning_rate * s.proximal_mu
+            new = {k: p - shrink * (p - self.global_params[k]) for k, p in new.items()}
+        return new, momentum
+
+
+def _pad(picks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index lists of different lengths as one (members, longest) index and validity mask."""
+    width = max((len(p) for p in picks), default=0)
+    idx = torch.zeros((len(picks), width), dtype=torch.int64)
+    valid = torch.zeros((len(picks), width), dtype=torch.bool)
+    for row, p in enumerate(picks):
+        idx[row, : len(p)] = p
+        valid[row, : len(p)] = True
+    return idx, valid
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[c, idx[c, b]]`` for every member ``c`` and slot ``b``."""
+    rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(idx)
+    return x[rows, idx]

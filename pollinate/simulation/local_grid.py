@@ -1,0 +1,358 @@
+"""The fast simulation engine: a Flower ``Grid`` whose nodes live in this process.
+
+``run_federation`` (sampling, strategies, DP wrappers, validation, ledger, checkpoints) talks
+to this grid exactly as it talks to Flower's simulation engine or a real SuperLink. What
+changes is delivery: no SuperLink state, no polling, no Ray actors, no serialization per
+client. Messages are handled here:
+
+- ``train``: every message of a round goes through the ClientApp's own
+  :func:`~pollinate.client.app.begin_train` (task parsing, data, accountant restore, budget
+  check, declines) and :func:`~pollinate.client.app.finish_train` (accounting, reply); the
+  local training in between runs for the whole cohort at once
+  (:func:`~pollinate.simulation.cohort.train_cohort`).
+- anything else (``query``, ``evaluate``): the pollinate ClientApp itself, called in process.
+
+Each node keeps a Flower ``Context`` for the whole run, so its accountant lives in
+``Context.state`` as it does under Flower's engine. After every batch of train replies the
+accountants that changed are appended to ``clients/accountants.jsonl`` with one fsync,
+before the server sees the replies: a resumed run restores every client's full history
+(from that journal, or from the per-client files the Ray engine writes, whichever is longer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from pollinate._atomic import atomic_write_text
+from pollinate.client.app import ACCOUNTANT_KEY, TrainJob, begin_train, client_key, finish_train
+from pollinate.client.task import ClientTask
+from pollinate.log import logger
+from pollinate.models import build_model
+from pollinate.privacy import ClientAccountant
+from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
+
+__all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
+
+JOURNAL_NAME = "accountants.jsonl"
+_NODE_BASE = 1 << 32  # node ids: partition id + this (never the SuperLink's id)
+
+
+class LocalArray(Array):
+    """A Flower ``Array`` that keeps its ndarray: nothing is serialized inside the process.
+
+    Flower's ``Array`` stores ``np.save`` bytes and decodes them on every ``numpy()`` call;
+    a reply that never leaves the process would be encoded once and decoded twice (update
+    validation, aggregation). This one encodes only if something asks for ``data``.
+    """
+
+    def __init__(self, ndarray: np.ndarray) -> None:
+        arr = np.array(ndarray, copy=True, order="C")
+        arr.flags.writeable = False
+        self.__dict__.update(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY)
+        self.__dict__["_ndarray"] = arr
+
+    @property
+    def data(self) -> bytes:
+        """The ``np.save`` bytes, made on first use."""
+        cached = self.__dict__.get("_data")
+        if cached is None:
+            cached = Array.from_numpy_ndarray(self.__dict__["_ndarray"]).data
+            self.__dict__["_data"] = cached
+        return cached
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self.__dict__["_data"] = value
+        self.__dict__["_ndarray"] = Array("", (), SType.NUMPY, value).numpy()
+
+    def numpy(self) -> np.ndarray:
+        """A fresh, writable copy of the array (as Flower's decoding gives)."""
+        return np.array(self.__dict__["_ndarray"], copy=True)
+
+
+class LocalGrid(Grid):
+    """``num_nodes`` virtual SuperNodes (partitions ``0 .. num_nodes - 1``) in this process.
+
+    Args:
+        num_nodes: Population size.
+        client_app: The ClientApp for non-train messages (pollinate's by default).
+        threads: torch intra-op threads for cohort training (the server itself uses one).
+    """
+
+    #: every node is registered from the start: the server need not wait for nodes to settle
+    static_population = True
+
+    def __init__(
+        self, num_nodes: int, *, client_app: ClientApp | None = None, threads: int = 1
+    ) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+        if client_app is None:
+            from pollinate.client.app import app as default_app
+
+            client_app = default_app
+        self._app: ClientApp = client_app
+        self._num_nodes = num_nodes
+        self._threads = max(1, threads)
+        self._contexts: dict[int, Context] = {}
+        self._journal_dir: Path | None = None
+        self._journal: dict[str, dict[str, Any]] = {}
+        self._restored: set[int] = set()
+        self._next_id = 0
+        self._run = Run.create_empty(run_id=1)
+        _ensure_identity(self._run.run_id)
+
+    # ------------------------------------------------------------ Grid interface
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(_NODE_BASE, _NODE_BASE + self._num_nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError(
+            "LocalGrid delivers synchronously: use send_and_receive (pollinate's server does)"
+        )
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError(
+            "LocalGrid delivers synchronously: use send_and_receive (pollinate's server does)"
+        )
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies: list[Message] = []
+        train: list[tuple[Message, Context]] = []
+        for msg in messages:
+            self._next_id += 1
+            msg.metadata.__dict__["_message_id"] = f"local-{self._next_id}"
+            context = self._context(msg.metadata.dst_node_id)
+            if msg.metadata.message_type.split(".")[0] == "train":
+                train.append((msg, context))
+            else:
+                replies.append(self._call_app(msg, context))
+        if train:
+            replies.extend(self._train(train))
+        return replies
+
+    # ------------------------------------------------------------ nodes
+
+    def _context(self, node_id: int) -> Context:
+        partition = node_id - _NODE_BASE
+        if not 0 <= partition < self._num_nodes:
+            raise ValueError(f"no node {node_id} in this simulation")
+        context = self._contexts.get(partition)
+        if context is None:
+            context = Context(
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config={"partition-id": partition, "num-partitions": self._num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            self._contexts[partition] = context
+        return context
+
+    def _call_app(self, msg: Message, context: Context) -> Message:
+        try:
+            return self._app(msg, context)
+        except Exception as err:  # a failing client is a failed reply, as under Flower
+            return _error_reply(msg, err)
+
+    # ------------------------------------------------------------ training
+
+    def _train(self, batch: list[tuple[Message, Context]]) -> list[Message]:
+        replies: list[Message] = []
+        jobs: list[tuple[TrainJob, Context]] = []
+        for msg, context in batch:
+            try:
+                task = ClientTask.from_config(msg.content.config_records["config"])
+                self._restore(context, task)
+                job = begin_train(msg, context, mirror=False)
+            except Exception as err:
+                replies.append(_error_reply(msg, err))
+                continue
+            if isinstance(job, Message):  # declined: past its budget
+                replies.append(job)
+            else:
+                jobs.append((job, context))
+        for cohort in _cohorts(jobs):
+            replies.extend(self._train_cohort(cohort))
+        self._write_journal([(job, ctx) for job, ctx in jobs if job.task.dp])
+        return replies
+
+    def _train_cohort(self, cohort: list[tuple[TrainJob, Context]]) -> list[Message]:
+        first = cohort[0][0]
+        task = first.task
+        try:
+            model = build_model(
+                task.model, input_shape=task.input_shape, num_classes=task.num_classes
+            )
+            arrays = first.msg.content.array_records["arrays"]
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+            members = [CohortMember(job.data.x, job.data.y, job.seed) for job, _ in cohort]
+            settings = CohortSettings(
+                epochs=task.local_epochs,
+                batch_size=task.batch_size,
+                learning_rate=task.learning_rate,
+                momentum=task.momentum,
+                dp=task.dp,
+                noise_multiplier=first.planned.noise_multiplier,
+                max_grad_norm=task.max_grad_norm,
+                proximal_mu=task.proximal_mu,
+            )
+            with _Threads(self._threads):
+                results = train_cohort(model, members, settings)
+        except Exception as err:
+            logger.error("cohort training of %d clients failed: %s", len(cohort), err)
+            return [_error_reply(job.msg, err) for job, _ in cohort]
+        replies = []
+        for (job, context), (result, state) in zip(cohort, results, strict=True):
+            try:
+                replies.append(finish_train(job, context, result, state, array=LocalArray))
+            except Exception as err:
+                replies.append(_error_reply(job.msg, err))
+        return replies
+
+    # ------------------------------------------------------------ accountant journal
+
+    def _restore(self, context: Context, task: ClientTask) -> None:
+        """Before a node's first train: its accountant from the journal or its own file."""
+        partition = int(context.node_config["partition-id"])
+        if partition in self._restored:
+            return
+        self._restored.add(partition)
+        if not task.client_state_dir:
+            return
+        self._open_journal(Path(task.client_state_dir))
+        key = client_key(context)
+        best = ClientAccountant()
+        if key in self._journal:
+            best = ClientAccountant.from_record(self._journal[key])
+        own_file = Path(task.client_state_dir) / f"{key}.accountant.json"
+        if own_file.exists():
+            from_file = ClientAccountant.load(own_file)
+            if from_file.total_steps > best.total_steps:
+                best = from_file
+        if best.total_steps > 0:
+            context.state.config_records[ACCOUNTANT_KEY] = ConfigRecord(best.to_record())  # type: ignore[arg-type]
+
+    def _open_journal(self, folder: Path) -> None:
+        if self._journal_dir == folder:
+            return
+        self._journal_dir = folder
+        self._journal = read_journal(folder / JOURNAL_NAME)
+        if self._journal:
+            # compact: one line per client, written atomically
+            lines = [json.dumps({"client": k, "record": r}) for k, r in self._journal.items()]
+            atomic_write_text(folder / JOURNAL_NAME, "\n".join(lines) + "\n")
+            logger.info("restored %d client accountants from %s", len(lines), folder)
+
+    def _write_journal(self, jobs: list[tuple[TrainJob, Context]]) -> None:
+        if not jobs or self._journal_dir is None:
+            return
+        lines = []
+        for job, context in jobs:
+            record = context.state.config_records.get(ACCOUNTANT_KEY)
+            if record is None:
+                continue
+            entry = {k: v for k, v in record.items() if isinstance(v, list)}
+            self._journal[job.key] = entry
+            lines.append(json.dumps({"client": job.key, "record": entry}))
+        if not lines:
+            return
+        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._journal_dir / JOURNAL_NAME, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of every client in an accountant journal (a torn last line is skipped)."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            records[str(entry["client"])] = dict(entry["record"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:%d: unreadable accountant record skipped", path, number)
+    return records
+
+
+def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJob, Context]]]:
+    """Jobs that share the global model and the training config, in arrival order."""
+    groups: dict[tuple[int, tuple[Any, ...]], list[tuple[TrainJob, Context]]] = {}
+    for job, context in jobs:
+        t = job.task
+        config = (
+            t.model, t.input_shape, t.num_classes, t.local_epochs, t.batch_size, t.learning_rate,
+            t.momentum, t.dp, job.planned.noise_multiplier, t.max_grad_norm, t.proximal_mu,
+        )  # fmt: skip
+        arrays = id(job.msg.content.array_records["arrays"])
+        groups.setdefault((arrays, config), []).append((job, context))
+    yield from groups.values()
+
+
+def _error_reply(msg: Message, err: BaseException) -> Message:
+    reason = f"{type(err).__name__}: {err}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+class _Threads:
+    """Use ``n`` torch threads inside the block."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._before = 1
+
+    def __enter__(self) -> None:
+        self._before = torch.get_num_threads()
+        torch.set_num_threads(self._n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self._before)
+
+
+def _ensure_identity(run_id: int) -> None:
+    """Messages need the process' task identity; set it as the SuperLink's if unset."""
+    try:
+        TaskIdentity.node_id  # noqa: B018 - raises when unset
+    except RuntimeError:
+        TaskIdentity.run_id = run_id
+        TaskIdentity.task_id = int(time.time())
+        TaskIdentity.node_id = SUPERLINK_NODE_ID

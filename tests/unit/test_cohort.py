@@ -1,0 +1,204 @@
+"""The vectorised cohort trainer against Opacus and against a slow per-sample reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pollinate.client.training import train
+from pollinate.data import load_partition
+from pollinate.models import build_model
+from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
+
+
+def _model(name: str = "cnn") -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name)
+
+
+def _members(count: int, population: int, *, seed0: int = 0) -> list[CohortMember]:
+    out = []
+    for i in range(count):
+        part = load_partition("mnist", i, population, "iid", seed=42)
+        out.append(CohortMember(part.x, part.y, seed=seed0 + i))
+    return out
+
+
+def _max_diff(a: dict[str, np.ndarray], model: nn.Module) -> float:
+    return max(
+        float(np.abs(a[k] - v.detach().numpy()).max()) for k, v in model.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("epochs", "momentum", "mu"), [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.1), (2, 0.5, 0.05)]
+)
+def test_dp_sgd_equals_opacus_when_deterministic(epochs: int, momentum: float, mu: float) -> None:
+    """With every sample in every batch (n <= B, so q = 1) and no noise, DP-SGD has no
+    randomness left: the cohort must reproduce Opacus' clipping, scaling and update."""
+    model = _model()
+    members = _members(4, 200)  # 20 samples each, batch 32 -> q = 1
+    settings = CohortSettings(
+        epochs=epochs, batch_size=32, learning_rate=0.5, momentum=momentum, dp=True,
+        noise_multiplier=0.0, max_grad_norm=1.0, proximal_mu=mu,
+    )  # fmt: skip
+    results = train_cohort(model, members, settings)
+    for member, (result, state) in zip(members, results, strict=True):
+        reference = copy.deepcopy(model)
+        expected = train(
+            reference, member.x, member.y, epochs=epochs, batch_size=32, learning_rate=0.5,
+            momentum=momentum, dp=True, noise_multiplier=0.0, max_grad_norm=1.0,
+            proximal_mu=mu, seed=1,
+        )  # fmt: skip
+        assert _max_diff(state, reference) < 1e-5
+        assert result.steps == expected.steps == epochs
+        assert result.sample_rate == expected.sample_rate == 1.0
+        assert result.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert result.accuracy == expected.accuracy
+
+
+def test_plain_sgd_equals_torch_for_one_batch_per_epoch() -> None:
+    model = _model()
+    members = _members(3, 200)
+    settings = CohortSettings(
+        epochs=2, batch_size=32, learning_rate=0.1, momentum=0.9, dp=False, proximal_mu=0.01
+    )
+    for member, (_, state) in zip(members, train_cohort(model, members, settings), strict=True):
+        reference = copy.deepcopy(model)
+        train(reference, member.x, member.y, epochs=2, batch_size=32, learning_rate=0.1,
+              momentum=0.9, dp=False, proximal_mu=0.01, seed=0)  # fmt: skip
+        assert _max_diff(state, reference) < 1e-5
+
+
+def _slow_reference(
+    model: nn.Module, member: CohortMember, s: CohortSettings
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """One client, one sample at a time, the obvious way; the same random draws in the same
+    order as the cohort (Poisson mask, then noise, per step; a permutation per epoch)."""
+    net = copy.deepcopy(model)
+    start = [p.detach().clone() for p in net.parameters()]
+    gen = torch.Generator().manual_seed(member.seed)
+    x = torch.from_numpy(np.asarray(member.x, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(member.y, dtype=np.int64))
+    n = len(y)
+    batches = max(1, math.ceil(n / s.batch_size))
+    rate = 1.0 / batches
+    buffers: list[torch.Tensor] | None = None
+    steps = 0
+    loss_sum, seen = 0.0, 0
+    for _ in range(s.epochs):
+        if s.dp:  # the mask of each step is drawn when the step starts, after the last noise
+            plan: list[torch.Tensor | None] = [None] * batches
+        else:
+            order = torch.randperm(n, generator=gen)
+            size = min(s.batch_size, n)
+            plan = [order[i : i + size] for i in range(0, n, size)]
+        for idx in plan:
+            if idx is None:
+                idx = torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+            if s.dp:
+                total = [torch.zeros_like(p) for p in net.parameters()]
+                for j in idx.tolist():
+                    net.zero_grad()
+                    loss = nn.functional.cross_entropy(net(x[j : j + 1]), y[j : j + 1])
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    seen += 1
+                    grads = [p.grad.detach().clone() for p in net.parameters()]  # type: ignore[union-attr]
+                    norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+                    factor = min(1.0, s.max_grad_norm / (norm + 1e-6))
+                    total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+                numel = sum(p.numel() for p in net.parameters())
+                noise = torch.randn(numel, generator=gen) * (s.noise_multiplier * s.max_grad_norm)
+                expected = max(1.0, math.floor(n * rate))
+                grads, offset = [], 0
+                for p, t in zip(net.parameters(), total, strict=True):
+                    chunk = noise[offset : offset + p.numel()].reshape(p.shape)
+                    offset += p.numel()
+                    grads.append((t + chunk) / expected)
+            else:
+                net.zero_grad()
+                loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+                prox = sum(
+                    ((p - g) ** 2).sum() for p, g in zip(net.parameters(), start, strict=True)
+                )
+                (loss + 0.5 * s.proximal_mu * prox).backward()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                grads = [p.grad.detach().clone() for p in net.parameters()]  # type: ignore[union-attr]
+            with torch.no_grad():
+                if s.momentum > 0:
+                    if buffers is None:
+                        buffers = [g.clone() for g in grads]
+                    else:
+                        buffers = [b * s.momentum + g for b, g in zip(buffers, grads, strict=True)]
+                    direction = buffers
+                else:
+                    direction = grads
+                for p, d in zip(net.parameters(), direction, strict=True):
+                    p -= s.learning_rate * d
+                if s.dp and s.proximal_mu > 0:
+                    for p, g in zip(net.parameters(), start, strict=True):
+                        p -= s.learning_rate * s.proximal_mu * (p - g)
+            steps += 1
+    state = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    return state, steps, loss_sum / seen if seen else math.nan
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        CohortSettings(epochs=2, batch_size=8, learning_rate=0.3, momentum=0.5, dp=True,
+                       noise_multiplier=1.0, max_grad_norm=0.7, proximal_mu=0.02),
+        CohortSettings(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.9, dp=False,
+                       proximal_mu=0.05),
+    ],
+    ids=["dp-sgd", "sgd"],
+)  # fmt: skip
+def test_cohort_equals_a_slow_per_client_reference(settings: CohortSettings) -> None:
+    """Several batches per epoch, Poisson sampling with empty and uneven batches, noise,
+    momentum, FedProx, members of different sizes (two step-count groups) and one without
+    data: every member must match the obvious one-client-at-a-time computation."""
+    model = _model("mlp")
+    base = _members(3, 200)  # 20 samples each -> 3 batches of 8
+    small = load_partition("mnist", 5, 800, "iid", seed=42)  # 5 samples -> 1 batch
+    members = [*base, CohortMember(small.x, small.y, seed=99)]
+    members.append(CohortMember(base[0].x[:0], base[0].y[:0], seed=5))
+    results = train_cohort(model, members, settings)
+    assert len(results) == len(members)
+    for member, (result, state) in zip(members[:-1], results[:-1], strict=True):
+        expected, steps, loss = _slow_reference(model, member, settings)
+        assert result.steps == steps
+        assert result.num_examples == len(member.y)
+        for key, value in expected.items():
+            np.testing.assert_allclose(state[key], value, rtol=1e-4, atol=2e-6)
+        if math.isfinite(loss):
+            assert result.loss == pytest.approx(loss, rel=1e-4)
+    empty_result, empty_state = results[-1]
+    assert empty_result.steps == 0 and empty_result.num_examples == 0
+    assert _max_diff(empty_state, model) == 0.0
+
+
+def test_a_members_training_does_not_depend_on_its_cohort() -> None:
+    model = _model()
+    members = _members(5, 1000)
+    settings = CohortSettings(epochs=1, batch_size=32, learning_rate=0.5)
+    together = train_cohort(model, members, settings)
+    alone = train_cohort(model, members[2:3], settings)
+    for key, value in alone[0][1].items():
+        np.testing.assert_allclose(together[2][1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_global_model_is_left_unchanged() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_cohort(
+        model, _members(3, 1000), CohortSettings(epochs=1, batch_size=32, learning_rate=0.5)
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])

@@ -1,0 +1,120 @@
+"""The in-process grid: real Flower messages in, the ClientApp's own replies out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from pollinate.config import RunSettings
+from pollinate.data import load_dataset
+from pollinate.models import build_model
+from pollinate.privacy import ClientAccountant, MechanismStep
+from pollinate.server.federation import client_config
+from pollinate.server.nodes import NodeDirectory, SampledGrid
+from pollinate.simulation.local_grid import JOURNAL_NAME, LocalArray, LocalGrid, read_journal
+
+POPULATION = 50
+
+
+def _train_messages(
+    grid: LocalGrid, tmp_path: Path, node_ids: list[int], rnd: int = 1, **overrides: object
+) -> list[Message]:
+    settings = RunSettings.from_run_config({"run-dir": str(tmp_path), **overrides})
+    data = load_dataset("mnist", test_fraction=0.2, seed=settings.seed)
+    cfg = client_config(settings, data, population=POPULATION, noise=1.0, run_dir=tmp_path)
+    model = build_model("cnn")
+    arrays = ArrayRecord(model.state_dict())
+    strategy = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
+    return list(strategy.configure_train(rnd, arrays, cfg, SampledGrid(grid, node_ids)))
+
+
+def test_nodes_identify_themselves_by_partition() -> None:
+    grid = LocalGrid(POPULATION)
+    directory = NodeDirectory(grid, timeout=5)
+    assert directory.settle() == POPULATION  # no waiting: every node is there from the start
+    directory.refresh()
+    assert len(directory) == POPULATION
+    keys = sorted(directory.key_of(n) for n in grid.get_node_ids())
+    assert keys == [f"p{i:06d}" for i in range(POPULATION)]
+
+
+def test_a_train_round_replies_like_the_client_app_and_journals_accountants(
+    tmp_path: Path,
+) -> None:
+    grid = LocalGrid(POPULATION)
+    nodes = list(grid.get_node_ids())[:5]
+    replies = list(grid.send_and_receive(_train_messages(grid, tmp_path, nodes)))
+    assert len(replies) == 5 and not any(r.has_error() for r in replies)
+    assert {r.metadata.src_node_id for r in replies} == set(nodes)
+    # 80 samples per client, batch 32 -> 3 Poisson batches, q = 1/3, one epoch
+    one_round = ClientAccountant([MechanismStep(1.0, 1 / 3, 3)]).epsilon(1e-5)
+    for reply in replies:
+        metrics = reply.content.metric_records["metrics"]
+        assert metrics["steps"] == 3 and metrics["num-examples"] == 80
+        assert metrics["epsilon"] == pytest.approx(one_round, rel=1e-12)
+        arrays = reply.content.array_records["arrays"]
+        assert set(arrays.keys()) == set(build_model("cnn").state_dict())
+        assert all(np.all(np.isfinite(a.numpy())) for a in arrays.values())
+    journal = read_journal(tmp_path / "clients" / JOURNAL_NAME)
+    assert sorted(journal) == [f"p{i:06d}" for i in range(5)]
+
+    # A new process (a resumed run) continues every client's history from the journal.
+    again = LocalGrid(POPULATION)
+    replies = list(again.send_and_receive(_train_messages(again, tmp_path, nodes, rnd=2)))
+    two_rounds = ClientAccountant([MechanismStep(1.0, 1 / 3, 6)]).epsilon(1e-5)
+    for reply in replies:
+        metrics = reply.content.metric_records["metrics"]
+        assert metrics["total-steps"] == 6
+        assert metrics["epsilon"] == pytest.approx(two_rounds, rel=1e-12)
+    lines = (tmp_path / "clients" / JOURNAL_NAME).read_text().splitlines()
+    assert len(lines) == 10  # compacted to 5 on restore, then 5 appended
+
+
+def test_clients_past_their_budget_decline(tmp_path: Path) -> None:
+    grid = LocalGrid(POPULATION)
+    nodes = list(grid.get_node_ids())[:3]
+    replies = list(
+        grid.send_and_receive(_train_messages(grid, tmp_path, nodes, **{"epsilon-budget": 0.5}))
+    )
+    assert len(replies) == 3
+    for reply in replies:
+        assert reply.content.metric_records["metrics"]["declined"] == 1
+        assert "budget" in str(reply.content.config_records["info"]["declined"])
+    assert not (tmp_path / "clients" / JOURNAL_NAME).exists()
+
+
+def test_a_failing_client_gets_an_error_reply_and_the_others_train(tmp_path: Path) -> None:
+    grid = LocalGrid(POPULATION)
+    nodes = list(grid.get_node_ids())[:3]
+    messages = _train_messages(grid, tmp_path, nodes)
+    index = next(i for i, m in enumerate(messages) if m.metadata.dst_node_id == nodes[1])
+    content = messages[index].content  # shared by all messages: give node 1 its own copy
+    broken = ConfigRecord(dict(content.config_records["config"]))
+    broken["batch-size"] = "thirty-two"
+    own = RecordDict({"arrays": content.array_records["arrays"], "config": broken})
+    messages[index] = Message(own, dst_node_id=nodes[1], message_type="train")
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+    assert replies[nodes[1]].has_error()
+    assert "batch-size" in replies[nodes[1]].error.reason
+    assert not replies[nodes[0]].has_error() and not replies[nodes[2]].has_error()
+
+
+def test_local_array_behaves_like_a_flower_array() -> None:
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    local, flower = LocalArray(value), Array(value)
+    assert (local.dtype, local.shape, local.stype) == (flower.dtype, flower.shape, flower.stype)
+    assert local.data == flower.data
+    copy = local.numpy()
+    copy[0, 0] = 99.0  # a decoded array is the caller's own
+    np.testing.assert_array_equal(local.numpy(), value)
+    assert json.dumps(list(local.shape)) == "[3, 4]"
+
+
+def test_bad_population_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        LocalGrid(0)
