@@ -81,7 +81,7 @@ def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) 
         if time.monotonic() - start > timeout:
             child.kill()
             break
-        time.sleep(0.25)
+        time.sleep(0.1)
     child.wait()
     reader.join(timeout=5)
     return Run(

@@ -38,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import run_command, write_result
+from benchmarks._measure import run_pollinate, write_result
 from benchmarks._reference import reference_flower
 
 WORKLOAD = {
@@ -51,19 +51,15 @@ WORKLOAD = {
 def pollinate_run(args: list[str], workdir: Path, name: str) -> dict[str, Any]:
     """``pollinate simulate ARGS`` in a fresh process; timings from its run directory."""
     run_dir = workdir / name
-    run = run_command(
-        [sys.executable, "-m", "pollinate", "simulate", *args, "--run-dir", str(run_dir)],
-        env_extra={"FLWR_HOME": str(workdir / ".flwr"), "OMP_NUM_THREADS": "1"},
-    )
+    run = run_pollinate(["simulate", *args, "--run-dir", str(run_dir)], run_dir)
     if run.returncode != 0:
         raise SystemExit(f"pollinate simulate {' '.join(args)} failed:\n{run.stderr_tail}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    first = run_dir / "checkpoints" / "round-0001" / "model.safetensors"
     warm = [m["seconds"] for m in metrics if m["server_round"] >= 2]
     privacy = json.loads((run_dir / "privacy.json").read_text())["summary"]["sample_level"]
     return {
         "warm_s_per_round": round(statistics.median(warm), 3),
-        "time_to_first_round_s": round(first.stat().st_mtime - run.started_at, 2),
+        "time_to_first_round_s": round(run.first_round_s or float("nan"), 2),
         "peak_rss_mb": round(run.peak_rss_mb, 1),
         "wall_s": round(run.wall_s, 2),
         "final_accuracy": metrics[-1]["accuracy"],

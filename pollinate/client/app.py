@@ -150,14 +150,18 @@ class TrainJob:
         return seed_for(self.task.seed, self.task.server_round, _key_int(self.key))
 
 
-def begin_train(msg: Message, context: Context, *, mirror: bool = True) -> TrainJob | Message:
+def begin_train(
+    msg: Message, context: Context, *, mirror: bool = True, task: ClientTask | None = None
+) -> TrainJob | Message:
     """Parse a train message and restore this client's accountant.
 
     Returns the job to run, or the reply that declines the round when the planned steps would
     take the client past its budget. ``mirror=False`` keeps the accountant in ``Context.state``
-    only (the in-process simulation journals it itself).
+    only (the in-process simulation journals it itself); ``task``: the message's config,
+    already parsed (the in-process simulation parses a round's shared config once).
     """
-    task = ClientTask.from_config(msg.content.config_records["config"])
+    if task is None:
+        task = ClientTask.from_config(msg.content.config_records["config"])
     key = client_key(context)
     data = _local_data(context, task)
     delta = task.target_delta

@@ -199,7 +199,7 @@ def _empty_grad_samples(model: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 128
 ) -> EvalResult:
     """Mean cross-entropy loss and accuracy of ``model`` on (x, y)."""
     n = len(y)

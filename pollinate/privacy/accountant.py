@@ -194,17 +194,7 @@ class ClientAccountant:
         """
         if not history:
             return 0.0
-        rdp = sum(
-            [
-                _unit_rdp(entry.noise_multiplier, entry.sample_rate) * entry.steps
-                for entry in history
-            ]
-        )
-        epsilon, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
-        epsilon = float(epsilon)
-        if math.isnan(epsilon):
-            return math.inf
-        return epsilon
+        return _composed_epsilon(tuple(history), delta)
 
     def epsilon(self, delta: float) -> float:
         """The cumulative sample-level epsilon of the whole history at ``delta`` (RDP).
@@ -412,6 +402,21 @@ class ClientAccountant:
 
 
 # ---------------------------------------------------------------- calibration
+
+
+@functools.lru_cache(maxsize=4096)
+def _composed_epsilon(history: tuple[MechanismStep, ...], delta: float) -> float:
+    """Epsilon of ``history`` at ``delta`` (cached: clients with the same history share it)."""
+    if not history:
+        return 0.0
+    rdp = sum(
+        [_unit_rdp(entry.noise_multiplier, entry.sample_rate) * entry.steps for entry in history]
+    )
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
+    epsilon = float(epsilon)
+    if math.isnan(epsilon):
+        return math.inf
+    return epsilon
 
 
 def noise_multiplier_for_budget(

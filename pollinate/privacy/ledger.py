@@ -16,7 +16,7 @@ import json
 import math
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
 
@@ -358,9 +358,10 @@ class PrivacyLedger:
             "delta": self._delta,
             "sample_level": self._sample_level,
             "client_level": self._client_level,
-            "clients": [asdict(entry) for entry in self._clients],
-            "declines": [asdict(entry) for entry in self._declines],
-            "client_level_releases": [asdict(entry) for entry in self._releases],
+            # flat dataclasses of plain values: a dict copy each (asdict() recurses, slowly)
+            "clients": [dict(vars(entry)) for entry in self._clients],
+            "declines": [dict(vars(entry)) for entry in self._declines],
+            "client_level_releases": [dict(vars(entry)) for entry in self._releases],
             "summary": self.summary(),
         }
 

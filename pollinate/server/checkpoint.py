@@ -49,9 +49,11 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """JSON form of :func:`atomic_write_text` (indented, keys sorted)."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+def atomic_write_json(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    """JSON form of :func:`atomic_write_text` (keys sorted; ``indent=None``: compact, and
+    several times faster, since only the compact form has a C encoder)."""
+    text = json.dumps(data, indent=indent, sort_keys=True, allow_nan=True)
+    atomic_write_text(path, text + "\n")
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path:
@@ -70,7 +72,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path:
             str(tmp / "strategy.safetensors"),
         )
         state = dict(ckpt.state, server_round=ckpt.server_round)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))  # compact: C encoder
         for f in tmp.iterdir():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())

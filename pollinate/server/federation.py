@@ -482,8 +482,11 @@ def _persist(
         keep=settings.keep_checkpoints,
     )
     atomic_write_json(run_dir / "metrics.json", [r.to_dict() for r in history])
+    # compact while the run goes on (the ledger grows every round); indented at the end
     atomic_write_json(
-        run_dir / "privacy.json", {"summary": ledger.summary(), "ledger": ledger.to_dict()}
+        run_dir / "privacy.json",
+        {"summary": ledger.summary(), "ledger": ledger.to_dict()},
+        indent=None,
     )
 
 

@@ -157,9 +157,17 @@ class _Trainer:
         self.per_sample: Callable[..., Any] = vmap(
             vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0)), in_dims=(0, 0, 0)
         )
+        # the same while every client still holds the global model (each one's first step):
+        # one batch of all clients' samples against one set of parameters
+        self.per_sample_shared: Callable[..., Any] = vmap(
+            grad(sample_loss, has_aux=True), in_dims=(None, 0, 0)
+        )
         # per client: the gradient of its (masked) mean loss
         self.per_client: Callable[..., Any] = vmap(
             grad(batch_loss, has_aux=True), in_dims=(0, 0, 0, 0)
+        )
+        self.per_client_shared: Callable[..., Any] = vmap(
+            grad(batch_loss, has_aux=True), in_dims=(None, 0, 0, 0)
         )
 
     def run(self, group: _Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
@@ -169,6 +177,7 @@ class _Trainer:
             k: v.unsqueeze(0).repeat(size, *([1] * v.dim())) for k, v in self.global_params.items()
         }
         momentum: Params | None = None
+        shared = True  # every member still holds the global parameters
         loss_sum = torch.zeros(size, dtype=torch.float64)
         correct = torch.zeros(size, dtype=torch.int64)
         seen = torch.zeros(size, dtype=torch.int64)
@@ -187,11 +196,14 @@ class _Trainer:
                 for idx, valid in batches:
                     if s.dp:
                         grads, losses, logits = self._private_grads(
-                            params, group, idx, valid, expected
+                            params, group, idx, valid, expected, shared=shared
                         )
                     else:
-                        grads, losses, logits = self._plain_grads(params, group, idx, valid)
+                        grads, losses, logits = self._plain_grads(
+                            params, group, idx, valid, shared=shared
+                        )
                     params, momentum = self._step(params, grads, momentum)
+                    shared = False
                     if idx.shape[1]:
                         labels = torch.gather(group.y, 1, idx)
                         vf = valid.to(torch.float64)
@@ -252,16 +264,26 @@ class _Trainer:
         idx: torch.Tensor,
         valid: torch.Tensor,
         expected: torch.Tensor,
+        *,
+        shared: bool,
     ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        """Clipped, noised, scaled gradient per member (``shared``: all hold the global model)."""
         s = self.settings
         size = len(group.index)
         if idx.shape[1]:
             xb = _gather(group.x, idx)
             yb = torch.gather(group.y, 1, idx)
-            per_sample, (losses, logits) = self.per_sample(params, xb, yb)
+            if shared:
+                flat, (losses, logits) = self.per_sample_shared(
+                    self.global_params, xb.flatten(0, 1), yb.flatten()
+                )
+                per_sample = {k: g.unflatten(0, idx.shape) for k, g in flat.items()}
+                losses, logits = losses.unflatten(0, idx.shape), logits.unflatten(0, idx.shape)
+            else:
+                per_sample, (losses, logits) = self.per_sample(params, xb, yb)
             norms = torch.zeros(idx.shape, dtype=torch.float32)
             for g in per_sample.values():
-                norms += g.reshape(*idx.shape, -1).pow(2).sum(-1)
+                norms += torch.linalg.vector_norm(g.reshape(*idx.shape, -1), dim=-1).square()
             factor = (s.max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0) * valid
             summed = {k: torch.einsum("cb,cb...->c...", factor, g) for k, g in per_sample.items()}
         else:  # every member drew an empty batch: noise only
@@ -270,7 +292,7 @@ class _Trainer:
         noise = self._noise(group, params, s.noise_multiplier * s.max_grad_norm)
         scale = expected.to(torch.float32)
         grads = {
-            k: (total + noise[k]) / scale.view(size, *([1] * (total.dim() - 1)))
+            k: total.add_(noise[k]).div_(scale.view(size, *([1] * (total.dim() - 1))))
             for k, total in summed.items()
         }
         return grads, losses, logits
@@ -290,12 +312,22 @@ class _Trainer:
         return out
 
     def _plain_grads(
-        self, params: Params, group: _Group, idx: torch.Tensor, valid: torch.Tensor
+        self,
+        params: Params,
+        group: _Group,
+        idx: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        shared: bool,
     ) -> tuple[Params, torch.Tensor, torch.Tensor]:
         s = self.settings
         xb = _gather(group.x, idx)
         yb = torch.gather(group.y, 1, idx)
-        grads, (losses, logits) = self.per_client(params, xb, yb, valid.to(torch.float32))
+        weights = valid.to(torch.float32)
+        if shared:
+            grads, (losses, logits) = self.per_client_shared(self.global_params, xb, yb, weights)
+        else:
+            grads, (losses, logits) = self.per_client(params, xb, yb, weights)
         if s.proximal_mu > 0:
             for k, g in grads.items():
                 g.add_(params[k] - self.global_params[k], alpha=s.proximal_mu)
@@ -315,11 +347,11 @@ class _Trainer:
             direction = momentum
         else:
             direction = grads
-        new = {k: p - s.learning_rate * direction[k] for k, p in params.items()}
-        if s.dp and s.proximal_mu > 0:
-            shrink = s.learning_rate * s.proximal_mu
-            new = {k: p - shrink * (p - self.global_params[k]) for k, p in new.items()}
-        return new, momentum
+        for k, p in params.items():  # every tensor here is this cohort's own: update in place
+            p.sub_(direction[k], alpha=s.learning_rate)
+            if s.dp and s.proximal_mu > 0:
+                p.sub_(p - self.global_params[k], alpha=s.learning_rate * s.proximal_mu)
+        return params, momentum
 
 
 def _pad(picks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

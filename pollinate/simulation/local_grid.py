@@ -194,11 +194,15 @@ class LocalGrid(Grid):
     def _train(self, batch: list[tuple[Message, Context]]) -> list[Message]:
         replies: list[Message] = []
         jobs: list[tuple[TrainJob, Context]] = []
+        parsed: dict[int, ClientTask] = {}  # a strategy sends one config object to all
         for msg, context in batch:
             try:
-                task = ClientTask.from_config(msg.content.config_records["config"])
+                config = msg.content.config_records["config"]
+                task = parsed.get(id(config))
+                if task is None:
+                    task = parsed[id(config)] = ClientTask.from_config(config)
                 self._restore(context, task)
-                job = begin_train(msg, context, mirror=False)
+                job = begin_train(msg, context, mirror=False, task=task)
             except Exception as err:
                 replies.append(_error_reply(msg, err))
                 continue
