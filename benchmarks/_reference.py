@@ -28,6 +28,7 @@ def reference_flower(
     workdir: Path,
     *,
     model: str = "opacus-mnist",
+    client_cpus: float = 2.0,
     timeout: float = 3600,
 ) -> dict[str, Any]:
     """Run the reference app once and measure it.
@@ -42,7 +43,8 @@ def reference_flower(
     timings.unlink(missing_ok=True)
     run = run_command(
         [sys.executable, str(RUNNER), "--num-supernodes", str(num_supernodes),
-         "--rounds", str(rounds), "--timings", str(timings), "--model", model],
+         "--rounds", str(rounds), "--timings", str(timings), "--model", model,
+         "--client-cpus", str(client_cpus)],
         env_extra={
             "OMP_NUM_THREADS": "1",
             "FLWR_HOME": str(workdir / ".flwr"),
@@ -66,6 +68,7 @@ def reference_flower(
     return {
         "num_supernodes": num_supernodes,
         "model": model,
+        "client_cpus": client_cpus,
         "warm_s_per_round": round(statistics.median(deltas), 3) if deltas else math.nan,
         "time_to_first_round_s": round(by_round[1] - run.started_at, 2),
         "wall_s": round(run.wall_s, 2),

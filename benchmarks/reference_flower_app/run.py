@@ -56,6 +56,13 @@ def main() -> None:
         "--model", default="opacus-mnist", help="opacus-mnist (default) or pollinate's cnn"
     )
     parser.add_argument(
+        "--client-cpus",
+        type=float,
+        default=2.0,
+        help="CPUs per ClientApp: 2 is Flower's default (what the example gets); 1 runs one "
+        "ClientApp per core",
+    )
+    parser.add_argument(
         "--timings", type=Path, default=None, help="append one JSON line per evaluation here"
     )
     args = parser.parse_args()
@@ -68,7 +75,7 @@ def main() -> None:
         client_app=client_app,
         num_supernodes=args.num_supernodes,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )

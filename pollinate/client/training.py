@@ -201,7 +201,11 @@ def _empty_grad_samples(model: nn.Module) -> None:
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 128
 ) -> EvalResult:
-    """Mean cross-entropy loss and accuracy of ``model`` on (x, y)."""
+    """Mean cross-entropy loss and accuracy of ``model`` on (x, y).
+
+    Image batches go in channels-last; a model converted with
+    ``model.to(memory_format=torch.channels_last)`` then runs without layout conversions.
+    """
     n = len(y)
     if n == 0:
         return EvalResult(math.nan, 0.0, 0)
@@ -210,6 +214,8 @@ def evaluate(
     loss_sum = 0.0
     correct = 0
     for xb, yb in _loader(x, y, batch_size, shuffle=False):
+        if xb.dim() == 4:  # images: as fast or faster channels-last, much for some convs
+            xb = xb.contiguous(memory_format=torch.channels_last)
         out = model(xb)
         loss_sum += float(criterion(out, yb))
         correct += int((out.argmax(1) == yb).sum())

@@ -86,7 +86,8 @@ def train_cohort(
     """Train a copy of ``model`` for every member; return (result, new state) per member.
 
     ``model`` holds the global parameters and is not changed. Members without data get an
-    empty :class:`TrainResult` and the global state back.
+    empty :class:`TrainResult` and the global state back. The returned arrays may be views
+    into buffers of this call (nothing else uses them): copy what must outlive the caller.
     """
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -224,8 +225,8 @@ class _Trainer:
                 else min(1.0, s.batch_size / int(group.n[row])),
                 num_examples=int(group.n[row]),
             )
-            state = {k: v[row].numpy().copy() for k, v in params.items()}
-            state.update({k: v.numpy().copy() for k, v in self.buffers.items()})
+            state = {k: v[row].numpy() for k, v in params.items()}  # views: see train_cohort
+            state.update({k: v.numpy() for k, v in self.buffers.items()})
             results.append((result, state))
         return results
 
