@@ -277,7 +277,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     console.print(
         f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
         f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
-        f"client-dp {settings.client_dp.value} -> {settings.run_dir}"
+        f"client-dp {settings.client_dp.value}, {engine.value} engine -> {settings.run_dir}"
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -58,6 +58,7 @@ __all__ = ["RunResult", "run_federation"]
 _FIXED_ON_RESUME = (
     "seed", "model", "dataset", "partitioner", "strategy", "dp", "client-dp", "noise-multiplier",
     "max-grad-norm", "target-delta", "fraction-train", "batch-size", "local-epochs",
+    "dirichlet-alpha", "shards-per-client", "samples-per-client", "test-fraction",
 )  # fmt: skip
 
 

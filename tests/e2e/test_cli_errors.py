@@ -132,6 +132,13 @@ CASES: dict[str, Case] = {
     "unknown-dp": _sim("--dp", "laplace", code=2, words=("'dp'", "'laplace'", "sample")),
     "zero-rounds": _sim("--rounds", "0", code=2, words=("num-server-rounds", "positive")),
     "zero-clients": _sim("--num-clients", "0", code=2, words=("--num-clients", "at least 1")),
+    "unknown-engine": _sim("--engine", "warp", code=2, words=("--engine", "'warp'", "fast, ray")),
+    "more-clients-than-samples": _sim(
+        "--num-clients", "5000", code=2, words=("num_partitions", "resample"),
+    ),
+    "negative-samples-per-client": _sim(
+        "--set", "samples-per-client=-4", code=2, words=("samples-per-client", ">= 0"),
+    ),
     "fraction-above-one": _sim("--fraction", "2", code=2, words=("fraction-train", "(0, 1]")),
     "nan-noise": _sim("--noise", "nan", code=2, words=("noise-multiplier", "finite")),
     "set-not-a-number": _sim(

@@ -118,3 +118,17 @@ def test_local_array_behaves_like_a_flower_array() -> None:
 def test_bad_population_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         LocalGrid(0)
+
+
+def test_a_torn_journal_line_is_skipped_and_the_last_record_wins(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    first = ClientAccountant([MechanismStep(1.0, 0.5, 2)]).to_record()
+    second = ClientAccountant([MechanismStep(1.0, 0.5, 4)]).to_record()
+    path.write_text(
+        json.dumps({"client": "p000001", "record": first}) + "\n"
+        + json.dumps({"client": "p000001", "record": second}) + "\n"
+        + '{"client": "p000002", "rec'  # the process died while appending
+    )  # fmt: skip
+    journal = read_journal(path)
+    assert list(journal) == ["p000001"]
+    assert ClientAccountant.from_record(journal["p000001"]).total_steps == 4
