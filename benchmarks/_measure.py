@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,49 +47,29 @@ def tree_rss(proc: psutil.Process) -> int:
 
 def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) -> Run:
     """Run ``python -m pollinate ARGS``, sampling tree RSS and the first checkpoint's time."""
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(run_dir.parent / ".flwr"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    start = time.monotonic()
-    child = subprocess.Popen(
+    first_round: list[float] = []
+    first = run_dir / "checkpoints" / "round-0001"
+
+    def watch(elapsed: float) -> None:
+        if not first_round and first.exists():
+            first_round.append(elapsed)
+
+    run = run_command(
         [sys.executable, "-m", "pollinate", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
+        env_extra={
+            "FLWR_HOME": str(run_dir.parent / ".flwr"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": "1",
+        },
+        timeout=timeout,
+        on_poll=watch,
     )
-    proc = psutil.Process(child.pid)
-    peak = 0
-    first_round: float | None = None
-    stderr_chunks: list[str] = []
-
-    def drain() -> None:
-        assert child.stderr is not None
-        for line in child.stderr:
-            stderr_chunks.append(line)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    while child.poll() is None:
-        peak = max(peak, tree_rss(proc))
-        if first_round is None and (run_dir / "checkpoints" / "round-0001").exists():
-            first_round = time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            child.kill()
-            break
-        time.sleep(0.1)
-    child.wait()
-    reader.join(timeout=5)
     return Run(
-        returncode=child.returncode,
-        wall_s=time.monotonic() - start,
-        peak_rss_mb=peak / 2**20,
-        first_round_s=first_round,
-        stderr_tail="".join(stderr_chunks)[-2000:],
+        returncode=run.returncode,
+        wall_s=run.wall_s,
+        peak_rss_mb=run.peak_rss_mb,
+        first_round_s=first_round[0] if first_round else None,
+        stderr_tail=run.stderr_tail[-2000:],
     )
 
 
@@ -120,8 +100,11 @@ def run_command(
     env_extra: dict[str, str] | None = None,
     timeout: float = 1800,
     cwd: Path = REPO,
+    on_poll: Callable[[float], None] | None = None,
 ) -> CommandRun:
     """Run ``cmd`` in its own session, sampling the summed RSS of its whole process tree.
+
+    ``on_poll(seconds since start)`` is called at every sample (every 0.1 s).
 
     Anything the command leaves running in its session (Ray's processes, say) is ended with
     it: on success, on failure and on timeout.
@@ -153,9 +136,11 @@ def run_command(
     try:
         while child.poll() is None:
             peak = max(peak, tree_rss(proc))
+            if on_poll is not None:
+                on_poll(time.monotonic() - start)
             if time.monotonic() - start > timeout:
                 break
-            time.sleep(0.25)
+            time.sleep(0.1)
     finally:
         wall = time.monotonic() - start
         _end_session(child)
