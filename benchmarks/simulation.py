@@ -74,9 +74,10 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
     """Median seconds of one cohort step (100 clients x 4 samples) with and without DP."""
     import torch
 
+    from pollinate.client.training import TrainSettings
     from pollinate.data import load_partition
     from pollinate.models import build_model
-    from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
+    from pollinate.simulation.cohort import CohortMember, train_cohort
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -86,7 +87,7 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
         part = load_partition("mnist", i, 1000, "iid", seed=42)
         members.append(CohortMember(part.x, part.y, seed=i))
     settings = {
-        label: CohortSettings(epochs=1, batch_size=32, learning_rate=0.5, dp=dp)
+        label: TrainSettings(epochs=1, batch_size=32, learning_rate=0.5, dp=dp)
         for label, dp in (("dp", True), ("plain", False))
     }
     for _ in range(3):  # warm-up: allocator, kernels

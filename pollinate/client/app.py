@@ -8,6 +8,7 @@ resets epsilon), extended by this round's DP-SGD steps, and saved back before re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from pollinate.client.task import ClientTask
-from pollinate.client.training import TrainResult, seed_for
+from pollinate.client.training import TrainResult, TrainSettings, seed_for
 from pollinate.client.training import evaluate as evaluate_model
 from pollinate.client.training import train as train_model
 from pollinate.data import ArrayDataset, load_local_data, load_partition
@@ -149,6 +150,21 @@ class TrainJob:
         """This client's training seed for this round."""
         return seed_for(self.task.seed, self.task.server_round, _key_int(self.key))
 
+    @property
+    def settings(self) -> TrainSettings:
+        """The local training the server asked for, with this round's noise multiplier."""
+        t = self.task
+        return TrainSettings(
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            momentum=t.momentum,
+            dp=t.dp,
+            noise_multiplier=self.planned.noise_multiplier,
+            max_grad_norm=t.max_grad_norm,
+            proximal_mu=t.proximal_mu,
+        )
+
 
 def begin_train(
     msg: Message, context: Context, *, mirror: bool = True, task: ClientTask | None = None
@@ -237,21 +253,8 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(job, Message):
         return job
     model = _model_from(msg, job.task)
-    task = job.task
-    result = train_model(
-        model,
-        job.data.x,
-        job.data.y,
-        epochs=task.local_epochs,
-        batch_size=task.batch_size,
-        learning_rate=task.learning_rate,
-        momentum=task.momentum,
-        dp=task.dp,
-        noise_multiplier=job.planned.noise_multiplier,
-        max_grad_norm=task.max_grad_norm,
-        proximal_mu=task.proximal_mu,
-        seed=job.seed,
-    )
+    settings = dataclasses.asdict(job.settings)
+    result = train_model(model, job.data.x, job.data.y, seed=job.seed, **settings)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     return finish_train(job, context, result, state)
 

@@ -15,7 +15,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "seed_for", "train"]
+__all__ = ["EvalResult", "TrainResult", "TrainSettings", "evaluate", "seed_for", "train"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a client trains locally: the keyword arguments of :func:`train` but the seed.
+
+    The in-process simulation trains a whole cohort with one of these
+    (:func:`pollinate.simulation.cohort.train_cohort`).
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float = 0.0
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)

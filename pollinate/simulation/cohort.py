@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pollinate.client.training import TrainResult
+from pollinate.client.training import TrainResult, TrainSettings
 
-__all__ = ["CohortMember", "CohortSettings", "train_cohort"]
+__all__ = ["CohortMember", "train_cohort"]
 
 Params = dict[str, torch.Tensor]
 
@@ -48,20 +48,6 @@ class CohortMember:
     x: np.ndarray
     y: np.ndarray
     seed: int
-
-
-@dataclass(frozen=True)
-class CohortSettings:
-    """The local-training settings every member of a cohort shares."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float = 0.0
-    dp: bool = True
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    proximal_mu: float = 0.0
 
 
 @dataclass
@@ -81,7 +67,7 @@ def _batches(n: int, batch_size: int) -> int:
 
 
 def train_cohort(
-    model: nn.Module, members: Sequence[CohortMember], settings: CohortSettings
+    model: nn.Module, members: Sequence[CohortMember], settings: TrainSettings
 ) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
     """Train a copy of ``model`` for every member; return (result, new state) per member.
 
@@ -132,7 +118,7 @@ class _Trainer:
     """The vectorised step functions for one model architecture."""
 
     def __init__(
-        self, model: nn.Module, global_params: Params, buffers: Params, settings: CohortSettings
+        self, model: nn.Module, global_params: Params, buffers: Params, settings: TrainSettings
     ) -> None:
         self.model = model
         self.global_params = global_params

@@ -43,7 +43,7 @@ from pollinate.client.task import ClientTask
 from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
-from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
+from pollinate.simulation.cohort import CohortMember, train_cohort
 
 __all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
 
@@ -225,16 +225,7 @@ class LocalGrid(Grid):
             arrays = first.msg.content.array_records["arrays"]
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
             members = [CohortMember(job.data.x, job.data.y, job.seed) for job, _ in cohort]
-            settings = CohortSettings(
-                epochs=task.local_epochs,
-                batch_size=task.batch_size,
-                learning_rate=task.learning_rate,
-                momentum=task.momentum,
-                dp=task.dp,
-                noise_multiplier=first.planned.noise_multiplier,
-                max_grad_norm=task.max_grad_norm,
-                proximal_mu=task.proximal_mu,
-            )
+            settings = first.settings
             with _Threads(self._threads):
                 results = train_cohort(model, members, settings)
         except Exception as err:
@@ -323,10 +314,7 @@ def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJ
     groups: dict[tuple[int, tuple[Any, ...]], list[tuple[TrainJob, Context]]] = {}
     for job, context in jobs:
         t = job.task
-        config = (
-            t.model, t.input_shape, t.num_classes, t.local_epochs, t.batch_size, t.learning_rate,
-            t.momentum, t.dp, job.planned.noise_multiplier, t.max_grad_norm, t.proximal_mu,
-        )  # fmt: skip
+        config = (t.model, t.input_shape, t.num_classes, job.settings)
         arrays = id(job.msg.content.array_records["arrays"])
         groups.setdefault((arrays, config), []).append((job, context))
     yield from groups.values()

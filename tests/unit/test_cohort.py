@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from pollinate.client.training import train
+from pollinate.client.training import TrainSettings, train
 from pollinate.data import load_partition
 from pollinate.models import build_model
-from pollinate.simulation.cohort import CohortMember, CohortSettings, train_cohort
+from pollinate.simulation.cohort import CohortMember, train_cohort
 
 
 def _model(name: str = "cnn") -> nn.Module:
@@ -43,7 +43,7 @@ def test_dp_sgd_equals_opacus_when_deterministic(epochs: int, momentum: float, m
     randomness left: the cohort must reproduce Opacus' clipping, scaling and update."""
     model = _model()
     members = _members(4, 200)  # 20 samples each, batch 32 -> q = 1
-    settings = CohortSettings(
+    settings = TrainSettings(
         epochs=epochs, batch_size=32, learning_rate=0.5, momentum=momentum, dp=True,
         noise_multiplier=0.0, max_grad_norm=1.0, proximal_mu=mu,
     )  # fmt: skip
@@ -65,7 +65,7 @@ def test_dp_sgd_equals_opacus_when_deterministic(epochs: int, momentum: float, m
 def test_plain_sgd_equals_torch_for_one_batch_per_epoch() -> None:
     model = _model()
     members = _members(3, 200)
-    settings = CohortSettings(
+    settings = TrainSettings(
         epochs=2, batch_size=32, learning_rate=0.1, momentum=0.9, dp=False, proximal_mu=0.01
     )
     for member, (_, state) in zip(members, train_cohort(model, members, settings), strict=True):
@@ -76,7 +76,7 @@ def test_plain_sgd_equals_torch_for_one_batch_per_epoch() -> None:
 
 
 def _slow_reference(
-    model: nn.Module, member: CohortMember, s: CohortSettings
+    model: nn.Module, member: CohortMember, s: TrainSettings
 ) -> tuple[dict[str, np.ndarray], int, float]:
     """One client, one sample at a time, the obvious way; the same random draws in the same
     order as the cohort (Poisson mask, then noise, per step; a permutation per epoch)."""
@@ -153,14 +153,14 @@ def _slow_reference(
 @pytest.mark.parametrize(
     "settings",
     [
-        CohortSettings(epochs=2, batch_size=8, learning_rate=0.3, momentum=0.5, dp=True,
+        TrainSettings(epochs=2, batch_size=8, learning_rate=0.3, momentum=0.5, dp=True,
                        noise_multiplier=1.0, max_grad_norm=0.7, proximal_mu=0.02),
-        CohortSettings(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.9, dp=False,
+        TrainSettings(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.9, dp=False,
                        proximal_mu=0.05),
     ],
     ids=["dp-sgd", "sgd"],
 )  # fmt: skip
-def test_cohort_equals_a_slow_per_client_reference(settings: CohortSettings) -> None:
+def test_cohort_equals_a_slow_per_client_reference(settings: TrainSettings) -> None:
     """Several batches per epoch, Poisson sampling with empty and uneven batches, noise,
     momentum, FedProx, members of different sizes (two step-count groups) and one without
     data: every member must match the obvious one-client-at-a-time computation."""
@@ -187,7 +187,7 @@ def test_cohort_equals_a_slow_per_client_reference(settings: CohortSettings) -> 
 def test_a_members_training_does_not_depend_on_its_cohort() -> None:
     model = _model()
     members = _members(5, 1000)
-    settings = CohortSettings(epochs=1, batch_size=32, learning_rate=0.5)
+    settings = TrainSettings(epochs=1, batch_size=32, learning_rate=0.5)
     together = train_cohort(model, members, settings)
     alone = train_cohort(model, members[2:3], settings)
     for key, value in alone[0][1].items():
@@ -198,7 +198,7 @@ def test_the_global_model_is_left_unchanged() -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_cohort(
-        model, _members(3, 1000), CohortSettings(epochs=1, batch_size=32, learning_rate=0.5)
+        model, _members(3, 1000), TrainSettings(epochs=1, batch_size=32, learning_rate=0.5)
     )
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from pollinate.data import DatasetSplit, load_dataset
+from pollinate.data import DatasetSplit
 from pollinate.errors import ConfigError, ExportError
-from pollinate.export._parity import check_tolerances, measure_parity, torch_logits
+from pollinate.export._parity import check_tolerances, measure_parity
 from pollinate.export._tflite import (
     LITERT_PYTHON_ENV,
     TfliteInfo,
@@ -33,31 +33,10 @@ except ConfigError as err:
         allow_module_level=True,
     )
 
-from tests.helpers import train_default_cnn
 
 pytestmark = pytest.mark.unit
 
 CALIBRATION_SAMPLES = 300
-
-
-@pytest.fixture(scope="module")
-def split() -> DatasetSplit:
-    return load_dataset("mnist", seed=42)
-
-
-@pytest.fixture(scope="module")
-def trained(split: DatasetSplit) -> torch.nn.Module:
-    """The default CNN after two epochs of SGD on the real MNIST subset."""
-    model = train_default_cnn(split.train.x, split.train.y)
-    return model
-
-
-@pytest.fixture(scope="module")
-def reference(trained: torch.nn.Module, split: DatasetSplit) -> np.ndarray:
-    logits = torch_logits(trained, split.test.x)
-    accuracy = float(np.mean(logits.argmax(axis=1) == split.test.y))
-    assert accuracy >= 0.85, f"the trained model is too weak for parity checks: {accuracy:.2%}"
-    return logits
 
 
 @pytest.fixture(scope="module")
