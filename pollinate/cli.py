@@ -37,6 +37,7 @@ EXIT_CODES = {
     6: "an exported artifact failed validation against the torch model",
     7: "a bundle was refused (tampered, truncated, malformed or badly signed)",
     8: "the inference runtime a bundle needs is not installed",
+    9: "a serving model repository is missing or malformed",
 }
 
 
@@ -373,6 +374,15 @@ def _register_export_commands() -> None:
 
 
 _register_export_commands()
+
+
+def _register_serve_command() -> None:
+    from pollinate.cli_serve import serve_command
+
+    app.command("serve")(serve_command)
+
+
+_register_serve_command()
 
 
 def main() -> None:

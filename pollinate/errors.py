@@ -41,3 +41,9 @@ class ExportError(PollinateError):
     """An exported artifact failed validation against the torch model (or could not be made)."""
 
     exit_code = 6
+
+
+class RepositoryError(PollinateError):
+    """A serving model repository (or one model in it) is missing or malformed."""
+
+    exit_code = 9

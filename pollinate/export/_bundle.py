@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gzip
 import importlib
+import json
 import os
 import shutil
 import tarfile
@@ -360,12 +361,18 @@ def write_triton_entry(
     manifest: Manifest,
     *,
     max_batch_size: int = 256,
+    torch_weights: Mapping[str, Any] | None = None,
+    torch_spec: Mapping[str, Any] | None = None,
 ) -> Path:
     """Add ``repo/<model_name>/config.pbtxt`` and ``repo/<model_name>/<version>/model.onnx``.
 
     The layout Triton (and pollinate's serving tier) reads; the batch dimension is left out
-    of ``dims`` because ``max_batch_size`` > 0. Each file is written atomically. Returns the
-    model's directory.
+    of ``dims`` because ``max_batch_size`` > 0. Beside ``model.onnx`` go the bundle's
+    ``manifest.json`` (the serving tier's drift reference) and, given ``torch_weights``
+    (a state dict of tensors) and ``torch_spec`` (``architecture``, ``input_shape``,
+    ``num_classes``), ``model.safetensors`` + ``torch.json`` for the torch backend; Triton
+    ignores them. Each file is written atomically, ``model.onnx`` last, so a watcher that
+    sees the model file sees the rest. Returns the model's directory.
     """
     if not model_name or "/" in model_name or "\\" in model_name or model_name in (".", ".."):
         raise ValueError(f"model_name must be a plain directory name, got {model_name!r}")
@@ -383,6 +390,14 @@ def write_triton_entry(
     model_dir = Path(repo) / model_name
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(version_dir / "manifest.json", manifest.to_json())
+    if torch_weights is not None and torch_spec is not None:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in torch_weights.items()}
+        atomic_write_bytes(version_dir / "model.safetensors", save(tensors))
+        atomic_write_text(version_dir / "torch.json", json.dumps(dict(torch_spec), indent=2) + "\n")
+    atomic_write_text(model_dir / "config.pbtxt", config)
     target = version_dir / "model.onnx"
     fd, tmp_name = tempfile.mkstemp(dir=version_dir, prefix=".model.onnx.", suffix=".tmp")
     try:
@@ -395,5 +410,4 @@ def write_triton_entry(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    atomic_write_text(model_dir / "config.pbtxt", config)
     return model_dir

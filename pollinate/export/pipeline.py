@@ -263,6 +263,10 @@ def export_run(
                 write_triton_entry(
                     options.triton_repo, options.name or run.settings.model,
                     run.server_round, onnx_fp32, manifest,
+                    torch_weights=run.model.state_dict(),
+                    torch_spec={"architecture": run.settings.model,
+                                "input_shape": list(run.data.input_shape),
+                                "num_classes": run.data.num_classes},
                 )  # fmt: skip
     archive = archive_path(options.out)
     logger.info("bundle written to %s", bundle)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from safetensors.torch import load_file
 
 from pollinate.edge_runtime import Manifest, verify_bundle
 from pollinate.errors import PollinateError
@@ -173,7 +176,18 @@ def test_triton_entry(sources: tuple[Manifest, dict[str, Path]], tmp_path: Path)
         "dynamic_batching { }\n"
     )
     assert sorted(os.listdir(model_dir)) == ["3", "config.pbtxt"]  # no temp files
-    assert os.listdir(model_dir / "3") == ["model.onnx"]
+    assert sorted(os.listdir(model_dir / "3")) == ["manifest.json", "model.onnx"]
+    assert Manifest.from_json((model_dir / "3" / "manifest.json").read_text()) == manifest
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    spec = {"architecture": "mlp", "input_shape": [1, 8, 8], "num_classes": 10}
+    write_triton_entry(tmp_path / "repo", "tiny", 5, files["model.fp32.onnx"], manifest,
+                       torch_weights=weights, torch_spec=spec)  # fmt: skip
+    assert sorted(os.listdir(model_dir / "5")) == [
+        "manifest.json", "model.onnx", "model.safetensors", "torch.json"
+    ]  # fmt: skip
+    assert torch.equal(load_file(str(model_dir / "5" / "model.safetensors"))["w"], weights["w"])
+    assert json.loads((model_dir / "5" / "torch.json").read_text()) == spec
+    shutil.rmtree(model_dir / "5")
     write_triton_entry(tmp_path / "repo", "tiny", 4, files["model.fp32.onnx"], manifest)
     assert sorted(os.listdir(model_dir)) == ["3", "4", "config.pbtxt"]
     assert "max_batch_size: 256\n" in (model_dir / "config.pbtxt").read_text()

@@ -1,0 +1,251 @@
+"""Dynamic batching: one bounded queue per model version, batches formed across requests.
+
+Requests wait in a queue counted in samples (rows). Each model instance has a worker that
+takes the oldest request, waits at most ``max_queue_delay`` after that request arrived for
+more rows (never longer; a busy worker finds a full batch waiting and does not wait at all),
+concatenates up to ``max_batch_size`` rows, runs the model on its own thread, and hands each
+request its slice of the outputs.
+
+Admission is decided at once: a request that would push the queue past ``max_queue_size``
+rows raises :class:`OverloadedError` without waiting, so overload costs a refusal, never a
+queue that grows without bound. A request still queued when its timeout expires is dropped
+from the queue and fails with :class:`RequestTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["BatchResult", "Batcher", "BatcherClosedError", "OverloadedError", "RequestTimeoutError"]
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# Called on the worker thread after each batch: (batch rows, inputs, outputs, model seconds).
+BatchHook = Callable[[int, dict[str, np.ndarray], dict[str, np.ndarray], float], None]
+
+
+class OverloadedError(Exception):
+    """The queue is full: the request is refused at once."""
+
+
+class RequestTimeoutError(Exception):
+    """The request waited longer than its timeout."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher stopped taking requests (its model version is being unloaded)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outputs and how long it waited in the queue."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    batch_rows: int
+
+
+@dataclass(eq=False)
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    dropped: bool = False
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class Batcher:
+    """The queue and workers of one model version.
+
+    Args:
+        runners: One callable per model instance; each runs on its own thread.
+        max_batch_size: Most rows in one model call.
+        max_queue_delay_s: Longest wait for more rows after the oldest request arrived.
+        max_queue_size: Most rows waiting; beyond it requests are refused at once.
+        on_batch: Called on the worker thread after each model call.
+    """
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        on_batch: BatchHook | None = None,
+    ) -> None:
+        if not runners:
+            raise ValueError("a batcher needs at least one model instance")
+        self._runners = list(runners)
+        self.max_batch_size = max_batch_size
+        self._delay = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._closed = False
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(
+            max_workers=len(self._runners), thread_name_prefix="pollinate-model"
+        )
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in a running batch."""
+        return len(self._queue) + self._inflight
+
+    def start(self) -> None:
+        """Start one worker per instance on the running event loop."""
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._workers = [
+            asyncio.get_running_loop().create_task(self._work(runner), name=f"batcher-{i}")
+            for i, runner in enumerate(self._runners)
+        ]
+
+    def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, timeout_s: float
+    ) -> asyncio.Future[BatchResult]:
+        """Queue a request of ``rows`` samples; raises :class:`OverloadedError` when full.
+
+        Returns a future with the request's :class:`BatchResult`; it fails with
+        :class:`RequestTimeoutError` if the request is still queued after ``timeout_s``.
+        """
+        if self._closed or self._wakeup is None or self._idle is None:
+            raise BatcherClosedError("this model version is not taking requests")
+        if self._queued_rows + rows > self.max_queue_size:
+            raise OverloadedError(
+                f"the queue holds {self._queued_rows} of {self.max_queue_size} samples; "
+                f"this request of {rows} does not fit"
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(inputs, rows, loop.create_future(), time.perf_counter())
+        item.timer = loop.call_later(timeout_s, self._expire, item)
+        self._queue.append(item)
+        self._queued_rows += rows
+        self._idle.clear()
+        self._wakeup.set()
+        return item.future
+
+    def _expire(self, item: _Item) -> None:
+        if item.future.done():
+            return
+        if not item.dropped and item in self._queue:
+            item.dropped = True
+            self._queued_rows -= item.rows
+        item.future.set_exception(
+            RequestTimeoutError("the request timed out waiting for the model")
+        )
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.dropped:
+                self._queue.popleft()
+                continue
+            if batch and rows + item.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= item.rows
+            rows += item.rows
+            batch.append(item)
+        return batch
+
+    async def _work(self, runner: Runner) -> None:
+        assert self._wakeup is not None and self._idle is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._inflight == 0:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self._queue[0].enqueued + self._delay
+            while self._queued_rows < self.max_batch_size:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            self._inflight += len(batch)
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, runner, batch)
+            except Exception as err:  # the model failed: every request of the batch fails
+                for item in batch:
+                    if item.timer is not None:
+                        item.timer.cancel()
+                    if not item.future.done():
+                        item.future.set_exception(err)
+            else:
+                start = 0
+                total = sum(item.rows for item in batch)
+                for item in batch:
+                    if item.timer is not None:
+                        item.timer.cancel()
+                    if not item.future.done():
+                        part = {k: v[start : start + item.rows] for k, v in outputs.items()}
+                        item.future.set_result(BatchResult(part, started - item.enqueued, total))
+                    start += item.rows
+            finally:
+                self._inflight -= len(batch)
+
+    def _run(self, runner: Runner, batch: list[_Item]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {
+                name: np.concatenate([item.inputs[name] for item in batch])
+                for name in batch[0].inputs
+            }
+        started = time.perf_counter()
+        outputs = runner(inputs)
+        if self._on_batch is not None:
+            rows = sum(item.rows for item in batch)
+            self._on_batch(rows, inputs, outputs, time.perf_counter() - started)
+        return outputs
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop taking requests; with ``drain``, finish every queued request first."""
+        self._closed = True
+        if drain and self._idle is not None:
+            while self._queue or self._inflight:
+                self._idle.clear()
+                if self._wakeup is not None:
+                    self._wakeup.set()
+                await asyncio.sleep(0.005)
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(BatcherClosedError("the model version was unloaded"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)

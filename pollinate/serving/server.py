@@ -1,0 +1,195 @@
+"""``pollinate serve``: REST, gRPC and metrics servers over one :class:`ModelManager`.
+
+Everything runs on one asyncio event loop (uvicorn for REST, ``grpc.aio`` for gRPC, the
+batchers and the repository watcher); model calls run on one thread per instance, where
+ONNX Runtime and torch release the GIL. The Prometheus endpoint runs on its own thread.
+SIGTERM / SIGINT stop taking connections, finish queued requests, and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pollinate._atomic import atomic_write_text
+from pollinate.serving.config import ServeSettings
+from pollinate.serving.grpc_service import add_servicer
+from pollinate.serving.metrics import ServingMetrics
+from pollinate.serving.models import ModelManager
+from pollinate.serving.rest import build_rest_app
+
+__all__ = ["JsonFormatter", "Ports", "run_server", "serve"]
+
+logger = logging.getLogger("pollinate")
+_GRPC_GRACE_S = 5.0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and any ``extra`` fields."""
+
+    _PLAIN = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._PLAIN:
+                entry[key] = value
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+JsonFormatter.converter = __import__("time").gmtime
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The ports actually bound (port 0 in the settings means any free port)."""
+
+    http: int
+    grpc: int
+    metrics: int
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        from pollinate.errors import ConfigError
+
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {err.strerror}; pick another port"
+        ) from err
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: ServeSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the server until ``stop`` is set (or SIGTERM/SIGINT)."""
+    import uvicorn
+
+    from pollinate.errors import ConfigError
+
+    tls = settings.tls_cert is not None and settings.tls_key is not None
+    sock = _bind(settings.host, settings.http_port)  # first: a busy port fails before any work
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.callback(sock.close)
+        metrics = ServingMetrics()
+        manager = ModelManager(settings, metrics)
+        await manager.start()
+        cleanup.push_async_callback(manager.close)
+        metrics_port = _start_metrics(settings, metrics, cleanup)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        add_servicer(server, manager)
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            if tls:
+                assert settings.tls_cert is not None and settings.tls_key is not None
+                creds = grpc.ssl_server_credentials(
+                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+                )
+                grpc_port = server.add_secure_port(address, creds)
+            else:
+                grpc_port = server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"cannot listen on {address} (gRPC): {err}; pick another port"
+            ) from err
+        await server.start()
+        cleanup.push_async_callback(server.stop, _GRPC_GRACE_S)
+
+        http_port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            build_rest_app(manager),
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=30,
+            backlog=2048,
+            ssl_certfile=str(settings.tls_cert) if tls else None,
+            ssl_keyfile=str(settings.tls_key) if tls else None,
+            ssl_version=ssl.PROTOCOL_TLS_SERVER,
+        )
+        web = uvicorn.Server(config)
+        # Signals are ours (drain, then exit); uvicorn would re-raise them after its shutdown.
+        web.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                loop.add_signal_handler(sig, stop.set)
+        web_task = loop.create_task(web.serve(sockets=[sock]))
+        while not web.started and not web_task.done():
+            await asyncio.sleep(0.01)
+        ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
+        if settings.port_file is not None:
+            atomic_write_text(settings.port_file, json.dumps(ports.__dict__) + "\n")
+        logger.info(
+            "serving %s: http %d, grpc %d, metrics %d%s",
+            settings.repository, ports.http, ports.grpc, ports.metrics, " (TLS)" if tls else "",
+        )  # fmt: skip
+        stop_task = loop.create_task(stop.wait())
+        await asyncio.wait({web_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        logger.info("shutting down: finishing queued requests")
+        web.should_exit = True
+        await web_task
+    logger.info("stopped")
+
+
+def _start_metrics(
+    settings: ServeSettings, metrics: ServingMetrics, cleanup: contextlib.AsyncExitStack
+) -> int:
+    from prometheus_client import start_http_server
+
+    from pollinate.errors import ConfigError
+
+    try:
+        httpd, thread = start_http_server(
+            settings.metrics_port, addr=settings.host, registry=metrics.registry
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.metrics_port} (metrics): "
+            f"{err.strerror}; pick another port"
+        ) from err
+
+    def stop() -> None:
+        httpd.shutdown()
+        thread.join(timeout=5)
+
+    cleanup.callback(stop)
+    return int(httpd.server_port)
+
+
+def run_server(settings: ServeSettings) -> None:
+    """Blocking entry point of ``pollinate serve``."""
+    asyncio.run(serve(settings))
