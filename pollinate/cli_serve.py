@@ -31,7 +31,7 @@ def serve_command(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per instance [1].")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Rows per model call [64].")] = None,
     max_queue_delay_us: Annotated[
-        int | None, typer.Option(help="Longest wait to fill a batch, microseconds [500].")
+        int | None, typer.Option(help="Longest wait to fill a batch, microseconds [200].")
     ] = None,
     max_queue_size: Annotated[
         int | None, typer.Option(help="Samples queued per version before 503 [512].")

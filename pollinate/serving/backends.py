@@ -122,6 +122,9 @@ class TorchBackend:
             raise RepositoryError(f"{files.path}: cannot rebuild the torch model ({err})") from err
         if device == "cpu":
             torch.set_num_threads(threads)
+        else:  # full fp32 convolutions and matmuls: the answers the exported model gives
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch
         self._device = torch.device(device)
         self._model = model.to(self._device).eval()

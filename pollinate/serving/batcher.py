@@ -94,7 +94,6 @@ class Batcher:
         self._inflight = 0
         self._closed = False
         self._wakeup: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(
             max_workers=len(self._runners), thread_name_prefix="pollinate-model"
@@ -112,8 +111,6 @@ class Batcher:
     def start(self) -> None:
         """Start one worker per instance on the running event loop."""
         self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._workers = [
             asyncio.get_running_loop().create_task(self._work(runner), name=f"batcher-{i}")
             for i, runner in enumerate(self._runners)
@@ -127,7 +124,7 @@ class Batcher:
         Returns a future with the request's :class:`BatchResult`; it fails with
         :class:`RequestTimeoutError` if the request is still queued after ``timeout_s``.
         """
-        if self._closed or self._wakeup is None or self._idle is None:
+        if self._closed or self._wakeup is None:
             raise BatcherClosedError("this model version is not taking requests")
         if self._queued_rows + rows > self.max_queue_size:
             raise OverloadedError(
@@ -139,7 +136,6 @@ class Batcher:
         item.timer = loop.call_later(timeout_s, self._expire, item)
         self._queue.append(item)
         self._queued_rows += rows
-        self._idle.clear()
         self._wakeup.set()
         return item.future
 
@@ -170,25 +166,15 @@ class Batcher:
         return batch
 
     async def _work(self, runner: Runner) -> None:
-        assert self._wakeup is not None and self._idle is not None
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                if self._inflight == 0:
-                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = self._queue[0].enqueued + self._delay
-            while self._queued_rows < self.max_batch_size:
-                wait = deadline - time.perf_counter()
-                if wait <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-                except TimeoutError:
-                    break
+            if self._delay > 0 and self._queued_rows < self.max_batch_size:
+                await self._gather(self._queue[0].enqueued + self._delay)
             batch = self._take()
             if not batch:
                 continue
@@ -215,6 +201,27 @@ class Batcher:
             finally:
                 self._inflight -= len(batch)
 
+    async def _gather(self, deadline: float) -> None:
+        """Wait for more rows until ``deadline`` or a full batch.
+
+        The event loop sleeps in whole milliseconds (epoll), so a timed wait for 100 µs
+        would take 1 ms: waits shorter than a millisecond yield to the loop instead, which
+        lets it read and queue requests that have already arrived.
+        """
+        assert self._wakeup is not None
+        while self._queued_rows < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            if remaining < 0.0011:
+                await asyncio.sleep(0)
+                continue
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining - 0.001)
+            except TimeoutError:
+                continue
+
     def _run(self, runner: Runner, batch: list[_Item]) -> dict[str, np.ndarray]:
         if len(batch) == 1:
             inputs = batch[0].inputs
@@ -233,11 +240,9 @@ class Batcher:
     async def close(self, *, drain: bool = True) -> None:
         """Stop taking requests; with ``drain``, finish every queued request first."""
         self._closed = True
-        if drain and self._idle is not None:
+        if drain and self._wakeup is not None:
             while self._queue or self._inflight:
-                self._idle.clear()
-                if self._wakeup is not None:
-                    self._wakeup.set()
+                self._wakeup.set()
                 await asyncio.sleep(0.005)
         for task in self._workers:
             task.cancel()

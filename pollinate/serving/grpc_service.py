@@ -194,10 +194,14 @@ class InferenceServicer:
         code: grpc.StatusCode | None = None
         message = ""
         try:
+            version = _version(request.model_version)
+            if self._manager.full(request.model_name, version, "grpc"):
+                raise _AbortError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "overloaded: the model's queue is full; retry later",
+                )
             tensors = _decode(request)
-            outcome = await self._manager.infer(
-                request.model_name, _version(request.model_version), tensors, "grpc"
-            )
+            outcome = await self._manager.infer(request.model_name, version, tensors, "grpc")
             wanted = [o.name for o in request.outputs] or list(outcome.outputs)
             unknown = [n for n in wanted if n not in outcome.outputs]
             if unknown:

@@ -116,6 +116,28 @@ class _Window:
         return self.errors / self.requests if self.requests else 0.0
 
 
+@dataclass(frozen=True)
+class _VersionMetrics:
+    """The metric children of one version, looked up once (``labels()`` costs per call)."""
+
+    http_requests: Any
+    grpc_requests: Any
+    predictions: Any
+    latency: Any
+    queue: Any
+
+    @classmethod
+    def of(cls, metrics: ServingMetrics, model: str, version: int) -> _VersionMetrics:
+        labels = (model, str(version))
+        return cls(
+            http_requests=metrics.requests.labels(*labels, "http"),
+            grpc_requests=metrics.requests.labels(*labels, "grpc"),
+            predictions=metrics.predictions.labels(*labels),
+            latency=metrics.latency.labels(*labels),
+            queue=metrics.queue.labels(*labels),
+        )
+
+
 @dataclass
 class LoadedVersion:
     """One version in service: its batcher, metrics children and drift monitor."""
@@ -127,6 +149,7 @@ class LoadedVersion:
     device: str
     max_batch: int
     drift: DriftMonitor | None
+    metrics: _VersionMetrics
     window: _Window = field(default_factory=_Window)
     role: Role = "current"
 
@@ -199,6 +222,32 @@ class ModelManager:
             return canary
         return current
 
+    def full(self, model: str, version: int | None, protocol: str) -> bool:
+        """Whether a request would find its queue full, checked before its body is parsed.
+
+        Under overload most requests are refused; refusing them before decoding tensors keeps
+        the event loop free for the admitted ones. A refusal here is counted like any other.
+        """
+        router = self._routers.get(model)
+        if router is None or router.current is None:
+            return False  # the normal path answers 404
+        candidates = [router.current, router.canary] if version is None else [
+            v for v in (router.current, router.canary) if v is not None and v.version == version
+        ]  # fmt: skip
+        room = [
+            c
+            for c in candidates
+            if c is not None and c.batcher.queued_rows < c.batcher.max_queue_size
+        ]
+        if room or not candidates:
+            return False
+        target = candidates[0]
+        assert target is not None
+        self.metrics.failures.labels(
+            target.spec.name, str(target.version), protocol, "overloaded"
+        ).inc()
+        return True
+
     # ------------------------------------------------------------------ inference
     async def infer(
         self, model: str, version: int | None, tensors: dict[str, np.ndarray], protocol: str
@@ -222,10 +271,11 @@ class ModelManager:
         elapsed = time.perf_counter() - started
         loaded.window.requests += 1
         loaded.window.latencies.append(elapsed)
-        self.metrics.requests.labels(*labels, protocol).inc()
-        self.metrics.predictions.labels(*labels).inc(rows)
-        self.metrics.latency.labels(*labels).observe(elapsed)
-        self.metrics.queue.labels(*labels).observe(result.queue_s)
+        m = loaded.metrics
+        (m.grpc_requests if protocol == "grpc" else m.http_requests).inc()
+        m.predictions.inc(rows)
+        m.latency.observe(elapsed)
+        m.queue.observe(result.queue_s)
         return InferOutcome(loaded.spec.name, loaded.version, result.outputs, result.queue_s)
 
     # ------------------------------------------------------------------ loading
@@ -306,6 +356,7 @@ class ModelManager:
             device=backends[0].device,
             max_batch=max_batch,
             drift=drift,
+            metrics=_VersionMetrics.of(self.metrics, spec.name, files.version),
         )
 
     def _set_role(self, loaded: LoadedVersion, role: Role | None) -> None:

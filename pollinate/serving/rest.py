@@ -13,23 +13,20 @@ same way when the request asks (``binary_data`` on an output or ``binary_data_ou
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
+import secrets
 import time
-import uuid
 from typing import Any
 
 import numpy as np
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
 from pollinate.serving.models import InvalidInputError, ModelManager, ModelNotFoundError
 from pollinate.serving.repository import KSERVE_DTYPES
 
-__all__ = ["SERVER_EXTENSIONS", "build_rest_app", "metadata"]
+__all__ = ["SERVER_EXTENSIONS", "RestApp", "build_rest_app", "metadata"]
 
 logger = logging.getLogger("pollinate")
 SERVER_EXTENSIONS = ["binary_tensor_data"]
@@ -169,131 +166,179 @@ def _wants_binary(request: dict[str, Any], output: str) -> bool:
     return default
 
 
-def build_rest_app(manager: ModelManager) -> Starlette:
-    """The Starlette app of the KServe v2 REST API."""
-    settings = manager.settings
-    token = settings.token
-    limit = settings.max_request_bytes
-    from pollinate import __version__
+_Reply = tuple[int, bytes, str, list[tuple[bytes, bytes]]]
+_NO_TOKEN = "missing or wrong bearer token (Authorization: Bearer TOKEN)"
 
-    def _authorized(request: Request) -> bool:
-        if token is None:
+
+def _json(status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> _Reply:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return status, body, "application/json", headers or []
+
+
+def _error(status: int, message: str, request_id: str | None = None) -> _Reply:
+    headers = [(b"x-request-id", request_id.encode())] if request_id else []
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    return _json(status, {"error": message}, headers)
+
+
+_OVERLOADED = _error(503, "overloaded: the model's queue is full; retry later")
+
+
+class RestApp:
+    """The KServe v2 REST API as a plain ASGI app (the routes are few and fixed).
+
+    Served by uvicorn; no framework sits between the socket and the batcher, which keeps
+    the per-request cost low enough for thousands of requests a second on one core.
+    """
+
+    def __init__(self, manager: ModelManager) -> None:
+        from pollinate import __version__
+
+        self.manager = manager
+        self._limit = manager.settings.max_request_bytes
+        self._access_log = manager.settings.access_log
+        token = manager.settings.token
+        self._expected = f"Bearer {token}".encode() if token is not None else None
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4)
+        self._server_meta = {
+            "name": "pollinate", "version": __version__, "extensions": SERVER_EXTENSIONS
+        }  # fmt: skip
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        status, body, content_type, extra = await self._dispatch(scope, headers, receive)
+        out = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": out + extra})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if self._expected is None:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        return hmac.compare_digest(headers.get(b"authorization", b""), self._expected)
 
-    def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
-        headers = {"x-request-id": request_id} if request_id else None
-        if status == 503:
-            headers = {**(headers or {}), "retry-after": "1"}
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    async def _dispatch(
+        self, scope: dict[str, Any], headers: dict[bytes, bytes], receive: Any
+    ) -> _Reply:
+        method, path = scope["method"], scope["path"]
+        parts = path.strip("/").split("/")
+        if parts[0] != "v2":
+            return _error(404, f"no endpoint {method} {path}; see /v2")
+        rest = parts[1:]
+        action = "metadata"
+        if len(rest) >= 2 and rest[0] == "models":
+            model, tail = rest[1], rest[2:]
+            version_raw: str | None = None
+            if len(tail) >= 2 and tail[0] == "versions":
+                version_raw, tail = tail[1], tail[2:]
+            if tail in ([], ["ready"], ["infer"]):
+                action = tail[0] if tail else "metadata"
+                wanted = "POST" if action == "infer" else "GET"
+                if method != wanted:
+                    return _error(405, f"{method} is not allowed on {path}")
+                if action == "infer":
+                    return await self._infer(model, version_raw, headers, receive)
+                if not self._authorized(headers):
+                    return _error(401, _NO_TOKEN)
+                try:
+                    version = _version(version_raw)
+                    if action == "ready":
+                        self.manager.get(model, version)
+                        return _json(200, {"name": model, "ready": True})
+                    return _json(200, metadata(self.manager, model, version))
+                except _BadRequestError as err:
+                    return _error(err.status, str(err))
+                except ModelNotFoundError as err:
+                    return _error(404, str(err))
+        elif rest in ([], ["health", "live"], ["health", "ready"]):
+            if method != "GET":
+                return _error(405, f"{method} is not allowed on {path}")
+            if rest == ["health", "live"]:
+                return _json(200, {"live": True})
+            if rest == ["health", "ready"]:
+                ok = self.manager.ready()
+                return _json(200 if ok else 503, {"ready": ok})
+            if not self._authorized(headers):
+                return _error(401, _NO_TOKEN)
+            return _json(200, self._server_meta)
+        return _error(404, f"no endpoint {method} {path}; see /v2")
 
-    async def live(request: Request) -> Response:
-        return JSONResponse({"live": True})
+    async def _body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+        limit = self._limit
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise _BadRequestError(413, f"the request body is over the {limit}-byte limit")
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _BadRequestError(400, "the client went away before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BadRequestError(413, f"the request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def ready(request: Request) -> Response:
-        ok = manager.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
-    async def server_metadata(request: Request) -> Response:
-        if not _authorized(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
-        return JSONResponse(
-            {"name": "pollinate", "version": __version__, "extensions": SERVER_EXTENSIONS}
-        )
-
-    async def model_metadata(request: Request) -> Response:
-        if not _authorized(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
-        try:
-            version = _version(request.path_params.get("version"))
-            return JSONResponse(metadata(manager, request.path_params["model"], version))
-        except _BadRequestError as err:
-            return _error(err.status, str(err))
-        except ModelNotFoundError as err:
-            return _error(404, str(err))
-
-    async def model_ready(request: Request) -> Response:
-        if not _authorized(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
-        try:
-            version = _version(request.path_params.get("version"))
-            manager.get(request.path_params["model"], version)
-        except _BadRequestError as err:
-            return _error(err.status, str(err))
-        except ModelNotFoundError as err:
-            return _error(404, str(err))
-        return JSONResponse({"name": request.path_params["model"], "ready": True})
-
-    async def infer(request: Request) -> Response:
+    async def _infer(
+        self, model: str, version_raw: str | None, headers: dict[bytes, bytes], receive: Any
+    ) -> _Reply:
         started = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        model = request.path_params["model"]
+        given_id = headers.get(b"x-request-id")
+        request_id = (
+            given_id.decode("latin-1") if given_id else f"{self._id_prefix}-{next(self._ids)}"
+        )
         status = 200
         try:
-            if not _authorized(request):
-                raise _BadRequestError(
-                    401, "missing or wrong bearer token (Authorization: Bearer TOKEN)"
-                )
-            declared = request.headers.get("content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > limit):
-                raise _BadRequestError(413, f"the request body is over the {limit}-byte limit")
-            chunks = []
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _BadRequestError(413, f"the request body is over the {limit}-byte limit")
-                chunks.append(chunk)
-            body = b"".join(chunks)
-            version = _version(request.path_params.get("version"))
-            parsed, tensors = _parse_infer(body, request.headers.get(_HEADER))
+            if not self._authorized(headers):
+                raise _BadRequestError(401, _NO_TOKEN)
+            version = _version(version_raw)
+            if self.manager.full(model, version, "http"):
+                return _OVERLOADED
+            body = await self._body(headers, receive)
+            header_length = headers.get(_HEADER.encode())
+            parsed, tensors = _parse_infer(
+                body, header_length.decode("latin-1") if header_length is not None else None
+            )
             if isinstance(parsed.get("id"), str):
                 request_id = parsed["id"]
-            outcome = await manager.infer(model, version, tensors, "http")
-            response = _encode(parsed, outcome.model, outcome.version, outcome.outputs, request_id)
+            outcome = await self.manager.infer(model, version, tensors, "http")
+            reply = _encode(parsed, outcome.model, outcome.version, outcome.outputs, request_id)
         except _BadRequestError as err:
-            status, response = err.status, _error(err.status, str(err), request_id)
+            status, reply = err.status, _error(err.status, str(err), request_id)
         except (InvalidInputError, ValueError) as err:
-            status, response = 400, _error(400, str(err), request_id)
+            status, reply = 400, _error(400, str(err), request_id)
         except ModelNotFoundError as err:
-            status, response = 404, _error(404, str(err), request_id)
+            status, reply = 404, _error(404, str(err), request_id)
         except OverloadedError as err:
-            status, response = 503, _error(503, f"overloaded: {err}; retry later", request_id)
+            status, reply = 503, _error(503, f"overloaded: {err}; retry later", request_id)
         except BatcherClosedError as err:
-            status, response = 503, _error(503, str(err), request_id)
+            status, reply = 503, _error(503, str(err), request_id)
         except RequestTimeoutError as err:
-            status, response = 504, _error(504, str(err), request_id)
+            status, reply = 504, _error(504, str(err), request_id)
         except Exception as err:
             logger.exception("request %s to %s failed in the model", request_id, model)
-            status, response = 500, _error(500, f"the model failed: {err}", request_id)
-        if status >= 500 or settings.access_log:
+            status, reply = 500, _error(500, f"the model failed: {err}", request_id)
+        if status >= 500 or self._access_log:
             logger.log(
                 logging.WARNING if status >= 500 else logging.INFO, "infer",
                 extra={"request_id": request_id, "model": model, "status": status,
                        "protocol": "http", "ms": round(1e3 * (time.perf_counter() - started), 3)},
             )  # fmt: skip
-        return response
+        return reply
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, f"no endpoint {request.method} {request.url.path}; see /v2")
 
-    async def bad_method(request: Request, exc: Exception) -> Response:
-        return _error(405, f"{request.method} is not allowed on {request.url.path}")
-
-    base = "/v2/models/{model}"
-    routes = [
-        Route("/v2/health/live", live, methods=["GET"]),
-        Route("/v2/health/ready", ready, methods=["GET"]),
-        Route("/v2", server_metadata, methods=["GET"]),
-        Route(base, model_metadata, methods=["GET"]),
-        Route(base + "/versions/{version}", model_metadata, methods=["GET"]),
-        Route(base + "/ready", model_ready, methods=["GET"]),
-        Route(base + "/versions/{version}/ready", model_ready, methods=["GET"]),
-        Route(base + "/infer", infer, methods=["POST"]),
-        Route(base + "/versions/{version}/infer", infer, methods=["POST"]),
-    ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
+def build_rest_app(manager: ModelManager) -> RestApp:
+    """The ASGI app of the KServe v2 REST API over ``manager``."""
+    return RestApp(manager)
 
 
 def _encode(
@@ -302,7 +347,7 @@ def _encode(
     version: int,
     outputs: dict[str, np.ndarray],
     request_id: str,
-) -> Response:
+) -> _Reply:
     wanted = [str(o.get("name")) for o in request.get("outputs") or [] if isinstance(o, dict)]
     names = wanted or list(outputs)
     unknown = [n for n in names if n not in outputs]
@@ -326,10 +371,8 @@ def _encode(
         tensors.append(entry)
     header["outputs"] = tensors
     text = json.dumps(header, separators=(",", ":")).encode()
-    headers = {"x-request-id": request_id}
+    headers = [(b"x-request-id", request_id.encode("latin-1", "replace"))]
     if not blobs:
-        return Response(text, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(len(text))
-    return Response(
-        b"".join([text, *blobs]), media_type="application/octet-stream", headers=headers
-    )
+        return 200, text, "application/json", headers
+    headers.append((b"inference-header-content-length", str(len(text)).encode()))
+    return 200, b"".join([text, *blobs]), "application/octet-stream", headers

@@ -67,7 +67,9 @@ class Ports:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says TCP; without it each response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -133,6 +135,9 @@ async def serve(settings: ServeSettings, *, stop: asyncio.Event | None = None) -
             access_log=False,
             log_config=None,
             timeout_keep_alive=30,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
             backlog=2048,
             ssl_certfile=str(settings.tls_cert) if tls else None,
             ssl_keyfile=str(settings.tls_key) if tls else None,

@@ -141,3 +141,18 @@ def test_bad_settings_are_one_clear_error(
     config.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_serve_settings(config, overrides)
+
+
+def test_the_listening_socket_says_tcp_so_responses_are_not_delayed() -> None:
+    """asyncio turns TCP_NODELAY on for accepted connections only when the listening socket's
+    proto is IPPROTO_TCP; with proto 0 every response waited ~40 ms for a delayed ACK."""
+    import socket
+
+    from pollinate.serving.server import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockname()[1] > 0
+    finally:
+        sock.close()
