@@ -38,6 +38,7 @@ EXIT_CODES = {
     7: "a bundle was refused (tampered, truncated, malformed or badly signed)",
     8: "the inference runtime a bundle needs is not installed",
     9: "a serving model repository is missing or malformed",
+    10: "the SuperLink could not be started or reached",
 }
 
 
@@ -383,6 +384,16 @@ def _register_serve_command() -> None:
 
 
 _register_serve_command()
+
+
+def _register_server_commands() -> None:
+    from pollinate.cli_server import certs_command, server_app
+
+    app.command("certs")(certs_command)
+    app.add_typer(server_app, name="server")
+
+
+_register_server_commands()
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from pollinate.edge_runtime.errors import BundleError
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "ModelInfo",
     "Preprocessing",
     "TensorSpec",
+    "reference_distribution",
     "sha256_file",
 ]
 
@@ -168,3 +171,33 @@ class Manifest:
             if name in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise BundleError(f"{where}: {name} cannot be listed as a bundle file")
         return manifest
+
+
+def reference_distribution(x: np.ndarray, logits: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """The manifest's ``reference``: inputs and outputs summarised for drift checks.
+
+    ``input``: a histogram of each sample's mean input value on ``bins`` quantile bins (the
+    bin edges are kept: PSI needs them), plus mean and std; ``output``: the share of each
+    predicted class and the per-class logit mean and std. The serving tier's drift monitor
+    (``pollinate.serving.drift``) compares live traffic with it.
+    """
+    flat = x.reshape(len(x), -1).mean(axis=1)
+    edges = np.quantile(flat, np.linspace(0, 1, bins + 1)).tolist()
+    counts, _ = np.histogram(flat, bins=np.unique(edges))
+    preds = logits.argmax(axis=1)
+    classes = logits.shape[1]
+    return {
+        "samples": len(x),
+        "input": {
+            "statistic": "per-sample mean of model input",
+            "bin_edges": [float(e) for e in np.unique(edges)],
+            "counts": [int(c) for c in counts],
+            "mean": float(x.mean()),
+            "std": float(x.std()),
+        },
+        "output": {
+            "predicted_class_share": [float((preds == c).mean()) for c in range(classes)],
+            "logit_mean": [float(v) for v in logits.mean(axis=0)],
+            "logit_std": [float(v) for v in logits.std(axis=0)],
+        },
+    }

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from pollinate.edge_runtime.manifest import (
     ModelInfo,
     Preprocessing,
     TensorSpec,
+    reference_distribution,
 )
 from pollinate.errors import CheckpointError, ConfigError
 from pollinate.log import logger
@@ -133,30 +133,6 @@ def load_run(run_dir: Path) -> _LoadedRun:
     return _LoadedRun(settings=settings, server_round=ckpt.server_round, model=model, data=data)
 
 
-def _reference_distribution(x: np.ndarray, logits: np.ndarray, bins: int = 10) -> dict[str, Any]:
-    """Summary of inputs and outputs for later drift checks (PSI needs the bin edges)."""
-    flat = x.reshape(len(x), -1).mean(axis=1)
-    edges = np.quantile(flat, np.linspace(0, 1, bins + 1)).tolist()
-    counts, _ = np.histogram(flat, bins=np.unique(edges))
-    preds = logits.argmax(axis=1)
-    classes = logits.shape[1]
-    return {
-        "samples": len(x),
-        "input": {
-            "statistic": "per-sample mean of model input",
-            "bin_edges": [float(e) for e in np.unique(edges)],
-            "counts": [int(c) for c in counts],
-            "mean": float(x.mean()),
-            "std": float(x.std()),
-        },
-        "output": {
-            "predicted_class_share": [float((preds == c).mean()) for c in range(classes)],
-            "logit_mean": [float(v) for v in logits.mean(axis=0)],
-            "logit_std": [float(v) for v in logits.std(axis=0)],
-        },
-    }
-
-
 def _calibration(data: DatasetSplit, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(data.train), size=min(n, len(data.train)), replace=False)
@@ -252,7 +228,7 @@ def export_run(
             preprocessing=Preprocessing(),
             labels=list(run.data.labels),
             artifacts=artifacts,
-            reference=_reference_distribution(x_test, reference),
+            reference=reference_distribution(x_test, reference),
             torch_accuracy=torch_accuracy,
         )
         step("writing the bundle")

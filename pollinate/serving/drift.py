@@ -1,7 +1,7 @@
 """Drift detection for served models: compare live traffic with the export-time reference.
 
 Each exported bundle's ``manifest.json`` carries a ``reference`` made by
-``pollinate.export.pipeline._reference_distribution``: a histogram of the per-sample mean of
+``pollinate.edge_runtime.manifest.reference_distribution``: a histogram of the per-sample mean of
 the model input (``input.bin_edges``, ``input.counts``) and the share of each predicted class
 (``output.predicted_class_share``). A :class:`DriftMonitor` keeps a sliding window of the same
 two statistics for live requests (never the raw inputs), computes the Population Stability

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pollinate.data import DatasetSplit
+from pollinate.edge_runtime.manifest import reference_distribution
 from pollinate.errors import ConfigError
 from pollinate.serving.drift import (
     DriftMonitor,
@@ -43,30 +44,6 @@ def _slow_psi(expected: Sequence[float], actual: Sequence[float], eps: float = 1
         a = max(a_count / total_a, eps)
         result += (a - e) * math.log(a / e)
     return result
-
-
-def _reference_distribution(x: np.ndarray, logits: np.ndarray, bins: int = 10) -> dict[str, Any]:
-    """A copy of pollinate.export.pipeline._reference_distribution (what export writes)."""
-    flat = x.reshape(len(x), -1).mean(axis=1)
-    edges = np.quantile(flat, np.linspace(0, 1, bins + 1)).tolist()
-    counts, _ = np.histogram(flat, bins=np.unique(edges))
-    preds = logits.argmax(axis=1)
-    classes = logits.shape[1]
-    return {
-        "samples": len(x),
-        "input": {
-            "statistic": "per-sample mean of model input",
-            "bin_edges": [float(e) for e in np.unique(edges)],
-            "counts": [int(c) for c in counts],
-            "mean": float(x.mean()),
-            "std": float(x.std()),
-        },
-        "output": {
-            "predicted_class_share": [float((preds == c).mean()) for c in range(classes)],
-            "logit_mean": [float(v) for v in logits.mean(axis=0)],
-            "logit_std": [float(v) for v in logits.std(axis=0)],
-        },
-    }
 
 
 def _fake_logits(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -96,7 +73,7 @@ def _stream(
 @pytest.fixture(scope="module")
 def reference(split: DatasetSplit) -> dict[str, Any]:
     """The reference the export would write, from the training split and its logits."""
-    return _reference_distribution(split.train.x, _fake_logits(split.train.y, seed=1))
+    return reference_distribution(split.train.x, _fake_logits(split.train.y, seed=1))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,239 @@
+"""``pollinate server start``: Flower's SuperLink with TLS, SuperNode authentication and state
+on disk, plus the flwr CLI connection that talks to it.
+
+Built on Flower's own tools: ``flower-superlink`` runs as a child process with
+``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``, ``--enable-supernode-auth`` (only
+registered SuperNode public keys may connect) and ``--database STATE_DIR/superlink.db`` (a
+restarted SuperLink keeps its runs and its registered nodes). Trusted keys are registered
+with ``flwr supernode register``; ``flwr`` finds the SuperLink through the connection
+``pollinate`` that this module writes to ``STATE_DIR/flwr/config.toml`` (``FLWR_HOME``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pollinate._atomic import atomic_write_text
+from pollinate.errors import ConfigError, PollinateError
+
+__all__ = [
+    "CONNECTION",
+    "SuperLinkError",
+    "SuperLinkSettings",
+    "flwr_env",
+    "list_nodes",
+    "run_superlink",
+    "trust_node",
+    "write_connection",
+]
+
+logger = logging.getLogger("pollinate")
+CONNECTION = "pollinate"
+
+
+class SuperLinkError(PollinateError):
+    """The SuperLink could not be started, reached, or asked to do something."""
+
+    exit_code = 10
+
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    """Where the certificates and the state live, and where the SuperLink listens."""
+
+    certs: Path
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9093
+    address: str | None = None  # how the flwr CLI and SuperNodes reach it; default host:port
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 1..65535, got {self.port}")
+        for name in ("ca.crt", "server.pem", "server.key"):
+            if not (Path(self.certs) / name).is_file():
+                raise ConfigError(
+                    f"{Path(self.certs) / name} is missing; make a development set with "
+                    f"`pollinate certs {self.certs}` or bring your own CA-signed certificate"
+                )
+
+    @property
+    def reach(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return self.address or f"{host}:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return (Path(self.certs) / "ca.crt").resolve()
+
+
+def flwr_env(state_dir: Path) -> dict[str, str]:
+    """The environment for flwr tools: this federation's FLWR_HOME, the venv's scripts on PATH."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str((Path(state_dir) / "flwr").resolve()),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def write_connection(settings: SuperLinkSettings) -> Path:
+    """Write the flwr CLI's connection ``pollinate`` (address + CA) into STATE_DIR/flwr."""
+    path = Path(settings.state_dir) / "flwr" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        path,
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{settings.reach}"\nroot-certificates = "{settings.ca}"\n',
+    )
+    return path
+
+
+def _flwr(state_dir: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against this federation; the parsed JSON answer."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), *args, CONNECTION, "--format", "json"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=flwr_env(state_dir)
+    )
+    start = proc.stdout.find("{")
+    try:
+        answer: dict[str, Any] = json.loads(proc.stdout[start:]) if start >= 0 else {}
+    except ValueError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (proc.stderr or proc.stdout).strip()[-400:]
+        raise SuperLinkError(f"`flwr {' '.join(args)}` failed: {detail}")
+    return answer
+
+
+def trust_node(state_dir: Path, public_key: Path) -> str:
+    """Register a SuperNode public key (OpenSSH format); returns its node id.
+
+    A key registered before (this SuperLink keeps them in its database) is found and its id
+    returned, so starting again with the same ``--trust`` keys is harmless.
+    """
+    if not Path(public_key).is_file():
+        raise ConfigError(f"public key {public_key} does not exist")
+    try:
+        return str(_flwr(state_dir, "supernode", "register", str(public_key))["node-id"])
+    except SuperLinkError as err:
+        if "already" not in str(err).lower():
+            raise
+    raise SuperLinkError(f"{public_key} is already registered")
+
+
+def list_nodes(state_dir: Path) -> list[dict[str, Any]]:
+    """The registered SuperNodes and their status (``flwr supernode list``)."""
+    nodes: list[dict[str, Any]] = _flwr(state_dir, "supernode", "list")["nodes"]
+    return nodes
+
+
+def _wait_tls(
+    settings: SuperLinkSettings, process: subprocess.Popen[bytes], timeout: float
+) -> None:
+    """Wait until the SuperLink completes a TLS handshake that verifies against the CA."""
+    host, _, port = settings.reach.rpartition(":")
+    context = ssl.create_default_context(cafile=str(settings.ca))
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise SuperLinkError(
+                f"flower-superlink exited with code {process.returncode} while starting; "
+                f"see {Path(settings.state_dir) / 'superlink.log'}"
+            )
+        try:
+            address = (host.strip("[]"), int(port))
+            with (
+                socket.create_connection(address, timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname=host.strip("[]")),
+            ):
+                return
+        except (OSError, ssl.SSLError) as err:
+            if time.monotonic() > deadline:
+                raise SuperLinkError(
+                    f"the SuperLink at {settings.reach} is not answering: {err}"
+                ) from err
+            time.sleep(0.2)
+
+
+def superlink_command(settings: SuperLinkSettings) -> list[str]:
+    certs = Path(settings.certs).resolve()
+    return [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--ssl-ca-certfile", str(certs / "ca.crt"),
+        "--ssl-certfile", str(certs / "server.pem"),
+        "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth",
+        "--database", str((Path(settings.state_dir) / "superlink.db").resolve()),
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def run_superlink(
+    settings: SuperLinkSettings,
+    trust: list[Path],
+    *,
+    on_ready: Any = None,
+    startup_timeout: float = 60.0,
+) -> int:
+    """Start the SuperLink, register ``trust`` keys, run until SIGTERM/SIGINT; its exit code.
+
+    The SuperLink's own log goes to STATE_DIR/superlink.log.
+    """
+    state = Path(settings.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    for key in trust:
+        if not Path(key).is_file():
+            raise ConfigError(f"--trust {key}: no such public key file")
+    write_connection(settings)
+    log_path = state / "superlink.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            superlink_command(settings), stdout=log_file, stderr=subprocess.STDOUT,
+            env=flwr_env(state), start_new_session=True,
+        )  # fmt: skip
+    stopping = {"signal": 0}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _wait_tls(settings, process, startup_timeout)
+        for key in trust:
+            try:
+                node_id = trust_node(state, key)
+                logger.info("trusted SuperNode key %s (node %s)", key, node_id)
+            except SuperLinkError as err:
+                if "already registered" not in str(err):
+                    raise
+                logger.info("SuperNode key %s was already trusted", key)
+        if on_ready is not None:
+            on_ready(settings)
+        return process.wait()
+    except BaseException:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

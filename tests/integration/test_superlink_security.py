@@ -1,0 +1,137 @@
+"""`pollinate certs` + `pollinate server start`: a real SuperLink with TLS and SuperNode
+authentication, real `flower-supernode` processes on loopback.
+
+Registered SuperNodes connect; an unknown key and a plaintext connection are refused; a
+restarted SuperLink keeps its registered nodes (its database is on disk).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pollinate.server.superlink import flwr_env, list_nodes
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _server(tmp: Path, port: int, *trust: Path) -> Iterator[subprocess.Popen[str]]:
+    args = ["--certs", str(tmp / "certs"), "--state-dir", str(tmp / "state"), "--port", str(port)]
+    for key in trust:
+        args += ["--trust", str(key)]
+    log = tmp / f"server-{time.monotonic_ns()}.out"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pollinate", "server", "start", *args],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=flwr_env(tmp / "state"),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while "SuperLink ready" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the SuperLink did not start"
+            time.sleep(0.2)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def _supernode(
+    tmp: Path, port: int, key: Path | None, name: str, *extra: str
+) -> subprocess.Popen[str]:
+    args = [
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--port",
+        str(_free_port()),
+        "--max-retries",
+        "3",
+        *extra,
+    ]
+    if key is not None:
+        args += ["--auth-supernode-private-key", str(key)]
+    if "--insecure" not in extra:
+        args += ["--root-certificates", str(tmp / "certs" / "ca.crt")]
+    with (tmp / f"{name}.log").open("w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [str(BIN / "flower-supernode"), *args], stdout=log, stderr=subprocess.STDOUT,
+            text=True, env=flwr_env(tmp / name), start_new_session=True,
+        )  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _online(state: Path) -> set[str]:
+    return {n["node-id"] for n in list_nodes(state) if n["status"] == "online"}
+
+
+def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> None:
+    made = subprocess.run(
+        [sys.executable, "-m", "pollinate", "certs", str(tmp_path / "certs"), "--nodes", "3"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    nodes = tmp_path / "certs" / "nodes"
+    for private in ("node-0", "node-1", "node-2"):
+        assert stat.S_IMODE((nodes / private).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "certs" / "server.key").stat().st_mode) == 0o600
+    again = subprocess.run(
+        [sys.executable, "-m", "pollinate", "certs", str(tmp_path / "certs")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+
+    port = _free_port()
+    state = tmp_path / "state"
+    with _server(tmp_path, port, nodes / "node-0.pub", nodes / "node-1.pub"):
+        registered = {n["node-id"] for n in list_nodes(state)}
+        assert len(registered) == 2
+        trusted = [_supernode(tmp_path, port, nodes / f"node-{i}", f"trusted-{i}") for i in (0, 1)]
+        stranger = _supernode(tmp_path, port, nodes / "node-2", "stranger")
+        plaintext = _supernode(tmp_path, port, nodes / "node-0", "plaintext", "--insecure")
+        try:
+            deadline = time.monotonic() + 60
+            while _online(state) != registered:
+                assert time.monotonic() < deadline, f"online: {_online(state)}"
+                time.sleep(0.5)
+            # the unknown key and the plaintext client are turned away and give up
+            assert stranger.wait(timeout=60) != 0
+            assert plaintext.wait(timeout=60) != 0
+            assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text()
+            assert {n["node-id"] for n in list_nodes(state)} == registered  # nobody new joined
+        finally:
+            for p in (*trusted, stranger, plaintext):
+                _stop(p)
+
+    # restarted on the same state directory, the SuperLink still knows its nodes
+    with _server(tmp_path, port, nodes / "node-0.pub") as server:  # node-0: already trusted
+        assert {n["node-id"] for n in list_nodes(state)} == registered
+    assert server.returncode == 0, "SIGTERM must stop the SuperLink cleanly"
