@@ -393,6 +393,17 @@ def _register_server_commands() -> None:
     app.add_typer(server_app, name="server")
 
 
+def _register_edge_daemon_commands() -> None:
+    from pollinate.cli_edge import run_command, status_command
+    from pollinate.cli_export import edge_app
+
+    edge_app.command("run")(run_command)
+    edge_app.command("status")(status_command)
+
+
+_register_edge_daemon_commands()
+
+
 _register_server_commands()
 
 

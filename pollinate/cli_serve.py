@@ -129,7 +129,7 @@ def _setup_logging(fmt: LogFormat, verbose: bool) -> None:
     pkg = logging.getLogger("pollinate")
     handler = logging.StreamHandler(sys.stderr)
     if fmt is LogFormat.json:
-        from pollinate.serving.server import JsonFormatter
+        from pollinate.log import JsonFormatter
 
         handler.setFormatter(JsonFormatter())
     else:

@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -27,33 +26,10 @@ from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.models import ModelManager
 from pollinate.serving.rest import build_rest_app
 
-__all__ = ["JsonFormatter", "Ports", "run_server", "serve"]
+__all__ = ["Ports", "run_server", "serve"]
 
 logger = logging.getLogger("pollinate")
 _GRPC_GRACE_S = 5.0
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and any ``extra`` fields."""
-
-    _PLAIN = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in self._PLAIN:
-                entry[key] = value
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-JsonFormatter.converter = __import__("time").gmtime
 
 
 @dataclass(frozen=True)

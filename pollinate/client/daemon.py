@@ -1,0 +1,242 @@
+"""``pollinate edge run``: the device daemon around Flower's SuperNode.
+
+It runs ``flower-supernode`` with TLS and this device's authentication key, pointing the
+pollinate ClientApp at the device's own data and state directory (node config ``data-path``,
+``state-dir``, ``epsilon-budget``), and supervises it:
+
+- a SuperNode that exits is started again after a back-off that doubles from 1 s to 60 s
+  (reset once it has run for a minute); while it runs, Flower itself reconnects to a
+  SuperLink that went away;
+- outside the training window (``--window 22:00-06:00``) no SuperNode runs;
+- the ClientApp's threads are capped (``OMP_NUM_THREADS`` and friends);
+- SIGTERM / SIGINT stop the SuperNode (SIGTERM to its process group, SIGKILL after 20 s) and
+  the daemon exits 0.
+
+The accountant lives in the state directory (``<client>.accountant.json``, written by the
+ClientApp before each reply), so a restarted daemon, or a restarted device, never resets
+epsilon. The daemon's own state is ``STATE_DIR/daemon.json``; its log lines are JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pollinate._atomic import atomic_write_text
+from pollinate.errors import ConfigError
+
+__all__ = ["DaemonSettings", "EdgeDaemon", "parse_window", "read_status"]
+
+logger = logging.getLogger("pollinate")
+STATUS_FILE = "daemon.json"
+
+
+def parse_window(text: str) -> tuple[dt.time, dt.time]:
+    """``"HH:MM-HH:MM"`` (local time; may wrap past midnight) -> (start, end)."""
+    try:
+        start_s, end_s = text.split("-")
+        start = dt.time.fromisoformat(start_s.strip())
+        end = dt.time.fromisoformat(end_s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--window {text!r} is not HH:MM-HH:MM (for example 22:00-06:00)"
+        ) from None
+    if start == end:
+        raise ConfigError(f"--window {text!r} is empty; give different start and end times")
+    return start, end
+
+
+def _in_window(window: tuple[dt.time, dt.time] | None, now: dt.datetime) -> bool:
+    if window is None:
+        return True
+    start, end = window
+    t = now.time()
+    return start <= t < end if start < end else (t >= start or t < end)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What the daemon runs and how it supervises it."""
+
+    superlink: str
+    root_certificates: Path
+    key: Path
+    state_dir: Path
+    data: Path | None = None
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    epsilon_budget: float | None = None
+    threads: int = 1
+    window: tuple[dt.time, dt.time] | None = None
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    stable_s: float = 60.0
+    extra_node_config: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.superlink:
+            raise ConfigError(f"--superlink {self.superlink!r} must be HOST:PORT")
+        for what, path in (("--root-certificates", self.root_certificates), ("--key", self.key)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{what} {path} does not exist")
+        if self.data is not None and not Path(self.data).exists():
+            raise ConfigError(f"--data {self.data} does not exist")
+        if (self.partition_id is None) != (self.num_partitions is None):
+            raise ConfigError("--partition-id and --num-partitions go together")
+        if self.data is None and self.partition_id is None:
+            raise ConfigError(
+                "say which data this device trains on: --data PATH (its own data), or "
+                "--partition-id I --num-partitions N (a slice of the built-in data, for demos)"
+            )
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.epsilon_budget is not None and self.epsilon_budget <= 0:
+            raise ConfigError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
+
+    def node_config(self) -> str:
+        items: dict[str, str] = {"state-dir": f'"{Path(self.state_dir).resolve()}"'}
+        if self.data is not None:
+            items["data-path"] = f'"{Path(self.data).resolve()}"'
+        else:
+            items["partition-id"] = str(self.partition_id)
+            items["num-partitions"] = str(self.num_partitions)
+        if self.epsilon_budget is not None:
+            items["epsilon-budget"] = repr(float(self.epsilon_budget))
+        items.update(self.extra_node_config)
+        return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_status(state_dir: Path) -> dict[str, Any]:
+    """The daemon's ``daemon.json`` (empty when it never ran here)."""
+    path = Path(state_dir) / STATUS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class EdgeDaemon:
+    """Runs and supervises one SuperNode; :meth:`run` returns when asked to stop."""
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+        self.restarts = 0
+        self._status: dict[str, Any] = {}
+
+    def command(self) -> list[str]:
+        s = self.settings
+        return [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--superlink", s.superlink,
+            "--root-certificates", str(Path(s.root_certificates).resolve()),
+            "--auth-supernode-private-key", str(Path(s.key).resolve()),
+            "--node-config", s.node_config(),
+            "--port", str(_free_port()),
+        ]  # fmt: skip
+
+    def _env(self) -> dict[str, str]:
+        threads = str(self.settings.threads)
+        return {
+            **os.environ,
+            "FLWR_HOME": str((Path(self.settings.state_dir) / "flwr").resolve()),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "OPENBLAS_NUM_THREADS": threads,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def _write_status(self, **changes: Any) -> None:
+        self._status.update(
+            changes, updated=dt.datetime.now(dt.UTC).isoformat(), restarts=self.restarts
+        )
+        atomic_write_text(
+            Path(self.settings.state_dir) / STATUS_FILE, json.dumps(self._status, indent=2) + "\n"
+        )
+
+    def _event(self, message: str, **fields: Any) -> None:
+        logger.info(message, extra={"event": message, **fields})
+
+    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT (or :attr:`stop` is set); returns 0."""
+        s = self.settings
+        state = Path(s.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        settings_record = {k: str(v) for k, v in asdict(s).items() if v is not None}
+        self._status = {"pid": os.getpid(), "settings": settings_record, "state": "starting"}
+        self._write_status()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop.set())
+        delay = s.backoff_initial_s
+        while not self.stop.is_set():
+            if not _in_window(s.window, dt.datetime.now()):
+                self._write_status(state="waiting for the training window", supernode_pid=None)
+                self._event("outside the training window; not training")
+                while not self.stop.is_set() and not _in_window(s.window, dt.datetime.now()):
+                    self.stop.wait(5.0)
+                continue
+            with (state / "supernode.log").open("ab") as log_file:
+                process = subprocess.Popen(
+                    self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                    env=self._env(), start_new_session=True,
+                )  # fmt: skip
+            started = time.monotonic()
+            self._write_status(
+                state="running",
+                supernode_pid=process.pid,
+                started=dt.datetime.now(dt.UTC).isoformat(),
+            )
+            self._event("supernode started", pid=process.pid, superlink=s.superlink)
+            while process.poll() is None and not self.stop.is_set():
+                if not _in_window(s.window, dt.datetime.now()):
+                    self._event("the training window closed; stopping the supernode")
+                    self._terminate(process)
+                    break
+                self.stop.wait(0.5)
+            if self.stop.is_set():
+                self._terminate(process)
+                break
+            code = process.returncode
+            if time.monotonic() - started >= s.stable_s:
+                delay = s.backoff_initial_s
+            self.restarts += 1
+            self._write_status(state="restarting", supernode_pid=None, last_exit=code)
+            self._event("supernode exited; restarting", exit_code=code, restart_in_s=delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, s.backoff_max_s)
+        self._write_status(state="stopped", supernode_pid=None)
+        self._event("stopped")
+        return 0

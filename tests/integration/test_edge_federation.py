@@ -1,0 +1,150 @@
+"""A real federation on loopback: `pollinate server start` (TLS + SuperNode authentication),
+five `pollinate edge run` daemons, and `flwr run` of the pollinate apps for three rounds.
+
+Two SuperNodes are killed after round 1: round 2 completes with the others when its timeout
+passes, the daemons start the killed SuperNodes again, and they train in round 3. Each device
+keeps its accountant in its own state directory; SIGTERM stops every daemon cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pollinate.server.superlink import flwr_env, list_nodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEVICES = 5
+ROUNDS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+
+
+def _wait(what: str, check: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen[str], timeout: float = 30) -> int:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path: Path) -> None:
+    pollinate = [sys.executable, "-m", "pollinate"]
+    env = {**flwr_env(tmp_path / "state"), "OMP_NUM_THREADS": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+    made = subprocess.run(
+        [*pollinate, "certs", str(tmp_path / "certs"), "--nodes", str(DEVICES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert made.returncode == 0, made.stderr
+    certs, port, state = tmp_path / "certs", _free_port(), tmp_path / "state"
+    trust: list[str] = []
+    for i in range(DEVICES):
+        trust += ["--trust", str(certs / "nodes" / f"node-{i}.pub")]
+    server_cmd = [*pollinate, "server", "start", "--certs", str(certs), "--state-dir", str(state),
+                  "--port", str(port), *trust]  # fmt: skip
+    server = _spawn(server_cmd, tmp_path / "server.log", env)
+    daemons: list[subprocess.Popen[str]] = []
+    try:
+        server_log = tmp_path / "server.log"
+        _wait("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
+        for i in range(DEVICES):
+            cmd = [
+                *pollinate, "edge", "run", "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(certs / "ca.crt"),
+                "--key", str(certs / "nodes" / f"node-{i}"),
+                "--state-dir", str(tmp_path / f"device-{i}"),
+                "--partition-id", str(i), "--num-partitions", str(DEVICES),
+            ]  # fmt: skip
+            daemons.append(_spawn(cmd, tmp_path / f"daemon-{i}.log", env))
+        online = lambda: sum(n["status"] == "online" for n in list_nodes(state)) == DEVICES  # noqa: E731
+        _wait("five SuperNodes online", online, 120)
+
+        run_dir = tmp_path / "run"
+        run_config = (f'num-server-rounds={ROUNDS} run-dir="{run_dir}" fraction-train=1.0 '
+                      "min-train-nodes=3 round-timeout=45.0 fraction-evaluate=0.0")  # fmt: skip
+        flwr_cmd = [str(BIN / "flwr"), "run", str(REPO), "pollinate", "--run-config", run_config,
+                    "--stream"]  # fmt: skip
+        flwr_run = _spawn(flwr_cmd, tmp_path / "flwr-run.log", env)
+
+        def rounds_done() -> int:
+            path = run_dir / "metrics.json"
+            return len(json.loads(path.read_text())) - 1 if path.exists() else 0
+
+        _wait("round 1", lambda: rounds_done() >= 1, 300)
+        killed = []
+        for i in (3, 4):  # kill the SuperNodes (not the daemons) of two devices mid-run
+            pid = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())[
+                "supernode_pid"
+            ]
+            os.killpg(pid, signal.SIGKILL)
+            killed.append(pid)
+        assert flwr_run.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [m["server_round"] for m in metrics] == list(range(ROUNDS + 1))
+        assert all(m["replied"] >= 3 for m in metrics[1:]), metrics
+        assert metrics[1]["replied"] == DEVICES
+        assert metrics[-1]["accuracy"] is not None
+        # The daemons start the killed SuperNodes again; the SuperLink lets them back in once
+        # it has marked them offline (Flower: two missed 30 s heartbeats), so this can take a
+        # minute or two of back-off retries.
+        _wait("all SuperNodes back online", online, 240)
+        for i in (3, 4):
+            status = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())
+            assert status["restarts"] >= 1 and status["state"] == "running"
+            assert status["supernode_pid"] not in killed
+            lines = (tmp_path / f"daemon-{i}.log").read_text().splitlines()
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            assert any(e.get("exit_code") == -9 for e in events), events
+        report = subprocess.run(
+            [*pollinate, "edge", "status", "--state-dir", str(tmp_path / "device-0"), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert report.returncode == 0, report.stderr
+        clients = json.loads(report.stdout)["clients"]
+        assert len(clients) == 1 and clients[0]["epsilon"] > 0 and clients[0]["steps"] > 0
+    finally:
+        codes = [_stop(d) for d in daemons]
+        _stop(server)
+    assert codes == [0] * DEVICES, "SIGTERM must stop every daemon cleanly"
+    for i in range(DEVICES):
+        assert (
+            json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())["state"] == "stopped"
+        )
