@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -143,3 +143,109 @@ def nodes_command(
     console = Console(soft_wrap=True)
     for node in nodes:
         console.print(f"{node['node-id']}  {node['status']:<10}  online since {node['online-at']}")
+
+
+@server_app.command("run")
+def run_command(
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Per-client sample-level epsilon budget.")
+    ] = None,
+    round_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a round waits for replies.")
+    ] = None,
+    min_train_nodes: Annotated[
+        int | None, typer.Option(help="Fewest replies a round needs.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory on the server [STATE/runs/TIME].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any run-config key=value (see `pollinate simulate --help`)."),
+    ] = None,
+    app: Annotated[Path | None, typer.Option(help="pollinate's project folder (the App).")] = None,
+) -> None:
+    """Start a training run on the federation; prints its run id.
+
+    The same settings as `pollinate simulate` (rounds, strategy, DP, budget, timeouts); the
+    ServerApp runs on the server and writes its run directory there. Follow it with
+    `pollinate server status`, stop it with `pollinate server stop RUN_ID`.
+
+    Examples:
+
+      pollinate server run --state-dir state --rounds 10 --round-timeout 120 --min-train-nodes 3
+
+      pollinate server run --state-dir state --set client-dp=server-fixed \\
+        --set client-dp-target-epsilon=4
+    """
+    from pollinate.cli import _fail, _parse_sets
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import default_app_dir, start_run
+
+    flags = {"num-server-rounds": rounds, "strategy": strategy, "epsilon-budget": epsilon_budget,
+             "round-timeout": round_timeout, "min-train-nodes": min_train_nodes,
+             "run-dir": str(run_dir.resolve()) if run_dir else None}  # fmt: skip
+    try:
+        config = {k: _toml_value(v) for k, v in _parse_sets(set_ or []).items()}
+        config.update({k: v for k, v in flags.items() if v is not None})
+        run_id, where = start_run(state_dir, app or default_app_dir(), config)
+    except PollinateError as err:
+        raise _fail(err) from None
+    Console(soft_wrap=True, stderr=True).print(f"run {run_id} started; run directory {where}")
+    print(run_id)
+
+
+def _toml_value(text: str) -> Any:
+    """``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, ``"x"`` or ``x`` -> "x"."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+@server_app.command("status")
+def status_command(
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a run: Flower's status, the last round, clients sampled / replied / declined /
+    failed, accuracy and the largest epsilon so far."""
+    from pollinate.cli import _fail
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import run_status
+
+    try:
+        report = run_status(state_dir, run_id)
+    except PollinateError as err:
+        raise _fail(err) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console = Console(soft_wrap=True)
+    for key, value in report.items():
+        console.print(f"{key:<22} {value}")
+
+
+@server_app.command("stop")
+def stop_command(
+    run_id: Annotated[str, typer.Argument(help="The run to stop.")],
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+) -> None:
+    """Stop a run (its last completed round stays checkpointed; resume with --set resume=true)."""
+    from pollinate.cli import _fail
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import stop_run
+
+    try:
+        stop_run(state_dir, run_id)
+    except PollinateError as err:
+        raise _fail(err) from None
+    Console().print(f"run {run_id} stopped")

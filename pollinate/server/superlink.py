@@ -100,9 +100,12 @@ def write_connection(settings: SuperLinkSettings) -> Path:
     return path
 
 
-def _flwr(state_dir: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json`` against this federation; the parsed JSON answer."""
-    cmd = [str(Path(sys.executable).parent / "flwr"), *args, CONNECTION, "--format", "json"]
+def _flwr(
+    state_dir: Path, *args: str, options: tuple[str, ...] = (), timeout: float = 120.0
+) -> dict[str, Any]:
+    """Run ``flwr ARGS pollinate OPTIONS --format json`` on this federation; the JSON answer."""
+    flwr = str(Path(sys.executable).parent / "flwr")
+    cmd = [flwr, *args, CONNECTION, *options, "--format", "json"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=flwr_env(state_dir)
     )

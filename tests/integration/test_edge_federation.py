@@ -1,5 +1,6 @@
 """A real federation on loopback: `pollinate server start` (TLS + SuperNode authentication),
-five `pollinate edge run` daemons, and `flwr run` of the pollinate apps for three rounds.
+five `pollinate edge run` daemons, and `pollinate server run` / `status` (the flwr CLI
+underneath) for three rounds.
 
 Two SuperNodes are killed after round 1: round 2 completes with the others when its timeout
 passes, the daemons start the killed SuperNodes again, and they train in round 3. Each device
@@ -22,8 +23,6 @@ import pytest
 from pollinate.server.superlink import flwr_env, list_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 DEVICES = 5
 ROUNDS = 3
 
@@ -94,11 +93,23 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         _wait("five SuperNodes online", online, 120)
 
         run_dir = tmp_path / "run"
-        run_config = (f'num-server-rounds={ROUNDS} run-dir="{run_dir}" fraction-train=1.0 '
-                      "min-train-nodes=3 round-timeout=45.0 fraction-evaluate=0.0")  # fmt: skip
-        flwr_cmd = [str(BIN / "flwr"), "run", str(REPO), "pollinate", "--run-config", run_config,
-                    "--stream"]  # fmt: skip
-        flwr_run = _spawn(flwr_cmd, tmp_path / "flwr-run.log", env)
+        started = subprocess.run(
+            [*pollinate, "server", "run", "--state-dir", str(state), "--rounds", str(ROUNDS),
+             "--round-timeout", "45", "--min-train-nodes", "3", "--run-dir", str(run_dir),
+             "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        run_id = started.stdout.strip().splitlines()[-1]
+
+        def status() -> dict[str, object]:
+            out = subprocess.run(
+                [*pollinate, "server", "status", "--state-dir", str(state), "--json"],
+                capture_output=True, text=True, timeout=120, env=env,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            report: dict[str, object] = json.loads(out.stdout)
+            return report
 
         def rounds_done() -> int:
             path = run_dir / "metrics.json"
@@ -112,7 +123,10 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
             ]
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
-        assert flwr_run.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+        _wait("the run to finish", lambda: str(status()["status"]).startswith("finished"), 400)
+        final = status()
+        assert final["run_id"] == run_id and final["status"] == "finished:completed", final
+        assert final["round"] == ROUNDS and final["max_epsilon"] > 0  # type: ignore[operator]
 
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert [m["server_round"] for m in metrics] == list(range(ROUNDS + 1))
