@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,8 +53,9 @@ def run_command(
     from pollinate.cli import _fail
     from pollinate.client.daemon import DaemonSettings, EdgeDaemon, parse_window
     from pollinate.errors import PollinateError
+    from pollinate.log import log_to_stderr
 
-    _json_logging()
+    log_to_stderr()
     try:
         settings = DaemonSettings(
             superlink=superlink, root_certificates=root_certificates, key=key,
@@ -128,14 +127,3 @@ def status_command(
         console.print(
             f"client {c['client']}: epsilon {c['epsilon']:.3f} at delta {delta:g} ({left})"
         )
-
-
-def _json_logging() -> None:
-    from pollinate.log import JsonFormatter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    pkg = logging.getLogger("pollinate")
-    pkg.handlers[:] = [handler]
-    pkg.setLevel(logging.INFO)
-    pkg.propagate = False

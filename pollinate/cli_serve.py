@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,9 +90,12 @@ def serve_command(
     """
     from pollinate.cli import _fail
     from pollinate.errors import ConfigError, PollinateError
+    from pollinate.log import log_to_stderr
     from pollinate.serving.config import _read_token, load_serve_settings
 
-    _setup_logging(log_format, verbose)
+    log_to_stderr(
+        json_lines=log_format is LogFormat.json, level=logging.DEBUG if verbose else logging.INFO
+    )
     flags: dict[str, Any] = {
         "repository": repository, "host": host, "http_port": http_port,
         "grpc_port": grpc_port, "metrics_port": metrics_port, "device": device,
@@ -123,17 +125,3 @@ def serve_command(
         raise _fail(err) from None
     except OSError as err:
         raise _fail(ConfigError(f"cannot start the server: {err}")) from None
-
-
-def _setup_logging(fmt: LogFormat, verbose: bool) -> None:
-    pkg = logging.getLogger("pollinate")
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt is LogFormat.json:
-        from pollinate.log import JsonFormatter
-
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    pkg.handlers[:] = [handler]
-    pkg.setLevel(logging.DEBUG if verbose else logging.INFO)
-    pkg.propagate = False

@@ -114,10 +114,12 @@ def trust_command(
     """Register one more SuperNode public key with the running SuperLink."""
     from pollinate.cli import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.superlink import trust_node
+    from pollinate.server.superlink import SuperLinkError, trust_node
 
     try:
         node_id = trust_node(state_dir, public_key)
+        if node_id is None:
+            raise SuperLinkError(f"{public_key} is already registered")
     except PollinateError as err:
         raise _fail(err) from None
     Console().print(f"trusted {public_key}: node {node_id}")

@@ -33,3 +33,18 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def log_to_stderr(*, json_lines: bool = True, level: int = logging.INFO) -> None:
+    """Send the ``pollinate`` logger to stderr, as JSON lines or plain text (long-running
+    commands call this; nothing is configured at import)."""
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False

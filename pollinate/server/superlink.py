@@ -120,20 +120,20 @@ def _flwr(
     return answer
 
 
-def trust_node(state_dir: Path, public_key: Path) -> str:
+def trust_node(state_dir: Path, public_key: Path) -> str | None:
     """Register a SuperNode public key (OpenSSH format); returns its node id.
 
-    A key registered before (this SuperLink keeps them in its database) is found and its id
-    returned, so starting again with the same ``--trust`` keys is harmless.
+    Returns None for a key registered before (the SuperLink keeps them in its database), so
+    starting again with the same ``--trust`` keys is harmless.
     """
     if not Path(public_key).is_file():
         raise ConfigError(f"public key {public_key} does not exist")
     try:
         return str(_flwr(state_dir, "supernode", "register", str(public_key))["node-id"])
     except SuperLinkError as err:
-        if "already" not in str(err).lower():
+        if "already" not in str(err).lower():  # flwr: "Public key already in use."
             raise
-    raise SuperLinkError(f"{public_key} is already registered")
+    return None
 
 
 def list_nodes(state_dir: Path) -> list[dict[str, Any]]:
@@ -219,13 +219,11 @@ def run_superlink(
     try:
         _wait_tls(settings, process, startup_timeout)
         for key in trust:
-            try:
-                node_id = trust_node(state, key)
-                logger.info("trusted SuperNode key %s (node %s)", key, node_id)
-            except SuperLinkError as err:
-                if "already registered" not in str(err):
-                    raise
+            node_id = trust_node(state, key)
+            if node_id is None:
                 logger.info("SuperNode key %s was already trusted", key)
+            else:
+                logger.info("trusted SuperNode key %s (node %s)", key, node_id)
         if on_ready is not None:
             on_ready(settings)
         return process.wait()

@@ -145,7 +145,7 @@ def select_backend(
 ) -> Backend:
     """Build one instance of ``files`` as the settings and the machine allow."""
     want_cuda = device == "cuda" or (device == "auto" and gpu_present())
-    if backend in ("auto", "onnxruntime") and files.onnx is not None:
+    if backend != "torch":
         if want_cuda and _ort_cuda():
             return OnnxRuntimeBackend(files.onnx, device="cuda", threads=threads)
         if backend == "onnxruntime" or not want_cuda:
@@ -155,12 +155,11 @@ def select_backend(
                     "install onnxruntime-gpu, or use --backend torch (with a CUDA torch)"
                 )
             return OnnxRuntimeBackend(files.onnx, device="cpu", threads=threads)
-    if backend == "onnxruntime":
-        raise RepositoryError(f"{files.path} holds no model.onnx for the onnxruntime backend")
+    # --backend torch, or auto on a GPU that the installed onnxruntime cannot use
     if want_cuda and _torch_cuda():
         return TorchBackend(files, spec, device="cuda", threads=threads)
     if device == "cuda":
         raise ConfigError("--device cuda: no CUDA device is usable by onnxruntime or torch")
-    if files.onnx is not None and backend == "auto":
+    if backend == "auto":
         return OnnxRuntimeBackend(files.onnx, device="cpu", threads=threads)
     return TorchBackend(files, spec, device="cpu", threads=threads)

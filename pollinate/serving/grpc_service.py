@@ -21,7 +21,7 @@ import numpy as np
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
 from pollinate.serving.models import InvalidInputError, ModelManager, ModelNotFoundError
 from pollinate.serving.proto import kserve_v2_pb2 as pb
-from pollinate.serving.repository import KSERVE_DTYPES
+from pollinate.serving.repository import KSERVE_DTYPES, kserve_datatype
 from pollinate.serving.rest import SERVER_EXTENSIONS, metadata
 
 __all__ = ["InferenceServicer", "add_servicer"]
@@ -214,7 +214,7 @@ class InferenceServicer:
             )
             for name in wanted:
                 arr = outcome.outputs[name]
-                datatype = next(k for k, v in KSERVE_DTYPES.items() if v == arr.dtype)
+                datatype = kserve_datatype(arr.dtype)
                 response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
                 response.raw_output_contents.append(
                     np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()

@@ -30,7 +30,14 @@ from pollinate.serving.batcher import Batcher, BatchResult
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.drift import DriftMonitor, DriftReading, DriftSettings, TriggerSink
 from pollinate.serving.metrics import ServingMetrics
-from pollinate.serving.repository import ModelSpec, VersionFiles, scan_model, scan_repository
+from pollinate.serving.repository import (
+    ModelSpec,
+    VersionFiles,
+    kserve_datatype,
+    model_dirs,
+    scan_model,
+    scan_repository,
+)
 
 __all__ = [
     "InvalidInputError",
@@ -75,7 +82,7 @@ def check_inputs(
         want = f"expected {meta.datatype} with shape {list(meta.shape)} (batch 1..{max_batch})"
         if arr.dtype != meta.dtype:
             raise InvalidInputError(
-                f"input {meta.name!r}: {want}, got datatype {_kserve(arr.dtype)}"
+                f"input {meta.name!r}: {want}, got datatype {kserve_datatype(arr.dtype)}"
             )
         if arr.ndim != len(meta.shape) or tuple(arr.shape[1:]) != meta.shape[1:]:
             raise InvalidInputError(f"input {meta.name!r}: {want}, got shape {list(arr.shape)}")
@@ -88,15 +95,6 @@ def check_inputs(
         out[meta.name] = np.ascontiguousarray(arr)
     assert batch is not None
     return out, batch
-
-
-def _kserve(dtype: np.dtype[Any]) -> str:
-    from pollinate.serving.repository import KSERVE_DTYPES
-
-    for name, dt in KSERVE_DTYPES.items():
-        if dt == dtype:
-            return name
-    return str(dtype)
 
 
 @dataclass
@@ -381,21 +379,21 @@ class ModelManager:
             if router.canary is not None:
                 self._judge(name, router)
         try:
-            found = await asyncio.to_thread(scan_repository, self.settings.repository)
+            found = await asyncio.to_thread(model_dirs, self.settings.repository)
         except RepositoryError as err:
             logger.warning("cannot scan the model repository: %s", err)
             return
-        for name in found:
-            router = self._routers.setdefault(name, _Router())
-            if router.canary is not None:
+        for model_dir in found:  # each model read once; a bad one is skipped, not fatal
+            known = self._routers.get(model_dir.name)
+            if known is not None and known.canary is not None:
                 continue
             try:
-                spec, versions = await asyncio.to_thread(
-                    scan_model, self.settings.repository / name
-                )
+                spec, versions = await asyncio.to_thread(scan_model, model_dir)
             except RepositoryError as err:
-                logger.warning("skipping model %s: %s", name, err)
+                logger.warning("skipping model %s: %s", model_dir.name, err)
                 continue
+            name = spec.name
+            router = self._routers.setdefault(name, _Router())
             newest = max(versions, default=None)
             current = router.current.version if router.current is not None else 0
             if newest is None or newest <= current:

@@ -30,6 +30,8 @@ __all__ = [
     "ModelSpec",
     "TensorMeta",
     "VersionFiles",
+    "kserve_datatype",
+    "model_dirs",
     "read_model_config",
     "scan_model",
     "scan_repository",
@@ -64,6 +66,14 @@ KSERVE_DTYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
 }
+
+
+_KSERVE_NAMES = {dtype: name for name, dtype in KSERVE_DTYPES.items()}
+
+
+def kserve_datatype(dtype: np.dtype[Any]) -> str:
+    """The KServe name of a numpy dtype (``float32`` -> ``FP32``); ``str(dtype)`` if it has none."""
+    return _KSERVE_NAMES.get(np.dtype(dtype), str(dtype))
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ class VersionFiles:
     model: str
     version: int
     path: Path
-    onnx: Path | None
+    onnx: Path
     safetensors: Path | None
     torch_spec: dict[str, Any] | None
     reference: dict[str, Any] = field(default_factory=dict)
@@ -231,18 +241,24 @@ def scan_model(model_dir: Path) -> tuple[ModelSpec, dict[int, VersionFiles]]:
     return spec, versions
 
 
-def scan_repository(repo: Path) -> dict[str, tuple[ModelSpec, dict[int, VersionFiles]]]:
-    """Every model directory (one holding ``config.pbtxt``) of ``repo``."""
+def model_dirs(repo: Path) -> list[Path]:
+    """The model directories (ones holding ``config.pbtxt``) of ``repo``, sorted."""
     repo = Path(repo)
     if not repo.is_dir():
         raise RepositoryError(
             f"model repository {repo} does not exist or is not a directory; create one with "
             "`pollinate export RUN_DIR --triton-repo DIR`"
         )
+    return [
+        d for d in sorted(repo.iterdir())
+        if not d.name.startswith(".") and (d / "config.pbtxt").is_file()
+    ]  # fmt: skip
+
+
+def scan_repository(repo: Path) -> dict[str, tuple[ModelSpec, dict[int, VersionFiles]]]:
+    """Every model of ``repo``: its config and complete versions (any bad one raises)."""
     found = {}
-    for model_dir in sorted(repo.iterdir()):
-        if model_dir.name.startswith(".") or not (model_dir / "config.pbtxt").is_file():
-            continue
+    for model_dir in model_dirs(repo):
         spec, versions = scan_model(model_dir)
         found[spec.name] = (spec, versions)
     return found

@@ -24,7 +24,7 @@ import numpy as np
 
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
 from pollinate.serving.models import InvalidInputError, ModelManager, ModelNotFoundError
-from pollinate.serving.repository import KSERVE_DTYPES
+from pollinate.serving.repository import KSERVE_DTYPES, kserve_datatype
 
 __all__ = ["SERVER_EXTENSIONS", "RestApp", "build_rest_app", "metadata"]
 
@@ -360,8 +360,9 @@ def _encode(
     tensors = []
     for name in names:
         arr = outputs[name]
-        datatype = next(k for k, v in KSERVE_DTYPES.items() if v == arr.dtype)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        entry: dict[str, Any] = {
+            "name": name, "datatype": kserve_datatype(arr.dtype), "shape": list(arr.shape)
+        }  # fmt: skip
         if _wants_binary(request, name):
             blob = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}

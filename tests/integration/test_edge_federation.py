@@ -12,25 +12,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pollinate.server.superlink import flwr_env, list_nodes
+from tests.processes import free_port, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 5
 ROUNDS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -39,22 +34,11 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[s
                                 start_new_session=True)  # fmt: skip
 
 
-def _wait(what: str, check: object, timeout: float) -> None:
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen[str], timeout: float = 30) -> int:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
 
 
 def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path: Path) -> None:
@@ -69,7 +53,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         env=env,
     )
     assert made.returncode == 0, made.stderr
-    certs, port, state = tmp_path / "certs", _free_port(), tmp_path / "state"
+    certs, port, state = tmp_path / "certs", free_port(), tmp_path / "state"
     trust: list[str] = []
     for i in range(DEVICES):
         trust += ["--trust", str(certs / "nodes" / f"node-{i}.pub")]
@@ -155,8 +139,8 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         clients = json.loads(report.stdout)["clients"]
         assert len(clients) == 1 and clients[0]["epsilon"] > 0 and clients[0]["steps"] > 0
     finally:
-        codes = [_stop(d) for d in daemons]
-        _stop(server)
+        codes = [stop_group(d) for d in daemons]
+        stop_group(server)
     assert codes == [0] * DEVICES, "SIGTERM must stop every daemon cleanly"
     for i in range(DEVICES):
         assert (

@@ -7,9 +7,7 @@ restarted SuperLink keeps its registered nodes (its database is on disk).
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from pollinate.server.superlink import flwr_env, list_nodes
+from tests.processes import free_port, stop_group
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -63,7 +56,7 @@ def _supernode(
         "--superlink",
         f"127.0.0.1:{port}",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--max-retries",
         "3",
         *extra,
@@ -77,16 +70,6 @@ def _supernode(
             [str(BIN / "flower-supernode"), *args], stdout=log, stderr=subprocess.STDOUT,
             text=True, env=flwr_env(tmp / name), start_new_session=True,
         )  # fmt: skip
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def _online(state: Path) -> set[str]:
@@ -109,7 +92,7 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
     )  # fmt: skip
     assert again.returncode == 2 and "never overwrites" in again.stderr
 
-    port = _free_port()
+    port = free_port()
     state = tmp_path / "state"
     with _server(tmp_path, port, nodes / "node-0.pub", nodes / "node-1.pub"):
         registered = {n["node-id"] for n in list_nodes(state)}
@@ -129,7 +112,7 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
             assert {n["node-id"] for n in list_nodes(state)} == registered  # nobody new joined
         finally:
             for p in (*trusted, stranger, plaintext):
-                _stop(p)
+                stop_group(p)
 
     # restarted on the same state directory, the SuperLink still knows its nodes
     with _server(tmp_path, port, nodes / "node-0.pub") as server:  # node-0: already trusted
