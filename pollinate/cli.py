@@ -394,11 +394,12 @@ def _register_server_commands() -> None:
 
 
 def _register_edge_daemon_commands() -> None:
-    from pollinate.cli_edge import run_command, status_command
+    from pollinate.cli_edge import rollback_command, run_command, status_command
     from pollinate.cli_export import edge_app
 
     edge_app.command("run")(run_command)
     edge_app.command("status")(status_command)
+    edge_app.command("rollback")(rollback_command)
 
 
 _register_edge_daemon_commands()

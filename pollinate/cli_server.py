@@ -67,6 +67,13 @@ def start_command(
     address: Annotated[
         str | None, typer.Option(help="How SuperNodes and flwr reach it [HOST:PORT].")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Port for the runs' Prometheus metrics (/metrics); off if unset."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint listens on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Start a Flower SuperLink with TLS, SuperNode authentication and state on disk.
 
@@ -80,29 +87,51 @@ def start_command(
 
       pollinate server start --certs certs --state-dir state --trust certs/nodes/node-0.pub
 
-    When ready it prints the flower-supernode command line a device runs.
+      pollinate server start --certs certs --state-dir state --metrics-port 9464
+
+    When ready it prints the flower-supernode command line a device runs. With --metrics-port
+    it also serves every run's round, clients sampled / replied / declined / rejected /
+    failed, round duration, accuracy, loss and epsilon for Prometheus on /metrics.
     """
     from pollinate.cli import _fail
-    from pollinate.errors import PollinateError
+    from pollinate.errors import ConfigError, PollinateError
     from pollinate.server.superlink import SuperLinkSettings, run_superlink
 
     console = Console(stderr=True, soft_wrap=True)
+    metrics_note = ""
 
     def ready(settings: SuperLinkSettings) -> None:
         console.print(
             f"SuperLink ready at {settings.reach} (TLS, SuperNode authentication); "
-            f"state in {settings.state_dir}. SuperNodes connect with:\n"
+            f"state in {settings.state_dir}.{metrics_note} SuperNodes connect with:\n"
             f"  flower-supernode --superlink {settings.reach} --root-certificates {settings.ca} "
             "--auth-supernode-private-key KEY"
         )
 
+    exporter = None
     try:
         settings = SuperLinkSettings(
             certs=certs, state_dir=state_dir, host=host, port=port, address=address
         )
+        if metrics_port is not None:
+            try:
+                from pollinate.server.fed_metrics import serve_federation_metrics
+            except ImportError as err:
+                raise ConfigError(
+                    f"--metrics-port needs prometheus_client ({err}); "
+                    'pip install "pollinate[serve]"'
+                ) from err
+            exporter = serve_federation_metrics(state_dir, metrics_host, metrics_port)
+            shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+            metrics_note = f" Metrics at http://{shown}:{exporter[0].server_port}/metrics."
         code = run_superlink(settings, list(trust or []), on_ready=ready)
     except PollinateError as err:
         raise _fail(err) from None
+    finally:
+        if exporter is not None:
+            exporter[0].shutdown()
+            exporter[0].server_close()
+            exporter[1].join(timeout=5)
     raise typer.Exit(code=0 if code in (0, -15) else code)
 
 
@@ -251,3 +280,99 @@ def stop_command(
     except PollinateError as err:
         raise _fail(err) from None
     Console().print(f"run {run_id} stopped")
+
+
+@server_app.command("logs")
+def logs_command(
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")
+    ] = False,
+) -> None:
+    """Print a run's logs (the ServerApp's rounds, as the SuperLink keeps them; `flwr log`).
+
+    Examples:
+
+      pollinate server logs --state-dir state
+
+      pollinate server logs --state-dir state --run-id 8421 --follow
+    """
+    from pollinate.cli import _fail
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import run_logs
+
+    try:
+        code = run_logs(state_dir, run_id, follow=follow)
+    except PollinateError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code=code)
+
+
+@server_app.command("resume")
+def resume_command(
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+    run_id: Annotated[
+        str | None, typer.Argument(help="The run to continue [the newest run].")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", "-r", help="Change the total number of rounds.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Change a run-config key=value a resume allows."),
+    ] = None,
+    app: Annotated[Path | None, typer.Option(help="pollinate's project folder (the App).")] = None,
+) -> None:
+    """Continue a stopped or crashed run from its last checkpoint, as a new Flower run.
+
+    Same run directory, same settings (from its run.json); the model, strategy state, history
+    and privacy ledger come back from the newest checkpoint and the devices keep their own
+    accountants, so epsilon is never reset. A run Flower still shows as running is stopped
+    first. Prints the new run id.
+
+    Examples:
+
+      pollinate server resume --state-dir state
+
+      pollinate server resume 8421 --state-dir state --rounds 20
+    """
+    from pollinate.cli import _fail, _parse_sets
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import default_app_dir, resume_run
+
+    try:
+        overrides = {k: _toml_value(v) for k, v in _parse_sets(set_ or []).items()}
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        new_id, where, done = resume_run(state_dir, app or default_app_dir(), run_id, overrides)
+    except PollinateError as err:
+        raise _fail(err) from None
+    Console(soft_wrap=True, stderr=True).print(f"run {new_id} continues {where} after round {done}")
+    print(new_id)
+
+
+@server_app.command("pull")
+def pull_command(
+    dest: Annotated[Path, typer.Argument(help="Folder to copy the run's results into.")],
+    state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
+    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+) -> None:
+    """Copy a run's results into DEST/run-ID: metrics, privacy ledger, summary, the newest
+    checkpoint and the exported bundles.
+
+    Examples:
+
+      pollinate server pull results --state-dir state
+
+      pollinate export results/run-8421 --out bundles
+    """
+    from pollinate.cli import _fail
+    from pollinate.errors import PollinateError
+    from pollinate.server.runs import pull_run
+
+    try:
+        target = pull_run(state_dir, dest, run_id)
+    except PollinateError as err:
+        raise _fail(err) from None
+    Console(soft_wrap=True).print(f"pulled into {target}")

@@ -60,6 +60,9 @@ def _enum(enum_type: type[Enum], key: str, value: object) -> Any:
         ) from None
 
 
+EXPORT_FORMATS = ("onnx", "openvino", "tflite")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything a run needs. Field names are the snake_case form of the run-config keys."""
@@ -67,6 +70,7 @@ class RunSettings:
     num_server_rounds: int = 5
     fraction_train: float = 0.1
     min_train_nodes: int = 2
+    min_replies: int = 1
     min_available_nodes: int = 0
     fraction_evaluate: float = 0.0
     round_timeout: float = 600.0
@@ -105,6 +109,9 @@ class RunSettings:
     resume: bool = False
     keep_checkpoints: int = 3
     export_dir: str = ""
+    export_formats: str = "onnx,openvino"
+    export_sign_key: str = ""
+    deliver_bundle: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
@@ -145,6 +152,7 @@ class RunSettings:
         """Raise ConfigError naming the first invalid setting."""
         _positive_int("num-server-rounds", self.num_server_rounds)
         _positive_int("min-train-nodes", self.min_train_nodes)
+        _positive_int("min-replies", self.min_replies)
         _positive_int("local-epochs", self.local_epochs)
         _positive_int("batch-size", self.batch_size)
         _positive_int("shards-per-client", self.shards_per_client)
@@ -154,6 +162,13 @@ class RunSettings:
                 f"got {self.samples_per_client}"
             )
         _positive_int("keep-checkpoints", self.keep_checkpoints)
+        formats = [f.strip() for f in self.export_formats.split(",") if f.strip()]
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if not formats or unknown:
+            raise ConfigError(
+                f"setting 'export-formats' {self.export_formats!r} must list formats from "
+                f'{", ".join(EXPORT_FORMATS)}, comma-separated (e.g. "onnx,openvino")'
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
                 f"setting 'fraction-train' must be in (0, 1], got {self.fraction_train}; "

@@ -251,12 +251,35 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     job = begin_train(msg, context)
     if isinstance(job, Message):
+        _note_round(context, msg, declined=True)
         return job
     model = _model_from(msg, job.task)
     settings = dataclasses.asdict(job.settings)
     result = train_model(model, job.data.x, job.data.y, seed=job.seed, **settings)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    return finish_train(job, context, result, state)
+    reply = finish_train(job, context, result, state)
+    _note_round(context, msg, declined=False)
+    return reply
+
+
+def _note_round(context: Context, msg: Message, *, declined: bool) -> None:
+    """On a device (``state-dir``), remember the last round asked of it for `edge status`."""
+    base = context.node_config.get("state-dir")
+    if not base:
+        return
+    import datetime as dt
+    import json
+
+    from pollinate._atomic import atomic_write_text
+
+    cfg = msg.content.config_records.get("config")
+    note = {
+        "run_id": context.run_id,
+        "server_round": int(cfg.get("server-round", 0)) if cfg is not None else 0,  # type: ignore[arg-type]
+        "declined": declined,
+        "at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    atomic_write_text(Path(str(base)) / "last-round.json", json.dumps(note) + "\n")
 
 
 @app.evaluate()
@@ -289,3 +312,38 @@ def _key_int(key: str) -> int:
     if digits and len(digits) < 18:
         return int(digits)
     return int.from_bytes(key.encode()[:8].ljust(8, b"\0"), "little")
+
+
+@app.query("bundle")
+def install_bundle(msg: Message, context: Context) -> Message:
+    """Install the model bundle the server delivers (verify, then switch atomically).
+
+    The node needs a ``state-dir`` in its node config (the daemon sets it); with
+    ``bundle-public-key`` (the exporter's ed25519 public key) the manifest's signature must
+    verify too. The reply says ``installed`` with the bundle's name, or ``refused`` with the
+    reason; a refused bundle changes nothing on the device.
+    """
+    from pollinate.client.bundles import BundleStore
+    from pollinate.edge_runtime import BundleError
+
+    node = context.node_config
+    info: dict[str, str] = {"client": client_key(context)}
+    try:
+        if not node.get("state-dir"):
+            raise BundleError("this node has no state-dir in its node config to install into")
+        record = msg.content.config_records["bundle"]
+        archive, digest = record["archive"], record["sha256"]
+        if not isinstance(archive, bytes) or not isinstance(digest, str):
+            raise BundleError("the bundle message lacks its archive bytes or sha256")
+        key = node.get("bundle-public-key")
+        installed = BundleStore(Path(str(node["state-dir"]))).install(
+            archive, sha256=digest, public_key=Path(str(key)) if key else None
+        )
+    except (BundleError, KeyError) as err:
+        reason = str(err) if isinstance(err, BundleError) else f"missing {err} in the message"
+        logger.warning("refused a delivered bundle: %s", reason)
+        info.update(status="refused", reason=reason)
+    else:
+        logger.info("installed bundle %s", installed.name)
+        info.update(status="installed", bundle=installed.name)
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)  # type: ignore[arg-type]

@@ -15,6 +15,11 @@ pollinate ClientApp at the device's own data and state directory (node config ``
 The accountant lives in the state directory (``<client>.accountant.json``, written by the
 ClientApp before each reply), so a restarted daemon, or a restarted device, never resets
 epsilon. The daemon's own state is ``STATE_DIR/daemon.json``; its log lines are JSON.
+
+Bundles the server delivers are installed by the ClientApp into ``STATE_DIR/bundles``
+(:mod:`pollinate.client.bundles`; verified with ``--bundle-public-key`` when given); with
+``--serve-port`` the daemon answers local inference requests from the installed bundle
+(:mod:`pollinate.client.local_serving`) on loopback.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pollinate.client.local_serving import LocalInference
 
 __all__ = ["DaemonSettings", "EdgeDaemon", "parse_window", "read_status"]
 
@@ -82,6 +90,9 @@ class DaemonSettings:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
     stable_s: float = 60.0
+    bundle_public_key: Path | None = None
+    serve_port: int | None = None
+    serve_host: str = "127.0.0.1"
     extra_node_config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,6 +112,10 @@ class DaemonSettings:
             )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.bundle_public_key is not None and not Path(self.bundle_public_key).is_file():
+            raise ConfigError(f"--bundle-public-key {self.bundle_public_key} does not exist")
+        if self.serve_port is not None and not 1 <= self.serve_port <= 65535:
+            raise ConfigError(f"--serve-port must be 1..65535, got {self.serve_port}")
         if self.epsilon_budget is not None and self.epsilon_budget <= 0:
             raise ConfigError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
 
@@ -113,6 +128,8 @@ class DaemonSettings:
             items["num-partitions"] = str(self.num_partitions)
         if self.epsilon_budget is not None:
             items["epsilon-budget"] = repr(float(self.epsilon_budget))
+        if self.bundle_public_key is not None:
+            items["bundle-public-key"] = f'"{Path(self.bundle_public_key).resolve()}"'
         items.update(self.extra_node_config)
         return " ".join(f"{k}={v}" for k, v in items.items())
 
@@ -196,6 +213,7 @@ class EdgeDaemon:
         state.mkdir(parents=True, exist_ok=True)
         settings_record = {k: str(v) for k, v in asdict(s).items() if v is not None}
         self._status = {"pid": os.getpid(), "settings": settings_record, "state": "starting"}
+        serving = self._start_serving()
         self._write_status()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -237,6 +255,31 @@ class EdgeDaemon:
             self._event("supernode exited; restarting", exit_code=code, restart_in_s=delay)
             self.stop.wait(delay)
             delay = min(delay * 2, s.backoff_max_s)
+        if serving is not None:
+            serving.close()
         self._write_status(state="stopped", supernode_pid=None)
         self._event("stopped")
         return 0
+
+    def _start_serving(self) -> LocalInference | None:
+        """Local inference from the installed bundle (``--serve-port``), on its own thread."""
+        s = self.settings
+        if s.serve_port is None:
+            return None
+        from pollinate.client.local_serving import LocalInference
+
+        try:
+            serving = LocalInference(
+                s.state_dir, host=s.serve_host, port=s.serve_port, threads=s.threads,
+                public_key=s.bundle_public_key,
+            )  # fmt: skip
+        except OSError as err:
+            raise ConfigError(
+                f"--serve-port {s.serve_port}: cannot listen on {s.serve_host} ({err.strerror}); "
+                "choose a free port"
+            ) from err
+        serving.start()
+        host, port = serving.address
+        self._status["serving"] = f"http://{host}:{port}"
+        self._event("serving local inference", url=f"http://{host}:{port}/v1/predict")
+        return serving

@@ -41,6 +41,7 @@ from pollinate.server.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
+from pollinate.server.delivery import deliver_bundle, delivers_to_devices
 from pollinate.server.nodes import NodeDirectory, SampledGrid
 from pollinate.server.report import RoundRecord, write_report
 from pollinate.server.strategy import (
@@ -244,8 +245,20 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
             break
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
         accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts, bound)
+        if len(replies) < len(messages):  # no reply within round-timeout: late or gone
+            counts.failed += len(messages) - len(replies)
+            logger.warning(
+                "round %d: %d sampled client(s) did not reply within %.0f s; the round goes on "
+                "with the %d that did", rnd, len(messages) - len(replies),
+                settings.round_timeout, len(replies),
+            )  # fmt: skip
         train_metrics: dict[str, float] = {}
-        if accepted:
+        if accepted and len(accepted) < settings.min_replies:
+            logger.warning(
+                "round %d: %d acceptable update(s), fewer than min-replies=%d; the global model "
+                "is unchanged", rnd, len(accepted), settings.min_replies,
+            )  # fmt: skip
+        elif accepted:
             accepted.sort(key=lambda m: directory.key_of(m.metadata.src_node_id))
             new_arrays, agg_metrics = strategy.aggregate_train(rnd, accepted)
             if new_arrays is not None:
@@ -301,7 +314,9 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     atomic_write_json(run_dir / "privacy.json", {"summary": privacy, "ledger": ledger.to_dict()})
     write_report(run_dir, history, privacy=privacy, settings=settings.to_run_config())
     if settings.export_dir:
-        _export_at_end(run_dir, Path(settings.export_dir))
+        archive = _export_at_end(run_dir, settings)
+        if archive is not None and settings.deliver_bundle and delivers_to_devices(grid):
+            deliver_bundle(grid, directory, archive, run_dir, timeout=settings.round_timeout)
     return RunResult(run_dir=run_dir, history=history, privacy=privacy, model=arrays)
 
 
@@ -327,24 +342,32 @@ def update_bound(
     return bound
 
 
-def _export_at_end(run_dir: Path, out: Path) -> None:
-    """Export the final global model (``export-dir``); a failed export never loses the run."""
+def _export_at_end(run_dir: Path, settings: RunSettings) -> Path | None:
+    """Export the final global model (``export-dir``); a failed export never loses the run.
+
+    Returns the bundle archive, or None when nothing was exported.
+    """
     from pollinate.errors import PollinateError
 
+    out = Path(settings.export_dir)
     try:
-        from pollinate.export.pipeline import ExportOptions, export_run
+        from pollinate.export.pipeline import ExportOptions, Format, export_run
 
-        result = export_run(run_dir, ExportOptions(out=out.resolve()))
+        formats = tuple(Format(f.strip()) for f in settings.export_formats.split(",") if f.strip())
+        key = Path(settings.export_sign_key) if settings.export_sign_key else None
+        options = ExportOptions(out=out.resolve(), formats=formats, sign_key=key)
+        result = export_run(run_dir, options)
     except ImportError as err:
         logger.error(
             "the run finished but cannot be exported (%s); pip install \"pollinate[export]\" "
             "and run `pollinate export %s --out %s`", err, run_dir, out,
         )  # fmt: skip
-        return
+        return None
     except PollinateError as err:
         logger.error("the run finished but its export failed: %s", err)
-        return
+        return None
     logger.info("exported the final model to %s", result.bundle)
+    return result.archive
 
 
 def ledger_enabled(section: dict[str, Any]) -> bool:

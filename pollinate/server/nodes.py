@@ -133,6 +133,10 @@ class NodeDirectory:
         for n in new:
             self._keys.setdefault(n, f"n{n}")
 
+    def nodes(self) -> dict[int, str]:
+        """Node id -> client key of every node identified so far."""
+        return dict(self._keys)
+
     def sample(self, size: int, rng: np.random.Generator) -> list[int]:
         """``size`` node ids chosen uniformly without replacement, in client-key order."""
         ordered = sorted(self._keys.items(), key=lambda kv: kv[1])

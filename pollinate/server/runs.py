@@ -1,5 +1,5 @@
-"""``pollinate server run|status|stop``: training runs on a federation started with
-``pollinate server start``, through the flwr CLI (``flwr run / ls / stop --format json``).
+"""``pollinate server run|status|logs|stop|resume|pull``: training runs on a federation started
+with ``pollinate server start``, through the flwr CLI (``flwr run / ls / log / stop``).
 
 The ServerApp writes its run directory on the server (checkpoints, metrics.json,
 privacy.json); ``STATE_DIR/runs.json`` remembers which run id writes where, so ``status`` can
@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError
-from pollinate.server.superlink import SuperLinkError, _flwr
+from pollinate.server.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
 
-__all__ = ["default_app_dir", "run_status", "start_run", "stop_run", "toml_run_config"]
+__all__ = [
+    "default_app_dir",
+    "pull_run",
+    "resume_run",
+    "run_logs",
+    "run_status",
+    "start_run",
+    "stop_run",
+    "toml_run_config",
+]
+
+# Flower run states in which a run's ServerApp may still be working.
+_ACTIVE = ("pending", "starting", "running")
 
 RUNS_FILE = "runs.json"
 
@@ -55,7 +71,9 @@ def _runs(state_dir: Path) -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-def start_run(state_dir: Path, app_dir: Path, config: dict[str, Any]) -> tuple[str, Path]:
+def start_run(
+    state_dir: Path, app_dir: Path, config: dict[str, Any], *, resumed_from: str | None = None
+) -> tuple[str, Path]:
     """Submit a run; returns its run id and run directory (``run-dir`` defaults under STATE)."""
     from pollinate.config import RunSettings
 
@@ -69,18 +87,19 @@ def start_run(state_dir: Path, app_dir: Path, config: dict[str, Any]) -> tuple[s
     )
     run_id = str(answer["run-id"])
     runs = _runs(state_dir)
-    runs[run_id] = {"run_dir": str(run_dir), "started": dt.datetime.now(dt.UTC).isoformat()}
+    entry: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "started": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    if resumed_from is not None:
+        entry["resumed_from"] = resumed_from
+    runs[run_id] = entry
     atomic_write_text(Path(state_dir) / RUNS_FILE, json.dumps(runs, indent=2) + "\n")
     return run_id, run_dir
 
 
-def stop_run(state_dir: Path, run_id: str) -> None:
-    """Ask the SuperLink to stop a run (``flwr stop``)."""
-    _flwr(state_dir, "stop", run_id)
-
-
-def run_status(state_dir: Path, run_id: str | None = None) -> dict[str, Any]:
-    """Flower's status of the run (the newest one by default) and its last completed round."""
+def _known(state_dir: Path, run_id: str | None) -> tuple[str, dict[str, Any]]:
+    """The run ``run_id`` (the newest by default) from runs.json, or one clear error."""
     runs = _runs(state_dir)
     if not runs:
         raise ConfigError(
@@ -92,13 +111,135 @@ def run_status(state_dir: Path, run_id: str | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"run {run_id} was not started from {state_dir} (known: {', '.join(runs)})"
         )
+    return run_id, runs[run_id]
+
+
+def _flower_status(state_dir: Path, run_id: str) -> str:
+    listed = _flwr(state_dir, "ls", options=("--run-id", run_id))["runs"]
+    return str(listed[0]["status"]) if listed else "unknown"
+
+
+def resume_run(
+    state_dir: Path,
+    app_dir: Path,
+    run_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[str, Path, int]:
+    """Continue a run in its run directory from its last checkpoint, as a new Flower run.
+
+    The settings come from the run directory's ``run.json`` (``overrides`` may change what a
+    resume allows, such as the number of rounds); the ServerApp restores the model, strategy
+    state, history, privacy ledger and client-level accountant from the newest checkpoint, and
+    the devices keep their own accountants, so no epsilon is reset. A run that Flower still
+    shows as active is stopped first. Returns (new run id, run directory, last completed round).
+    """
+    from pollinate.server.checkpoint import latest_checkpoint
+
+    old_id, entry = _known(state_dir, run_id)
+    run_dir = Path(entry["run_dir"])
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise ConfigError(
+            f"run {old_id} has no {run_json} (it never started training); start a new run "
+            "with `pollinate server run` instead"
+        )
     try:
-        listed = _flwr(state_dir, "ls", options=("--run-id", run_id))["runs"]
-        flower_status = listed[0]["status"] if listed else "unknown"
+        config = dict(json.loads(run_json.read_text(encoding="utf-8"))["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{run_json} is corrupt ({err}); start a new run instead") from err
+    ckpt = latest_checkpoint(run_dir)
+    done = ckpt.server_round if ckpt is not None else 0
+    try:
+        status = _flower_status(state_dir, old_id)
+    except SuperLinkError as err:
+        raise SuperLinkError(f"cannot resume run {old_id}: {err}") from err
+    if status.split(":")[0] in _ACTIVE:
+        _flwr(state_dir, "stop", old_id)
+    config.update(overrides or {})
+    config.update({"resume": True, "run-dir": str(run_dir)})
+    new_id, where = start_run(state_dir, app_dir, config, resumed_from=old_id)
+    return new_id, where, done
+
+
+def run_logs(state_dir: Path, run_id: str | None = None, *, follow: bool = False) -> int:
+    """Print the run's logs from the SuperLink (``flwr log``); returns flwr's exit code."""
+    run_id, _ = _known(state_dir, run_id)
+    flwr = str(Path(sys.executable).parent / "flwr")
+    mode = "--stream" if follow else "--show"
+    return subprocess.run(
+        [flwr, "log", run_id, CONNECTION, mode], env=flwr_env(state_dir), check=False
+    ).returncode
+
+
+def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
+    """Copy a run's results to ``dest/run-ID``: run.json, metrics.json, privacy.json, the
+    summary, the newest checkpoint and the exported bundle (``bundle/`` and
+    ``bundle.tar.gz``, when the run exported one).
+
+    The copy is assembled in a hidden folder beside the target and renamed into place, so
+    ``dest`` never holds half a pull; an existing pull of the same run is replaced.
+    """
+    run_id, entry = _known(state_dir, run_id)
+    run_dir = Path(entry["run_dir"])
+    if not run_dir.is_dir():
+        raise ConfigError(f"run {run_id}'s directory {run_dir} does not exist on this server")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"run-{run_id}"
+    partial = Path(tempfile.mkdtemp(dir=dest, prefix=f".run-{run_id}.", suffix=".partial"))
+    try:
+        for item in sorted(run_dir.iterdir()):
+            if item.is_file() and not item.name.startswith("."):
+                shutil.copy2(item, partial / item.name)
+        pointer = run_dir / "LATEST"
+        if pointer.is_file():
+            latest = run_dir / pointer.read_text(encoding="utf-8").strip()
+            shutil.copytree(latest, partial / "checkpoints" / latest.name)
+        settings = _saved_settings(run_dir)
+        export_dir = settings.get("export-dir")
+        if export_dir and Path(export_dir).is_dir():  # the bundle and its archive beside it
+            shutil.copytree(Path(export_dir), partial / "bundle", symlinks=True)
+            archive = Path(export_dir).parent / f"{Path(export_dir).name}.tar.gz"
+            if archive.is_file():
+                shutil.copy2(archive, partial / "bundle.tar.gz")
+        if target.exists():
+            old = dest / f".run-{run_id}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            partial.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _saved_settings(run_dir: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def stop_run(state_dir: Path, run_id: str) -> None:
+    """Ask the SuperLink to stop a run (``flwr stop``)."""
+    _flwr(state_dir, "stop", run_id)
+
+
+def run_status(state_dir: Path, run_id: str | None = None) -> dict[str, Any]:
+    """Flower's status of the run (the newest one by default) and its last completed round."""
+    run_id, entry = _known(state_dir, run_id)
+    try:
+        flower_status = _flower_status(state_dir, run_id)
     except SuperLinkError as err:
         flower_status = f"unknown (SuperLink not reachable: {err})"
-    run_dir = Path(runs[run_id]["run_dir"])
+    run_dir = Path(entry["run_dir"])
     report: dict[str, Any] = {"run_id": run_id, "status": flower_status, "run_dir": str(run_dir)}
+    if "resumed_from" in entry:
+        report["resumed_from"] = entry["resumed_from"]
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         rounds = json.loads(metrics_path.read_text())

@@ -208,6 +208,13 @@ def run_superlink(
             superlink_command(settings), stdout=log_file, stderr=subprocess.STDOUT,
             env=flwr_env(state), start_new_session=True,
         )  # fmt: skip
+    # who runs it (for operators and crash tests: the SuperLink has its own process group,
+    # with its ServerApp processes in it)
+    atomic_write_text(
+        state / "superlink.json",
+        json.dumps({"pid": process.pid, "wrapper_pid": os.getpid(), "address": settings.reach})
+        + "\n",
+    )
     stopping = {"signal": 0}
 
     def forward(signum: int, _frame: Any) -> None:

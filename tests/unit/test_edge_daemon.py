@@ -43,6 +43,11 @@ def test_settings_say_what_is_missing(tmp_path: Path) -> None:
     assert f'state-dir="{(tmp_path / "s").resolve()}"' in config and "epsilon-budget=3.0" in config
     with_data = DaemonSettings(superlink="h:9093", state_dir=tmp_path, data=tmp_path, **files)
     assert f'data-path="{tmp_path.resolve()}"' in with_data.node_config()
+    pub = tmp_path / "sign.pub"
+    pub.write_text("key")
+    signed = DaemonSettings(superlink="h:9093", state_dir=tmp_path, data=tmp_path,
+                            bundle_public_key=pub, **files)  # fmt: skip
+    assert f'bundle-public-key="{pub.resolve()}"' in signed.node_config()
     cases = [
         ({"superlink": "nohost"}, "HOST:PORT"),
         ({"key": tmp_path / "missing"}, "--key"),
@@ -51,6 +56,9 @@ def test_settings_say_what_is_missing(tmp_path: Path) -> None:
         ({"partition_id": None, "num_partitions": None}, "which data"),
         ({"threads": 0}, "--threads"),
         ({"epsilon_budget": -1.0}, "--epsilon-budget"),
+        ({"bundle_public_key": tmp_path / "missing.pub"}, "--bundle-public-key"),
+        ({"serve_port": 0}, "--serve-port"),
+        ({"serve_port": 70000}, "--serve-port"),
     ]
     for change, message in cases:
         args = {"superlink": "h:9093", "state_dir": tmp_path, "partition_id": 0,

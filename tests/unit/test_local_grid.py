@@ -132,3 +132,21 @@ def test_a_torn_journal_line_is_skipped_and_the_last_record_wins(tmp_path: Path)
     journal = read_journal(path)
     assert list(journal) == ["p000001"]
     assert ClientAccountant.from_record(journal["p000001"]).total_steps == 4
+
+
+def test_a_round_with_fewer_replies_than_min_replies_keeps_the_model(tmp_path: Path) -> None:
+    from pollinate.simulation.runner import SimulationOptions, simulate
+
+    def losses(min_replies: int, where: str) -> tuple[float | None, float | None]:
+        settings = RunSettings.from_run_config({
+            "run-dir": str(tmp_path / where), "num-server-rounds": 1, "fraction-train": 1.0,
+            "min-train-nodes": 1, "min-replies": min_replies, "dataset": "digits",
+        })  # fmt: skip
+        history = simulate(settings, SimulationOptions(num_clients=3, num_cpus=1)).history
+        assert [r.replied for r in history[1:]] == [3]
+        return history[0].loss, history[1].loss
+
+    before, after = losses(4, "kept")
+    assert after == before  # three replies < 4: the initial model is evaluated again
+    before, after = losses(3, "trained")
+    assert after != before
