@@ -104,6 +104,11 @@ class RunSettings:
     client_dp_clip: float = 1.0
     client_dp_budget: float = 0.0
     client_dp_target_epsilon: float = 0.0
+    secure_aggregation: bool = False
+    secagg_share_fraction: float = 1.0
+    secagg_threshold_fraction: float = 0.6
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 0.0
     max_update_norm: float = 0.0
     run_dir: str = ""
     resume: bool = False
@@ -203,6 +208,25 @@ class RunSettings:
             ("max-update-norm", self.max_update_norm),
         ):
             _non_negative_float(key, value)
+        for key, value in (
+            ("secagg-share-fraction", self.secagg_share_fraction),
+            ("secagg-threshold-fraction", self.secagg_threshold_fraction),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"setting {key!r} must be in (0, 1], got {value}")
+        _positive_float("secagg-clipping-range", self.secagg_clipping_range)
+        _non_negative_float("secagg-max-weight", self.secagg_max_weight)
+        if self.secure_aggregation and self.client_dp == ClientDP.SERVER_FIXED:
+            raise ConfigError(
+                "secure-aggregation with client-dp='server-fixed': the server cannot clip "
+                "updates it never sees; use client-dp='client-fixed' (clients clip, the server "
+                "adds the noise to the sum)"
+            )
+        if self.secure_aggregation and self.robust != RobustAggregation.NONE:
+            raise ConfigError(
+                f"secure-aggregation with robust={self.robust.value!r}: robust aggregators "
+                "need each client's update, which secure aggregation hides; set robust='none'"
+            )
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(
                 f"setting 'target-delta' must be in (0, 1), got {self.target_delta}; "

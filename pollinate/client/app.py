@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
 from flwr.app import (
@@ -25,7 +26,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 from pollinate.client.task import ClientTask
 from pollinate.client.training import TrainResult, TrainSettings, seed_for
@@ -41,7 +47,19 @@ __all__ = ["ACCOUNTANT_KEY", "TrainJob", "app", "begin_train", "client_key", "fi
 
 ACCOUNTANT_KEY = "pollinate.accountant"
 
-app = ClientApp()
+
+def _secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the train messages of a SecAgg+ round (they carry its
+    stage config); every other message goes straight to the app."""
+    if (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    ):
+        return secaggplus_mod(msg, context, _train_for_secagg)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_secure_aggregation])
 
 
 def client_key(context: Context) -> str:
@@ -238,11 +256,28 @@ def finish_train(
         "delta": delta,
         "declined": 0,
     }
+    cfg = job.msg.content.config_records.get("config")
+    clip = cfg.get(KEY_CLIPPING_NORM) if cfg is not None else None
+    if isinstance(clip, int | float):  # client-level DP, client-side clipping (client-fixed)
+        state = _clip_update(state, job.msg.content.array_records["arrays"], float(clip))
+        metrics["clipping-norm"] = float(clip)
     arrays = ArrayRecord()  # filled item by item: ArrayRecord(dict) would re-encode each Array
     for key, value in state.items():
         arrays[key] = array(np.ascontiguousarray(value))
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "info": job.info})
     return Message(content, reply_to=job.msg)
+
+
+def _clip_update(
+    state: Mapping[str, np.ndarray], sent: ArrayRecord, clipping_norm: float
+) -> dict[str, np.ndarray]:
+    """The new parameters with the update (new - sent) clipped to ``clipping_norm`` in L2
+    over all parameters together, as Flower's ``fixedclipping_mod`` does (its own helper)."""
+    keys = list(state)
+    new = [np.array(state[k], copy=True) for k in keys]
+    old = [np.asarray(sent[k].numpy(), dtype=new[i].dtype) for i, k in enumerate(keys)]
+    compute_clip_model_update(param1=new, param2=old, clipping_norm=clipping_norm)
+    return dict(zip(keys, new, strict=True))
 
 
 @app.train()
@@ -347,3 +382,49 @@ def install_bundle(msg: Message, context: Context) -> Message:
         logger.info("installed bundle %s", installed.name)
         info.update(status="installed", bundle=installed.name)
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)  # type: ignore[arg-type]
+
+
+def _train_for_secagg(msg: Message, context: Context) -> Message:
+    """Adapt a SecAgg+ train message (legacy ``FitIns`` records) to :func:`train` and its
+    reply back to a legacy ``FitRes``, which ``secaggplus_mod`` masks before it leaves.
+
+    The weight is the strategy's (``num-examples``, or ``client-weight`` with client-level
+    DP), capped at the protocol's ``max_weight``; a client that declines contributes zeros
+    with weight 0, and its decline still reaches the server in the metrics.
+    """
+    import json
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from pollinate.server.secagg import SECAGG_MAX_WEIGHT_KEY, TASK_KEY, WEIGHT_KEY
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = json.loads(str(fitins.config[TASK_KEY]))
+    weight_key = str(fitins.config.get(WEIGHT_KEY, "num-examples"))
+    max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT_KEY, 1000.0))
+    task = ClientTask.from_config(ConfigRecord(config))
+    model = build_model(task.model, input_shape=task.input_shape, num_classes=task.num_classes)
+    names = list(model.state_dict())
+    sent = parameters_to_ndarrays(fitins.parameters)
+    if len(sent) != len(names):
+        raise PollinateError(
+            f"secure aggregation: the server sent {len(sent)} tensors, {task.model} has "
+            f"{len(names)}; server and device run different pollinate versions"
+        )
+    arrays = ArrayRecord()
+    for name, value in zip(names, sent, strict=True):
+        arrays[name] = Array(value)
+    msg.content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+    reply = train(msg, context)
+    if reply.has_error():
+        return reply
+    metrics = reply.content.metric_records["metrics"]
+    trained = reply.content.array_records.get("arrays")
+    if trained is None:  # declined
+        params, weight = [np.zeros_like(a) for a in sent], 0
+    else:
+        params = [trained[name].numpy() for name in names]
+        weight = int(min(float(metrics.get(weight_key, 1)), max_weight))  # type: ignore[arg-type]
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, scalars)  # type: ignore[arg-type]
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -117,3 +117,23 @@ def test_evaluate_and_query(tmp_path: Path) -> None:
     set_identity(NODE)
     reply = app(q, ctx)
     assert reply.content.config_records["info"]["client"] == "p000005"
+
+
+def test_client_side_clipping_bounds_the_update_when_the_server_asks(tmp_path: Path) -> None:
+    """client-dp=client-fixed: Flower's wrapper sends clipping_norm; the update the client
+    returns is the unclipped one scaled to that L2 norm (a numpy reference, all tensors)."""
+    ctx = _context({"partition-id": 6, "num-partitions": 10})
+    plain_msg = _message(1, tmp_path / "a", dp="none")
+    sent = {k: v.numpy() for k, v in plain_msg.content.array_records["arrays"].items()}
+    plain = app(plain_msg, ctx).content.array_records["arrays"]
+    update = {k: plain[k].numpy() - sent[k] for k in sent}
+    norm = float(np.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in update.values())))
+    assert norm > 0.05
+    clip = norm / 4
+    clipped_msg = _message(1, tmp_path / "b", dp="none")
+    clipped_msg.content.config_records["config"]["clipping_norm"] = clip
+    reply = app(clipped_msg, _context({"partition-id": 6, "num-partitions": 10}))
+    clipped = reply.content.array_records["arrays"]
+    for k in sent:
+        np.testing.assert_allclose(clipped[k].numpy() - sent[k], update[k] / 4, atol=1e-6)
+    assert _metrics(reply)["clipping-norm"] == pytest.approx(clip)

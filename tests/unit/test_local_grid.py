@@ -150,3 +150,17 @@ def test_a_round_with_fewer_replies_than_min_replies_keeps_the_model(tmp_path: P
     assert after == before  # three replies < 4: the initial model is evaluated again
     before, after = losses(3, "trained")
     assert after != before
+
+
+def test_the_fast_engine_clips_updates_for_client_side_client_level_dp(tmp_path: Path) -> None:
+    grid = LocalGrid(POPULATION)
+    nodes = list(grid.get_node_ids())[:3]
+    messages = _train_messages(grid, tmp_path, nodes)
+    for msg in messages:
+        msg.content.config_records["config"]["clipping_norm"] = 0.05
+    sent = {k: v.numpy() for k, v in messages[0].content.array_records["arrays"].items()}
+    for reply in grid.send_and_receive(messages):
+        arrays = reply.content.array_records["arrays"]
+        squares = sum(float(np.sum((arrays[k].numpy() - sent[k]).astype(np.float64) ** 2))
+                      for k in sent)  # fmt: skip
+        assert np.sqrt(squares) == pytest.approx(0.05, rel=1e-4)  # DP-SGD moves it further
