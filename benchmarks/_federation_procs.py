@@ -1,0 +1,348 @@
+"""A real pollinate federation on loopback, for the federation benchmark.
+
+Started the way ``tests/integration/test_edge_federation.py`` starts one: ``pollinate certs``
+(a development CA, the SuperLink's TLS certificate, one key pair per device),
+``pollinate server start`` (Flower's SuperLink with TLS and SuperNode authentication, every
+device key trusted) and one ``pollinate edge run`` daemon per device (a supervised
+``flower-supernode`` training a slice of the built-in data). Runs are started and followed
+with ``pollinate server run`` / ``pollinate server status``.
+
+Every process runs in a session of its own. :meth:`Federation.stop` (also on leaving the
+``with`` block, whatever the reason) sends SIGTERM to every session, SIGKILL to those still
+running after the timeout, and SIGKILL to every descendant left over (SuperNodes, the
+SuperLink and Flower's app processes run in sessions of their own).
+
+Example::
+
+    with Federation(Path("/tmp/fed"), devices=3, say=print) as fed:
+        fed.start()
+        run_id = fed.start_run(Path("/tmp/fed/run"), ["--rounds", "2"])
+        print(fed.status(run_id))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from benchmarks._measure import REPO
+from benchmarks._serving_procs import log_tail
+from pollinate.errors import PollinateError
+from pollinate.server.superlink import flwr_env, list_nodes
+
+POLLINATE = [sys.executable, "-m", "pollinate"]
+
+
+class FederationError(RuntimeError):
+    """A federation process died, a command failed, or something did not happen in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A long-running subprocess (the leader of its own session) and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.popen.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        """The end of its log."""
+        return log_tail(self.log_path, chars)
+
+
+def spawn(name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str]) -> Proc:
+    """Start ``cmd`` in a new session, stdout and stderr appended to ``log_path``."""
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    return Proc(name, popen, log_path)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> dict[str, int]:
+    """Stop ``procs`` and everything they started; their exit codes by name.
+
+    SIGTERM to every session at once, SIGKILL to sessions still running after ``timeout``
+    seconds, then SIGKILL to any descendant still alive (those that started sessions of
+    their own are not reached through their parent's process group) and to every process
+    group a descendant was in (which also reaches processes orphaned earlier, e.g. a
+    ServerApp whose launcher died).
+    """
+    leftovers = [child for p in procs for child in _descendants(p.popen.pid)]
+    groups = set()
+    for child in leftovers:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(child.pid))
+    groups -= {os.getpgrp(), *(p.popen.pid for p in procs)}
+    for p in procs:
+        if p.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    codes: dict[str, int] = {}
+    for p in procs:
+        try:
+            codes[p.name] = p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            codes[p.name] = p.popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.popen.pid, signal.SIGKILL)  # members of the session left behind
+    _, alive = psutil.wait_procs(leftovers, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+    return codes
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.5) -> float:
+    """Poll ``check`` until it is true; the seconds it took. FederationError on timeout."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise FederationError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+class Federation:
+    """A SuperLink and ``devices`` edge daemons on 127.0.0.1, all state under ``root``.
+
+    ``daemon_nice``: the daemons' niceness (``nice -n``); their SuperNodes and ClientApps
+    inherit it. On a real deployment the devices do not share the server's CPU; emulated on
+    one machine, ten ClientApps starting at once can starve the SuperLink.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        devices: int,
+        *,
+        threads: int = 1,
+        daemon_nice: int = 0,
+        say: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.devices = devices
+        self.threads = threads
+        self.daemon_nice = daemon_nice
+        self.say = say
+        self.certs = self.root / "certs"
+        self.state = self.root / "state"
+        self.port = free_port()
+        self.env = {
+            **flwr_env(self.state),
+            "OMP_NUM_THREADS": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+        self.server: Proc | None = None
+        self.daemons: list[Proc] = []
+
+    # ------------------------------------------------------------------ life cycle
+    def device_dir(self, i: int) -> Path:
+        """Device ``i``'s state directory (accountant, daemon.json, supernode.log)."""
+        return self.root / f"device-{i}"
+
+    def start(self, timeout: float = 300.0) -> dict[str, float]:
+        """Make certificates, start the SuperLink and the daemons; wait until all are online.
+
+        Returns seconds: ``certs_s`` (``pollinate certs``), ``superlink_ready_s`` (``pollinate
+        server start`` launched -> "SuperLink ready"), ``nodes_online_s`` (daemons launched ->
+        every SuperNode listed online by ``flwr supernode list``, polled every 2 s) and
+        ``start_s`` (the last two together).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        made = subprocess.run(
+            [*POLLINATE, "certs", str(self.certs), "--nodes", str(self.devices)],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env=self.env,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise FederationError(f"pollinate certs failed:\n{made.stderr[-2000:]}")
+        certs_s = time.monotonic() - t0
+
+        trust: list[str] = []
+        for i in range(self.devices):
+            trust += ["--trust", str(self.certs / "nodes" / f"node-{i}.pub")]
+        self.say(f"starting the SuperLink on 127.0.0.1:{self.port} (TLS, node auth)")
+        t1 = time.monotonic()
+        self.server = spawn(
+            "server",
+            [*POLLINATE, "server", "start", "--certs", str(self.certs), "--state-dir",
+             str(self.state), "--port", str(self.port), *trust],
+            self.root / "server.log",
+            self.env,
+        )  # fmt: skip
+
+        def ready() -> bool:
+            self.check_alive()
+            return "SuperLink ready" in (self.root / "server.log").read_text(errors="replace")
+
+        superlink_ready_s = _wait("the SuperLink", ready, timeout, interval=0.2)
+        self.say(
+            f"SuperLink ready after {superlink_ready_s:.1f} s; starting {self.devices} daemons"
+        )
+
+        t2 = time.monotonic()
+        for i in range(self.devices):
+            cmd = [
+                *POLLINATE, "edge", "run", "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.certs / "ca.crt"),
+                "--key", str(self.certs / "nodes" / f"node-{i}"),
+                "--state-dir", str(self.device_dir(i)),
+                "--partition-id", str(i), "--num-partitions", str(self.devices),
+                "--threads", str(self.threads),
+            ]  # fmt: skip
+            if self.daemon_nice:  # the SuperNodes and ClientApps inherit it
+                cmd = ["nice", "-n", str(self.daemon_nice), *cmd]
+            self.daemons.append(spawn(f"daemon-{i}", cmd, self.root / f"daemon-{i}.log", self.env))
+
+        def all_online() -> bool:
+            self.check_alive()
+            return self.online() == self.devices
+
+        _wait(f"{self.devices} SuperNodes online", all_online, timeout, interval=2.0)
+        done = time.monotonic()
+        nodes_online_s, start_s = done - t2, done - t1
+        self.say(f"{self.devices} SuperNodes online after {nodes_online_s:.1f} s")
+        return {
+            "certs_s": certs_s,
+            "superlink_ready_s": superlink_ready_s,
+            "nodes_online_s": nodes_online_s,
+            "start_s": start_s,
+        }
+
+    def check_alive(self) -> None:
+        """FederationError, with its log's tail, if the server or a daemon has exited."""
+        for p in ([self.server] if self.server else []) + self.daemons:
+            if not p.alive():
+                raise FederationError(
+                    f"{p.name} exited with code {p.popen.returncode}\n--- {p.log_path} ---\n"
+                    f"{p.tail()}"
+                )
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM the daemons, then the server (SIGKILL after ``timeout``); exit codes."""
+        codes = stop_all(self.daemons, timeout) if self.daemons else {}
+        if self.server is not None:
+            codes.update(stop_all([self.server], timeout))
+        self.daemons, self.server = [], None
+        return codes
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ queries
+    def superlink_errors(self) -> dict[str, int]:
+        """Counts of trouble in the SuperLink's log: sqlite lock errors, tracebacks."""
+        try:
+            text = (self.state / "superlink.log").read_text(errors="replace")
+        except OSError:
+            return {}
+        return {
+            "database_is_locked": text.count("database is locked"),
+            "tracebacks": text.count("Traceback (most recent call last)"),
+            "http_500": text.count('HTTP/1.1" 500'),
+        }
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list``: every registered node and its status ([] if unreachable)."""
+        try:
+            return list_nodes(self.state)
+        except (PollinateError, subprocess.TimeoutExpired):
+            return []
+
+    def online(self) -> int:
+        """How many SuperNodes the SuperLink lists as online."""
+        return sum(n.get("status") == "online" for n in self.nodes())
+
+    def daemon_status(self, i: int) -> dict[str, Any]:
+        """Device ``i``'s ``daemon.json`` ({} while it is being written or missing)."""
+        try:
+            status: dict[str, Any] = json.loads((self.device_dir(i) / "daemon.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return status
+
+    def kill_supernode(self, i: int, timeout: float = 30.0) -> int:
+        """SIGKILL device ``i``'s SuperNode process group (not the daemon); its pid."""
+        pid: int | None = None
+
+        def running() -> bool:
+            nonlocal pid
+            pid = self.daemon_status(i).get("supernode_pid")
+            return pid is not None
+
+        _wait(f"device {i}'s SuperNode pid", running, timeout, interval=0.2)
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        return pid
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, run_dir: Path, options: Sequence[str]) -> str:
+        """``pollinate server run --run-dir RUN_DIR OPTIONS``; the run id."""
+        started = subprocess.run(
+            [*POLLINATE, "server", "run", "--state-dir", str(self.state),
+             "--run-dir", str(run_dir), *options],
+            cwd=REPO, capture_output=True, text=True, timeout=300, env=self.env,
+        )  # fmt: skip
+        if started.returncode != 0:
+            raise FederationError(f"pollinate server run failed:\n{started.stderr[-2000:]}")
+        return started.stdout.strip().splitlines()[-1]
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        """``pollinate server status --run-id RUN_ID --json``."""
+        out = subprocess.run(
+            [*POLLINATE, "server", "status", "--state-dir", str(self.state), "--run-id", run_id,
+             "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env=self.env,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise FederationError(f"pollinate server status failed:\n{out.stderr[-2000:]}")
+        report: dict[str, Any] = json.loads(out.stdout)
+        return report
