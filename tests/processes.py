@@ -1,4 +1,5 @@
-"""Real processes in tests: free loopback ports and stopping a process group."""
+"""Real processes in tests: free loopback ports, starting and stopping process groups,
+waiting for what they do."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -26,3 +30,19 @@ def stop_group(process: subprocess.Popen[str], timeout: float = 30) -> int:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return process.returncode
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own session (so :func:`stop_group` reaches its children), its
+    output appended to ``log``."""
+    with log.open("a") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    """Poll ``check`` every 0.5 s; fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)

@@ -154,7 +154,13 @@ def resume_run(
     except SuperLinkError as err:
         raise SuperLinkError(f"cannot resume run {old_id}: {err}") from err
     if status.split(":")[0] in _ACTIVE:
-        _flwr(state_dir, "stop", old_id)
+        try:
+            _flwr(state_dir, "stop", old_id)
+        except SuperLinkError:
+            # a SuperLink restarted after a crash finishes the runs it had in flight on its
+            # own, possibly between our `ls` and `stop`; only a run still active is an error
+            if _flower_status(state_dir, old_id).split(":")[0] in _ACTIVE:
+                raise
     config.update(overrides or {})
     config.update({"resume": True, "run-dir": str(run_dir)})
     new_id, where = start_run(state_dir, app_dir, config, resumed_from=old_id)

@@ -15,9 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +24,11 @@ import pytest
 from pollinate.data import load_dataset
 from pollinate.edge_runtime import load_bundle
 from pollinate.server.superlink import flwr_env, list_nodes
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, spawn, stop_group, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 5
 ROUNDS = 3
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path: Path) -> None:
@@ -69,11 +54,11 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         trust += ["--trust", str(certs / "nodes" / f"node-{i}.pub")]
     server_cmd = [*pollinate, "server", "start", "--certs", str(certs), "--state-dir", str(state),
                   "--port", str(port), *trust]  # fmt: skip
-    server = _spawn(server_cmd, tmp_path / "server.log", env)
+    server = spawn(server_cmd, tmp_path / "server.log", env)
     daemons: list[subprocess.Popen[str]] = []
     try:
         server_log = tmp_path / "server.log"
-        _wait("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
+        wait_until("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
         for i in range(DEVICES):
             cmd = [
                 *pollinate, "edge", "run", "--superlink", f"127.0.0.1:{port}",
@@ -85,9 +70,9 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
             ]  # fmt: skip
             if i in serve_ports:
                 cmd += ["--serve-port", str(serve_ports[i])]
-            daemons.append(_spawn(cmd, tmp_path / f"daemon-{i}.log", env))
+            daemons.append(spawn(cmd, tmp_path / f"daemon-{i}.log", env))
         online = lambda: sum(n["status"] == "online" for n in list_nodes(state)) == DEVICES  # noqa: E731
-        _wait("five SuperNodes online", online, 120)
+        wait_until("five SuperNodes online", online, 120)
 
         run_dir = tmp_path / "run"
         started = subprocess.run(
@@ -114,7 +99,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
             path = run_dir / "metrics.json"
             return len(json.loads(path.read_text())) - 1 if path.exists() else 0
 
-        _wait("round 1", lambda: rounds_done() >= 1, 300)
+        wait_until("round 1", lambda: rounds_done() >= 1, 300)
         killed = []
         for i in (3, 4):  # kill the SuperNodes (not the daemons) of two devices mid-run
             pid = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())[
@@ -122,7 +107,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
             ]
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
-        _wait("the run to finish", lambda: str(status()["status"]).startswith("finished"), 400)
+        wait_until("the run to finish", lambda: str(status()["status"]).startswith("finished"), 400)
         final = status()
         assert final["run_id"] == run_id and final["status"] == "finished:completed", final
         assert final["round"] == ROUNDS and final["max_epsilon"] > 0  # type: ignore[operator]
@@ -158,7 +143,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         # The daemons start the killed SuperNodes again; the SuperLink lets them back in once
         # it has marked them offline (Flower: two missed 30 s heartbeats), so this can take a
         # minute or two of back-off retries.
-        _wait("all SuperNodes back online", online, 240)
+        wait_until("all SuperNodes back online", online, 240)
         for i in (3, 4):
             status = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())
             assert status["restarts"] >= 1 and status["state"] == "running"

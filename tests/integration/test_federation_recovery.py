@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pollinate.server.superlink import flwr_env, list_nodes
-from tests.processes import free_port, stop_group
+from tests.processes import free_port, spawn, stop_group, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 3
 ROUNDS = 4
 POLLINATE = [sys.executable, "-m", "pollinate"]
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    with log.open("a") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
@@ -84,10 +70,10 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
     server_cmd = [*POLLINATE, "server", "start", "--certs", str(certs), "--state-dir", str(state),
                   "--port", str(port), "--metrics-port", str(metrics_port), *trust]  # fmt: skip
     server_log = tmp_path / "server.log"
-    server = _spawn(server_cmd, server_log, env)
+    server = spawn(server_cmd, server_log, env)
     daemons: list[subprocess.Popen[str]] = []
     try:
-        _wait("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
+        wait_until("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
         for i in range(DEVICES):
             cmd = [
                 *POLLINATE, "edge", "run", "--superlink", f"127.0.0.1:{port}",
@@ -96,8 +82,8 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
                 "--state-dir", str(tmp_path / f"device-{i}"),
                 "--partition-id", str(i), "--num-partitions", str(DEVICES),
             ]  # fmt: skip
-            daemons.append(_spawn(cmd, tmp_path / f"daemon-{i}.log", env))
-        _wait("the SuperNodes online", lambda: _online(state), 120)
+            daemons.append(spawn(cmd, tmp_path / f"daemon-{i}.log", env))
+        wait_until("the SuperNodes online", lambda: _online(state), 120)
 
         run_dir = tmp_path / "run"
         first = _cli(env, "server", "run", "--state-dir", str(state), "--rounds", str(ROUNDS),
@@ -109,7 +95,7 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
             path = run_dir / "metrics.json"
             return len(json.loads(path.read_text())) - 1 if path.exists() else 0
 
-        _wait("round 2", lambda: rounds_done() >= 2, 300)
+        wait_until("round 2", lambda: rounds_done() >= 2, 300)
         # crash: the SuperLink's process group (with the ServerApp) and its wrapper, SIGKILL
         link = json.loads((state / "superlink.json").read_text())
         os.killpg(link["pid"], signal.SIGKILL)
@@ -121,10 +107,10 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
         done = len(crashed_metrics) - 1
         assert 2 <= done < ROUNDS, crashed_metrics
 
-        server = _spawn(server_cmd, server_log, env)
-        _wait("the restarted SuperLink", lambda: server_log.read_text().count("SuperLink ready")
-              == 2, 90)  # fmt: skip
-        _wait("the SuperNodes back online", lambda: _online(state), 240)
+        server = spawn(server_cmd, server_log, env)
+        restarted = lambda: server_log.read_text().count("SuperLink ready") == 2  # noqa: E731
+        wait_until("the restarted SuperLink", restarted, 90)
+        wait_until("the SuperNodes back online", lambda: _online(state), 240)
         resumed = _cli(env, "server", "resume", "--state-dir", str(state))
         second = resumed.strip().splitlines()[-1]
         assert second != first
@@ -135,7 +121,7 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
             )
             return report
 
-        _wait("the resumed run to finish", lambda: str(status()["status"]).startswith(
+        wait_until("the resumed run to finish", lambda: str(status()["status"]).startswith(
             "finished"), 400)  # fmt: skip
         final = status()
         assert final["run_id"] == second and final["resumed_from"] == first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -35,7 +36,8 @@ def _split(text: str) -> list[str]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pollinate", "server", *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400"})  # fmt: skip
 
 
 def test_bad_settings_fail_before_anything_is_sent(tmp_path: Path) -> None:
