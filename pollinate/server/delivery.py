@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from pollinate._atomic import atomic_write_text
 from pollinate.log import logger
-from pollinate.server.nodes import NodeDirectory
+from pollinate.server.nodes import NodeDirectory, reply_node
 
 __all__ = ["BUNDLE_MESSAGE", "deliver_bundle", "delivers_to_devices"]
 
@@ -61,7 +61,7 @@ def deliver_bundle(
     failed: dict[str, str] = {}
     answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        src = reply.metadata.src_node_id
+        src = reply_node(reply, messages)
         answered.add(src)
         key = directory.key_of(src)
         if reply.has_error():

@@ -42,7 +42,7 @@ from pollinate.server.checkpoint import (
     save_checkpoint,
 )
 from pollinate.server.delivery import deliver_bundle, delivers_to_devices
-from pollinate.server.nodes import NodeDirectory, SampledGrid
+from pollinate.server.nodes import NodeDirectory, SampledGrid, reply_node
 from pollinate.server.report import RoundRecord, write_report
 from pollinate.server.secagg import secure_round
 from pollinate.server.strategy import (
@@ -257,7 +257,9 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
             replies = secure_round(grid, messages, rnd, settings, max_weight=secagg_weight)
         else:
             replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        accepted = _triage(replies, directory, arrays, settings, ledger, rnd, counts, bound)
+        accepted = _triage(
+            replies, messages, directory, arrays, settings, ledger, rnd, counts, bound
+        )
         if len(replies) < len(messages):  # no reply within round-timeout: late or gone
             counts.failed += len(messages) - len(replies)
             logger.warning(
@@ -390,6 +392,7 @@ def ledger_enabled(section: dict[str, Any]) -> bool:
 
 def _triage(
     replies: list[Message],
+    sent: list[Message],
     directory: NodeDirectory,
     arrays: dict[str, np.ndarray],
     settings: RunSettings,
@@ -401,7 +404,7 @@ def _triage(
     """Split replies into failed, declined, rejected and accepted; account every client."""
     accepted: list[Message] = []
     for reply in replies:
-        key = directory.key_of(reply.metadata.src_node_id)
+        key = directory.key_of(reply_node(reply, sent))
         if reply.has_error():
             counts.failed += 1
             logger.warning("round %d: client %s failed: %s", rnd, key, reply.error.reason)

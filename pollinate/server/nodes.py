@@ -15,12 +15,29 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from pollinate.errors import PollinateError
 from pollinate.log import logger
 
-__all__ = ["NodeDirectory", "SampledGrid"]
+__all__ = ["NodeDirectory", "SampledGrid", "reply_node"]
+
+
+def reply_node(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply answers for.
+
+    Replies a node sends carry its id as ``src_node_id``; error replies the SuperLink makes
+    itself (message expired, node gone) carry the SuperLink's id instead, so those are traced
+    back through ``reply_to_message_id`` to the message that was sent.
+    """
+    src = reply.metadata.src_node_id
+    if src != SUPERLINK_NODE_ID:
+        return src
+    for message in sent:
+        if message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return src
 
 
 class SampledGrid(Grid):
@@ -124,7 +141,7 @@ class NodeDirectory:
             for n in new
         ]
         for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
-            src = reply.metadata.src_node_id
+            src = reply_node(reply, messages)
             if reply.has_error():
                 logger.warning("node %d did not identify itself: %s", src, reply.error.reason)
                 continue

@@ -7,13 +7,21 @@ registered SuperNode public keys may connect) and ``--database STATE_DIR/superli
 restarted SuperLink keeps its runs and its registered nodes). Trusted keys are registered
 with ``flwr supernode register``; ``flwr`` finds the SuperLink through the connection
 ``pollinate`` that this module writes to ``STATE_DIR/flwr/config.toml`` (``FLWR_HOME``).
+
+The SuperLink runs with ``--isolation process``: the ServerApps are launched by a separate
+``flower-superexec`` that this module starts and supervises (restarted with back-off if it
+dies, which with Flower's default in-SuperLink launcher would leave every later run pending
+forever). SuperExec and SuperLink share a secret (``STATE_DIR/superexec.secret``, 0600), so
+nothing else that reaches the SuperLink's port can take ServerApp runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -182,7 +190,119 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
         "--host", settings.host,
         "--port", str(settings.port),
         "--disable-runtime-dependency-installation",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(_secret_file(settings.state_dir)),
     ]  # fmt: skip
+
+
+def superexec_command(settings: SuperLinkSettings, superlink_pid: int) -> list[str]:
+    """Flower's SuperExec for ServerApps, bound to the SuperLink (it exits when that does)."""
+    return [
+        str(Path(sys.executable).parent / "flower-superexec"),
+        "--runtime-api-address", settings.reach,
+        "--root-certificates", str(settings.ca),
+        "--parent-pid", str(superlink_pid),
+        "--superexec-auth-secret-file", str(_secret_file(settings.state_dir)),
+    ]  # fmt: skip
+
+
+def _secret_file(state_dir: Path) -> Path:
+    return (Path(state_dir) / "superexec.secret").resolve()
+
+
+def _ensure_secret(state_dir: Path) -> None:
+    """Create the SuperLink/SuperExec shared secret once (owner-only), keep it afterwards."""
+    path = _secret_file(state_dir)
+    if path.is_file() and path.stat().st_size > 0:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_hex(32).encode())
+    os.replace(tmp, path)
+
+
+def _stop_leftovers(state_dir: Path) -> None:
+    """Stop the ServerApps a crashed earlier ``server start`` left behind.
+
+    A ServerApp exits on its own a while after its SuperExec dies, and until then it still
+    talks to whatever SuperLink answers on the address, the restarted one included. The
+    earlier SuperExec led its own process group (its ServerApps are in it): whatever is left
+    of that group is killed, if it still runs Flower's programs (pids are reused).
+    """
+    try:
+        info = json.loads((Path(state_dir) / "superlink.json").read_text())
+        group = int(info.get("superexec_pid") or 0)
+    except (OSError, ValueError, TypeError):
+        return
+    if group <= 1 or not Path("/proc").is_dir():
+        return
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and (b"flwr-serverapp" in cmdline or b"superexec" in cmdline):
+            members.append(int(stat.parent.name))
+    if members:
+        logger.warning(
+            "stopping %d process(es) left by an earlier server start (SuperExec group %d)",
+            len(members), group,
+        )  # fmt: skip
+        for pid in members:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class _SuperExec:
+    """Keeps one ``flower-superexec`` running beside the SuperLink (back-off 1 s .. 60 s)."""
+
+    def __init__(self, settings: SuperLinkSettings, superlink_pid: int, log_path: Path) -> None:
+        self.command = superexec_command(settings, superlink_pid)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._next_start = 0.0
+        self._backoff = 1.0
+        self._started_at = 0.0
+
+    def check(self, env: dict[str, str]) -> None:
+        """Start it if it is not running (and its back-off has passed)."""
+        now = time.monotonic()
+        if self.process is not None:
+            code = self.process.poll()
+            if code is None:
+                if now - self._started_at > 60:
+                    self._backoff = 1.0  # it has been up a while: the next failure starts over
+                return
+            logger.warning(
+                "flower-superexec exited with code %s; starting it again in %.0f s "
+                "(runs it was executing must be resumed: `pollinate server resume`)",
+                code, self._backoff,
+            )  # fmt: skip
+            self.process = None
+            self.restarts += 1
+            self._next_start = now + self._backoff
+            self._backoff = min(self._backoff * 2, 60.0)
+        if now < self._next_start:
+            return
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        self._started_at = now
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def run_superlink(
@@ -202,19 +322,25 @@ def run_superlink(
         if not Path(key).is_file():
             raise ConfigError(f"--trust {key}: no such public key file")
     write_connection(settings)
+    _ensure_secret(state)
+    _stop_leftovers(state)
     log_path = state / "superlink.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             superlink_command(settings), stdout=log_file, stderr=subprocess.STDOUT,
             env=flwr_env(state), start_new_session=True,
         )  # fmt: skip
-    # who runs it (for operators and crash tests: the SuperLink has its own process group,
-    # with its ServerApp processes in it)
-    atomic_write_text(
-        state / "superlink.json",
-        json.dumps({"pid": process.pid, "wrapper_pid": os.getpid(), "address": settings.reach})
-        + "\n",
-    )
+    superexec = _SuperExec(settings, process.pid, state / "superexec.log")
+
+    def record() -> None:
+        # who runs what, for operators and crash tests (SuperExec and its ServerApps exit
+        # when the SuperLink does)
+        pids = {"pid": process.pid, "wrapper_pid": os.getpid(), "address": settings.reach,
+                "superexec_pid": superexec.process.pid if superexec.process else None,
+                "superexec_restarts": superexec.restarts}  # fmt: skip
+        atomic_write_text(state / "superlink.json", json.dumps(pids) + "\n")
+
+    record()
     stopping = {"signal": 0}
 
     def forward(signum: int, _frame: Any) -> None:
@@ -233,7 +359,16 @@ def run_superlink(
                 logger.info("trusted SuperNode key %s (node %s)", key, node_id)
         if on_ready is not None:
             on_ready(settings)
-        return process.wait()
+        while True:
+            if stopping["signal"] == 0:
+                running = superexec.process
+                superexec.check(flwr_env(state))
+                if superexec.process is not running:
+                    record()
+            try:
+                return process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                continue
     except BaseException:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -243,5 +378,6 @@ def run_superlink(
                 os.killpg(process.pid, signal.SIGKILL)
         raise
     finally:
+        superexec.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -14,8 +14,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,27 +22,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pollinate.server.superlink import flwr_env, list_nodes
-from tests.processes import free_port, spawn, stop_group, wait_until
+from tests.processes import Federation, free_port, rounds_done, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 3
 ROUNDS = 4
-POLLINATE = [sys.executable, "-m", "pollinate"]
-
-
-def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    out = subprocess.run([*POLLINATE, *args], capture_output=True, text=True, timeout=timeout,
-                         env=env)  # fmt: skip
-    assert out.returncode == 0, (args, out.stderr)
-    return out.stdout
-
-
-def _online(state: Path) -> bool:
-    try:
-        return sum(n["status"] == "online" for n in list_nodes(state)) == DEVICES
-    except Exception:  # the SuperLink is still starting
-        return False
 
 
 def _epsilons(privacy: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -54,73 +36,51 @@ def _epsilons(privacy: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def _group_members(group: int) -> list[int]:
+    """Live (not zombie) processes in process group ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Path) -> None:
-    state, certs, port, metrics_port = (
-        tmp_path / "state",
-        tmp_path / "certs",
-        free_port(),
-        free_port(),
-    )
-    env = {**flwr_env(state), "OMP_NUM_THREADS": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
-    _cli(env, "certs", str(certs), "--nodes", str(DEVICES), timeout=60)
-    trust: list[str] = []
-    for i in range(DEVICES):
-        trust += ["--trust", str(certs / "nodes" / f"node-{i}.pub")]
-    server_cmd = [*POLLINATE, "server", "start", "--certs", str(certs), "--state-dir", str(state),
-                  "--port", str(port), "--metrics-port", str(metrics_port), *trust]  # fmt: skip
-    server_log = tmp_path / "server.log"
-    server = spawn(server_cmd, server_log, env)
-    daemons: list[subprocess.Popen[str]] = []
-    try:
-        wait_until("the SuperLink", lambda: "SuperLink ready" in server_log.read_text(), 90)
-        for i in range(DEVICES):
-            cmd = [
-                *POLLINATE, "edge", "run", "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / "ca.crt"),
-                "--key", str(certs / "nodes" / f"node-{i}"),
-                "--state-dir", str(tmp_path / f"device-{i}"),
-                "--partition-id", str(i), "--num-partitions", str(DEVICES),
-            ]  # fmt: skip
-            daemons.append(spawn(cmd, tmp_path / f"daemon-{i}.log", env))
-        wait_until("the SuperNodes online", lambda: _online(state), 120)
-
+    metrics_port = free_port()
+    fed = Federation(tmp_path, DEVICES, server_args=["--metrics-port", str(metrics_port)])
+    state = fed.state
+    with fed:
         run_dir = tmp_path / "run"
-        first = _cli(env, "server", "run", "--state-dir", str(state), "--rounds", str(ROUNDS),
-                     "--round-timeout", "120", "--min-train-nodes", str(DEVICES),
-                     "--run-dir", str(run_dir), "--set", "fraction-train=1.0",
-                     "--set", "fraction-evaluate=0.0").strip().splitlines()[-1]  # fmt: skip
+        first = fed.run(run_dir, "--rounds", str(ROUNDS), "--round-timeout", "120",
+                        "--min-train-nodes", str(DEVICES), "--set", "fraction-train=1.0",
+                        "--set", "fraction-evaluate=0.0")  # fmt: skip
 
-        def rounds_done() -> int:
-            path = run_dir / "metrics.json"
-            return len(json.loads(path.read_text())) - 1 if path.exists() else 0
-
-        wait_until("round 2", lambda: rounds_done() >= 2, 300)
+        wait_until("round 2", lambda: rounds_done(run_dir) >= 2, 300)
         # crash: the SuperLink's process group (with the ServerApp) and its wrapper, SIGKILL
         link = json.loads((state / "superlink.json").read_text())
         os.killpg(link["pid"], signal.SIGKILL)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        assert fed.server is not None
+        os.killpg(fed.server.pid, signal.SIGKILL)
+        fed.server.wait()
         time.sleep(1.0)
         crashed_metrics = json.loads((run_dir / "metrics.json").read_text())
         crashed_privacy = json.loads((run_dir / "privacy.json").read_text())
         done = len(crashed_metrics) - 1
         assert 2 <= done < ROUNDS, crashed_metrics
 
-        server = spawn(server_cmd, server_log, env)
-        restarted = lambda: server_log.read_text().count("SuperLink ready") == 2  # noqa: E731
-        wait_until("the restarted SuperLink", restarted, 90)
-        wait_until("the SuperNodes back online", lambda: _online(state), 240)
-        resumed = _cli(env, "server", "resume", "--state-dir", str(state))
+        fed.start_server(ready_count=2)
+        # the restarted server stops what the crashed one left running (its ServerApp)
+        assert _group_members(link["superexec_pid"]) == [], "a ServerApp of the crash survives"
+        wait_until("the SuperNodes back online", fed.online, 240)
+        resumed = fed.cli("server", "resume", "--state-dir", str(state))
         second = resumed.strip().splitlines()[-1]
         assert second != first
 
-        def status() -> dict[str, Any]:
-            report: dict[str, Any] = json.loads(
-                _cli(env, "server", "status", "--state-dir", str(state), "--json", timeout=120)
-            )
-            return report
-
+        status = fed.status
         wait_until("the resumed run to finish", lambda: str(status()["status"]).startswith(
             "finished"), 400)  # fmt: skip
         final = status()
@@ -148,7 +108,7 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
         # each device's own accountant covers every round it trained, the lost one included
         for i in range(DEVICES):
             device = json.loads(
-                _cli(env, "edge", "status", "--state-dir", str(tmp_path / f"device-{i}"), "--json")
+                fed.cli("edge", "status", "--state-dir", str(fed.device_dir(i)), "--json")
             )
             (client,) = device["clients"]
             if client["client"] in after:
@@ -169,17 +129,10 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
         replied = (("outcome", "replied"), ("run_id", second))
         assert scraped[("pollinate_federation_clients_total", replied)] == DEVICES * ROUNDS
 
-        logs = subprocess.run(
-            [*POLLINATE, "server", "logs", "--state-dir", str(state)],
-            capture_output=True, text=True, timeout=120, env=env,
-        )  # fmt: skip
-        assert logs.returncode == 0, logs.stderr
+        fed.cli("server", "logs", "--state-dir", str(state), timeout=120)
         pulled = tmp_path / "pulled" / f"run-{second}"
-        _cli(env, "server", "pull", str(tmp_path / "pulled"), "--state-dir", str(state))
+        fed.cli("server", "pull", str(tmp_path / "pulled"), "--state-dir", str(state))
         assert json.loads((pulled / "metrics.json").read_text()) == metrics
         assert (pulled / "LATEST").read_text().strip() == f"checkpoints/round-{ROUNDS:04d}"
         assert (pulled / "checkpoints" / f"round-{ROUNDS:04d}" / "model.safetensors").is_file()
-    finally:
-        codes = [stop_group(d) for d in daemons]
-        stop_group(server)
-    assert codes == [0] * DEVICES
+    assert fed.codes == [0] * DEVICES

@@ -7,14 +7,17 @@ restarted SuperLink keeps its registered nodes (its database is on disk).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,4 +120,56 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
     # restarted on the same state directory, the SuperLink still knows its nodes
     with _server(tmp_path, port, nodes / "node-0.pub") as server:  # node-0: already trusted
         assert {n["node-id"] for n in list_nodes(state)} == registered
+        # the SuperExec that launches ServerApps is supervised: killed, it is started again
+        # (with back-off) and takes the next run
+        assert stat.S_IMODE((state / "superexec.secret").stat().st_mode) == 0o600
+        first = _superexec(state, lambda info: info["superexec_pid"] is not None)
+        os.kill(first["superexec_pid"], signal.SIGKILL)
+        again = _superexec(state, lambda info: info["superexec_restarts"] == 1)
+        assert again["superexec_pid"] != first["superexec_pid"]
+        env = {**flwr_env(state), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        started = subprocess.run(
+            [sys.executable, "-m", "pollinate", "server", "run", "--state-dir", str(state),
+             "--rounds", "1", "--run-dir", str(tmp_path / "run")],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 120  # no SuperNode is online: the ServerApp waits for one
+        while _status(state, env) != "running":
+            assert time.monotonic() < deadline, _status(state, env)
+            time.sleep(1.0)
     assert server.returncode == 0, "SIGTERM must stop the SuperLink cleanly"
+    assert _exited(again["superexec_pid"]), "the SuperExec stops with the SuperLink"
+
+
+def _superexec(state: Path, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        info: dict[str, Any] = json.loads((state / "superlink.json").read_text())
+        if ready(info):
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+
+
+def _status(state: Path, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "pollinate", "server", "status", "--state-dir", str(state),
+         "--json"], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return str(json.loads(out.stdout)["status"])
+
+
+def _exited(pid: int) -> bool:
+    """The process has exited (and is not a zombie waiting for its parent)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.2)
+    return False

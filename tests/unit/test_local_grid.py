@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import Error
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
 
 from pollinate.config import RunSettings
@@ -15,7 +17,7 @@ from pollinate.data import load_dataset
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant, MechanismStep
 from pollinate.server.federation import client_config
-from pollinate.server.nodes import NodeDirectory, SampledGrid
+from pollinate.server.nodes import NodeDirectory, SampledGrid, reply_node
 from pollinate.simulation.local_grid import JOURNAL_NAME, LocalArray, LocalGrid, read_journal
 
 POPULATION = 50
@@ -164,3 +166,20 @@ def test_the_fast_engine_clips_updates_for_client_side_client_level_dp(tmp_path:
         squares = sum(float(np.sum((arrays[k].numpy() - sent[k]).astype(np.float64) ** 2))
                       for k in sent)  # fmt: skip
         assert np.sqrt(squares) == pytest.approx(0.05, rel=1e-4)  # DP-SGD moves it further
+
+
+def test_error_replies_from_the_superlink_are_traced_to_the_node_they_answer_for() -> None:
+    grid = LocalGrid(3)
+    a, b, _ = list(grid.get_node_ids())
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (a, b)]
+    for m in sent:  # what a Grid's push does
+        m.metadata.__dict__["_message_id"] = m.object_id
+    expired = Message(Error(code=0, reason="message expired"), reply_to=sent[1])
+    expired.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    assert reply_node(expired, sent) == b
+    own = Message(Error(code=0, reason="client raised"), reply_to=sent[0])
+    own.metadata.__dict__["_src_node_id"] = a
+    assert reply_node(own, sent) == a
+    stray = Message(Error(code=0, reason="?"), reply_to=sent[0])
+    stray.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    assert reply_node(stray, sent[1:]) == SUPERLINK_NODE_ID  # nothing to trace it to
