@@ -61,7 +61,7 @@ def _latency(fn: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
-def _cold(code: str, runs: int = 3) -> float:
+def _cold(code: str, runs: int = 5) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()

@@ -155,39 +155,87 @@ class OpenVinoBackend(Backend):
 
     On CPUs with bf16 support OpenVINO would otherwise run an fp32 (or fp16-compressed) IR in
     bf16 and lose parity with the exported model; INT8 IRs keep their quantized kernels.
+
+    Single samples, the common case on a device, run through a copy of the model compiled for
+    a batch of one: a static graph skips OpenVINO's per-call shape inference and memory
+    planning (about 30 us of the 0.1 ms the default CNN takes), and the sample is copied into
+    the request's own input buffer instead of being wrapped in a new tensor. Any other batch
+    size runs through the dynamic model, compiled on first use.
     """
 
     runtime = "openvino"
 
     def __init__(self, model_path: Path, *, threads: int, output_name: str | None) -> None:
         ov = import_runtime("openvino")
-        config = {
+        self._config = {
             "INFERENCE_NUM_THREADS": str(threads),
             "INFERENCE_PRECISION_HINT": "f32",
             "NUM_STREAMS": "1",
             "PERFORMANCE_HINT": "LATENCY",
         }
         try:
-            core = ov.Core()
-            self._compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+            self._core = ov.Core()
+            self._model = self._core.read_model(str(model_path))
+            shape = self._model.input(0).get_partial_shape()
+            one = _single_sample_shape(shape)
+            if one is not None and shape.is_dynamic:
+                single_model = self._model.clone()
+                single_model.reshape({0: one})
+                single = self._core.compile_model(single_model, "CPU", self._config)
+                self._dynamic = None  # compiled when a batch of another size comes
+            else:
+                single = self._dynamic = self._core.compile_model(self._model, "CPU", self._config)
         except Exception as err:  # OpenVINO raises RuntimeError and its own types
             raise BundleError(f"OpenVINO cannot load {model_path.name}: {err}") from err
-        model_input = self._compiled.input(0)
+        self._file = model_path.name
+        model_input = single.input(0)
         self.input_name = str(model_input.get_any_name())
         self.input_dtype = np.dtype(model_input.get_element_type().to_dtype())
-        outputs = list(self._compiled.outputs)
-        names = [str(o.get_any_name()) for o in outputs]
-        index = _pick(names, output_name)
-        self.output_name = names[index]
-        self._output = outputs[index]
-        self._request = self._compiled.create_infer_request()
+        names = [str(o.get_any_name()) for o in single.outputs]
+        self._output_index = _pick(names, output_name)
+        self.output_name = names[self._output_index]
+        self._single_request = single.create_infer_request()
+        # Views of the request's own buffers: they stay put while the shapes are static.
+        self._single_in: np.ndarray | None = None
+        self._single_out: np.ndarray | None = None
+        if one is not None:
+            self._single_in = self._single_request.get_input_tensor(0).data
+            self._single_out = self._single_request.get_output_tensor(self._output_index).data
+        self._dynamic_request: Any = None
         self._lock = threading.Lock()  # an infer request serves one call at a time
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run through the one infer request, copying the output out of OpenVINO's buffer."""
+        """Run one batch; the result is a copy, never a view of OpenVINO's output buffer."""
         with self._lock:
-            result = self._request.infer({0: batch})
-            return np.array(result[self._output], copy=True)
+            if self._single_in is not None and batch.shape == self._single_in.shape:
+                np.copyto(self._single_in, batch, casting="same_kind")
+                self._single_request.infer()
+                return np.array(self._single_out, copy=True)
+            if self._dynamic_request is None:
+                self._dynamic_request = self._open_dynamic()
+            feed = np.ascontiguousarray(batch, dtype=self.input_dtype)
+            result = self._dynamic_request.infer(feed, share_inputs=True, share_outputs=True)
+            return np.array(result.to_tuple()[self._output_index], copy=True)
+
+    def _open_dynamic(self) -> Any:
+        """An infer request of the dynamic-batch model, compiled on first use."""
+        if self._dynamic is None:
+            try:
+                self._dynamic = self._core.compile_model(self._model, "CPU", self._config)
+            except Exception as err:  # OpenVINO raises RuntimeError and its own types
+                raise BundleError(f"OpenVINO cannot compile {self._file}: {err}") from err
+        return self._dynamic.create_infer_request()
+
+
+def _single_sample_shape(shape: Any) -> list[int] | None:
+    """``shape`` with a batch of one when every other dimension is static, else None."""
+    if shape.rank.is_dynamic or shape.rank.get_length() < 1:
+        return None
+    dims = list(shape)
+    if any(dim.is_dynamic for dim in dims[1:]):
+        return None
+    first = dims[0].get_length() if dims[0].is_static else 1
+    return [first, *(dim.get_length() for dim in dims[1:])]
 
 
 class LiteRtBackend(Backend):

@@ -164,6 +164,32 @@ def _narrow_int64_constants(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes)
 
 
+def _drop_zero_bias_zero_points(graph: onnx.GraphProto) -> int:
+    """Remove the all-zero ``int32`` zero points of constant bias ``DequantizeLinear`` nodes.
+
+    The quantizer writes one ``int32`` zero point per bias element (4 bytes each, always 0);
+    ``DequantizeLinear`` defaults an absent zero point to 0, so the result is the same and
+    ONNX Runtime still fuses the node into ``QLinearConv`` / ``QGemm``. The ``int8`` weight
+    zero points stay: without them ONNX Runtime no longer fuses ``Gemm`` into ``QGemm``.
+    Returns how many inputs were removed (orphaned initializers are dropped by ``_compact``).
+    """
+    initializers = {init.name: init for init in graph.initializer}
+    removed = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) != 3:
+            continue
+        values, zero_point = initializers.get(node.input[0]), initializers.get(node.input[2])
+        if values is None or zero_point is None or values.data_type != onnx.TensorProto.INT32:
+            continue
+        if onnx.numpy_helper.to_array(zero_point).any():
+            continue
+        del node.input[2]
+        removed += 1
+    return removed
+
+
 def _shorten_names(graph: onnx.GraphProto) -> None:
     """Rename intermediate tensors and nodes to short unique names (interface names stay)."""
     keep = {value.name for value in (*graph.input, *graph.output)}
@@ -368,7 +394,8 @@ def quantize_onnx_int8(
     inference), then ``quantize_static`` in QDQ format on the ``Conv``, ``Gemm`` and ``MatMul``
     nodes: symmetric ``int8`` weights (per output channel when ``per_channel``), ``int32``
     biases, ``uint8`` activations with MinMax ranges collected by running the model over
-    ``calibration``. The weights are stored only once, as ``int8`` (no float copy). The model
+    ``calibration``. The weights are stored only once, as ``int8`` (no float copy), and the
+    biases without their all-zero ``int32`` zero points (0 is the default). The model
     is then compacted like the FP32 one (see :func:`export_onnx`) and written as one checked,
     self-contained file renamed into place.
 
@@ -445,6 +472,7 @@ def quantize_onnx_int8(
             raise
         except Exception as exc:  # onnxruntime raises plain Exceptions and RuntimeErrors
             raise ExportError(f"INT8 quantization of {fp32_path.name} failed: {exc}") from exc
+    _drop_zero_bias_zero_points(proto.graph)
     _compact(proto)
     size = _save_checked(proto, out_path)
     recipe = (

@@ -224,6 +224,25 @@ def test_openvino_backend_matches_the_reference(built: dict[str, Path]) -> None:
     model.close()
 
 
+def test_openvino_single_samples_are_fresh_arrays_and_mix_with_batches(
+    built: dict[str, Path],
+) -> None:
+    # One sample runs through the batch-of-one model and its request's own buffers; a result
+    # must not change when the next sample runs, and batches of other sizes still work.
+    model = load_bundle(built["dir"], backend="openvino", threads=1)
+    batch = _batch(4)
+    expected = reference(batch, fp16_weights=True)
+    first = model.predict(batch[0])
+    second = model.predict(batch[1:2])
+    np.testing.assert_allclose(first, expected[0], atol=1e-5)
+    np.testing.assert_allclose(second, expected[1:2], atol=1e-5)
+    np.testing.assert_allclose(model.predict(batch), expected, atol=1e-5)
+    np.testing.assert_allclose(model.predict(batch[2].astype(np.float64)), expected[2], atol=1e-5)
+    np.testing.assert_allclose(first, expected[0], atol=1e-5)  # untouched by later calls
+    assert not np.shares_memory(first, second)
+    model.close()
+
+
 def test_precision_choice(built: dict[str, Path], tmp_path: Path) -> None:
     onnx_path = make_onnx(tmp_path / "src" / "m.onnx")
     manifest = make_manifest(

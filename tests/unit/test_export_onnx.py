@@ -105,6 +105,28 @@ def test_int8_keeps_accuracy_and_is_small(
     check_tolerances(path.name, parity, precision="int8")
 
 
+def test_int8_biases_have_no_zero_points_and_still_fuse(
+    int8: tuple[Path, str], tmp_path: Path
+) -> None:
+    import onnxruntime as ort  # type: ignore[import-untyped]
+
+    path, _ = int8
+    proto = onnx.load(str(path))
+    types = {init.name: init.data_type for init in proto.graph.initializer}
+    bias_nodes = [
+        node
+        for node in proto.graph.node
+        if node.op_type == "DequantizeLinear" and types.get(node.input[0]) == onnx.TensorProto.INT32
+    ]
+    assert len(bias_nodes) == 3  # conv1, conv2, linear
+    assert all(len(node.input) == 2 for node in bias_nodes)  # scale only: zero point is 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 2 and fused.count("QGemm") == 1
+
+
 def test_int8_rejects_bad_calibration(fp32: OnnxInfo, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="calibration"):
         quantize_onnx_int8(fp32.path, tmp_path / "q.onnx", np.zeros((0, 1, 28, 28), np.float32))

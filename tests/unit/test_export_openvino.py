@@ -162,7 +162,7 @@ def test_fp16_ir_is_about_half_the_fp32_ir(fp32_ir: OpenVinoInfo, fp16_ir: OpenV
         f"ratio {ratio:.3f}, weights ratio {bin_ratio:.3f}"
     )
     assert 0.45 <= bin_ratio <= 0.55
-    assert ratio <= 0.7  # the .xml (~13-18 KB here) does not shrink
+    assert ratio <= 0.7  # the .xml (~14 KB here, compacted) does not shrink
 
 
 def test_ir_names_its_tensors_and_has_a_dynamic_batch(fp16_ir: OpenVinoInfo) -> None:
@@ -174,6 +174,20 @@ def test_ir_names_its_tensors_and_has_a_dynamic_batch(fp16_ir: OpenVinoInfo) -> 
     shape = ir.inputs[0].get_partial_shape()
     assert shape[0].is_dynamic
     assert [shape[i].get_length() for i in range(1, 4)] == list(SHAPE)
+
+
+def test_ir_xml_is_compact_and_keeps_the_fp16_decompression_marks(
+    fp16_ir: OpenVinoInfo, int8_ir: OpenVinoInfo
+) -> None:
+    import openvino as ov
+
+    for info in (fp16_ir, int8_ir):
+        text = info.xml.read_text()
+        assert "\t" not in text and "aten::" not in text and "self.features" not in text
+        ir = ov.Core().read_model(str(info.xml))
+        named = {tuple(out.get_names()) for op in ir.get_ops() for out in op.outputs()}
+        assert named - {()} == {(INPUT_NAME,), (OUTPUT_NAME,)}
+    assert fp16_ir.xml.read_text().count('name="decompression"') >= 3  # conv, conv, linear
 
 
 def test_export_leaves_the_model_mode_and_folder_clean(trained: Trained, tmp_path: Path) -> None:

@@ -79,6 +79,26 @@ def test_files_are_written_with_sizes(exported: dict[str, TfliteInfo]) -> None:
     assert ratio < 0.6
 
 
+def test_tensors_have_short_names_but_the_io_keeps_its_own(
+    exported: dict[str, TfliteInfo],
+) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    for info in exported.values():
+        interpreter = Interpreter(model_path=str(info.path))
+        io = {
+            d["index"]: d["name"]
+            for d in (*interpreter.get_input_details(), *interpreter.get_output_details())
+        }
+        assert all(name.startswith("serving_default") for name in io.values()), io
+        names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
+        inner = [name for index, name in names.items() if index not in io]
+        assert inner and all(
+            name == f"t{index}" for index, name in names.items() if index not in io
+        )
+        assert "torch.nn.modules" not in info.path.read_bytes().decode("latin-1")
+
+
 def test_fp32_reproduces_torch(
     exported: dict[str, TfliteInfo], split: DatasetSplit, reference: np.ndarray
 ) -> None:
