@@ -79,7 +79,8 @@ def start_command(
 
     Only SuperNodes whose public keys are registered (--trust, or `pollinate server trust`
     later) may connect, over TLS only. The state database in --state-dir keeps runs and
-    registered nodes across restarts. Runs until SIGTERM / Ctrl-C.
+    registered nodes across restarts. ServerApps run under a flower-superexec that this
+    command supervises (started again if it dies). Runs until SIGTERM / Ctrl-C.
 
     Examples:
 
