@@ -125,7 +125,7 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
         assert stat.S_IMODE((state / "superexec.secret").stat().st_mode) == 0o600
         first = _superexec(state, lambda info: info["superexec_pid"] is not None)
         os.kill(first["superexec_pid"], signal.SIGKILL)
-        again = _superexec(state, lambda info: info["superexec_restarts"] == 1)
+        again = _superexec(state, _restarted_once)
         assert again["superexec_pid"] != first["superexec_pid"]
         env = {**flwr_env(state), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         started = subprocess.run(
@@ -150,6 +150,11 @@ def _superexec(state: Path, ready: Callable[[dict[str, Any]], bool]) -> dict[str
             return info
         assert time.monotonic() < deadline, info
         time.sleep(0.5)
+
+
+def _restarted_once(info: dict[str, Any]) -> bool:
+    """The SuperExec was restarted once and its successor is running."""
+    return info["superexec_restarts"] == 1 and info["superexec_pid"] is not None
 
 
 def _status(state: Path, env: dict[str, str]) -> str:
