@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -73,14 +74,20 @@ def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) 
     )
 
 
-def write_result(name: str, result: dict[str, object]) -> Path:
-    """Write ``benchmarks/results/NAME.json`` and print the JSON."""
-    out = REPO / "benchmarks" / "results" / f"{name}.json"
+def write_json(out: Path, result: dict[str, Any], *, sort_keys: bool = False) -> Path:
+    """Write ``result`` to ``out`` atomically (temp file + rename) and print the JSON."""
+    from pollinate._atomic import atomic_write_text
+
+    text = json.dumps(result, indent=2, sort_keys=sort_keys)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, sort_keys=True)
-    out.write_text(text + "\n")
+    atomic_write_text(out, text + "\n")
     print(text)
     return out
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME.json`` and print the JSON."""
+    return write_json(REPO / "benchmarks" / "results" / f"{name}.json", result, sort_keys=True)
 
 
 @dataclass

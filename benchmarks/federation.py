@@ -72,7 +72,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._federation_procs import Federation, FederationError
-from benchmarks._measure import run_pollinate
+from benchmarks._measure import run_pollinate, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation.json"
 T0 = time.monotonic()
@@ -575,12 +575,7 @@ def main() -> int:
             say(f"partial results printed above; {args.out} left as it was")
         return 1
     report["benchmark_wall_s"] = round(time.monotonic() - T0, 1)
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(text + "\n")
-    os.replace(tmp_out, args.out)
-    print(text)
+    write_json(args.out, report)
     return 0
 
 

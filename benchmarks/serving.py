@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._loadgen import LoadConfig, load_images, run_load
+from benchmarks._measure import write_json
 from benchmarks._serving_procs import (
     NAIVE_SERVER,
     RssSampler,
@@ -249,12 +249,7 @@ def main() -> None:
             },
         },
     }
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(text + "\n")
-    os.replace(tmp_out, args.out)
-    print(text)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ resets epsilon), extended by this round's DP-SGD steps, and saved back before re
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ from flwr.app import (
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import MessageType
+from flwr.common import (
+    Code,
+    FitRes,
+    MessageType,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
@@ -392,10 +400,6 @@ def _train_for_secagg(msg: Message, context: Context) -> Message:
     DP), capped at the protocol's ``max_weight``; a client that declines contributes zeros
     with weight 0, and its decline still reaches the server in the metrics.
     """
-    import json
-
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-
     from pollinate.server.secagg import SECAGG_MAX_WEIGHT_KEY, TASK_KEY, WEIGHT_KEY
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
