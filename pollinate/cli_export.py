@@ -108,6 +108,8 @@ def export_command(
             f"{row.p50_ms:.3f}",
         )  # fmt: skip
     Console(width=max(Console().width, 120)).print(table)
+    if result.triton_version is not None:
+        console.print(f"published version {result.triton_version} to {triton_repo}")
     if result.archive is not None:
         Console().print(f"archive: {result.archive}")
 

@@ -201,6 +201,16 @@ def run_command(
         typer.Option("--set", help="Any run-config key=value (see `pollinate simulate --help`)."),
     ] = None,
     app: Annotated[Path | None, typer.Option(help="pollinate's project folder (the App).")] = None,
+    trigger_dir: Annotated[
+        Path | None,
+        typer.Option(help="Start only for the retrain events `pollinate serve` wrote here."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="With --trigger-dir: block until an event comes.")
+    ] = False,
+    poll_interval: Annotated[
+        float, typer.Option(help="With --wait: seconds between looks.", min=0.1)
+    ] = 5.0,
 ) -> None:
     """Start a training run on the federation; prints its run id.
 
@@ -208,28 +218,98 @@ def run_command(
     ServerApp runs on the server and writes its run directory there. Follow it with
     `pollinate server status`, stop it with `pollinate server stop RUN_ID`.
 
+    With --trigger-dir, the run answers the serving tier's drift events: every pending
+    `retrain-*.json` is moved to TRIGGER_DIR/consumed/ and stamped with the run id; with none
+    pending (or while the previous run still runs) nothing starts, and --wait waits for one.
+    With --set export-triton-repo=MODELS the retrained model is published there as a new
+    version, which `pollinate serve` takes as a canary. See docs/serving.md.
+
     Examples:
 
       pollinate server run --state-dir state --rounds 10 --round-timeout 120 --min-train-nodes 3
 
       pollinate server run --state-dir state --set client-dp=server-fixed \\
         --set client-dp-target-epsilon=4
+
+      pollinate server run --state-dir state --trigger-dir triggers --wait \\
+        --set export-dir=bundles/retrained --set export-triton-repo=models
     """
     from pollinate.cli import _fail, _parse_sets
-    from pollinate.errors import PollinateError
+    from pollinate.errors import ConfigError, PollinateError
     from pollinate.server.runs import default_app_dir, start_run
 
     flags = {"num-server-rounds": rounds, "strategy": strategy, "epsilon-budget": epsilon_budget,
              "round-timeout": round_timeout, "min-train-nodes": min_train_nodes,
              "run-dir": str(run_dir.resolve()) if run_dir else None}  # fmt: skip
+    err_console = Console(soft_wrap=True, stderr=True)
     try:
+        if wait and trigger_dir is None:
+            raise ConfigError("--wait waits for a retrain event: pass --trigger-dir DIR too")
         config = {k: _toml_value(v) for k, v in _parse_sets(set_ or []).items()}
         config.update({k: v for k, v in flags.items() if v is not None})
-        run_id, where = start_run(state_dir, app or default_app_dir(), config)
+        app_dir = app or default_app_dir()
+        if trigger_dir is None:
+            run_id, where = start_run(state_dir, app_dir, config)
+        else:
+            started = _run_for_triggers(
+                state_dir, app_dir, config, trigger_dir, wait, poll_interval, err_console
+            )
+            if started is None:
+                return
+            run_id, where = started
     except PollinateError as err:
         raise _fail(err) from None
-    Console(soft_wrap=True, stderr=True).print(f"run {run_id} started; run directory {where}")
+    except KeyboardInterrupt:
+        err_console.print("stopped waiting; no run started")
+        raise typer.Exit(130) from None
+    err_console.print(f"run {run_id} started; run directory {where}")
     print(run_id)
+
+
+def _run_for_triggers(
+    state_dir: Path,
+    app_dir: Path,
+    config: dict[str, Any],
+    trigger_dir: Path,
+    wait: bool,
+    poll_interval: float,
+    console: Console,
+) -> tuple[str, Path] | None:
+    """Claim the pending retrain events and start one run for them (None: nothing started)."""
+    import time
+
+    from pollinate.config import RunSettings
+    from pollinate.server.runs import active_run, start_run
+    from pollinate.server.triggers import claim_triggers, describe, record, release
+
+    RunSettings.from_run_config(config)  # a bad --set fails now, not when an event comes
+    announced = False
+    while True:
+        busy = active_run(state_dir)
+        claims = [] if busy else claim_triggers(trigger_dir)
+        if claims:
+            break
+        if not wait:
+            console.print(
+                f"run {busy} is still running; retrain events stay pending in {trigger_dir}"
+                if busy
+                else f"no retrain event pending in {trigger_dir}; no run started"
+            )
+            return None
+        if not announced:
+            console.print(f"waiting for a retrain event in {trigger_dir} (Ctrl-C to stop)")
+            announced = True
+        time.sleep(poll_interval)
+    console.print(f"retraining for {len(claims)} event(s): {describe(claims)}")
+    try:
+        run_id, where = start_run(
+            state_dir, app_dir, config, triggers=[c.path.name for c in claims]
+        )
+    except BaseException:
+        release(claims)
+        raise
+    record(claims, run_id)
+    return run_id, where
 
 
 def _toml_value(text: str) -> Any:

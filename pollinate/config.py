@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Any
 
 from pollinate.errors import ConfigError
@@ -116,6 +117,7 @@ class RunSettings:
     export_dir: str = ""
     export_formats: str = "onnx,openvino"
     export_sign_key: str = ""
+    export_triton_repo: str = ""
     deliver_bundle: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -152,6 +154,13 @@ class RunSettings:
             out[f.name.replace("_", "-")] = value.value if isinstance(value, Enum) else value
         return out
 
+    def bundle_dir(self, run_dir: Path) -> Path | None:
+        """Where the end-of-run export goes: ``export-dir``, else ``RUN_DIR/bundle`` when
+        ``export-triton-repo`` asks for one; None when the run exports nothing."""
+        if self.export_dir:
+            return Path(self.export_dir)
+        return Path(run_dir) / "bundle" if self.export_triton_repo else None
+
     # ---------------------------------------------------------------- checking
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
@@ -173,6 +182,11 @@ class RunSettings:
             raise ConfigError(
                 f"setting 'export-formats' {self.export_formats!r} must list formats from "
                 f'{", ".join(EXPORT_FORMATS)}, comma-separated (e.g. "onnx,openvino")'
+            )
+        if self.export_triton_repo and "onnx" not in formats:
+            raise ConfigError(
+                "setting 'export-triton-repo' publishes the exported ONNX model: it needs "
+                f"'onnx' in 'export-formats' (got {self.export_formats!r})"
             )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(

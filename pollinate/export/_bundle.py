@@ -41,6 +41,7 @@ __all__ = [
     "SourceMissingError",
     "archive_path",
     "generate_signing_key",
+    "next_triton_version",
     "sign_manifest",
     "triton_config",
     "write_bundle",
@@ -351,6 +352,18 @@ def triton_config(model_name: str, manifest: Manifest, *, max_batch_size: int = 
         f"output [\n{outputs}\n]\n"
         "dynamic_batching { }\n"
     )
+
+
+def next_triton_version(repo: Path, model_name: str, server_round: int) -> int:
+    """The version a new export publishes: the checkpoint's round, or, when the repository
+    already holds that version or a later one (an earlier run), one past the newest, so a
+    retrained model is always newer than what is served and never overwrites it."""
+    model_dir = Path(repo) / model_name
+    newest = 0
+    if model_dir.is_dir():
+        taken = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        newest = max(taken, default=0)
+    return server_round if server_round > newest else newest + 1
 
 
 def write_triton_entry(

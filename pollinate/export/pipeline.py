@@ -94,6 +94,7 @@ class ExportResult:
     archive: Path | None
     torch_accuracy: float
     rows: list[ExportRow] = field(default_factory=list)
+    triton_version: int | None = None  # the version published to ``triton_repo``
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,12 @@ def export_run(
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export the newest checkpoint of ``run_dir`` as described by ``options``."""
-    from pollinate.export._bundle import archive_path, write_bundle, write_triton_entry
+    from pollinate.export._bundle import (
+        archive_path,
+        next_triton_version,
+        write_bundle,
+        write_triton_entry,
+    )
     from pollinate.export._parity import check_tolerances, latency_ms, measure_parity, torch_logits
 
     step = on_step or (lambda _msg: None)
@@ -233,12 +239,16 @@ def export_run(
         )
         step("writing the bundle")
         bundle = write_bundle(options.out, manifest, files, private_key=options.sign_key)
+        triton_version = None
         if options.triton_repo is not None and Format.ONNX in options.formats:
             onnx_fp32 = options.out / "model.fp32.onnx"
             if onnx_fp32.exists():
+                triton_name = options.name or run.settings.model
+                triton_version = next_triton_version(
+                    options.triton_repo, triton_name, run.server_round
+                )
                 write_triton_entry(
-                    options.triton_repo, options.name or run.settings.model,
-                    run.server_round, onnx_fp32, manifest,
+                    options.triton_repo, triton_name, triton_version, onnx_fp32, manifest,
                     torch_weights=run.model.state_dict(),
                     torch_spec={"architecture": run.settings.model,
                                 "input_shape": list(run.data.input_shape),
@@ -251,6 +261,7 @@ def export_run(
         archive=archive if archive.exists() else None,
         torch_accuracy=torch_accuracy,
         rows=rows,
+        triton_version=triton_version,
     )
 
 

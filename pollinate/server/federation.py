@@ -328,8 +328,9 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     privacy = ledger.summary()
     atomic_write_json(run_dir / "privacy.json", {"summary": privacy, "ledger": ledger.to_dict()})
     write_report(run_dir, history, privacy=privacy, settings=settings.to_run_config())
-    if settings.export_dir:
-        archive = _export_at_end(run_dir, settings)
+    bundle_dir = settings.bundle_dir(run_dir)
+    if bundle_dir is not None:
+        archive = _export_at_end(run_dir, bundle_dir, settings)
         if archive is not None and settings.deliver_bundle and delivers_to_devices(grid):
             deliver_bundle(grid, directory, archive, run_dir, timeout=settings.round_timeout)
     return RunResult(run_dir=run_dir, history=history, privacy=privacy, model=arrays)
@@ -357,20 +358,24 @@ def update_bound(
     return bound
 
 
-def _export_at_end(run_dir: Path, settings: RunSettings) -> Path | None:
-    """Export the final global model (``export-dir``); a failed export never loses the run.
+def _export_at_end(run_dir: Path, out: Path, settings: RunSettings) -> Path | None:
+    """Export the final global model to ``out`` (and ``export-triton-repo``); a failed export
+    never loses the run.
 
     Returns the bundle archive, or None when nothing was exported.
     """
     from pollinate.errors import PollinateError
 
-    out = Path(settings.export_dir)
     try:
         from pollinate.export.pipeline import ExportOptions, Format, export_run
 
         formats = tuple(Format(f.strip()) for f in settings.export_formats.split(",") if f.strip())
         key = Path(settings.export_sign_key) if settings.export_sign_key else None
-        options = ExportOptions(out=out.resolve(), formats=formats, sign_key=key)
+        repo = settings.export_triton_repo
+        triton = Path(repo).resolve() if repo else None
+        options = ExportOptions(
+            out=out.resolve(), formats=formats, sign_key=key, triton_repo=triton
+        )
         result = export_run(run_dir, options)
     except ImportError as err:
         logger.error(
@@ -382,6 +387,10 @@ def _export_at_end(run_dir: Path, settings: RunSettings) -> Path | None:
         logger.error("the run finished but its export failed: %s", err)
         return None
     logger.info("exported the final model to %s", result.bundle)
+    if result.triton_version is not None:
+        logger.info(
+            "published it as version %d to %s", result.triton_version, settings.export_triton_repo
+        )
     return result.archive
 
 

@@ -22,6 +22,7 @@ from pollinate.errors import ConfigError
 from pollinate.server.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
 
 __all__ = [
+    "active_run",
     "default_app_dir",
     "pull_run",
     "resume_run",
@@ -72,9 +73,17 @@ def _runs(state_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def start_run(
-    state_dir: Path, app_dir: Path, config: dict[str, Any], *, resumed_from: str | None = None
+    state_dir: Path,
+    app_dir: Path,
+    config: dict[str, Any],
+    *,
+    resumed_from: str | None = None,
+    triggers: list[str] | None = None,
 ) -> tuple[str, Path]:
-    """Submit a run; returns its run id and run directory (``run-dir`` defaults under STATE)."""
+    """Submit a run; returns its run id and run directory (``run-dir`` defaults under STATE).
+
+    ``triggers`` (the retrain event files the run answers) are recorded in ``runs.json``.
+    """
     from pollinate.config import RunSettings
 
     config = dict(config)
@@ -93,6 +102,8 @@ def start_run(
     }
     if resumed_from is not None:
         entry["resumed_from"] = resumed_from
+    if triggers:
+        entry["triggers"] = triggers
     runs[run_id] = entry
     atomic_write_text(Path(state_dir) / RUNS_FILE, json.dumps(runs, indent=2) + "\n")
     return run_id, run_dir
@@ -112,6 +123,15 @@ def _known(state_dir: Path, run_id: str | None) -> tuple[str, dict[str, Any]]:
             f"run {run_id} was not started from {state_dir} (known: {', '.join(runs)})"
         )
     return run_id, runs[run_id]
+
+
+def active_run(state_dir: Path) -> str | None:
+    """The newest run started from ``state_dir`` while Flower still runs it, else None."""
+    runs = _runs(state_dir)
+    if not runs:
+        return None
+    newest = max(runs, key=lambda r: runs[r]["started"])
+    return newest if _flower_status(state_dir, newest).split(":")[0] in _ACTIVE else None
 
 
 def _flower_status(state_dir: Path, run_id: str) -> str:
@@ -202,7 +222,9 @@ def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
             latest = run_dir / pointer.read_text(encoding="utf-8").strip()
             shutil.copytree(latest, partial / "checkpoints" / latest.name)
         settings = _saved_settings(run_dir)
-        export_dir = settings.get("export-dir")
+        export_dir = settings.get("export-dir") or (
+            str(run_dir / "bundle") if settings.get("export-triton-repo") else None
+        )
         if export_dir and Path(export_dir).is_dir():  # the bundle and its archive beside it
             shutil.copytree(Path(export_dir), partial / "bundle", symlinks=True)
             archive = Path(export_dir).parent / f"{Path(export_dir).name}.tar.gz"

@@ -112,6 +112,11 @@ def _flwr(
     state_dir: Path, *args: str, options: tuple[str, ...] = (), timeout: float = 120.0
 ) -> dict[str, Any]:
     """Run ``flwr ARGS pollinate OPTIONS --format json`` on this federation; the JSON answer."""
+    if not (Path(state_dir) / "flwr" / "config.toml").is_file():
+        raise SuperLinkError(
+            f"{state_dir} is not the state directory of a federation: start one with "
+            f"`pollinate server start --state-dir {state_dir}`, or pass the --state-dir it uses"
+        )
     flwr = str(Path(sys.executable).parent / "flwr")
     cmd = [flwr, *args, CONNECTION, *options, "--format", "json"]
     proc = subprocess.run(

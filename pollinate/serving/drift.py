@@ -44,6 +44,7 @@ __all__ = [
     "DriftReading",
     "DriftSettings",
     "TriggerSink",
+    "pending_triggers",
     "psi",
     "read_triggers",
 ]
@@ -325,21 +326,29 @@ def read_triggers(trigger_dir: Path) -> list[dict[str, Any]]:
     Returns:
         The event dicts, sorted by their ``time`` field (then file name).
     """
+    return [event for _path, event in pending_triggers(trigger_dir)]
+
+
+def pending_triggers(trigger_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Like :func:`read_triggers`, with each event's file: ``(path, event)``, oldest first."""
     folder = Path(trigger_dir)
     if not folder.is_dir():
         return []
-    found: list[tuple[str, str, dict[str, Any]]] = []
+    found: list[tuple[str, str, Path, dict[str, Any]]] = []
     for path in folder.glob("retrain-*.json"):
         try:
             event = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:  # taken by a consumer since the listing
+            continue
         except (OSError, ValueError) as err:
             logger.warning("skipping unreadable retrain event %s: %s", path, err)
             continue
         if not isinstance(event, dict) or event.get("event") != EVENT:
             logger.warning("skipping %s: not a %s event", path, EVENT)
             continue
-        found.append((str(event.get("time", "")), path.name, event))
-    return [event for _time, _name, event in sorted(found, key=lambda f: (f[0], f[1]))]
+        found.append((str(event.get("time", "")), path.name, path, event))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [(path, event) for _time, _name, path, event in found]
 
 
 class DriftMonitor:

@@ -1,7 +1,9 @@
 """A real federation on loopback: `pollinate server start` (TLS + SuperNode authentication),
 five `pollinate edge run` daemons, and `pollinate server run` / `status` (the flwr CLI
 underneath) for three rounds, ending with a signed bundle delivered to the devices and served
-by their local inference servers.
+by their local inference servers. The run is started the way the serving tier's drift trigger
+starts one (`server run --trigger-dir`), and it publishes the retrained model to a serving
+repository as a new version.
 
 Two SuperNodes are killed after round 1: round 2 completes with the others when its timeout
 passes, the daemons start the killed SuperNodes again, and they train in round 3. Each device
@@ -21,6 +23,7 @@ import pytest
 
 from pollinate.data import load_dataset
 from pollinate.edge_runtime import load_bundle
+from pollinate.serving.drift import DriftReading, TriggerSink
 from tests.processes import Federation, free_port, rounds_done, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,14 +41,23 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
 
     fed = Federation(tmp_path, DEVICES, device_args=device_args)
     fed.cli("keygen", str(sign), str(public), timeout=60)
+    triggers, models = tmp_path / "triggers", tmp_path / "models"
+    drifted = DriftReading(model="cnn", version=1, samples=1000, input_psi=0.9, output_psi=0.4,
+                           threshold=0.2, drifted=True)  # fmt: skip
+    event = TriggerSink(triggers, None).emit(drifted)  # what `pollinate serve` writes on drift
+    assert event is not None
     with fed:
         run_dir = tmp_path / "run"
         run_id = fed.run(
             run_dir, "--rounds", str(ROUNDS), "--round-timeout", "45", "--min-train-nodes", "3",
             "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
             "--set", f"export-dir={tmp_path / 'bundles'}", "--set", "export-formats=onnx",
-            "--set", f"export-sign-key={sign}",
+            "--set", f"export-sign-key={sign}", "--set", f"export-triton-repo={models}",
+            "--trigger-dir", str(triggers),
         )  # fmt: skip
+        consumed = json.loads((triggers / "consumed" / event.name).read_text())
+        assert consumed["run_id"] == run_id and not event.exists()
+        assert json.loads((fed.state / "runs.json").read_text())[run_id]["triggers"] == [event.name]
         status = fed.status
         wait_until("round 1", lambda: rounds_done(run_dir) >= 1, 300)
         killed = []
@@ -75,6 +87,8 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         assert delivery["refused"] == {}, delivery
         assert {"p000000", "p000001", "p000002"} <= set(delivery["installed"]), delivery
         archive = tmp_path / "bundles.tar.gz"  # the exporter writes it beside the bundle
+        published = models / "cnn" / str(ROUNDS) / "model.onnx"  # the serving tier's next version
+        assert published.read_bytes() == (tmp_path / "bundles" / "model.fp32.onnx").read_bytes()
         assert delivery["bundle"] == archive.name
         images = np.round(load_dataset("mnist", seed=42).test.x[:8, 0] * 255).astype(np.uint8)
         with load_bundle(archive, public_key=public) as model:

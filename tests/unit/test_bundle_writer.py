@@ -23,6 +23,7 @@ from pollinate.export._bundle import (
     SourceMissingError,
     archive_path,
     generate_signing_key,
+    next_triton_version,
     write_bundle,
     write_triton_entry,
 )
@@ -195,3 +196,15 @@ def test_triton_entry(sources: tuple[Manifest, dict[str, Path]], tmp_path: Path)
         write_triton_entry(tmp_path / "repo", "tiny", 0, files["model.fp32.onnx"], manifest)
     with pytest.raises(ValueError, match="plain directory name"):
         write_triton_entry(tmp_path / "repo", "a/b", 1, files["model.fp32.onnx"], manifest)
+
+
+def test_next_triton_version_is_the_round_or_past_the_newest(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert next_triton_version(repo, "cnn", 3) == 3  # no repository yet: the round
+    for name in ("3", "7", ".staging-9", "latest"):  # only numbered folders are versions
+        (repo / "cnn" / name).mkdir(parents=True)
+    (repo / "cnn" / "config.pbtxt").write_text("")
+    assert next_triton_version(repo, "cnn", 10) == 10  # newer than anything published
+    assert next_triton_version(repo, "cnn", 7) == 8  # a retrained run's round 7: never 7 again
+    assert next_triton_version(repo, "cnn", 2) == 8
+    assert next_triton_version(repo, "other", 2) == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from enum import Enum
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,10 @@ def test_values_are_coerced_and_enums_parsed() -> None:
         ({"partitioner": "random"}, r"'partitioner': unknown value 'random'"),
         ({"num-rounds": 3}, r"unknown setting 'num-rounds'"),
         ({"resume": "maybe"}, r"'resume' must be true or false"),
+        (
+            {"export-triton-repo": "models", "export-formats": "openvino"},
+            r"'export-triton-repo'.*needs 'onnx' in 'export-formats'",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(config: dict[str, object], message: str) -> None:
@@ -69,3 +74,12 @@ def test_sample_size_respects_fraction_and_minimum() -> None:
     assert s.sample_size(1) == 1
     assert s.evaluate_size(1000) == 0
     assert s.replace(fraction_evaluate=0.02).evaluate_size(1000) == 20
+
+
+def test_bundle_dir_is_export_dir_or_the_run_dir_for_a_serving_repository(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert RunSettings.from_run_config({}).bundle_dir(run) is None
+    publish = RunSettings.from_run_config({"export-triton-repo": "models"})
+    assert publish.bundle_dir(run) == run / "bundle"  # each run its own bundle
+    both = RunSettings.from_run_config({"export-triton-repo": "models", "export-dir": "b"})
+    assert both.bundle_dir(run) == Path("b")
