@@ -1,6 +1,7 @@
-"""A real pollinate federation on loopback, for the federation benchmark.
+"""A real pollinate federation on loopback, for the federation benchmark and the
+real-federation tests.
 
-Started the way ``tests/integration/test_edge_federation.py`` starts one: ``pollinate certs``
+Started the way a deployment starts one: ``pollinate certs``
 (a development CA, the SuperLink's TLS certificate, one key pair per device),
 ``pollinate server start`` (Flower's SuperLink with TLS and SuperNode authentication, every
 device key trusted) and one ``pollinate edge run`` daemon per device (a supervised
@@ -157,6 +158,8 @@ class Federation:
         *,
         threads: int = 1,
         daemon_nice: int = 0,
+        server_args: Sequence[str] = (),
+        device_args: Callable[[int], list[str]] = lambda _: [],
         say: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -172,8 +175,11 @@ class Federation:
             "OMP_NUM_THREADS": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
+        self.server_args = list(server_args)
+        self.device_args = device_args
         self.server: Proc | None = None
         self.daemons: list[Proc] = []
+        self.codes: list[int] = []  # the daemons' exit codes, once stopped
 
     # ------------------------------------------------------------------ life cycle
     def device_dir(self, i: int) -> Path:
@@ -198,45 +204,20 @@ class Federation:
             raise FederationError(f"pollinate certs failed:\n{made.stderr[-2000:]}")
         certs_s = time.monotonic() - t0
 
-        trust: list[str] = []
-        for i in range(self.devices):
-            trust += ["--trust", str(self.certs / "nodes" / f"node-{i}.pub")]
-        self.say(f"starting the SuperLink on 127.0.0.1:{self.port} (TLS, node auth)")
         t1 = time.monotonic()
-        self.server = spawn(
-            "server",
-            [*POLLINATE, "server", "start", "--certs", str(self.certs), "--state-dir",
-             str(self.state), "--port", str(self.port), *trust],
-            self.root / "server.log",
-            self.env,
-        )  # fmt: skip
-
-        def ready() -> bool:
-            self.check_alive()
-            return "SuperLink ready" in (self.root / "server.log").read_text(errors="replace")
-
-        superlink_ready_s = _wait("the SuperLink", ready, timeout, interval=0.2)
+        superlink_ready_s = self.start_server(timeout=timeout)
         self.say(
             f"SuperLink ready after {superlink_ready_s:.1f} s; starting {self.devices} daemons"
         )
 
         t2 = time.monotonic()
         for i in range(self.devices):
-            cmd = [
-                *POLLINATE, "edge", "run", "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(self.certs / "ca.crt"),
-                "--key", str(self.certs / "nodes" / f"node-{i}"),
-                "--state-dir", str(self.device_dir(i)),
-                "--partition-id", str(i), "--num-partitions", str(self.devices),
-                "--threads", str(self.threads),
-            ]  # fmt: skip
-            if self.daemon_nice:  # the SuperNodes and ClientApps inherit it
-                cmd = ["nice", "-n", str(self.daemon_nice), *cmd]
-            self.daemons.append(spawn(f"daemon-{i}", cmd, self.root / f"daemon-{i}.log", self.env))
+            log = self.root / f"daemon-{i}.log"
+            self.daemons.append(spawn(f"daemon-{i}", self.daemon_command(i), log, self.env))
 
         def all_online() -> bool:
             self.check_alive()
-            return self.online() == self.devices
+            return self.all_online()
 
         _wait(f"{self.devices} SuperNodes online", all_online, timeout, interval=2.0)
         done = time.monotonic()
@@ -248,6 +229,42 @@ class Federation:
             "nodes_online_s": nodes_online_s,
             "start_s": start_s,
         }
+
+    def start_server(self, ready_count: int = 1, timeout: float = 300.0) -> float:
+        """Start ``pollinate server start`` (again, after a crash: ``ready_count`` 2); wait for
+        its ``ready_count``-th "SuperLink ready" in ``server.log``; the seconds it took."""
+        trust: list[str] = []
+        for i in range(self.devices):
+            trust += ["--trust", str(self.certs / "nodes" / f"node-{i}.pub")]
+        self.say(f"starting the SuperLink on 127.0.0.1:{self.port} (TLS, node auth)")
+        log = self.root / "server.log"
+        self.server = spawn(
+            "server",
+            [*POLLINATE, "server", "start", "--certs", str(self.certs), "--state-dir",
+             str(self.state), "--port", str(self.port), *trust, *self.server_args],
+            log,
+            self.env,
+        )  # fmt: skip
+
+        def ready() -> bool:
+            self.check_alive()
+            return log.read_text(errors="replace").count("SuperLink ready") >= ready_count
+
+        return _wait("the SuperLink", ready, timeout, interval=0.2)
+
+    def daemon_command(self, i: int) -> list[str]:
+        """Device ``i``'s ``pollinate edge run`` command line."""
+        cmd = [
+            *POLLINATE, "edge", "run", "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.certs / "ca.crt"),
+            "--key", str(self.certs / "nodes" / f"node-{i}"),
+            "--state-dir", str(self.device_dir(i)),
+            "--partition-id", str(i), "--num-partitions", str(self.devices),
+            "--threads", str(self.threads), *self.device_args(i),
+        ]  # fmt: skip
+        if self.daemon_nice:  # the SuperNodes and ClientApps inherit it
+            cmd = ["nice", "-n", str(self.daemon_nice), *cmd]
+        return cmd
 
     def check_alive(self) -> None:
         """FederationError, with its log's tail, if the server or a daemon has exited."""
@@ -261,6 +278,7 @@ class Federation:
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM the daemons, then the server (SIGKILL after ``timeout``); exit codes."""
         codes = stop_all(self.daemons, timeout) if self.daemons else {}
+        self.codes = [codes[d.name] for d in self.daemons]
         if self.server is not None:
             codes.update(stop_all([self.server], timeout))
         self.daemons, self.server = [], None
@@ -301,6 +319,10 @@ class Federation:
         """How many SuperNodes the SuperLink lists as online."""
         return sum(n.get("status") == "online" for n in self.nodes())
 
+    def all_online(self) -> bool:
+        """Whether every device's SuperNode is listed online."""
+        return self.online() == self.devices
+
     def daemon_status(self, i: int) -> dict[str, Any]:
         """Device ``i``'s ``daemon.json`` ({} while it is being written or missing)."""
         try:
@@ -324,25 +346,26 @@ class Federation:
         return pid
 
     # ------------------------------------------------------------------ runs
+    def cli(self, *args: str, timeout: float = 300.0) -> str:
+        """``pollinate ARGS`` against this federation; its stdout. FederationError on failure."""
+        done = subprocess.run([*POLLINATE, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env=self.env)  # fmt: skip
+        if done.returncode != 0:
+            raise FederationError(
+                f"pollinate {' '.join(args[:2])} failed ({done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        return done.stdout
+
     def start_run(self, run_dir: Path, options: Sequence[str]) -> str:
         """``pollinate server run --run-dir RUN_DIR OPTIONS``; the run id."""
-        started = subprocess.run(
-            [*POLLINATE, "server", "run", "--state-dir", str(self.state),
-             "--run-dir", str(run_dir), *options],
-            cwd=REPO, capture_output=True, text=True, timeout=300, env=self.env,
-        )  # fmt: skip
-        if started.returncode != 0:
-            raise FederationError(f"pollinate server run failed:\n{started.stderr[-2000:]}")
-        return started.stdout.strip().splitlines()[-1]
+        out = self.cli("server", "run", "--state-dir", str(self.state), "--run-dir",
+                       str(run_dir), *options)  # fmt: skip
+        return out.strip().splitlines()[-1]
 
-    def status(self, run_id: str) -> dict[str, Any]:
-        """``pollinate server status --run-id RUN_ID --json``."""
-        out = subprocess.run(
-            [*POLLINATE, "server", "status", "--state-dir", str(self.state), "--run-id", run_id,
-             "--json"],
-            cwd=REPO, capture_output=True, text=True, timeout=120, env=self.env,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise FederationError(f"pollinate server status failed:\n{out.stderr[-2000:]}")
-        report: dict[str, Any] = json.loads(out.stdout)
+    def status(self, run_id: str | None = None) -> dict[str, Any]:
+        """``pollinate server status --json`` of ``run_id`` (the newest run by default)."""
+        which = ["--run-id", run_id] if run_id is not None else []
+        out = self.cli("server", "status", "--state-dir", str(self.state), *which, "--json",
+                       timeout=120)  # fmt: skip
+        report: dict[str, Any] = json.loads(out)
         return report

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks._federation_procs import Federation
 from pollinate.data import load_dataset
 from pollinate.edge_runtime import load_bundle
 from pollinate.serving.drift import DriftReading, TriggerSink
-from tests.processes import Federation, free_port, rounds_done, wait_until
+from tests.processes import free_port, rounds_done, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 5
@@ -47,14 +48,15 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
     event = TriggerSink(triggers, None).emit(drifted)  # what `pollinate serve` writes on drift
     assert event is not None
     with fed:
+        fed.start()
         run_dir = tmp_path / "run"
-        run_id = fed.run(
-            run_dir, "--rounds", str(ROUNDS), "--round-timeout", "45", "--min-train-nodes", "3",
+        run_id = fed.start_run(run_dir, [
+            "--rounds", str(ROUNDS), "--round-timeout", "45", "--min-train-nodes", "3",
             "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
             "--set", f"export-dir={tmp_path / 'bundles'}", "--set", "export-formats=onnx",
             "--set", f"export-sign-key={sign}", "--set", f"export-triton-repo={models}",
             "--trigger-dir", str(triggers),
-        )  # fmt: skip
+        ])  # fmt: skip
         consumed = json.loads((triggers / "consumed" / event.name).read_text())
         assert consumed["run_id"] == run_id and not event.exists()
         assert json.loads((fed.state / "runs.json").read_text())[run_id]["triggers"] == [event.name]
@@ -105,7 +107,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         # The daemons start the killed SuperNodes again; the SuperLink lets them back in once
         # it has marked them offline (Flower: two missed 30 s heartbeats), so this can take a
         # minute or two of back-off retries.
-        wait_until("all SuperNodes back online", fed.online, 240)
+        wait_until("all SuperNodes back online", fed.all_online, 240)
         for i in (3, 4):
             status = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())
             assert status["restarts"] >= 1 and status["state"] == "running"

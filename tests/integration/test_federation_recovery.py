@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import Federation, free_port, rounds_done, wait_until
+from benchmarks._federation_procs import Federation
+from tests.processes import free_port, rounds_done, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 3
@@ -54,18 +55,20 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
     fed = Federation(tmp_path, DEVICES, server_args=["--metrics-port", str(metrics_port)])
     state = fed.state
     with fed:
+        fed.start()
         run_dir = tmp_path / "run"
-        first = fed.run(run_dir, "--rounds", str(ROUNDS), "--round-timeout", "120",
-                        "--min-train-nodes", str(DEVICES), "--set", "fraction-train=1.0",
-                        "--set", "fraction-evaluate=0.0")  # fmt: skip
+        first = fed.start_run(run_dir, ["--rounds", str(ROUNDS), "--round-timeout", "120",
+                                        "--min-train-nodes", str(DEVICES),
+                                        "--set", "fraction-train=1.0",
+                                        "--set", "fraction-evaluate=0.0"])  # fmt: skip
 
         wait_until("round 2", lambda: rounds_done(run_dir) >= 2, 300)
         # crash: the SuperLink's process group (with the ServerApp) and its wrapper, SIGKILL
         link = json.loads((state / "superlink.json").read_text())
         os.killpg(link["pid"], signal.SIGKILL)
         assert fed.server is not None
-        os.killpg(fed.server.pid, signal.SIGKILL)
-        fed.server.wait()
+        os.killpg(fed.server.popen.pid, signal.SIGKILL)
+        fed.server.popen.wait()
         time.sleep(1.0)
         crashed_metrics = json.loads((run_dir / "metrics.json").read_text())
         crashed_privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -75,7 +78,7 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
         fed.start_server(ready_count=2)
         # the restarted server stops what the crashed one left running (its ServerApp)
         assert _group_members(link["superexec_pid"]) == [], "a ServerApp of the crash survives"
-        wait_until("the SuperNodes back online", fed.online, 240)
+        wait_until("the SuperNodes back online", fed.all_online, 240)
         resumed = fed.cli("server", "resume", "--state-dir", str(state))
         second = resumed.strip().splitlines()[-1]
         assert second != first

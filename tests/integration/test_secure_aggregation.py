@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.processes import Federation, wait_until
+from benchmarks._federation_procs import Federation
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
@@ -95,10 +96,11 @@ def test_secure_aggregation_on_a_real_federation(tmp_path: Path) -> None:
               "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
               "--set", "dataset=digits"]  # fmt: skip
     with Federation(tmp_path, 5) as fed:
-        fed.run(tmp_path / "plain", *common)
+        fed.start()
+        fed.start_run(tmp_path / "plain", common)
         wait_until("the plain run", lambda: str(fed.status()["status"]).startswith("fin"), 400)
         assert fed.status()["status"] == "finished:completed"
-        fed.run(tmp_path / "secure", *common, "--set", "secure-aggregation=true")
+        fed.start_run(tmp_path / "secure", [*common, "--set", "secure-aggregation=true"])
         wait_until("the SecAgg+ run", lambda: str(fed.status()["status"]).startswith("fin"), 600)
         assert fed.status()["status"] == "finished:completed", fed.cli(
             "server", "logs", "--state-dir", str(fed.state)
