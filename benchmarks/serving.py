@@ -5,7 +5,8 @@ over the same wire format (KServe v2 REST, binary tensors); the load generator
 (`_loadgen.py`, its own process) checks every answer against onnxruntime. Measured:
 
 1. small requests (one image each) at rising concurrency: throughput and p50/p95/p99 for
-   both servers, and the highest throughput each reaches with p95 <= 10 ms (the ratio);
+   both servers (and `pollinate serve --workers 2`), and the highest throughput each reaches
+   with p95 <= 10 ms (the ratio);
 2. batched requests (32 images each): predictions per second;
 3. overload: open-loop arrivals at 4x the measured capacity for batched requests; refusals,
    how fast they come back, admitted requests' p95 against the unloaded p95, and the server's
@@ -52,6 +53,7 @@ NAIVE = {
     "cuda": "uvicorn + Starlette, one torch CUDA forward per request in the thread pool",
 }
 P95_BOUND_MS = 10.0
+WORKERS = "pollinate_workers"
 
 
 def build_repository(root: Path) -> Path:
@@ -136,6 +138,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--workers", type=int, default=2, help="`--workers` of the third series")
     parser.add_argument("--images", type=Path, default=None, help=".npy of test images")
     parser.add_argument(
         "--repository", type=Path, default=None,
@@ -163,6 +166,15 @@ def main() -> None:
                     _level(server.url(), images, model_file, args, concurrency=c, batch=1)
                     for c in concurrencies
                 ]
+            if kind == "pollinate":
+                print(f"pollinate --workers {args.workers}: small requests", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                workers = ("--workers", str(args.workers))
+                with _start(kind, repo, tmp, args, workers) as server:
+                    small[WORKERS] = [
+                        _level(server.url(), images, model_file, args, concurrency=c, batch=1)
+                        for c in concurrencies
+                    ]
             print(f"{kind}: batched requests (32 images)", file=sys.stderr, flush=True)
             extra = ("--instances", "2") if kind == "pollinate" and args.device == "cpu" else ()
             with _start(kind, repo, tmp, args, extra) as server:
@@ -199,7 +211,7 @@ def main() -> None:
         rps, p95 = b["throughput_rps"], b["latency_ms"]["p95"]
         return {"concurrency": b["concurrency"], "throughput_rps": rps, "p95_ms": p95}
 
-    bp, bn = best("pollinate"), best("naive")
+    bp, bn, bw = best("pollinate"), best("naive"), best(WORKERS)
     top_pred = {k: max(lv["predictions_per_s"] for lv in batched[k]) for k in batched}
     report = {
         "benchmark": "serving",
@@ -220,9 +232,13 @@ def main() -> None:
         },
         "small_requests": {
             "levels": small,
-            "best_with_p95_under_10ms": {"pollinate": bp, "naive": bn},
+            "best_with_p95_under_10ms": {"pollinate": bp, "naive": bn, WORKERS: bw},
             "throughput_ratio_at_p95_10ms": (bp["throughput_rps"] / bn["throughput_rps"])
             if bp and bn
+            else None,
+            "workers": args.workers,
+            "workers_throughput_ratio_at_p95_10ms": (bw["throughput_rps"] / bn["throughput_rps"])
+            if bw and bn
             else None,
         },
         "batched_requests_32": {

@@ -28,6 +28,9 @@ def serve_command(
     backend: Annotated[str | None, typer.Option(help="auto | onnxruntime | torch [auto].")] = None,
     instances: Annotated[int | None, typer.Option(help="Model instances per version [1].")] = None,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per instance [1].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Server processes sharing the ports (SO_REUSEPORT) [1].")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Rows per model call [64].")] = None,
     max_queue_delay_us: Annotated[
         int | None, typer.Option(help="Longest wait to fill a batch, microseconds [200].")
@@ -86,6 +89,8 @@ def serve_command(
 
       pollinate serve --config serve.toml --http-port 9000
 
+      pollinate serve --repository models --device cuda --workers 4   # 4 processes, 1 port
+
       curl -s localhost:8000/v2/models/cnn
     """
     from pollinate.cli import _fail
@@ -99,7 +104,7 @@ def serve_command(
     flags: dict[str, Any] = {
         "repository": repository, "host": host, "http_port": http_port,
         "grpc_port": grpc_port, "metrics_port": metrics_port, "device": device,
-        "backend": backend, "instances": instances, "threads": threads,
+        "backend": backend, "instances": instances, "threads": threads, "workers": workers,
         "batching.max_batch_size": max_batch_size,
         "batching.max_queue_delay_us": max_queue_delay_us,
         "batching.max_queue_size": max_queue_size,
@@ -120,7 +125,11 @@ def serve_command(
         settings = load_serve_settings(config, overrides)
         from pollinate.serving.server import run_server
 
-        run_server(settings)
+        run_server(
+            settings,
+            json_logs=log_format is LogFormat.json,
+            log_level=logging.DEBUG if verbose else logging.INFO,
+        )
     except PollinateError as err:
         raise _fail(err) from None
     except OSError as err:

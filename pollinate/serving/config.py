@@ -13,6 +13,7 @@ line wins over the file::
     backend = "auto"               # auto | onnxruntime | torch
     instances = 1                  # model instances (sessions) per version
     threads = 1                    # intra-op threads per instance
+    workers = 1                    # server processes sharing the ports (see --workers)
 
     [batching]
     max-batch-size = 64
@@ -42,8 +43,9 @@ line wins over the file::
 
 from __future__ import annotations
 
+import json
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -51,7 +53,14 @@ from pollinate.errors import ConfigError
 from pollinate.serving.backends import BackendName, Device
 from pollinate.serving.drift import DriftSettings
 
-__all__ = ["BatchingSettings", "RolloutSettings", "ServeSettings", "load_serve_settings"]
+__all__ = [
+    "BatchingSettings",
+    "RolloutSettings",
+    "ServeSettings",
+    "load_serve_settings",
+    "settings_from_json",
+    "settings_to_json",
+]
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class ServeSettings:
     backend: BackendName = "auto"
     instances: int = 1
     threads: int = 1
+    workers: int = 1
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
@@ -134,6 +144,7 @@ class ServeSettings:
             )
         _positive("instances", self.instances)
         _positive("threads", self.threads)
+        _positive("workers", self.workers)
         _positive("max-request-bytes", self.max_request_bytes)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
@@ -229,3 +240,18 @@ def _read_token(path: Path) -> str:
     if not token:
         raise ConfigError(f"token file {path} is empty")
     return token
+
+
+def settings_to_json(settings: ServeSettings) -> str:
+    """The settings as JSON (paths as strings), for :func:`settings_from_json` in a worker."""
+    return json.dumps(asdict(settings), default=str)
+
+
+def settings_from_json(text: str) -> ServeSettings:
+    """The settings :func:`settings_to_json` wrote, validated again."""
+    raw = json.loads(text)
+    nested = {name: cls(**raw.pop(name)) for name, cls in _TABLES.items()}
+    for name in _PATHS & set(raw):
+        if raw[name] is not None:
+            raw[name] = Path(raw[name])
+    return ServeSettings(**raw, **nested)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the serving tier, per model version, on their own registry.
 
-Served on the metrics port (``/metrics``). Names:
+Served on the metrics port (``/metrics``); with ``--workers N`` the supervisor serves them
+summed over the workers (gauges: the largest value among live workers). Names:
 
 - ``pollinate_serving_requests_total{model,version,protocol}``: answered inference requests
 - ``pollinate_serving_request_failures_total{model,version,protocol,reason}``: failed ones
@@ -61,9 +62,10 @@ class ServingMetrics:
             "pollinate_serving_model_seconds", "Duration of each model call", mv,
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # With --workers, gauges report the largest value among the live workers.
         self.drift = Gauge(
             "pollinate_serving_drift_psi", "PSI of inputs/outputs against the bundle reference",
-            [*mv, "kind"], registry=r,
+            [*mv, "kind"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.triggers = Counter(
             "pollinate_serving_retrain_triggers", "Retraining triggers emitted", ["model"],
@@ -71,7 +73,7 @@ class ServingMetrics:
         )  # fmt: skip
         self.role = Gauge(
             "pollinate_serving_version_role", "1 while a version has this role",
-            [*mv, "role"], registry=r,
+            [*mv, "role"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.rollouts = Counter(
             "pollinate_serving_rollouts", "Roll-out outcomes", ["model", "outcome"], registry=r

@@ -29,6 +29,7 @@ from pollinate.serving.backends import Backend, select_backend
 from pollinate.serving.batcher import Batcher, BatchResult
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.drift import DriftMonitor, DriftReading, DriftSettings, TriggerSink
+from pollinate.serving.ledger import RolloutLedger
 from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.repository import (
     ModelSpec,
@@ -176,9 +177,18 @@ class InferOutcome:
 class ModelManager:
     """Every model of the repository, its versions and their roll-out."""
 
-    def __init__(self, settings: ServeSettings, metrics: ServingMetrics) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: ServingMetrics,
+        *,
+        ledger: RolloutLedger | None = None,
+    ) -> None:
+        """``ledger``: the roll-out decisions shared with the other workers (``--workers``);
+        a worker that does not lead applies worker 0's decisions instead of judging."""
         self.settings = settings
         self.metrics = metrics
+        self._ledger = ledger
         self._routers: dict[str, _Router] = {}
         self._rng = random.Random()
         self._watcher: asyncio.Task[None] | None = None
@@ -289,10 +299,13 @@ class ModelManager:
             if not versions:
                 logger.warning("model %s has no complete version yet", name)
                 continue
-            newest = versions[max(versions)]
+            ledger = self._ledger
+            newest = ledger.starting_version(name, versions) if ledger else versions[max(versions)]
             loaded = await self._load(spec, newest)
             self._set_role(loaded, "current")
             router.current = loaded
+            if ledger is not None and ledger.leader and ledger.outcome(name, newest) is None:
+                ledger.record(name, newest, "promoted")
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="watcher")
 
     async def _load(self, spec: ModelSpec, files: VersionFiles) -> LoadedVersion:
@@ -406,6 +419,12 @@ class ModelManager:
     async def _introduce(
         self, name: str, router: _Router, spec: ModelSpec, files: VersionFiles
     ) -> None:
+        decided = self._ledger.outcome(name, files) if self._ledger is not None else None
+        if decided == "rolled_back":
+            router.rejected[files.version] = files.fingerprint
+            logger.info("%s version %d was rolled back by worker 0; not loading it",
+                        name, files.version)  # fmt: skip
+            return
         try:
             loaded = await self._load(spec, files)
         except (PollinateError, OSError) as err:
@@ -415,11 +434,18 @@ class ModelManager:
                 "version %d of %s refused before taking traffic: %s", files.version, name, err
             )
             return
-        if router.current is None:
+        if router.current is None or decided == "promoted":
+            old = router.current
             self._set_role(loaded, "current")
             router.current = loaded
             self.metrics.rollouts.labels(name, "promoted").inc()
-            logger.info("%s version %d is now current (first version)", name, files.version)
+            if old is not None:
+                self._set_role(old, None)
+                self._retire(old)
+            elif self._ledger is not None and self._ledger.leader:
+                self._ledger.record(name, files, "promoted")
+            logger.info("%s version %d is now current (%s)", name, files.version,
+                        "promoted by worker 0" if old else "first version")  # fmt: skip
             return
         router.current.window = _Window()
         self._set_role(loaded, "canary")
@@ -432,6 +458,11 @@ class ModelManager:
     def _judge(self, name: str, router: _Router) -> None:
         canary, current = router.canary, router.current
         assert canary is not None and current is not None
+        if self._ledger is not None and not self._ledger.leader:
+            decided = self._ledger.outcome(name, canary.files)
+            if decided is not None:
+                self._decide(name, router, decided == "promoted", "as worker 0 decided")
+            return
         rules = self.settings.rollout
         if canary.window.requests < rules.min_requests:
             return
@@ -442,25 +473,32 @@ class ModelManager:
         worse_latency = (
             bool(current.window.latencies) and p95_c > p95_b * rules.max_latency_ratio + 0.001
         )
+        promoted = not (worse_errors or worse_latency)
+        if self._ledger is not None:
+            self._ledger.record(name, canary.files, "promoted" if promoted else "rolled_back")
+        why = (
+            f"errors {100 * err_c:.2f}% vs {100 * err_b:.2f}%, "
+            f"p95 {1e3 * p95_c:.2f} ms vs {1e3 * p95_b:.2f} ms"
+        )
+        self._decide(name, router, promoted, why)
+
+    def _decide(self, name: str, router: _Router, promoted: bool, why: str) -> None:
+        """Promote the canary (the current version drains and unloads) or roll it back."""
+        canary, current = router.canary, router.current
+        assert canary is not None and current is not None
         router.canary = None
-        if worse_errors or worse_latency:
+        if not promoted:
             router.rejected[canary.version] = canary.files.fingerprint
             self.metrics.rollouts.labels(name, "rolled_back").inc()
             self._set_role(canary, None)
-            logger.warning(
-                "%s version %d rolled back: errors %.2f%% vs %.2f%%, p95 %.2f ms vs %.2f ms",
-                name, canary.version, 100 * err_c, 100 * err_b, 1e3 * p95_c, 1e3 * p95_b,
-            )  # fmt: skip
+            logger.warning("%s version %d rolled back: %s", name, canary.version, why)
             self._retire(canary)
             return
         router.current = canary
         self._set_role(canary, "current")
         self._set_role(current, None)
         self.metrics.rollouts.labels(name, "promoted").inc()
-        logger.info(
-            "%s version %d promoted: errors %.2f%% vs %.2f%%, p95 %.2f ms vs %.2f ms",
-            name, canary.version, 100 * err_c, 100 * err_b, 1e3 * p95_c, 1e3 * p95_b,
-        )  # fmt: skip
+        logger.info("%s version %d promoted: %s", name, canary.version, why)
         self._retire(current)
 
     def _retire(self, loaded: LoadedVersion) -> None:

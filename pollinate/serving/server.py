@@ -3,7 +3,8 @@
 Everything runs on one asyncio event loop (uvicorn for REST, ``grpc.aio`` for gRPC, the
 batchers and the repository watcher); model calls run on one thread per instance, where
 ONNX Runtime and torch release the GIL. The Prometheus endpoint runs on its own thread.
-SIGTERM / SIGINT stop taking connections, finish queued requests, and exit 0.
+SIGTERM / SIGINT stop taking connections, finish queued requests, and exit 0. With
+``--workers N`` each of N processes runs :func:`serve` as a worker (see ``workers.py``).
 """
 
 from __future__ import annotations
@@ -12,21 +13,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from pollinate._atomic import atomic_write_text
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.grpc_service import add_servicer
+from pollinate.serving.ledger import RolloutLedger
 from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.models import ModelManager
 from pollinate.serving.rest import build_rest_app
 
-__all__ = ["Ports", "run_server", "serve"]
+__all__ = ["Ports", "WorkerContext", "run_server", "serve"]
 
 logger = logging.getLogger("pollinate")
 _GRPC_GRACE_S = 5.0
@@ -41,12 +45,27 @@ class Ports:
     metrics: int
 
 
-def _bind(host: str, port: int) -> socket.socket:
+@dataclass(frozen=True)
+class WorkerContext:
+    """How worker ``index`` of ``pollinate serve --workers N`` serves: on ports shared with
+    the other workers (SO_REUSEPORT), metrics in the shared multiprocess directory (the
+    supervisor serves them), roll-out through ``ledger``; ready once ``ready_file`` exists;
+    it stops when its supervisor (``parent_pid``) is gone."""
+
+    index: int
+    ledger: RolloutLedger
+    ready_file: Path
+    parent_pid: int
+
+
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says TCP; without it each response waits ~40 ms for a delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -61,27 +80,36 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(settings: ServeSettings, *, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: ServeSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    worker: WorkerContext | None = None,
+) -> None:
     """Run the server until ``stop`` is set (or SIGTERM/SIGINT)."""
     import uvicorn
 
     from pollinate.errors import ConfigError
 
     tls = settings.tls_cert is not None and settings.tls_key is not None
-    sock = _bind(settings.host, settings.http_port)  # first: a busy port fails before any work
+    # first: a busy port fails before any work
+    sock = _bind(settings.host, settings.http_port, reuse_port=worker is not None)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(sock.close)
         metrics = ServingMetrics()
-        manager = ModelManager(settings, metrics)
+        manager = ModelManager(settings, metrics, ledger=worker.ledger if worker else None)
         await manager.start()
         cleanup.push_async_callback(manager.close)
-        metrics_port = _start_metrics(settings, metrics, cleanup)
+        metrics_port = (
+            _start_metrics(settings, metrics, cleanup) if worker is None else settings.metrics_port
+        )
 
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
+                # workers share the port; a single server must find it free
+                ("grpc.so_reuseport", int(worker is not None)),
             ]
         )
         add_servicer(server, manager)
@@ -131,11 +159,18 @@ async def serve(settings: ServeSettings, *, stop: asyncio.Event | None = None) -
         while not web.started and not web_task.done():
             await asyncio.sleep(0.01)
         ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
-        if settings.port_file is not None:
+        if worker is not None:
+            ready = {"pid": os.getpid(), **ports.__dict__}
+            atomic_write_text(worker.ready_file, json.dumps(ready) + "\n")
+            orphaned = loop.create_task(_watch_parent(worker.parent_pid, stop))
+            cleanup.callback(orphaned.cancel)
+        elif settings.port_file is not None:
             atomic_write_text(settings.port_file, json.dumps(ports.__dict__) + "\n")
         logger.info(
-            "serving %s: http %d, grpc %d, metrics %d%s",
-            settings.repository, ports.http, ports.grpc, ports.metrics, " (TLS)" if tls else "",
+            "serving %s: http %d, grpc %d, %s%s",
+            settings.repository, ports.http, ports.grpc,
+            f"metrics {ports.metrics}" if worker is None else f"worker {worker.index}",
+            " (TLS)" if tls else "",
         )  # fmt: skip
         stop_task = loop.create_task(stop.wait())
         await asyncio.wait({web_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -144,6 +179,14 @@ async def serve(settings: ServeSettings, *, stop: asyncio.Event | None = None) -
         web.should_exit = True
         await web_task
     logger.info("stopped")
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Stop a worker whose supervisor is gone (killed: it cannot stop its workers itself)."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(0.5)
+    logger.warning("the supervisor (pid %d) is gone; stopping", parent_pid)
+    stop.set()
 
 
 def _start_metrics(
@@ -171,6 +214,13 @@ def _start_metrics(
     return int(httpd.server_port)
 
 
-def run_server(settings: ServeSettings) -> None:
-    """Blocking entry point of ``pollinate serve``."""
+def run_server(
+    settings: ServeSettings, *, json_logs: bool = True, log_level: int = logging.INFO
+) -> None:
+    """Blocking entry point of ``pollinate serve`` (the log settings go to the workers)."""
+    if settings.workers > 1:
+        from pollinate.serving.workers import run_workers
+
+        run_workers(settings, json_logs=json_logs, log_level=log_level)
+        return
     asyncio.run(serve(settings))

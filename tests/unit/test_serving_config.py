@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pollinate.errors import ConfigError, RepositoryError
-from pollinate.serving.config import load_serve_settings
+from pollinate.serving.config import load_serve_settings, settings_from_json, settings_to_json
 from pollinate.serving.models import InvalidInputError, check_inputs
 from pollinate.serving.repository import read_model_config, scan_repository
 
@@ -132,6 +132,7 @@ def test_settings_from_file_with_flags_on_top(tmp_path: Path) -> None:
         ("", {"repository": "m", "http_port": 70000}, "0..65535"),
         ("", {"repository": "m", "tls_cert": Path("/nonexistent.pem")}, "needs both"),
         ("", {"repository": "m", "token": "short"}, "at least 16"),
+        ("", {"repository": "m", "workers": 0}, "workers must be positive"),
     ],
 )
 def test_bad_settings_are_one_clear_error(
@@ -156,3 +157,33 @@ def test_the_listening_socket_says_tcp_so_responses_are_not_delayed() -> None:
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_settings_travel_to_the_workers_as_json_unchanged(tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('[server]\nrepository = "models"\nworkers = 3\n[drift]\ntrigger-dir = "t"\n')
+    settings = load_serve_settings(config, {"batching.max_batch_size": 16, "token": "x" * 20})
+    again = settings_from_json(settings_to_json(settings))
+    assert again == settings and again.workers == 3
+    assert isinstance(again.repository, Path) and isinstance(again.drift.trigger_dir, Path)
+
+
+def test_workers_need_free_ports_and_share_the_ones_they_hold() -> None:
+    """The supervisor holds each port with SO_REUSEPORT so workers can bind it too; a port
+    some other program listens on is refused, never shared."""
+    import socket
+
+    from pollinate.serving.server import _bind
+    from pollinate.serving.workers import _hold_port
+
+    hold = _hold_port("127.0.0.1", 0, "REST")
+    port = hold.getsockname()[1]
+    worker = _bind("127.0.0.1", port, reuse_port=True)  # a worker listens on the held port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port} \\(REST\\)"):
+            _hold_port("127.0.0.1", port, "REST")
+    finally:
+        worker.close()
+        hold.close()
