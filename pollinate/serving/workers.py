@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -213,8 +214,6 @@ def run_workers(
             return
         ports = {"http": http_port, "grpc": grpc_port, "metrics": int(httpd.server_port)}
         if settings.port_file is not None:
-            import json
-
             atomic_write_text(settings.port_file, json.dumps(ports) + "\n")
         logger.info(
             "serving %s with %d workers: http %d, grpc %d, metrics %d",
