@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None, *, stderr: IO[str] | None = None) -> int
     log_to_stderr(json_lines=args.log_format == "json", level=args.log_level)
     for handler in logger.handlers:
         handler.addFilter(_WorkerField(args.index))
+        if args.log_format == "text":
+            handler.setFormatter(
+                logging.Formatter(f"%(asctime)s %(levelname)s [worker {args.index}] %(message)s")
+            )
     runtime: Path = args.runtime
     try:
         settings = settings_from_json((runtime / "settings.json").read_text(encoding="utf-8"))
