@@ -232,7 +232,7 @@ def run_command(
         --set client-dp-target-epsilon=4
 
       pollinate server run --state-dir state --trigger-dir triggers --wait \\
-        --set export-dir=bundles/retrained --set export-triton-repo=models
+        --rounds 10 --set export-triton-repo=models
     """
     from pollinate.cli import _fail, _parse_sets
     from pollinate.errors import ConfigError, PollinateError
@@ -293,11 +293,15 @@ def _run_for_triggers(
             console.print(
                 f"run {busy} is still running; retrain events stay pending in {trigger_dir}"
                 if busy
-                else f"no retrain event pending in {trigger_dir}; no run started"
+                else f"no retrain event pending in {trigger_dir}{_missing(trigger_dir)}; "
+                "no run started"
             )
             return None
         if not announced:
-            console.print(f"waiting for a retrain event in {trigger_dir} (Ctrl-C to stop)")
+            console.print(
+                f"waiting for a retrain event in {trigger_dir}{_missing(trigger_dir)} "
+                "(Ctrl-C to stop)"
+            )
             announced = True
         time.sleep(poll_interval)
     console.print(f"retraining for {len(claims)} event(s): {describe(claims)}")
@@ -310,6 +314,12 @@ def _run_for_triggers(
         raise
     record(claims, run_id)
     return run_id, where
+
+
+def _missing(trigger_dir: Path) -> str:
+    if trigger_dir.is_dir():
+        return ""
+    return " (it does not exist yet; `pollinate serve --trigger-dir` makes it with the first event)"
 
 
 def _toml_value(text: str) -> Any:

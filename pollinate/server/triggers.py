@@ -38,15 +38,12 @@ class Claim:
 def claim_triggers(trigger_dir: Path) -> list[Claim]:
     """Move every pending retrain event of ``trigger_dir`` into ``consumed/``, oldest first.
 
+    A missing ``trigger_dir`` holds no events (`pollinate serve` creates it with the first).
+
     Raises:
-        ConfigError: If ``trigger_dir`` is not a directory or ``consumed/`` cannot be made.
+        ConfigError: If ``consumed/`` cannot be made.
     """
     folder = Path(trigger_dir)
-    if not folder.is_dir():
-        raise ConfigError(
-            f"trigger directory {folder} does not exist; pass the --trigger-dir that "
-            "`pollinate serve` writes to"
-        )
     pending = pending_triggers(folder)
     if not pending:
         return []
