@@ -82,8 +82,8 @@ def describe(claims: list[Claim]) -> str:
     parts = []
     for claim in claims:
         e = claim.event
-        psi = e.get("psi") if isinstance(e.get("psi"), dict) else {}
-        assert isinstance(psi, dict)
-        values = ", ".join(f"{k} {v:.2f}" for k, v in psi.items() if isinstance(v, int | float))
+        psi = e.get("psi")
+        numbers = psi.items() if isinstance(psi, dict) else ()
+        values = ", ".join(f"{k} {v:.2f}" for k, v in numbers if isinstance(v, int | float))
         parts.append(f"{e.get('model')} v{e.get('version')} (PSI {values or 'n/a'})")
     return ", ".join(parts)
