@@ -184,9 +184,9 @@ def main() -> None:
                 ]
 
         print("pollinate: overload at 4x capacity (batched requests)", file=sys.stderr, flush=True)
-        # A latency-bounded set-up: the queue holds one batch, so an admitted request waits
-        # for at most the batch in flight and its own.
-        overload_flags = ("--instances", "2", "--max-batch-size", "16", "--max-queue-size", "16")
+        # A latency-first set-up: no queue, so a request is admitted only while the model
+        # instance is free and never waits behind another.
+        overload_flags = ("--max-batch-size", "16", "--max-queue-size", "0")
         if args.device == "cuda":
             overload_flags = ("--max-batch-size", "64", "--max-queue-size", "64")
         with _start("pollinate", repo, tmp, args, overload_flags) as server:

@@ -36,7 +36,10 @@ def serve_command(
         int | None, typer.Option(help="Longest wait to fill a batch, microseconds [200].")
     ] = None,
     max_queue_size: Annotated[
-        int | None, typer.Option(help="Samples queued per version before 503 [512].")
+        int | None,
+        typer.Option(
+            help="Samples queued per version before 503; 0: no queue [512].",
+        ),
     ] = None,
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds a request may wait [5].")

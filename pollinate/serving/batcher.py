@@ -92,6 +92,7 @@ class Batcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
         self._inflight = 0
+        self._busy = 0  # instances running a batch
         self._closed = False
         self._wakeup: asyncio.Event | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -116,6 +117,13 @@ class Batcher:
             for i, runner in enumerate(self._runners)
         ]
 
+    def admits(self, rows: int = 1) -> bool:
+        """Whether a request of ``rows`` samples would be taken now. With ``max_queue_size``
+        0 there is no queue: only while a model instance is free and nothing waits."""
+        if self.max_queue_size == 0:
+            return not self._queue and self._busy < len(self._runners)
+        return self._queued_rows + rows <= self.max_queue_size
+
     def submit(
         self, inputs: dict[str, np.ndarray], rows: int, timeout_s: float
     ) -> asyncio.Future[BatchResult]:
@@ -126,7 +134,9 @@ class Batcher:
         """
         if self._closed or self._wakeup is None:
             raise BatcherClosedError("this model version is not taking requests")
-        if self._queued_rows + rows > self.max_queue_size:
+        if not self.admits(rows):
+            if self.max_queue_size == 0:
+                raise OverloadedError("every model instance is busy and there is no queue")
             raise OverloadedError(
                 f"the queue holds {self._queued_rows} of {self.max_queue_size} samples; "
                 f"this request of {rows} does not fit"
@@ -173,12 +183,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._delay > 0 and self._queued_rows < self.max_batch_size:
+            # without a queue no other request can join: waiting would only add latency
+            if self._delay > 0 and self.max_queue_size and self._queued_rows < self.max_batch_size:
                 await self._gather(self._queue[0].enqueued + self._delay)
             batch = self._take()
             if not batch:
                 continue
             self._inflight += len(batch)
+            self._busy += 1
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, runner, batch)
@@ -200,6 +212,7 @@ class Batcher:
                     start += item.rows
             finally:
                 self._inflight -= len(batch)
+                self._busy -= 1
 
     async def _gather(self, deadline: float) -> None:
         """Wait for more rows until ``deadline`` or a full batch.

@@ -19,6 +19,7 @@ line wins over the file::
     max-batch-size = 64
     max-queue-delay-us = 500
     max-queue-size = 512           # samples waiting per version; beyond it: 503 at once
+                                   # (0: no queue; admitted only while an instance is free)
     request-timeout-s = 5.0
 
     [rollout]
@@ -74,11 +75,14 @@ class BatchingSettings:
 
     def __post_init__(self) -> None:
         _positive("max-batch-size", self.max_batch_size)
-        _positive("max-queue-size", self.max_queue_size)
+        if self.max_queue_size < 0:
+            raise ConfigError(
+                f"max-queue-size must be >= 0 (0: no queue), got {self.max_queue_size}"
+            )
         _positive("request-timeout-s", self.request_timeout_s)
         if self.max_queue_delay_us < 0:
             raise ConfigError(f"max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
-        if self.max_queue_size < self.max_batch_size:
+        if 0 < self.max_queue_size < self.max_batch_size:
             raise ConfigError(
                 f"max-queue-size ({self.max_queue_size}) must be at least max-batch-size "
                 f"({self.max_batch_size}), or no full batch could ever queue"

@@ -242,11 +242,7 @@ class ModelManager:
         candidates = [router.current, router.canary] if version is None else [
             v for v in (router.current, router.canary) if v is not None and v.version == version
         ]  # fmt: skip
-        room = [
-            c
-            for c in candidates
-            if c is not None and c.batcher.queued_rows < c.batcher.max_queue_size
-        ]
+        room = [c for c in candidates if c is not None and c.batcher.admits()]
         if room or not candidates:
             return False
         target = candidates[0]
@@ -351,7 +347,7 @@ class ModelManager:
             [b.run for b in backends],
             max_batch_size=max_batch,
             max_queue_delay_s=delay_us / 1e6,
-            max_queue_size=max(s.batching.max_queue_size, max_batch),
+            max_queue_size=s.batching.max_queue_size and max(s.batching.max_queue_size, max_batch),
             on_batch=on_batch,
         )
         batcher.start()

@@ -143,3 +143,32 @@ def test_a_failing_model_fails_its_batch_only() -> None:
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_without_a_queue_only_a_free_instance_takes_a_request() -> None:
+    """max_queue_size 0: admitted while an instance is free, refused at once otherwise, and
+    never held for the queue delay (no other request could join it)."""
+    model = Model(seconds=0.2)
+
+    async def main() -> None:
+        batcher = Batcher([model, model], max_batch_size=16, max_queue_delay_s=1.0,
+                          max_queue_size=0)  # fmt: skip
+        batcher.start()
+        x = np.ones((4, 3), np.float32)
+        assert batcher.admits(4)
+        started = time.perf_counter()
+        first = batcher.submit({"x": x}, 4, 5.0)
+        await asyncio.sleep(0.05)  # the first instance has taken it
+        second = batcher.submit({"x": x + 1}, 4, 5.0)
+        await asyncio.sleep(0.05)
+        assert not batcher.admits(1)  # both instances busy
+        with pytest.raises(OverloadedError, match="every model instance is busy"):
+            batcher.submit({"x": x}, 4, 5.0)
+        np.testing.assert_allclose((await first).outputs["y"], _reference(x), rtol=1e-6)
+        assert time.perf_counter() - started < 0.9  # not the 1 s queue delay
+        np.testing.assert_allclose((await second).outputs["y"], _reference(x + 1), rtol=1e-6)
+        assert batcher.admits(4)  # free again
+        await batcher.close()
+
+    asyncio.run(main())
+    assert model.batches == [4, 4]

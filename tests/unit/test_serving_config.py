@@ -133,6 +133,7 @@ def test_settings_from_file_with_flags_on_top(tmp_path: Path) -> None:
         ("", {"repository": "m", "tls_cert": Path("/nonexistent.pem")}, "needs both"),
         ("", {"repository": "m", "token": "short"}, "at least 16"),
         ("", {"repository": "m", "workers": 0}, "workers must be positive"),
+        ("", {"repository": "m", "batching.max_queue_size": -1}, "max-queue-size must be >= 0"),
     ],
 )
 def test_bad_settings_are_one_clear_error(
