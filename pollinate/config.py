@@ -16,7 +16,14 @@ from typing import Any
 
 from pollinate.errors import ConfigError
 
-__all__ = ["ClientDP", "RobustAggregation", "RunSettings", "SampleDP", "StrategyName"]
+__all__ = [
+    "ClientDP",
+    "RobustAggregation",
+    "RunSettings",
+    "SampleDP",
+    "StrategyName",
+    "bundle_dir",
+]
 
 
 class StrategyName(StrEnum):
@@ -155,11 +162,8 @@ class RunSettings:
         return out
 
     def bundle_dir(self, run_dir: Path) -> Path | None:
-        """Where the end-of-run export goes: ``export-dir``, else ``RUN_DIR/bundle`` when
-        ``export-triton-repo`` asks for one; None when the run exports nothing."""
-        if self.export_dir:
-            return Path(self.export_dir)
-        return Path(run_dir) / "bundle" if self.export_triton_repo else None
+        """Where the end-of-run export goes (see :func:`bundle_dir`)."""
+        return bundle_dir(run_dir, self.export_dir, self.export_triton_repo)
 
     # ---------------------------------------------------------------- checking
     def validate(self) -> None:
@@ -337,3 +341,11 @@ def _positive_float(key: str, value: float) -> None:
 def _non_negative_float(key: str, value: float) -> None:
     if value < 0:
         raise ConfigError(f"setting {key!r} must not be negative, got {value}")
+
+
+def bundle_dir(run_dir: Path, export_dir: str, export_triton_repo: str) -> Path | None:
+    """Where a run's end-of-run export goes: ``export-dir``, else ``RUN_DIR/bundle`` when
+    ``export-triton-repo`` asks for one; None when the run exports nothing."""
+    if export_dir:
+        return Path(export_dir)
+    return Path(run_dir) / "bundle" if export_triton_repo else None

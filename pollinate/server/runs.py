@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate._atomic import atomic_write_text
+from pollinate.config import bundle_dir
 from pollinate.errors import ConfigError
 from pollinate.server.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
 
@@ -131,7 +132,12 @@ def active_run(state_dir: Path) -> str | None:
     if not runs:
         return None
     newest = max(runs, key=lambda r: runs[r]["started"])
-    return newest if _flower_status(state_dir, newest).split(":")[0] in _ACTIVE else None
+    return newest if _active(_flower_status(state_dir, newest)) else None
+
+
+def _active(status: str) -> bool:
+    """Whether a Flower run status (``running``, ``finished:completed``...) may still work."""
+    return status.split(":")[0] in _ACTIVE
 
 
 def _flower_status(state_dir: Path, run_id: str) -> str:
@@ -173,13 +179,13 @@ def resume_run(
         status = _flower_status(state_dir, old_id)
     except SuperLinkError as err:
         raise SuperLinkError(f"cannot resume run {old_id}: {err}") from err
-    if status.split(":")[0] in _ACTIVE:
+    if _active(status):
         try:
             _flwr(state_dir, "stop", old_id)
         except SuperLinkError:
             # a SuperLink restarted after a crash finishes the runs it had in flight on its
             # own, possibly between our `ls` and `stop`; only a run still active is an error
-            if _flower_status(state_dir, old_id).split(":")[0] in _ACTIVE:
+            if _active(_flower_status(state_dir, old_id)):
                 raise
     config.update(overrides or {})
     config.update({"resume": True, "run-dir": str(run_dir)})
@@ -222,12 +228,11 @@ def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
             latest = run_dir / pointer.read_text(encoding="utf-8").strip()
             shutil.copytree(latest, partial / "checkpoints" / latest.name)
         settings = _saved_settings(run_dir)
-        export_dir = settings.get("export-dir") or (
-            str(run_dir / "bundle") if settings.get("export-triton-repo") else None
-        )
-        if export_dir and Path(export_dir).is_dir():  # the bundle and its archive beside it
-            shutil.copytree(Path(export_dir), partial / "bundle", symlinks=True)
-            archive = Path(export_dir).parent / f"{Path(export_dir).name}.tar.gz"
+        bundle = bundle_dir(run_dir, str(settings.get("export-dir") or ""),
+                            str(settings.get("export-triton-repo") or ""))  # fmt: skip
+        if bundle is not None and bundle.is_dir():  # the bundle and its archive beside it
+            shutil.copytree(bundle, partial / "bundle", symlinks=True)
+            archive = bundle.parent / f"{bundle.name}.tar.gz"
             if archive.is_file():
                 shutil.copy2(archive, partial / "bundle.tar.gz")
         if target.exists():

@@ -347,7 +347,8 @@ class ModelManager:
             [b.run for b in backends],
             max_batch_size=max_batch,
             max_queue_delay_s=delay_us / 1e6,
-            max_queue_size=s.batching.max_queue_size and max(s.batching.max_queue_size, max_batch),
+            # BatchingSettings keeps it 0 or >= max-batch-size >= max_batch
+            max_queue_size=s.batching.max_queue_size,
             on_batch=on_batch,
         )
         batcher.start()
