@@ -1,10 +1,12 @@
 """Dynamic batching: one bounded queue per model version, batches formed across requests.
 
-Requests wait in a queue counted in samples (rows). Each model instance has a worker that
-takes the oldest request, waits at most ``max_queue_delay`` after that request arrived for
-more rows (never longer; a busy worker finds a full batch waiting and does not wait at all),
-concatenates up to ``max_batch_size`` rows, runs the model on its own thread, and hands each
-request its slice of the outputs.
+Requests wait in a queue counted in samples (rows). A free model instance takes what is
+queued, up to ``max_batch_size`` rows, runs it on its own thread and hands each request its
+slice of the outputs; requests that arrive while every instance is busy form the next batch.
+With ``max_queue_delay`` > 0 a free instance first waits until the oldest request has been
+queued that long, or a full batch is queued. Batches are started from the event loop's own
+callbacks (a submit, an instance coming free, the delay ending) and their results set from
+one callback each, so a request costs no task switches beyond its own.
 
 Admission is decided at once: a request that would push the queue past ``max_queue_size``
 rows raises :class:`OverloadedError` without waiting, so overload costs a refusal, never a
@@ -63,7 +65,7 @@ class _Item:
 
 
 class Batcher:
-    """The queue and workers of one model version.
+    """The queue and model instances of one model version.
 
     Args:
         runners: One callable per model instance; each runs on its own thread.
@@ -92,10 +94,10 @@ class Batcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
         self._inflight = 0
-        self._busy = 0  # instances running a batch
+        self._idle = list(reversed(self._runners))  # instances free to take a batch
         self._closed = False
-        self._wakeup: asyncio.Event | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.Handle | None = None  # a pending _dispatch (batching delay)
         self._executor = ThreadPoolExecutor(
             max_workers=len(self._runners), thread_name_prefix="pollinate-model"
         )
@@ -110,18 +112,14 @@ class Batcher:
         return len(self._queue) + self._inflight
 
     def start(self) -> None:
-        """Start one worker per instance on the running event loop."""
-        self._wakeup = asyncio.Event()
-        self._workers = [
-            asyncio.get_running_loop().create_task(self._work(runner), name=f"batcher-{i}")
-            for i, runner in enumerate(self._runners)
-        ]
+        """Serve requests on the running event loop."""
+        self._loop = asyncio.get_running_loop()
 
     def admits(self, rows: int = 1) -> bool:
         """Whether a request of ``rows`` samples would be taken now. With ``max_queue_size``
         0 there is no queue: only while a model instance is free and nothing waits."""
         if self.max_queue_size == 0:
-            return not self._queue and self._busy < len(self._runners)
+            return not self._queue and bool(self._idle)
         return self._queued_rows + rows <= self.max_queue_size
 
     def submit(
@@ -132,7 +130,8 @@ class Batcher:
         Returns a future with the request's :class:`BatchResult`; it fails with
         :class:`RequestTimeoutError` if the request is still queued after ``timeout_s``.
         """
-        if self._closed or self._wakeup is None:
+        loop = self._loop
+        if self._closed or loop is None:
             raise BatcherClosedError("this model version is not taking requests")
         if not self.admits(rows):
             if self.max_queue_size == 0:
@@ -141,12 +140,11 @@ class Batcher:
                 f"the queue holds {self._queued_rows} of {self.max_queue_size} samples; "
                 f"this request of {rows} does not fit"
             )
-        loop = asyncio.get_running_loop()
         item = _Item(inputs, rows, loop.create_future(), time.perf_counter())
         item.timer = loop.call_later(timeout_s, self._expire, item)
         self._queue.append(item)
         self._queued_rows += rows
-        self._wakeup.set()
+        self._dispatch()
         return item.future
 
     def _expire(self, item: _Item) -> None:
@@ -175,65 +173,77 @@ class Batcher:
             batch.append(item)
         return batch
 
-    async def _work(self, runner: Runner) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+    def _dispatch(self) -> None:
+        """Hand queued rows to free instances (on the loop: after a submit, when an instance
+        comes free, when a batching delay ends). Each batch goes straight to the instance's
+        thread, and its results come straight back (:meth:`_deliver`): no task in between.
+
+        With a delay, a free instance waits until the oldest request has been queued that
+        long, or a full batch is queued. The event loop sleeps in whole milliseconds (epoll),
+        so a timed wait for 100 µs would take 1 ms: the last millisecond is waited by
+        re-checking on each turn of the loop, which reads and queues the requests that have
+        arrived meanwhile.
+        """
+        loop = self._loop
+        assert loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._idle and self._queue:
             # without a queue no other request can join: waiting would only add latency
             if self._delay > 0 and self.max_queue_size and self._queued_rows < self.max_batch_size:
-                await self._gather(self._queue[0].enqueued + self._delay)
+                while self._queue and self._queue[0].dropped:
+                    self._queue.popleft()
+                if not self._queue:
+                    return
+                remaining = self._queue[0].enqueued + self._delay - time.perf_counter()
+                if remaining > 0:
+                    self._timer = (
+                        loop.call_soon(self._dispatch)
+                        if remaining < 0.0011
+                        else loop.call_later(remaining - 0.001, self._dispatch)
+                    )
+                    return
             batch = self._take()
             if not batch:
-                continue
-            self._inflight += len(batch)
-            self._busy += 1
-            started = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._run, runner, batch)
-            except Exception as err:  # the model failed: every request of the batch fails
-                for item in batch:
-                    if item.timer is not None:
-                        item.timer.cancel()
-                    if not item.future.done():
-                        item.future.set_exception(err)
-            else:
-                start = 0
-                total = sum(item.rows for item in batch)
-                for item in batch:
-                    if item.timer is not None:
-                        item.timer.cancel()
-                    if not item.future.done():
-                        part = {k: v[start : start + item.rows] for k, v in outputs.items()}
-                        item.future.set_result(BatchResult(part, started - item.enqueued, total))
-                    start += item.rows
-            finally:
-                self._inflight -= len(batch)
-                self._busy -= 1
-
-    async def _gather(self, deadline: float) -> None:
-        """Wait for more rows until ``deadline`` or a full batch.
-
-        The event loop sleeps in whole milliseconds (epoll), so a timed wait for 100 µs
-        would take 1 ms: waits shorter than a millisecond yield to the loop instead, which
-        lets it read and queue requests that have already arrived.
-        """
-        assert self._wakeup is not None
-        while self._queued_rows < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
                 return
-            if remaining < 0.0011:
-                await asyncio.sleep(0)
-                continue
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining - 0.001)
-            except TimeoutError:
-                continue
+            runner = self._idle.pop()
+            self._inflight += len(batch)
+            self._executor.submit(self._work, loop, runner, batch)
+
+    def _work(self, loop: asyncio.AbstractEventLoop, runner: Runner, batch: list[_Item]) -> None:
+        """On the instance's thread: run the batch, pass the outcome back to the loop."""
+        started = time.perf_counter()
+        try:
+            outputs: dict[str, np.ndarray] | BaseException = self._run(runner, batch)
+        except Exception as err:  # the model failed: every request of the batch fails
+            outputs = err
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answers
+            loop.call_soon_threadsafe(self._deliver, runner, batch, outputs, started)
+
+    def _deliver(
+        self,
+        runner: Runner,
+        batch: list[_Item],
+        outputs: dict[str, np.ndarray] | BaseException,
+        started: float,
+    ) -> None:
+        self._inflight -= len(batch)
+        self._idle.append(runner)
+        if self._queue:
+            self._dispatch()  # keep the instance busy before answering
+        total = sum(item.rows for item in batch)
+        start = 0
+        for item in batch:
+            if item.timer is not None:
+                item.timer.cancel()
+            if not item.future.done():
+                if isinstance(outputs, BaseException):
+                    item.future.set_exception(outputs)
+                else:
+                    part = {k: v[start : start + item.rows] for k, v in outputs.items()}
+                    item.future.set_result(BatchResult(part, started - item.enqueued, total))
+            start += item.rows
 
     def _run(self, runner: Runner, batch: list[_Item]) -> dict[str, np.ndarray]:
         if len(batch) == 1:
@@ -253,15 +263,14 @@ class Batcher:
     async def close(self, *, drain: bool = True) -> None:
         """Stop taking requests; with ``drain``, finish every queued request first."""
         self._closed = True
-        if drain and self._wakeup is not None:
+        if drain and self._loop is not None:
             while self._queue or self._inflight:
-                self._wakeup.set()
+                if self._queue and self._idle and self._timer is None:
+                    self._dispatch()
                 await asyncio.sleep(0.005)
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(BatcherClosedError("the model version was unloaded"))

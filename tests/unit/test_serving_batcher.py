@@ -172,3 +172,50 @@ def test_without_a_queue_only_a_free_instance_takes_a_request() -> None:
 
     asyncio.run(main())
     assert model.batches == [4, 4]
+
+
+def test_without_a_queue_requests_in_one_loop_turn_take_every_free_instance() -> None:
+    """Two requests submitted back to back (no await between them, as when one read of the
+    sockets brings both) go to the two free instances at once; the third is refused."""
+    first_model, second_model = Model(seconds=0.1), Model(seconds=0.1)
+
+    async def main() -> None:
+        batcher = Batcher([first_model, second_model], max_batch_size=16,
+                          max_queue_delay_s=0.0, max_queue_size=0)  # fmt: skip
+        batcher.start()
+        x = np.ones((2, 3), np.float32)
+        futures = [batcher.submit({"x": x * (i + 1)}, 2, 5.0) for i in range(2)]
+        with pytest.raises(OverloadedError):
+            batcher.submit({"x": x}, 2, 5.0)
+        started = time.perf_counter()
+        outs = [(await f).outputs["y"] for f in futures]
+        assert time.perf_counter() - started < 0.19  # ran side by side, not one after another
+        for i, y in enumerate(outs):
+            np.testing.assert_allclose(y, _reference(x * (i + 1)), rtol=1e-6)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert first_model.batches == [2] and second_model.batches == [2]
+
+
+def test_a_batch_started_by_the_delay_takes_what_arrived_meanwhile() -> None:
+    """With a delay, requests that arrive before it ends (in later loop turns) join the
+    first request's batch; a full batch does not wait for the delay."""
+    model = Model()
+
+    async def main() -> None:
+        batcher = Batcher([model], max_batch_size=4, max_queue_delay_s=0.03, max_queue_size=64)
+        batcher.start()
+        x = np.ones((1, 3), np.float32)
+        first = batcher.submit({"x": x}, 1, 5.0)
+        await asyncio.sleep(0.005)
+        second = batcher.submit({"x": x}, 1, 5.0)
+        assert (await first).batch_rows == 2 and (await second).batch_rows == 2
+        started = time.perf_counter()
+        full = [batcher.submit({"x": x}, 1, 5.0) for _ in range(4)]
+        assert [(await f).batch_rows for f in full] == [4, 4, 4, 4]
+        assert time.perf_counter() - started < 0.025  # a full batch goes at once
+        await batcher.close()
+
+    asyncio.run(main())
+    assert model.batches == [2, 4]
