@@ -226,7 +226,7 @@ def main() -> None:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "processes": args.processes,
-            "pollinate": "defaults (1 instance, 1 thread, max batch 64, delay 200 us); "
+            "pollinate": "defaults (1 instance, 1 thread, max batch 64, no queue delay); "
             "batched requests: --instances 2 on CPU",
             "naive": NAIVE[args.device],
         },

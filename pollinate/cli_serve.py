@@ -33,7 +33,8 @@ def serve_command(
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Rows per model call [64].")] = None,
     max_queue_delay_us: Annotated[
-        int | None, typer.Option(help="Longest wait to fill a batch, microseconds [200].")
+        int | None,
+        typer.Option(help="Longest wait to fill a batch, microseconds; 0: none [0]."),
     ] = None,
     max_queue_size: Annotated[
         int | None,

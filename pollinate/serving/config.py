@@ -69,7 +69,7 @@ class BatchingSettings:
     """Dynamic batching, per model version (``config.pbtxt`` may override delay/instances)."""
 
     max_batch_size: int = 64
-    max_queue_delay_us: int = 200
+    max_queue_delay_us: int = 0  # Triton's default: batch what queued while busy
     max_queue_size: int = 512
     request_timeout_s: float = 5.0
 
