@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pollinate.errors import CheckpointError, ConfigError, PollinateError
 
@@ -55,7 +56,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: PollinateError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err}")
+    # escaped: a message may hold brackets that are not markup ('pip install "pollinate[serve]"')
+    console.print(f"[bold red]error:[/] {escape(str(err))}")
     return typer.Exit(code=err.exit_code)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pollinate.errors import PollinateError
@@ -25,7 +26,7 @@ edge_app = typer.Typer(
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # brackets are text, not markup
     return typer.Exit(code=code)
 
 
@@ -34,13 +35,20 @@ def export_command(
         Path, typer.Argument(help="A run directory written by `pollinate simulate`.")
     ],
     out: Annotated[
-        Path, typer.Option(help="Bundle folder to create (a .tar.gz is written beside it).")
-    ],
+        Path | None,
+        typer.Option(
+            help="Bundle folder to create, a .tar.gz beside it [RUN_DIR/bundle].",
+            show_default=False,
+        ),
+    ] = None,
     format_: Annotated[
-        list[str] | None, typer.Option("--format", help="onnx, openvino (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--format", help="onnx, openvino, tflite (repeatable; default: onnx, openvino)."
+        ),
     ] = None,
     precision: Annotated[
-        list[str] | None, typer.Option(help="fp32, fp16, int8 (repeatable).")
+        list[str] | None, typer.Option(help="fp32, fp16, int8 (repeatable; default: fp32, int8).")
     ] = None,
     calibration_samples: Annotated[int, typer.Option(help="Calibration samples for INT8.")] = 300,
     prune: Annotated[
@@ -63,7 +71,11 @@ def export_command(
 
     Examples:
 
+      pollinate export runs/demo                    # -> runs/demo/bundle (+ .tar.gz)
+
       pollinate export runs/demo --out bundles/demo
+
+      pollinate export runs/demo --format onnx --precision fp32 --triton-repo models
 
       pollinate export runs/demo --out bundles/demo-onnx --format onnx --precision int8
 
@@ -74,6 +86,7 @@ def export_command(
     try:
         formats = tuple(_parse(Format, format_ or ["onnx", "openvino"], "--format"))
         precisions = tuple(_parse(Precision, precision or ["fp32", "int8"], "--precision"))
+        out = out if out is not None else run_dir / "bundle"
         options = ExportOptions(
             out=out, formats=formats, precisions=precisions,
             calibration_samples=calibration_samples, prune=prune, sign_key=sign_key,

@@ -24,8 +24,10 @@ def serve_command(
     http_port: Annotated[int | None, typer.Option(help="REST port; 0 = any free [8000].")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 = any free [8001].")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port [8002].")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [auto].")] = None,
-    backend: Annotated[str | None, typer.Option(help="auto | onnxruntime | torch [auto].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda \\[auto].")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | onnxruntime | torch \\[auto].")
+    ] = None,
     instances: Annotated[int | None, typer.Option(help="Model instances per version [1].")] = None,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads per instance [1].")] = None,
     workers: Annotated[

@@ -335,7 +335,7 @@ def _toml_value(text: str) -> Any:
 @server_app.command("status")
 def status_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
-    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+    run_id: Annotated[str | None, typer.Option(help="A run id \\[the newest run].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a run: Flower's status, the last round, clients sampled / replied / declined /
@@ -376,7 +376,7 @@ def stop_command(
 @server_app.command("logs")
 def logs_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
-    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+    run_id: Annotated[str | None, typer.Option(help="A run id \\[the newest run].")] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")
     ] = False,
@@ -404,7 +404,7 @@ def logs_command(
 def resume_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
     run_id: Annotated[
-        str | None, typer.Argument(help="The run to continue [the newest run].")
+        str | None, typer.Argument(help="The run to continue \\[the newest run].")
     ] = None,
     rounds: Annotated[
         int | None, typer.Option("--rounds", "-r", help="Change the total number of rounds.")
@@ -447,7 +447,7 @@ def resume_command(
 def pull_command(
     dest: Annotated[Path, typer.Argument(help="Folder to copy the run's results into.")],
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
-    run_id: Annotated[str | None, typer.Option(help="A run id [the newest run].")] = None,
+    run_id: Annotated[str | None, typer.Option(help="A run id \\[the newest run].")] = None,
 ) -> None:
     """Copy a run's results into DEST/run-ID: metrics, privacy ledger, summary, the newest
     checkpoint and the exported bundles.

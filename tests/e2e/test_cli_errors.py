@@ -147,6 +147,10 @@ CASES: dict[str, Case] = {
     "set-unknown-key": _sim(
         "--set", "nonsense-key=1", code=2, words=("unknown setting", "nonsense-key"),
     ),
+    # brackets in a message are text, not rich markup (it used to print 'num-rounds')
+    "set-key-with-brackets": _sim(
+        "--set", "num-rounds[x]=1", code=2, words=("unknown setting", "'num-rounds[x]'"),
+    ),
     "set-without-equals": _sim(
         "--set", "missing-equals", code=2, words=("key=value", "missing-equals"),
     ),

@@ -126,6 +126,27 @@ def test_export_then_predict_offline(
     assert "model.int8.onnx" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_default_out_is_the_run_dirs_bundle_and_publishes_to_the_repository(
+    run_dir: Path, tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    """The README's serving quick start: no --out, one FP32 ONNX, published as a version."""
+    repo = tmp_path / "models"
+    proc = _cli(e2e_env, "export", str(run_dir), "--format", "onnx", "--precision", "fp32",
+                "--triton-repo", str(repo))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = run_dir / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"]
+    assert (run_dir / "bundle.tar.gz").is_file()
+    version = repo / "cnn" / "3"  # the checkpoint's round
+    assert (version / "model.onnx").read_bytes() == (bundle / "model.fp32.onnx").read_bytes()
+    assert "published version 3" in " ".join(proc.stdout.split() + proc.stderr.split())
+    again = _cli(e2e_env, "export", str(run_dir), "--format", "onnx", "--precision", "fp32")
+    assert again.returncode == 2
+    assert "bundle exists and is not empty" in " ".join(again.stderr.split())
+    assert "Traceback" not in again.stderr
+
+
 def test_signed_bundle_and_bad_exports(
     run_dir: Path, tmp_path: Path, e2e_env: dict[str, str]
 ) -> None:
