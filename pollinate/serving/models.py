@@ -80,16 +80,20 @@ def check_inputs(
                 f"missing input {meta.name!r} ({meta.datatype} {list(meta.shape)})"
             )
         arr = tensors[meta.name]
-        want = f"expected {meta.datatype} with shape {list(meta.shape)} (batch 1..{max_batch})"
+        shape = arr.shape
+        rows = int(shape[0]) if shape else 0
+        problem = None
         if arr.dtype != meta.dtype:
+            problem = f"datatype {kserve_datatype(arr.dtype)}"
+        elif len(shape) != len(meta.shape) or shape[1:] != meta.shape[1:]:
+            problem = f"shape {list(shape)}"
+        elif not 1 <= rows <= max_batch:
+            problem = f"a batch of {rows}"
+        if problem is not None:
             raise InvalidInputError(
-                f"input {meta.name!r}: {want}, got datatype {kserve_datatype(arr.dtype)}"
+                f"input {meta.name!r}: expected {meta.datatype} with shape {list(meta.shape)} "
+                f"(batch 1..{max_batch}), got {problem}"
             )
-        if arr.ndim != len(meta.shape) or tuple(arr.shape[1:]) != meta.shape[1:]:
-            raise InvalidInputError(f"input {meta.name!r}: {want}, got shape {list(arr.shape)}")
-        rows = int(arr.shape[0])
-        if not 1 <= rows <= max_batch:
-            raise InvalidInputError(f"input {meta.name!r}: {want}, got a batch of {rows}")
         if batch is not None and rows != batch:
             raise InvalidInputError(f"inputs have different batch sizes ({batch} and {rows})")
         batch = rows

@@ -73,7 +73,8 @@ _KSERVE_NAMES = {dtype: name for name, dtype in KSERVE_DTYPES.items()}
 
 def kserve_datatype(dtype: np.dtype[Any]) -> str:
     """The KServe name of a numpy dtype (``float32`` -> ``FP32``); ``str(dtype)`` if it has none."""
-    return _KSERVE_NAMES.get(np.dtype(dtype), str(dtype))
+    name = _KSERVE_NAMES.get(np.dtype(dtype))
+    return name if name is not None else str(dtype)
 
 
 @dataclass(frozen=True)

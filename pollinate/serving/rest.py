@@ -31,6 +31,8 @@ __all__ = ["SERVER_EXTENSIONS", "RestApp", "build_rest_app", "metadata"]
 logger = logging.getLogger("pollinate")
 SERVER_EXTENSIONS = ["binary_tensor_data"]
 _HEADER = "inference-header-content-length"
+# the wire order of binary tensors (Triton's extension: little-endian)
+_LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in KSERVE_DTYPES.items()}
 
 
 class _BadRequestError(Exception):
@@ -65,34 +67,39 @@ def _version(raw: str | None) -> int | None:
 
 
 def _decode_tensor(spec: Any, index: int, blob: bytes | None) -> tuple[str, np.ndarray]:
-    where = f"inputs[{index}]"
     if not isinstance(spec, dict):
-        raise _BadRequestError(400, f"{where} must be an object with name, shape, datatype, data")
+        raise _BadRequestError(
+            400, f"inputs[{index}] must be an object with name, shape, datatype, data"
+        )
     name, shape, datatype = spec.get("name"), spec.get("shape"), spec.get("datatype")
     if not isinstance(name, str) or not name:
-        raise _BadRequestError(400, f"{where}.name must be a non-empty string")
-    where = f"input {name!r}"
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape
-    ):
-        raise _BadRequestError(400, f"{where}: shape must be a list of non-negative integers")
-    if datatype not in KSERVE_DTYPES:
+        raise _BadRequestError(400, f"inputs[{index}].name must be a non-empty string")
+    count = 1
+    if isinstance(shape, list):
+        for d in shape:
+            if type(d) is not int or not 0 <= d < 2**31:  # bool is not a dimension either
+                count = -1
+                break
+            count *= d
+    if not isinstance(shape, list) or count < 0:
         raise _BadRequestError(
-            400, f"{where}: datatype {datatype!r} is not supported; use one of "
+            400, f"input {name!r}: shape must be a list of non-negative integers"
+        )
+    if not isinstance(datatype, str) or datatype not in KSERVE_DTYPES:
+        raise _BadRequestError(
+            400, f"input {name!r}: datatype {datatype!r} is not supported; use one of "
             + ", ".join(KSERVE_DTYPES)
         )  # fmt: skip
     dtype = KSERVE_DTYPES[datatype]
-    count = 1
-    for d in shape:
-        count *= d
     if blob is not None:
         if len(blob) != count * dtype.itemsize:
             raise _BadRequestError(
-                400, f"{where}: {len(blob)} bytes of binary data; shape {shape} of {datatype} "
-                f"needs {count * dtype.itemsize}"
+                400, f"input {name!r}: {len(blob)} bytes of binary data; shape {shape} of "
+                f"{datatype} needs {count * dtype.itemsize}"
             )  # fmt: skip
-        arr = np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        arr = np.frombuffer(blob, dtype=_LITTLE_ENDIAN[datatype]).astype(dtype, copy=False)
         return name, arr.reshape(shape)
+    where = f"input {name!r}"
     if "data" not in spec:
         raise _BadRequestError(400, f"{where}: no `data` and no binary_data_size")
     try:
