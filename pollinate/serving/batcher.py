@@ -241,7 +241,10 @@ class Batcher:
                 if isinstance(outputs, BaseException):
                     item.future.set_exception(outputs)
                 else:
-                    part = {k: v[start : start + item.rows] for k, v in outputs.items()}
+                    part = (
+                        outputs if len(batch) == 1
+                        else {k: v[start : start + item.rows] for k, v in outputs.items()}
+                    )  # fmt: skip
                     item.future.set_result(BatchResult(part, started - item.enqueued, total))
             start += item.rows
 

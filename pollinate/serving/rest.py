@@ -31,6 +31,7 @@ __all__ = ["SERVER_EXTENSIONS", "RestApp", "build_rest_app", "metadata"]
 logger = logging.getLogger("pollinate")
 SERVER_EXTENSIONS = ["binary_tensor_data"]
 _HEADER = "inference-header-content-length"
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per json.dumps call
 # the wire order of binary tensors (Triton's extension: little-endian)
 _LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in KSERVE_DTYPES.items()}
 
@@ -178,7 +179,7 @@ _NO_TOKEN = "missing or wrong bearer token (Authorization: Bearer TOKEN)"
 
 
 def _json(status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> _Reply:
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body = _COMPACT.encode(payload).encode()
     return status, body, "application/json", headers or []
 
 
@@ -378,7 +379,7 @@ def _encode(
             entry["data"] = arr.reshape(-1).tolist()
         tensors.append(entry)
     header["outputs"] = tensors
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = _COMPACT.encode(header).encode()
     headers = [(b"x-request-id", request_id.encode("latin-1", "replace"))]
     if not blobs:
         return 200, text, "application/json", headers
