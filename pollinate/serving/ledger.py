@@ -48,11 +48,7 @@ class RolloutLedger:
 
     def outcome(self, model: str, files: VersionFiles) -> Outcome | None:
         """What worker 0 decided for these exact files of ``model`` (None: nothing yet)."""
-        entry = self._read().get(model, {}).get(str(files.version))
-        if not isinstance(entry, dict) or entry.get("fingerprint") != _fingerprint(files):
-            return None
-        outcome = entry.get("outcome")
-        return outcome if outcome in ("promoted", "rolled_back") else None
+        return _outcome(self._read(), model, files)
 
     def record(self, model: str, files: VersionFiles, outcome: Outcome) -> None:
         """Write worker 0's decision for ``files`` (the leader only)."""
@@ -66,8 +62,18 @@ class RolloutLedger:
     def starting_version(self, model: str, versions: dict[int, VersionFiles]) -> VersionFiles:
         """The version a starting worker serves: the newest one promoted, else the newest one
         not rolled back (else the newest)."""
-        promoted = [v for v, f in versions.items() if self.outcome(model, f) == "promoted"]
+        data = self._read()  # once, not once per version
+        decided = {v: _outcome(data, model, f) for v, f in versions.items()}
+        promoted = [v for v, outcome in decided.items() if outcome == "promoted"]
         if promoted:
             return versions[max(promoted)]
-        usable = [v for v, f in versions.items() if self.outcome(model, f) != "rolled_back"]
+        usable = [v for v, outcome in decided.items() if outcome != "rolled_back"]
         return versions[max(usable or versions)]
+
+
+def _outcome(data: dict[str, Any], model: str, files: VersionFiles) -> Outcome | None:
+    entry = data.get(model, {}).get(str(files.version))
+    if not isinstance(entry, dict) or entry.get("fingerprint") != _fingerprint(files):
+        return None
+    outcome = entry.get("outcome")
+    return outcome if outcome in ("promoted", "rolled_back") else None

@@ -17,8 +17,10 @@ import os
 import signal
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,7 +32,12 @@ from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.models import ModelManager
 from pollinate.serving.rest import build_rest_app
 
-__all__ = ["Ports", "WorkerContext", "run_server", "serve"]
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["Ports", "WorkerContext", "run_server", "serve", "start_metrics_server"]
 
 logger = logging.getLogger("pollinate")
 _GRPC_GRACE_S = 5.0
@@ -189,22 +196,27 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _start_metrics(
-    settings: ServeSettings, metrics: ServingMetrics, cleanup: contextlib.AsyncExitStack
-) -> int:
+def start_metrics_server(
+    host: str, port: int, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` at ``http://host:port/metrics`` on a thread; a busy port is a
+    ConfigError (the single server's registry, or the supervisor's multiprocess one)."""
     from prometheus_client import start_http_server
 
     from pollinate.errors import ConfigError
 
     try:
-        httpd, thread = start_http_server(
-            settings.metrics_port, addr=settings.host, registry=metrics.registry
-        )
+        return start_http_server(port, addr=host, registry=registry)
     except OSError as err:
         raise ConfigError(
-            f"cannot listen on {settings.host}:{settings.metrics_port} (metrics): "
-            f"{err.strerror}; pick another port"
+            f"cannot listen on {host}:{port} (metrics): {err.strerror}; pick another port"
         ) from err
+
+
+def _start_metrics(
+    settings: ServeSettings, metrics: ServingMetrics, cleanup: contextlib.AsyncExitStack
+) -> int:
+    httpd, thread = start_metrics_server(settings.host, settings.metrics_port, metrics.registry)
 
     def stop() -> None:
         httpd.shutdown()

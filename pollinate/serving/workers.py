@@ -175,10 +175,11 @@ def run_workers(
     settings: ServeSettings, *, json_logs: bool = True, log_level: int = logging.INFO
 ) -> None:
     """Serve with ``settings.workers`` processes until SIGTERM / SIGINT (blocking)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from pollinate.serving.repository import scan_repository
+    from pollinate.serving.server import start_metrics_server
 
     scan_repository(settings.repository)  # one clear error here, not one per worker
     host = settings.host
@@ -200,13 +201,7 @@ def run_workers(
         atomic_write_text(runtime / "settings.json", settings_to_json(shared))
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(supervisor.metrics_dir))  # type: ignore[no-untyped-call]
-        try:
-            httpd, thread = start_http_server(settings.metrics_port, addr=host, registry=registry)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot listen on {host}:{settings.metrics_port} (metrics): {err.strerror}; "
-                "pick another port"
-            ) from err
+        httpd, thread = start_metrics_server(host, settings.metrics_port, registry)
         for worker in supervisor.workers:
             supervisor.spawn(worker)
         supervisor.wait_ready()
