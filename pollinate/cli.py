@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from pollinate._console import is_plain, log_handler, make_console, print_click_error, print_error
 from pollinate.errors import CheckpointError, ConfigError, PollinateError
 
 __all__ = ["app", "main"]
@@ -26,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 EXIT_CODES = {
     0: "success",
@@ -44,11 +43,8 @@ EXIT_CODES = {
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     pkg = logging.getLogger("pollinate")
-    pkg.handlers[:] = [handler]
+    pkg.handlers[:] = [log_handler()]
     pkg.setLevel(logging.INFO if verbose else logging.WARNING)
     pkg.propagate = False
     for noisy in ("flwr", "ray"):
@@ -56,8 +52,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: PollinateError) -> typer.Exit:
-    # escaped: a message may hold brackets that are not markup ('pip install "pollinate[serve]"')
-    console.print(f"[bold red]error:[/] {escape(str(err))}")
+    # One line off a terminal; brackets are text ('pip install "pollinate[serve]"'), not markup.
+    print_error(str(err))
     return typer.Exit(code=err.exit_code)
 
 
@@ -278,6 +274,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
         alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
         samples_per_partition=settings.samples_per_client,
     )  # fmt: skip
+    console = make_console(stderr=True)
     console.print(
         f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
         f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
@@ -299,7 +296,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
 def _print_summary(result: Any) -> None:
     from pollinate.server.report import render_summary_table
 
-    out = Console(width=max(Console().width, 120))
+    out = make_console(min_width=120)
     out.print(render_summary_table(result.history, result.privacy))
     last = result.history[-1] if result.history else None
     if last is not None and last.accuracy is not None:
@@ -350,14 +347,14 @@ def report(
             CheckpointError(f"{run_dir} holds malformed run files ({type(err).__name__}: {err})")
         ) from None
     for f in files:
-        Console().print(str(f))
+        make_console().print(str(f))
 
 
 @app.command("exit-codes")
 def exit_codes() -> None:
     """List the exit codes of the pollinate command."""
     for code, meaning in EXIT_CODES.items():
-        Console().print(f"{code}  {meaning}")
+        make_console().print(f"{code}  {meaning}")
 
 
 @app.command()
@@ -365,7 +362,7 @@ def version() -> None:
     """Print the pollinate version."""
     from pollinate import __version__
 
-    Console().print(__version__)
+    make_console().print(__version__)
 
 
 def _register_export_commands() -> None:
@@ -412,4 +409,20 @@ _register_server_commands()
 
 def main() -> None:
     """Entry point of the ``pollinate`` console script."""
-    app()
+    if not is_plain(sys.stderr):
+        app()
+        return
+    # Off a terminal, click's usage errors (bad option, missing argument) are one line as well:
+    # Typer's rich panel would wrap them at 80 columns. The same exit codes as Typer's.
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.ClickException as err:
+        if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            print_click_error(err)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        print_error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+
+from pollinate._console import make_console
 
 __all__ = ["rollback_command", "run_command", "status_command"]
 
@@ -179,7 +180,7 @@ def status_command(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console = Console(soft_wrap=True)
+    console = make_console(soft_wrap=True)
     console.print(
         f"daemon: {report['state']} (restarts {report['restarts']}, updated {report['updated']})"
     )
@@ -237,4 +238,4 @@ def rollback_command(
         name = BundleStore(state_dir).rollback()
     except BundleError as err:
         raise _fail(PollinateError(str(err))) from None
-    Console().print(f"bundle {name} is in service again")
+    make_console().print(f"bundle {name} is in service again")

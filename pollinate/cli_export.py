@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from pollinate._console import is_plain, make_console, print_error
 from pollinate.errors import PollinateError
 
 __all__ = ["edge_app", "export_command", "keygen_command"]
 
-console = Console(stderr=True)
 edge_app = typer.Typer(
     help="Run exported bundles on a device: predict and benchmark (no torch needed).",
     no_args_is_help=True,
@@ -26,7 +24,7 @@ edge_app = typer.Typer(
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(message)}")  # brackets are text, not markup
+    print_error(message)  # one line off a terminal; brackets are text, not markup
     return typer.Exit(code=code)
 
 
@@ -83,6 +81,7 @@ def export_command(
     """
     from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 
+    console = make_console(stderr=True)
     try:
         formats = tuple(_parse(Format, format_ or ["onnx", "openvino"], "--format"))
         precisions = tuple(_parse(Precision, precision or ["fp32", "int8"], "--precision"))
@@ -94,8 +93,9 @@ def export_command(
         )  # fmt: skip
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        # A spinner is for a terminal: in a pipe or a log it would leave a stray last frame.
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console) as progress:  # fmt: skip
+                      console=console, disable=is_plain(sys.stderr)) as progress:  # fmt: skip
             task = progress.add_task("export", total=None)
             result = export_run(
                 run_dir, options, on_step=lambda msg: progress.update(task, description=msg)
@@ -120,11 +120,11 @@ def export_command(
             f"{row.accuracy:.4f}", f"{row.agreement:.4f}", f"{row.max_abs_error:.2e}",
             f"{row.p50_ms:.3f}",
         )  # fmt: skip
-    Console(width=max(Console().width, 120)).print(table)
+    make_console(min_width=120).print(table)
     if result.triton_version is not None:
         console.print(f"published version {result.triton_version} to {triton_repo}")
     if result.archive is not None:
-        Console().print(f"archive: {result.archive}")
+        make_console().print(f"archive: {result.archive}")
 
 
 def _parse(enum_type: Any, values: list[str], flag: str) -> list[Any]:
@@ -296,4 +296,4 @@ def keygen_command(
         raise _fail(f"{err}; choose new file names or delete the old key on purpose", 2) from None
     except OSError as err:
         raise _fail(f"cannot write the key pair: {err}", 1) from None
-    Console().print(f"private key: {private}\npublic key:  {public}")
+    make_console().print(f"private key: {private}\npublic key:  {public}")

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from pollinate._console import make_console
+
 __all__ = ["certs_command", "server_app"]
 
 server_app = typer.Typer(
@@ -45,7 +47,7 @@ def certs_command(
         made = make_certificates(out, nodes=nodes, hosts=host, days=days)
     except PollinateError as err:
         raise _fail(err) from None
-    console = Console(soft_wrap=True)
+    console = make_console(soft_wrap=True)
     console.print(f"CA certificate   {made.ca_cert}   (SuperNodes and flwr trust it)")
     console.print(f"SuperLink TLS    {made.server_cert}, {made.server_key}")
     for private, public in zip(made.node_keys, made.node_public_keys, strict=True):
@@ -98,7 +100,7 @@ def start_command(
     from pollinate.errors import ConfigError, PollinateError
     from pollinate.server.superlink import SuperLinkSettings, run_superlink
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     metrics_note = ""
 
     def ready(settings: SuperLinkSettings) -> None:
@@ -152,7 +154,7 @@ def trust_command(
             raise SuperLinkError(f"{public_key} is already registered")
     except PollinateError as err:
         raise _fail(err) from None
-    Console().print(f"trusted {public_key}: node {node_id}")
+    make_console().print(f"trusted {public_key}: node {node_id}")
 
 
 @server_app.command("nodes")
@@ -172,7 +174,7 @@ def nodes_command(
     if as_json:
         print(json.dumps(nodes, indent=2))
         return
-    console = Console(soft_wrap=True)
+    console = make_console(soft_wrap=True)
     for node in nodes:
         console.print(f"{node['node-id']}  {node['status']:<10}  online since {node['online-at']}")
 
@@ -241,7 +243,7 @@ def run_command(
     flags = {"num-server-rounds": rounds, "strategy": strategy, "epsilon-budget": epsilon_budget,
              "round-timeout": round_timeout, "min-train-nodes": min_train_nodes,
              "run-dir": str(run_dir.resolve()) if run_dir else None}  # fmt: skip
-    err_console = Console(soft_wrap=True, stderr=True)
+    err_console = make_console(stderr=True, soft_wrap=True)
     try:
         if wait and trigger_dir is None:
             raise ConfigError("--wait waits for a retrain event: pass --trigger-dir DIR too")
@@ -351,7 +353,7 @@ def status_command(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console = Console(soft_wrap=True)
+    console = make_console(soft_wrap=True)
     for key, value in report.items():
         console.print(f"{key:<22} {value}")
 
@@ -370,7 +372,7 @@ def stop_command(
         stop_run(state_dir, run_id)
     except PollinateError as err:
         raise _fail(err) from None
-    Console().print(f"run {run_id} stopped")
+    make_console().print(f"run {run_id} stopped")
 
 
 @server_app.command("logs")
@@ -439,7 +441,9 @@ def resume_command(
         new_id, where, done = resume_run(state_dir, app or default_app_dir(), run_id, overrides)
     except PollinateError as err:
         raise _fail(err) from None
-    Console(soft_wrap=True, stderr=True).print(f"run {new_id} continues {where} after round {done}")
+    make_console(stderr=True, soft_wrap=True).print(
+        f"run {new_id} continues {where} after round {done}"
+    )
     print(new_id)
 
 
@@ -466,4 +470,4 @@ def pull_command(
         target = pull_run(state_dir, dest, run_id)
     except PollinateError as err:
         raise _fail(err) from None
-    Console(soft_wrap=True).print(f"pulled into {target}")
+    make_console(soft_wrap=True).print(f"pulled into {target}")

@@ -23,6 +23,7 @@ def e2e_env(tmp_path: Path) -> dict[str, str]:
         # flwr starts `flower-superlink` by name: the venv's scripts must be on PATH even
         # when pytest was started without activating the venv.
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        # Wide enough that rich does not wrap the one-line error messages.
+        # Wide --help panels and tables. Errors are one line off a terminal at any width
+        # (test_cli_errors runs them at COLUMNS=40 with 200+ character paths).
         "COLUMNS": "200",
     }

@@ -8,6 +8,7 @@ traceback, and that it failed before any simulation started (no Ray, no run dire
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -297,3 +298,114 @@ def test_a_good_report_still_works(tmp_path: Path, e2e_env: dict[str, str]) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "summary.md").exists()
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------- one message, one line, whatever the path or width
+def _long_path(root: Path) -> Path:
+    """A path of over 200 characters below ``root``, with spaces where rich would wrap."""
+    path = root / "a folder with spaces in its name"
+    while len(str(path)) <= 220:
+        path = path / f"deeper-{len(path.parts):02d}-{'x' * 40}"
+    return path
+
+
+# args ({long}: the long path), exit code, words that must be on the error line with the path
+ONE_LINE_CASES: dict[str, tuple[tuple[str, ...], int, tuple[str, ...]]] = {
+    "report": (
+        ("report", "{long}"), 5, ("has no metrics.json", "is it a pollinate run directory?"),
+    ),
+    "simulate-resume": (
+        ("simulate", "--resume", "{long}"), 5,
+        ("is not a pollinate run directory (no run.json)", "`pollinate simulate` wrote"),
+    ),
+    "edge-status": (
+        ("edge", "status", "--state-dir", "{long}"), 1,
+        ("holds no daemon state", "is it the --state-dir?"),
+    ),
+    "export": (("export", "{long}"), 5, ("is not a pollinate run directory", "pollinate simulate")),
+    "server-nodes": (
+        ("server", "nodes", "--state-dir", "{long}"), 10,
+        ("is not the state directory of a federation", "--state-dir it uses"),
+    ),
+    # click's own usage error, and its hint on the next line
+    "typer-bad-value": (
+        ("simulate", "--rounds", "{long}"), 2,
+        ("invalid value for '--rounds'", "not a valid integer"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ONE_LINE_CASES))
+def test_an_error_is_one_line_for_any_path_length_and_width(
+    name: str, tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    """In a pipe, with a 200+ character path and COLUMNS=40, the whole message is one line."""
+    args, code, words = ONE_LINE_CASES[name]
+    long = _long_path(tmp_path)
+    assert len(str(long)) > 200
+    env = {**e2e_env, "COLUMNS": "40"}
+
+    proc, _ = _run(env, tmp_path, *(a.format(long=long) for a in args))
+
+    assert proc.returncode == code, proc.stderr
+    assert "\x1b[" not in proc.stderr, "colour codes in a pipe"
+    assert proc.stdout == "", proc.stdout
+    first, *rest = proc.stderr.splitlines()
+    assert first.startswith("error: "), proc.stderr
+    assert str(long) in first, f"the path is cut:\n{proc.stderr}"
+    for word in words:
+        assert word.lower() in first.lower(), f"{word!r} is not on the error line:\n{proc.stderr}"
+    if code == 2:  # a usage error: one hint line, whole, after the message
+        assert len(rest) == 1, proc.stderr
+        assert rest[0].startswith("Usage: ") and rest[0].endswith("--help' for help"), rest[0]
+    else:
+        assert rest == [], f"more than the one error line:\n{proc.stderr}"
+
+
+def _on_a_terminal(env: dict[str, str], cwd: Path, *args: str) -> str:
+    """The command's stderr when it is a terminal (a pseudo-terminal), line ends as written."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pollinate", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+            env=env, cwd=cwd, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_on_a_terminal_errors_stay_rich_and_no_color_and_dumb_are_honoured(
+    tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    long = _long_path(tmp_path)
+    env = {**e2e_env, "COLUMNS": "40", "TERM": "xterm-256color"}
+    for unset in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE"):
+        env.pop(unset, None)
+    colour = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-8]|9[0-7])[;m]")  # a foreground colour
+
+    rich = _on_a_terminal(env, tmp_path, "report", str(long))
+    assert colour.search(rich), repr(rich)  # red "error:", as before
+    assert all(len(line) <= 40 for line in re.sub(r"\x1b\[[0-9;]*m", "", rich).splitlines())
+    assert "has no metrics.json" in _flat(re.sub(r"\x1b\[[0-9;]*m", "", rich))
+
+    no_color = _on_a_terminal({**env, "NO_COLOR": "1"}, tmp_path, "report", str(long))
+    assert "error:" in no_color and not colour.search(no_color), repr(no_color)
+
+    dumb = _on_a_terminal({**env, "TERM": "dumb"}, tmp_path, "report", str(long))
+    assert "\x1b[" not in dumb, repr(dumb)
+    assert dumb.splitlines() == [
+        f"error: {long} has no metrics.json; is it a pollinate run directory?"
+    ]
