@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from pollinate._console import is_plain, log_handler, make_console, print_click_error, print_error
 from pollinate.errors import CheckpointError, ConfigError, PollinateError
@@ -39,6 +40,7 @@ EXIT_CODES = {
     8: "the inference runtime a bundle needs is not installed",
     9: "a serving model repository is missing or malformed",
     10: "the SuperLink could not be started or reached",
+    11: "a device's privacy ledger is missing or corrupt (start a new one explicitly)",
 }
 
 
@@ -134,7 +136,11 @@ def simulate(
         str | None, typer.Option(help="Client-level DP: none, server-fixed or client-fixed.")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed for data split, sampling and noise.")
+        int | None,
+        typer.Option(
+            help="Seed for data split, partitions, client sampling and init. DP noise never "
+            "comes from it (a secure source does)."
+        ),
     ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Where checkpoints, metrics and the report go.")
@@ -310,6 +316,8 @@ def _print_summary(result: Any) -> None:
     client = result.privacy.get("client_level", {})
     if client.get("enabled") and client.get("epsilon") is not None:
         out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
+    if result.privacy.get("private") is False:
+        out.print(f"[bold red]{escape(str(result.privacy.get('noise')))}[/]")
     out.print(f"run directory: {result.run_dir}")
 
 

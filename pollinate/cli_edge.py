@@ -42,20 +42,50 @@ def run_command(
         int | None, typer.Option(help="Answer local inference requests on this port.")
     ] = None,
     serve_host: Annotated[str, typer.Option(help="Address for --serve-port.")] = "127.0.0.1",
+    dp: Annotated[
+        str,
+        typer.Option(
+            help="This device's DP policy: sample (train only with DP-SGD) or none (allow "
+            "training without DP)."
+        ),
+    ] = "sample",
+    min_noise_multiplier: Annotated[
+        float,
+        typer.Option(help="Refuse tasks with a DP noise multiplier below this (0 = any > 0)."),
+    ] = 0.0,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Refuse tasks with a larger DP-SGD clipping norm.")
+    ] = None,
+    max_local_epochs: Annotated[
+        int | None, typer.Option(help="Refuse tasks with more local epochs per round.")
+    ] = None,
+    start_new_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--start-new-ledger",
+            help="Only when this device's privacy ledger is missing or corrupt: start a new, "
+            "empty one (the lost epsilon history is forgotten; the old file is kept aside).",
+        ),
+    ] = False,
 ) -> None:
     """Run this device's federated-learning daemon: a supervised Flower SuperNode.
 
     It connects to the SuperLink over TLS with this device's key, trains the pollinate
     ClientApp on this device's data when the server asks, keeps its privacy accountant in
     --state-dir (a restart never resets epsilon), restarts the SuperNode with back-off when
-    it exits, and stops cleanly on SIGTERM. Logs are JSON lines on stderr. Model bundles the
-server delivers are verified and installed into --state-dir/bundles (the previous one kept
-for `pollinate edge rollback`); --serve-port answers POST /v1/predict from the installed one.
+    it exits, and stops cleanly on SIGTERM. Its privacy policy (--dp, --min-noise-multiplier,
+    --max-grad-norm, --max-local-epochs, --epsilon-budget) is its own: a task asking for weaker
+    privacy is refused and counted. A missing or corrupt ledger stops it (exit 11) until
+    --start-new-ledger; a spent budget stops it (exit 4). Logs are JSON lines on stderr.
+    Model bundles the server delivers are verified and installed into --state-dir/bundles (the
+    previous one kept for `pollinate edge rollback`); --serve-port answers POST /v1/predict
+    from the installed one.
 
     Examples:
 
       pollinate edge run --superlink 10.0.0.5:9093 --root-certificates ca.crt \\
-        --key node-0 --state-dir state --data my-data.npz
+        --key node-0 --state-dir state --data my-data.npz \\
+        --epsilon-budget 8 --min-noise-multiplier 0.8 --max-local-epochs 2
 
       pollinate edge run --superlink 127.0.0.1:9093 --root-certificates certs/ca.crt \\
         --key certs/nodes/node-1 --state-dir dev1 --partition-id 1 --num-partitions 5 \\
@@ -76,6 +106,8 @@ for `pollinate edge rollback`); --serve-port answers POST /v1/predict from the i
             num_partitions=num_partitions, epsilon_budget=epsilon_budget, threads=threads,
             window=parse_window(window) if window else None,
             bundle_public_key=bundle_public_key, serve_port=serve_port, serve_host=serve_host,
+            dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
+            max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
         )  # fmt: skip
         code = EdgeDaemon(settings).run()
     except PollinateError as err:
@@ -138,6 +170,7 @@ def status_command(
         typer.echo(f"healthy: daemon {state} (pid {pid})")
         return
 
+    from pollinate.client.policy import DeviceLedger
     from pollinate.privacy import ClientAccountant
 
     if not status and not list(Path(state_dir).glob("*.accountant.json")):
@@ -176,6 +209,7 @@ def status_command(
         "bundle": bundle,
         "serving": status.get("serving"),
         "last_round": _last_round(state_dir),
+        "refusals": DeviceLedger(Path(state_dir)).refusals(),
     }
     if as_json:
         print(json.dumps(report, indent=2))
@@ -197,6 +231,13 @@ def status_command(
         console.print(
             f"last round: {what} round {last.get('server_round')} of run {last.get('run_id')} "
             f"at {last.get('at')}"
+        )
+    refusals = report["refusals"]
+    if refusals:
+        last_refusal = refusals.get("last") or {}
+        console.print(
+            f"refused {refusals.get('total', 0)} task(s) asking for weaker privacy than this "
+            f"device allows; last: {last_refusal.get('reason')}"
         )
     if not clients:
         console.print("no training yet: epsilon spent 0")

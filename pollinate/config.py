@@ -126,6 +126,9 @@ class RunSettings:
     export_sign_key: str = ""
     export_triton_repo: str = ""
     deliver_bundle: bool = True
+    local_eval_fraction: float = 0.2
+    eval_noise_multiplier: float = 5.0
+    reproducible_noise: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
@@ -196,6 +199,16 @@ class RunSettings:
             raise ConfigError(
                 f"setting 'fraction-train' must be in (0, 1], got {self.fraction_train}; "
                 "0.1 samples 10% of the clients each round"
+            )
+        if not 0.0 < self.local_eval_fraction < 1.0:
+            raise ConfigError(
+                f"setting 'local-eval-fraction' must be in (0, 1), got "
+                f"{self.local_eval_fraction}; 0.2 holds out a fifth of each client's data for "
+                "federated evaluation"
+            )
+        if not self.eval_noise_multiplier > 0:
+            raise ConfigError(
+                f"setting 'eval-noise-multiplier' must be > 0, got {self.eval_noise_multiplier}"
             )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(

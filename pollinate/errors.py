@@ -31,6 +31,12 @@ class PrivacyBudgetError(PollinateError):
     exit_code = 4
 
 
+class PrivacyLedgerError(PollinateError):
+    """A device's privacy ledger is missing or corrupt: its spent epsilon is unknown."""
+
+    exit_code = 11
+
+
 class CheckpointError(PollinateError):
     """A run directory or checkpoint is missing, incomplete or inconsistent."""
 

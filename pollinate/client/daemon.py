@@ -12,9 +12,15 @@ pollinate ClientApp at the device's own data and state directory (node config ``
 - SIGTERM / SIGINT stop the SuperNode (SIGTERM to its process group, SIGKILL after 20 s) and
   the daemon exits 0.
 
-The accountant lives in the state directory (``<client>.accountant.json``, written by the
-ClientApp before each reply), so a restarted daemon, or a restarted device, never resets
-epsilon. The daemon's own state is ``STATE_DIR/daemon.json``; its log lines are JSON.
+The device's privacy policy is its own (``--dp``, ``--min-noise-multiplier``,
+``--max-grad-norm``, ``--max-local-epochs``, ``--epsilon-budget``, passed to the ClientApp as
+node config): a task asking for weaker privacy is refused. Its ledger lives in the state
+directory (``device-id`` and ``device.accountant.json``, written by the ClientApp before each
+reply), keyed by the device, not its node id, so a restarted daemon, a re-registered node or
+a restarted device never resets epsilon. The daemon checks that ledger before it starts: a
+missing or corrupt one (exit 11, unless ``--start-new-ledger``) or a spent budget (exit 4)
+stops it before anything is trained or sent. The daemon's own state is
+``STATE_DIR/daemon.json``; its log lines are JSON.
 
 Bundles the server delivers are installed by the ClientApp into ``STATE_DIR/bundles``
 (:mod:`pollinate.client.bundles`; verified with ``--bundle-public-key`` when given); with
@@ -94,6 +100,11 @@ class DaemonSettings:
     serve_port: int | None = None
     serve_host: str = "127.0.0.1"
     extra_node_config: dict[str, str] = field(default_factory=dict)
+    dp: str = "sample"
+    min_noise_multiplier: float = 0.0
+    max_grad_norm: float | None = None
+    max_local_epochs: int | None = None
+    start_new_ledger: bool = False
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:
@@ -118,6 +129,16 @@ class DaemonSettings:
             raise ConfigError(f"--serve-port must be 1..65535, got {self.serve_port}")
         if self.epsilon_budget is not None and self.epsilon_budget <= 0:
             raise ConfigError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
+        if self.dp not in ("sample", "none"):
+            raise ConfigError(f"--dp must be sample or none, got {self.dp!r}")
+        if not self.min_noise_multiplier >= 0:
+            raise ConfigError(
+                f"--min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        if self.max_local_epochs is not None and self.max_local_epochs < 1:
+            raise ConfigError(f"--max-local-epochs must be >= 1, got {self.max_local_epochs}")
 
     def node_config(self) -> str:
         items: dict[str, str] = {"state-dir": f'"{Path(self.state_dir).resolve()}"'}
@@ -130,6 +151,16 @@ class DaemonSettings:
             items["epsilon-budget"] = repr(float(self.epsilon_budget))
         if self.bundle_public_key is not None:
             items["bundle-public-key"] = f'"{Path(self.bundle_public_key).resolve()}"'
+        # the device's privacy policy: the ClientApp refuses tasks asking for weaker privacy
+        items["privacy-dp"] = f'"{self.dp}"'
+        if self.min_noise_multiplier > 0:
+            items["privacy-min-noise"] = repr(float(self.min_noise_multiplier))
+        if self.max_grad_norm is not None:
+            items["privacy-max-clip"] = repr(float(self.max_grad_norm))
+        if self.max_local_epochs is not None:
+            items["privacy-max-epochs"] = str(int(self.max_local_epochs))
+        if self.start_new_ledger:
+            items["new-ledger"] = '"true"'
         items.update(self.extra_node_config)
         return " ".join(f"{k}={v}" for k, v in items.items())
 
@@ -206,11 +237,35 @@ class EdgeDaemon:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
+    def check_ledger(self) -> float:
+        """The epsilon this device has spent (at delta 1e-5), from its own ledger.
+
+        Raises:
+            PrivacyLedgerError: The ledger is missing or corrupt (and no ``--start-new-ledger``).
+            PrivacyBudgetError: The device's own budget is already spent: nothing would train.
+        """
+        from pollinate.client.policy import DeviceLedger
+        from pollinate.errors import PrivacyBudgetError
+
+        s = self.settings
+        ledger = DeviceLedger(Path(s.state_dir))
+        ledger.identity(allow_new=s.start_new_ledger)
+        spent = ledger.load(allow_new=s.start_new_ledger).epsilon(1e-5)
+        if s.dp == "sample" and s.epsilon_budget is not None and spent >= s.epsilon_budget:
+            raise PrivacyBudgetError(
+                f"this device's epsilon budget {s.epsilon_budget:g} is already spent (epsilon "
+                f"{spent:.4f} at delta 1e-05, {ledger.accountant_path}); it would refuse every "
+                "training round, so the daemon does not start"
+            )
+        return spent
+
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT (or :attr:`stop` is set); returns 0."""
         s = self.settings
         state = Path(s.state_dir)
         state.mkdir(parents=True, exist_ok=True)
+        spent = self.check_ledger()
+        self._event("privacy ledger checked", epsilon=spent, budget=s.epsilon_budget)
         settings_record = {k: str(v) for k, v in asdict(s).items() if v is not None}
         self._status = {"pid": os.getpid(), "settings": settings_record, "state": "starting"}
         serving = self._start_serving()

@@ -58,6 +58,9 @@ class ClientTask:
     epsilon_budget: float
     proximal_mu: float
     client_state_dir: str
+    reproducible_noise: bool = False
+    local_eval_fraction: float = 0.0
+    eval_noise_multiplier: float = 5.0
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> ClientTask:
@@ -89,4 +92,7 @@ class ClientTask:
             epsilon_budget=_num(cfg, "epsilon-budget", 0.0),
             proximal_mu=_num(cfg, "proximal-mu", 0.0),
             client_state_dir=_str(cfg, "client-state-dir", ""),
+            reproducible_noise=bool(cfg.get("reproducible-noise", False)),
+            local_eval_fraction=_num(cfg, "local-eval-fraction", 0.0),
+            eval_noise_multiplier=_num(cfg, "eval-noise-multiplier", 5.0),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["EvalResult", "TrainResult", "TrainSettings", "evaluate", "seed_for", "train"]
+from pollinate.privacy.noise import NOISE_STREAM, SAMPLING_STREAM, NoiseSource, derive_seed
+
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "TrainSettings",
+    "dp_plan",
+    "evaluate",
+    "seed_for",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,20 @@ class EvalResult:
     num_examples: int
 
 
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers (run seed, round, client), stable across runs."""
-    seq = np.random.SeedSequence([abs(int(p)) for p in parts])
-    return int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+#: A 63-bit seed derived from integers (run seed, round, client): splits, init, shuffling.
+seed_for = derive_seed
+
+
+def dp_plan(n: int, batch_size: int) -> tuple[float, int]:
+    """DP-SGD's Poisson rate and steps per epoch for ``n`` samples, exactly as Opacus runs them.
+
+    The rate is ``1 / ceil(n / B)``; Opacus' sampler takes ``int(1 / rate)`` steps, which the
+    floating-point division makes one fewer than ``ceil(n / B)`` for some sizes (93 batches
+    give 92 steps). Planning, the fast engine and the accountant all use this one count.
+    """
+    batches = max(1, math.ceil(n / batch_size))
+    rate = 1.0 / batches
+    return rate, int(1 / rate)
 
 
 def _loader(
@@ -86,6 +107,7 @@ def train(
     max_grad_norm: float = 1.0,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    noise: NoiseSource | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on (x, y).
 
@@ -93,8 +115,13 @@ def train(
     ``1 / ceil(n / batch_size)``, per-sample clipping to ``max_grad_norm`` and Gaussian noise
     ``noise_multiplier * max_grad_norm`` on every step. ``steps`` and ``sample_rate`` in the
     result are exactly what the privacy accountant must record.
+
+    ``seed`` fixes the non-private randomness only (shuffling without DP). The Poisson
+    sampling and the noise of DP-SGD come from ``noise``: a fresh CSPRNG seed before every
+    step by default (:class:`~pollinate.privacy.noise.NoiseSource`), never from ``seed``.
     """
     torch.manual_seed(seed)
+    source = noise if noise is not None else NoiseSource.secure()
     n = len(y)
     if n == 0:
         return TrainResult(0.0, 0.0, 0, 0.0, 0)
@@ -123,7 +150,10 @@ def train(
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
             )
-        sample_rate = 1.0 / len(loader)
+        # the rate Opacus samples with (1 / ceil(n / B)); len(loader) is int(1 / rate) steps,
+        # one fewer than ceil(n / B) for some n, so 1 / len(loader) would overstate it
+        sample_rate = float(loader.sample_rate)
+        _use_secret_randomness(optimizer, loader)
     else:
         sample_rate = min(1.0, batch_size / n)
     train_model.train()
@@ -132,7 +162,7 @@ def train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         steps, loss_sum, correct, seen = _epochs(
             train_model, model, optimizer, loader, criterion, epochs, global_params, proximal_mu,
-            private=dp, learning_rate=learning_rate,
+            private=dp, learning_rate=learning_rate, noise=source,
         )  # fmt: skip
     if dp:
         # Drop Opacus' hooks so the caller gets back a plain module.
@@ -158,6 +188,7 @@ def _epochs(
     *,
     private: bool,
     learning_rate: float,
+    noise: NoiseSource,
 ) -> tuple[int, float, int, int]:
     """The local epochs; FedProx's proximal term is part of the loss without DP.
 
@@ -170,9 +201,14 @@ def _epochs(
     loss_sum = 0.0
     correct = 0
     seen = 0
+    reseed = _reseeder(optimizer, loader, noise) if private else None
     for _ in range(epochs):
+        if reseed is not None:
+            reseed(steps)  # the Poisson draw of this epoch's first step
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
+            if reseed is not None:
+                reseed(steps, sampling=False)
             if len(yb) == 0:
                 # Poisson sampling drew an empty batch: the step is pure noise and still counts.
                 _empty_grad_samples(model)
@@ -180,6 +216,8 @@ def _epochs(
                 if global_params and private:
                     _proximal_step(model, global_params, learning_rate * proximal_mu)
                 steps += 1
+                if reseed is not None:
+                    reseed(steps)
                 continue
             out = train_model(xb)
             data_loss = criterion(out, yb)
@@ -195,10 +233,47 @@ def _epochs(
             if global_params and private:
                 _proximal_step(model, global_params, learning_rate * proximal_mu)
             steps += 1
+            if reseed is not None:
+                reseed(steps)
             loss_sum += float(data_loss.detach()) * len(yb)
             correct += int((out.detach().argmax(1) == yb).sum())
             seen += len(yb)
     return steps, loss_sum, correct, seen
+
+
+def _use_secret_randomness(
+    optimizer: torch.optim.Optimizer, loader: DataLoader[tuple[torch.Tensor, ...]]
+) -> None:
+    """Give Opacus' optimizer and Poisson sampler their own generators (reseeded per step).
+
+    ``secure_mode`` on the optimizer selects Opacus' floating-point-safe Gaussian sampler
+    (four draws summed and halved); the generator it draws from is reseeded from the
+    operating system's CSPRNG before every step (see :mod:`pollinate.privacy.noise`).
+    """
+    optimizer.generator = torch.Generator()  # type: ignore[attr-defined]
+    optimizer.secure_mode = True  # type: ignore[attr-defined]
+    sampler = loader.batch_sampler
+    if sampler is None or not hasattr(sampler, "generator"):
+        raise RuntimeError("Opacus' Poisson loader has no sampler generator to make secret")
+    sampler.generator = torch.Generator()
+
+
+def _reseeder(
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    noise: NoiseSource,
+) -> Callable[..., None]:
+    """``reseed(step, sampling=True)``: the sampler (and noise) generators for ``step``."""
+    noise_gen: torch.Generator = optimizer.generator  # type: ignore[attr-defined]
+    sampling_gen: torch.Generator = loader.batch_sampler.generator  # type: ignore[union-attr]
+
+    def reseed(step: int, *, sampling: bool = True) -> None:
+        if sampling:
+            noise.reseed(sampling_gen, step=step, stream=SAMPLING_STREAM)
+        else:
+            noise.reseed(noise_gen, step=step, stream=NOISE_STREAM)
+
+    return reseed
 
 
 @torch.no_grad()

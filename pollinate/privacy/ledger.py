@@ -23,11 +23,21 @@ from typing import TypeGuard
 from pollinate.errors import ConfigError
 from pollinate.log import logger
 from pollinate.privacy.accountant import write_text_atomic
+from pollinate.privacy.noise import NOT_PRIVATE
 
 __all__ = ["ClientLevelEntry", "ClientRoundEntry", "DeclineEntry", "PrivacyLedger"]
 
 _JSON_VERSION = 1
 NOTE = "sample-level and client-level epsilon are separate guarantees and are never added"
+SECURE_NOISE = (
+    "secure: DP sampling and noise from the operating system's CSPRNG (os.urandom), "
+    "floating-point-safe Gaussian sampler; the run seed does not fix them"
+)
+ADJACENCY = {
+    "sample_level": "add/remove one example of one client's data (Poisson-sampled Gaussian, "
+    "RDP); the number of batches per epoch, which sets the sample rate, is public",
+    "client_level": "add/remove one client (Gaussian, fixed clipping, no amplification)",
+}
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -62,6 +72,12 @@ def _delta(value: object) -> float:
     return float(value)
 
 
+def _release(value: object) -> str:
+    if value not in ("train", "evaluate"):
+        raise ConfigError(f"release must be 'train' or 'evaluate', got {value!r}")
+    return str(value)
+
+
 def _text(name: str, value: object) -> str:
     """Validate a non-empty string."""
     if not isinstance(value, str) or not value:
@@ -84,6 +100,7 @@ class ClientRoundEntry:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    release: str = "train"
 
 
 @dataclass(frozen=True)
@@ -120,9 +137,17 @@ class PrivacyLedger:
         client_level: Whether client-level DP (DP-FedAvg on the server) is enabled.
     """
 
-    def __init__(self, *, delta: float, sample_level: bool, client_level: bool) -> None:
-        """Create an empty ledger."""
+    def __init__(
+        self,
+        *,
+        delta: float,
+        sample_level: bool,
+        client_level: bool,
+        reproducible_noise: bool = False,
+    ) -> None:
+        """Create an empty ledger (``reproducible_noise``: a test run, NOT PRIVATE)."""
         self._delta = _delta(delta)
+        self._reproducible_noise = bool(reproducible_noise)
         if not isinstance(sample_level, bool) or not isinstance(client_level, bool):
             raise ConfigError("sample_level and client_level must be booleans")
         self._sample_level = sample_level
@@ -172,8 +197,13 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        release: str = "train",
     ) -> None:
         """Record a client's cumulative sample-level epsilon after it trained in a round.
+
+        ``release`` names what the client released: ``"train"`` (its DP-SGD update) or
+        ``"evaluate"`` (noised evaluation counts, charged to the same accountant, in a round
+        it may also have trained in).
 
         Raises:
             ConfigError: If a parameter is invalid.
@@ -192,12 +222,18 @@ class PrivacyLedger:
                 "sample_rate", sample_rate, low=0.0, low_open=True, allow_inf=False
             ),
             steps=_integer("steps", steps, low=1),
+            release=_release(release),
         )
         if entry.sample_rate > 1.0:
             raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         previous = self._latest.get(entry.client)
         if previous is not None:
-            if entry.server_round <= previous.server_round:
+            later = (
+                entry.server_round >= previous.server_round
+                if entry.release == "evaluate"
+                else entry.server_round > previous.server_round
+            )
+            if not later:
                 raise ValueError(
                     f"client {entry.client!r}: round {entry.server_round} recorded after round "
                     f"{previous.server_round}"
@@ -344,6 +380,9 @@ class PrivacyLedger:
         """
         return {
             "delta": self._delta,
+            "private": not self._reproducible_noise,
+            "noise": NOT_PRIVATE if self._reproducible_noise else SECURE_NOISE,
+            "adjacency": ADJACENCY,
             "sample_level": self._sample_summary(),
             "client_level": self._client_level_summary(),
             "note": NOTE,
@@ -358,6 +397,7 @@ class PrivacyLedger:
             "delta": self._delta,
             "sample_level": self._sample_level,
             "client_level": self._client_level,
+            "reproducible_noise": self._reproducible_noise,
             # flat dataclasses of plain values: a dict copy each (asdict() recurses, slowly)
             "clients": [dict(vars(entry)) for entry in self._clients],
             "declines": [dict(vars(entry)) for entry in self._declines],
@@ -381,6 +421,7 @@ class PrivacyLedger:
                 delta=d["delta"],  # type: ignore[arg-type]
                 sample_level=d["sample_level"],  # type: ignore[arg-type]
                 client_level=d["client_level"],  # type: ignore[arg-type]
+                reproducible_noise=bool(d.get("reproducible_noise", False)),
             )
             for key, method, fields in (
                 ("clients", ledger.record_client, ClientRoundEntry),
@@ -392,7 +433,9 @@ class PrivacyLedger:
                     raise ConfigError(f"privacy ledger key {key!r} must be a list")
                 expected = set(fields.__dataclass_fields__)
                 for item in items:
-                    if not isinstance(item, dict) or set(item) != expected:
+                    if not isinstance(item, dict) or set(item) | {"release"} != expected | {
+                        "release"
+                    }:
                         raise ConfigError(f"malformed privacy ledger {key} entry: {item!r}")
                     method(**item)
         except KeyError as exc:

@@ -26,14 +26,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
+from pollinate.client.training import dp_plan, seed_for
 from pollinate.client.training import evaluate as evaluate_model
-from pollinate.client.training import seed_for
 from pollinate.config import ClientDP, RunSettings, SampleDP
 from pollinate.data import DatasetSplit, load_dataset
-from pollinate.errors import ConfigError
+from pollinate.errors import ConfigError, PollinateError
 from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import PrivacyLedger
+from pollinate.privacy.noise import NOT_PRIVATE
 from pollinate.server import events
 from pollinate.server.checkpoint import (
     Checkpoint,
@@ -46,11 +47,13 @@ from pollinate.server.nodes import NodeDirectory, SampledGrid, reply_node
 from pollinate.server.report import RoundRecord, write_report
 from pollinate.server.secagg import secure_round
 from pollinate.server.strategy import (
+    UNIFORM_WEIGHT_KEY,
     build_strategy,
     client_noise,
     dp_wrapper,
     load_strategy_state,
     strategy_state,
+    weight_key_for,
 )
 from pollinate.server.validation import validate_update
 
@@ -61,6 +64,7 @@ _FIXED_ON_RESUME = (
     "seed", "model", "dataset", "partitioner", "strategy", "dp", "client-dp", "noise-multiplier",
     "max-grad-norm", "target-delta", "fraction-train", "batch-size", "local-epochs",
     "dirichlet-alpha", "shards-per-client", "samples-per-client", "test-fraction",
+    "reproducible-noise", "local-eval-fraction", "eval-noise-multiplier",
 )  # fmt: skip
 
 
@@ -93,23 +97,51 @@ def _central_eval(
 def resolve_noise(settings: RunSettings, data: DatasetSplit, population: int) -> float:
     """The DP-SGD noise multiplier: as given, or calibrated to ``target-epsilon``.
 
-    Calibration is for a client with the average partition size that trains in
-    ``participation-bound`` rounds (every round by default). The target is also each client's
-    budget, so a client that would go past it declines instead.
+    Calibration is for the worst client: the noise is the largest any partition size needs
+    (its sample rate and steps) to stay within the target over ``participation-bound`` rounds
+    (every round by default). The target is also each client's budget, so a client that would
+    go past it declines instead.
     """
     if settings.dp != SampleDP.DPSGD or settings.target_epsilon == 0:
         return settings.noise_multiplier
     from pollinate.privacy import noise_multiplier_for_budget
 
-    n = max(1, len(data.train) // population)
-    batches = max(1, math.ceil(n / settings.batch_size))
-    steps = batches * settings.local_epochs * settings.max_participations()
-    return noise_multiplier_for_budget(
-        target_epsilon=settings.target_epsilon,
-        delta=settings.target_delta,
-        sample_rate=1.0 / batches,
-        steps=steps,
+    rounds = settings.local_epochs * settings.max_participations()
+    plans = {dp_plan(n, settings.batch_size) for n in _train_sizes(settings, data, population)}
+    return max(
+        noise_multiplier_for_budget(
+            target_epsilon=settings.target_epsilon,
+            delta=settings.target_delta,
+            sample_rate=rate,
+            steps=per_epoch * rounds,
+        )
+        for rate, per_epoch in sorted(plans)
     )
+
+
+def _train_sizes(settings: RunSettings, data: DatasetSplit, population: int) -> list[int]:
+    """How many samples each client trains on (after its held-out split), as far as the server
+    can know: the partitions of its own data set, or the average where they cannot be made."""
+    from pollinate.data import partition_indices
+
+    try:
+        sizes = [
+            len(p)
+            for p in partition_indices(
+                data.train.y, population, settings.partitioner, seed=settings.seed,
+                alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+                samples_per_partition=settings.samples_per_client,
+            )
+        ]  # fmt: skip
+    except (PollinateError, ValueError):
+        sizes = [max(1, len(data.train) // population)]
+    fraction = local_eval_fraction(settings)
+    return [n - (math.floor(n * fraction) if n >= 2 else 0) for n in sizes]
+
+
+def local_eval_fraction(settings: RunSettings) -> float:
+    """The share of each client's data held out for federated evaluation (0 without it)."""
+    return settings.local_eval_fraction if settings.fraction_evaluate > 0 else 0.0
 
 
 def client_config(
@@ -142,6 +174,9 @@ def client_config(
             "target-delta": settings.target_delta,
             "epsilon-budget": budget,
             "client-state-dir": str(run_dir / "clients"),
+            "local-eval-fraction": local_eval_fraction(settings),
+            "eval-noise-multiplier": settings.eval_noise_multiplier,
+            "reproducible-noise": settings.reproducible_noise,
         }
     )
 
@@ -155,6 +190,7 @@ class _Round:
         self.declined = 0
         self.rejected = 0
         self.failed = 0
+        self.refused = 0
 
 
 def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> RunResult:
@@ -189,7 +225,10 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
         delta=settings.target_delta,
         sample_level=settings.dp == SampleDP.DPSGD,
         client_level=settings.client_dp != ClientDP.NONE,
+        reproducible_noise=settings.reproducible_noise,
     )
+    if settings.reproducible_noise:
+        logger.warning("reproducible-noise is on: %s", NOT_PRIVATE)
     history: list[RoundRecord] = []
     first_round = 1
     ckpt = latest_checkpoint(run_dir) if settings.resume and run_dir.exists() else None
@@ -230,7 +269,9 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     sample_size = settings.sample_size(population)
     bound = update_bound(settings, arrays, mean_samples=len(data.train) / population, noise=noise)
     secagg_weight = settings.secagg_max_weight or (
-        1.0 if settings.client_dp != ClientDP.NONE else max(1.0, 4.0 * len(data.train) / population)
+        1.0
+        if weight_key_for(settings) == UNIFORM_WEIGHT_KEY
+        else max(1.0, 4.0 * len(data.train) / population)
     )
     logger.info("updates moving the model by more than %.4g (L2) are rejected", bound)
     for rnd in range(first_round, settings.num_server_rounds + 1):
@@ -292,7 +333,7 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
             logger.warning("round %d: no acceptable update; the global model is unchanged", rnd)
         client_eps = _client_level(strategy, ledger, settings, rnd, sample_size, population)
         accuracy, loss = _central_eval(model, arrays, data)
-        fed = _federated_eval(strategy, grid, directory, settings, arrays, cfg, rnd)
+        fed = _federated_eval(strategy, grid, directory, settings, arrays, cfg, rnd, ledger)
         summary = ledger.summary()
         sample_level = summary.get("sample_level", {})
         assert isinstance(sample_level, dict)
@@ -305,6 +346,7 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
             declined=counts.declined,
             rejected=counts.rejected,
             failed=counts.failed,
+            refused=counts.refused,
             train_loss=train_metrics.get("train-loss"),
             train_accuracy=train_metrics.get("train-accuracy"),
             federated_accuracy=fed,
@@ -424,6 +466,8 @@ def _triage(
         info = content.config_records.get("info")
         if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
             counts.declined += 1
+            if int(metrics.get("refused", 0)) == 1:  # type: ignore[arg-type]
+                counts.refused += 1
             reason = str(info["declined"]) if info and "declined" in info else "declined"
             ledger.record_decline(server_round=rnd, client=key, reason=reason)
             continue
@@ -444,7 +488,9 @@ def _triage(
                     counts.rejected += 1
                     logger.warning("round %d: client %s rejected: %s", rnd, key, err)
                     continue
-        problem = validate_update(reply, arrays, max_update_norm=bound)
+        problem = validate_update(
+            reply, arrays, max_update_norm=bound, weight_key=weight_key_for(settings)
+        )
         if problem is not None:
             counts.rejected += 1
             logger.warning("round %d: update of client %s rejected: %s", rnd, key, problem)
@@ -469,7 +515,7 @@ def _client_level(
         server_round=rnd,
         epsilon=float(spent.epsilon),
         delta=float(spent.delta),
-        noise_multiplier=settings.client_dp_noise,
+        noise_multiplier=client_noise(settings, population=population),
         clipping_norm=settings.client_dp_clip,
         num_sampled=sample_size,
         population=population,
@@ -486,25 +532,55 @@ def _federated_eval(
     arrays: dict[str, np.ndarray],
     cfg: ConfigRecord,
     rnd: int,
+    ledger: PrivacyLedger,
 ) -> float | None:
+    """Accuracy of the global model on the sampled clients' held-out local splits.
+
+    Under DP each client releases only noised counts, charged to its accountant; the ledger
+    records that release, and the accuracy is the ratio of the noised sums."""
     size = settings.evaluate_size(len(directory))
     if size == 0:
         return None
     chosen = directory.sample(size, np.random.default_rng(seed_for(settings.seed, rnd, 14)))
-    messages = strategy.configure_evaluate(
-        rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+    messages = list(
+        strategy.configure_evaluate(
+            rnd, _to_record(arrays), ConfigRecord(dict(cfg)), SampledGrid(grid, chosen)
+        )
     )
     replies = [
         r
         for r in grid.send_and_receive(messages, timeout=settings.round_timeout)
-        if not r.has_error()
+        if not r.has_error() and "metrics" in r.content.metric_records
     ]
-    if not replies:
+    answered = [
+        r
+        for r in replies
+        if int(r.content.metric_records["metrics"].get("declined", 0)) == 0  # type: ignore[arg-type]
+    ]
+    if not answered:
         return None
-    metrics = strategy.aggregate_evaluate(rnd, replies)
-    if metrics is None or "eval-accuracy" not in metrics:
-        return None
-    return float(metrics["eval-accuracy"])  # type: ignore[arg-type]
+    if settings.dp != SampleDP.DPSGD:
+        metrics = strategy.aggregate_evaluate(rnd, answered)
+        if metrics is None or "eval-accuracy" not in metrics:
+            return None
+        return float(metrics["eval-accuracy"])  # type: ignore[arg-type]
+    correct = count = 0.0
+    for reply in answered:
+        m = reply.content.metric_records["metrics"]
+        correct += float(m.get("eval-correct-noised", 0.0))  # type: ignore[arg-type]
+        count += float(m.get("eval-count-noised", 0.0))  # type: ignore[arg-type]
+        key = directory.key_of(reply_node(reply, messages))
+        try:
+            ledger.record_client(
+                server_round=rnd, client=key, release="evaluate",
+                epsilon=float(m.get("epsilon", 0.0)),  # type: ignore[arg-type]
+                delta=float(m.get("delta", settings.target_delta)),  # type: ignore[arg-type]
+                noise_multiplier=float(m.get("noise-multiplier", 0.0)),  # type: ignore[arg-type]
+                sample_rate=1.0, steps=1,
+            )  # fmt: skip
+        except (ValueError, PollinateError) as err:
+            logger.warning("round %d: evaluation of client %s not recorded: %s", rnd, key, err)
+    return min(1.0, max(0.0, correct / count)) if count > 0 else None
 
 
 def _persist(

@@ -44,7 +44,9 @@ SEPARATE_GUARANTEES = (
     "they are not added."
 )
 
-_INT_FIELDS = ("server_round", "sampled", "replied", "declined", "rejected", "failed")
+_INT_FIELDS = (
+    "server_round", "sampled", "replied", "declined", "rejected", "failed", "refused",
+)  # fmt: skip
 _FLOAT_FIELDS = (
     "accuracy",
     "loss",
@@ -68,6 +70,8 @@ class RoundRecord:
         sampled: Clients sampled for training.
         replied: Clients that answered (declined and rejected ones included).
         declined: Clients that declined (for example, their privacy budget was spent).
+        refused: Of those, clients whose own privacy policy refused the task (it asked for
+            weaker privacy than the device allows).
         rejected: Malformed updates rejected before aggregation.
         failed: Error replies and timeouts.
         train_loss: Mean training loss the clients reported, if any.
@@ -94,6 +98,7 @@ class RoundRecord:
     client_level_epsilon: float | None = None
     seconds: float | None = None
     federated_accuracy: float | None = None
+    refused: int = 0
 
     def __post_init__(self) -> None:
         """Reject negative round numbers and counts.
@@ -278,6 +283,8 @@ def _privacy_lines(privacy: Mapping[str, object]) -> list[str]:
     client = _section(privacy, "client_level")
     sample_on, client_on = _enabled(sample), _enabled(client)
     lines = ["## Privacy", ""]
+    if privacy.get("private") is False:
+        lines += [f"**{privacy.get('noise')}**: the epsilons below are void.", ""]
     if not sample_on and not client_on:
         lines += [
             "Differential privacy was disabled for this run: no privacy guarantee is claimed."
@@ -606,6 +613,8 @@ def render_summary_table(history: Sequence[RoundRecord], privacy: Mapping[str, o
         )
     else:
         caption = "DP disabled"
+    if privacy.get("private") is False:
+        caption = "NOT PRIVATE (reproducible test noise): " + caption
     records = _sorted(history)
     if not records:
         caption = "No round completed. " + caption
@@ -621,7 +630,7 @@ def render_summary_table(history: Sequence[RoundRecord], privacy: Mapping[str, o
             _fmt_loss(r.loss),
             str(r.sampled),
             str(r.replied),
-            str(r.declined),
+            f"{r.declined} ({r.refused} refused)" if r.refused else str(r.declined),
             str(r.rejected),
             str(r.failed),
             _fmt_eps(r.max_epsilon),

@@ -52,7 +52,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from pollinate.config import ClientDP, RunSettings
+from pollinate.config import RunSettings
 
 __all__ = ["SECAGG_MAX_WEIGHT_KEY", "TASK_KEY", "WEIGHT_KEY", "secure_round"]
 
@@ -129,7 +129,9 @@ def secure_round(
     ``max_weight`` bounds a client's weight (its examples, or 1 with client-level DP): the
     protocol scales each update by weight / max_weight before quantizing it.
     """
-    weight_key = "num-examples" if settings.client_dp == ClientDP.NONE else "client-weight"
+    from pollinate.server.strategy import weight_key_for
+
+    weight_key = weight_key_for(settings)
     if not messages:
         return []
     first = messages[0].content
@@ -175,6 +177,9 @@ def secure_round(
         metrics: dict[str, Any] = {
             k: v for k, v in fitres.metrics.items() if isinstance(v, int | float)
         }
+        # every reply holds the same, already weighted average: equal weights keep it as is
+        # (a client's own count never travels in clear)
+        metrics[weight_key] = 1
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         replies.append(Message(content, reply_to=by_node[int(client.cid)]))
     logger.info(

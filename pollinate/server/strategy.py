@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -30,11 +31,20 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from pollinate.config import ClientDP, RobustAggregation, RunSettings, StrategyName
+from pollinate.config import ClientDP, RobustAggregation, RunSettings, SampleDP, StrategyName
 from pollinate.errors import ConfigError
 from pollinate.log import logger
+from pollinate.privacy.noise import NoiseSource, gaussian
 
-__all__ = ["RobustAggregator", "build_strategy", "client_level_accountant", "strategy_state"]
+__all__ = [
+    "RobustAggregator",
+    "SecureClientSideClipping",
+    "SecureServerSideClipping",
+    "build_strategy",
+    "client_level_accountant",
+    "strategy_state",
+    "weight_key_for",
+]
 
 WEIGHT_KEY = "num-examples"
 UNIFORM_WEIGHT_KEY = "client-weight"
@@ -93,10 +103,52 @@ def _as_reply(msg: Message) -> Message:
     return Message(msg.content, reply_to=msg)
 
 
+def weight_key_for(settings: RunSettings) -> str:
+    """What replies are weighted by: their sample count, or equally under any DP (a DP reply
+    carries no exact count of the device's data, and client-level DP needs equal weights)."""
+    if settings.client_dp != ClientDP.NONE or settings.dp == SampleDP.DPSGD:
+        return UNIFORM_WEIGHT_KEY
+    return WEIGHT_KEY
+
+
+class _SecureNoise:
+    """Client-level noise from the secure source (Flower's wrappers draw it from numpy's
+    global generator, which the run seed would fix)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    reproducible_seed: int | None = None
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        self._releases = getattr(self, "_releases", 0) + 1
+        source = (
+            NoiseSource.for_tests(self.reproducible_seed, self._releases)
+            if self.reproducible_seed is not None
+            else NoiseSource.secure()
+        )
+        out = ArrayRecord()
+        for step, (key, array) in enumerate(aggregated_arrays.items()):
+            value = array.numpy()
+            noise = gaussian(value.shape, std, source.generator(step=step), dtype=torch.float64)
+            out[key] = Array(np.asarray(value + noise.numpy().astype(value.dtype)))
+        logger.info("client-level DP: noise of std %.4g added to the aggregate", std)
+        return out
+
+
+class SecureServerSideClipping(_SecureNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP-FedAvg with noise from the secure source."""
+
+
+class SecureClientSideClipping(_SecureNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP-FedAvg with noise from the secure source."""
+
+
 def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
     """The strategy chain for ``settings`` with ``population`` clients."""
     sample_size = settings.sample_size(population)
-    weight_key = UNIFORM_WEIGHT_KEY if settings.client_dp != ClientDP.NONE else WEIGHT_KEY
+    weight_key = weight_key_for(settings)
     common: dict[str, Any] = {
         "fraction_train": 1.0,  # the ServerApp samples; the strategy takes whom it is given
         "fraction_evaluate": 1.0,
@@ -137,9 +189,14 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
             "so client-level epsilon is not reported for this combination",
             settings.strategy.value if settings.robust == RobustAggregation.NONE else "robust",
         )
+    wrapper: SecureServerSideClipping | SecureClientSideClipping
     if settings.client_dp == ClientDP.SERVER_FIXED:
-        return DifferentialPrivacyServerSideFixedClipping(strategy, **kwargs)
-    return DifferentialPrivacyClientSideFixedClipping(strategy, **kwargs)
+        wrapper = SecureServerSideClipping(strategy, **kwargs)
+    else:
+        wrapper = SecureClientSideClipping(strategy, **kwargs)
+    if settings.reproducible_noise:
+        wrapper.reproducible_seed = settings.seed
+    return wrapper
 
 
 def client_level_accountant(settings: RunSettings, *, population: int) -> Any:

@@ -35,9 +35,16 @@ def update_norm(global_arrays: dict[str, np.ndarray], update: dict[str, np.ndarr
 
 
 def validate_update(
-    reply: Message, global_arrays: dict[str, np.ndarray], *, max_update_norm: float
+    reply: Message,
+    global_arrays: dict[str, np.ndarray],
+    *,
+    max_update_norm: float,
+    weight_key: str = "num-examples",
 ) -> str | None:
-    """Return the reason ``reply`` must be rejected, or ``None`` if it is acceptable."""
+    """Return the reason ``reply`` must be rejected, or ``None`` if it is acceptable.
+
+    ``weight_key``: the metric the strategy weighs by (``num-examples``, or ``client-weight``
+    under DP, where no exact count leaves a device)."""
     content = reply.content
     if len(content.array_records) != 1:
         return f"expected one ArrayRecord, got {len(content.array_records)}"
@@ -45,14 +52,14 @@ def validate_update(
     metrics = content.metric_records.get("metrics")
     if metrics is None:
         return "no 'metrics' MetricRecord"
-    num_examples = metrics.get("num-examples")
+    num_examples = metrics.get(weight_key)
     if (
         isinstance(num_examples, bool)
         or not isinstance(num_examples, int | float)
         or not math.isfinite(num_examples)
         or num_examples <= 0
     ):
-        return f"num-examples must be a positive number, got {num_examples!r}"
+        return f"{weight_key} must be a positive number, got {num_examples!r}"
     if set(record.keys()) != set(global_arrays):
         missing = sorted(set(global_arrays) - set(record.keys()))
         extra = sorted(set(record.keys()) - set(global_arrays))

@@ -17,16 +17,18 @@ The semantics are those of :func:`pollinate.client.training.train` with Opacus, 
   gradient without DP; applied as a separate, data-independent step with DP, because a
   proximal gradient never passes through per-sample clipping).
 
-Every client draws its batches and noise from its own generator seeded by ``seed``, so a
-client's training does not depend on who else is in the cohort. Only aggregates (mean loss,
-accuracy) leave this module; never per-example values.
+Every client draws its own randomness, so a client's training does not depend on who else is
+in the cohort. Without DP its shuffling follows its ``seed``; with DP its Poisson sampling and
+noise come from its :class:`~pollinate.privacy.noise.NoiseSource` (a fresh CSPRNG seed per
+step, never the run seed). Only aggregates (mean loss, accuracy) leave this module; never
+per-example values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pollinate.client.training import TrainResult, TrainSettings
+from pollinate.client.training import TrainResult, TrainSettings, dp_plan
+from pollinate.privacy.noise import NoiseSource, gaussian
 
 __all__ = ["CohortMember", "train_cohort"]
 
@@ -43,11 +46,12 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class CohortMember:
-    """One client of the cohort: its local data and its seed for this round."""
+    """One client of the cohort: its local data, its seed and DP randomness for this round."""
 
     x: np.ndarray
     y: np.ndarray
     seed: int
+    noise: NoiseSource = field(default_factory=NoiseSource.secure)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class _Group:
     y: torch.Tensor  # (G, n_max)
     steps_per_epoch: int
     generators: list[torch.Generator]
+    sources: list[NoiseSource]
 
 
 def _batches(n: int, batch_size: int) -> int:
@@ -104,6 +109,7 @@ def _make_group(members: Sequence[CohortMember], index: list[int], steps_per_epo
         x[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].x, dtype=np.float32))
         y[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].y, dtype=np.int64))
     generators = [torch.Generator().manual_seed(members[i].seed) for i in index]
+    sources = [members[i].noise for i in index]
     return _Group(
         index=index,
         n=torch.tensor(sizes, dtype=torch.int64),
@@ -111,6 +117,7 @@ def _make_group(members: Sequence[CohortMember], index: list[int], steps_per_epo
         y=y,
         steps_per_epoch=steps_per_epoch,
         generators=generators,
+        sources=sources,
     )
 
 
@@ -168,22 +175,24 @@ class _Trainer:
         loss_sum = torch.zeros(size, dtype=torch.float64)
         correct = torch.zeros(size, dtype=torch.int64)
         seen = torch.zeros(size, dtype=torch.int64)
-        steps = group.steps_per_epoch * s.epochs
+        # with DP: Poisson rate 1 / ceil(n / B) and Opacus' int(1 / rate) steps per epoch
+        rate, dp_steps = dp_plan(group.steps_per_epoch, 1)
+        steps = (dp_steps if s.dp else group.steps_per_epoch) * s.epochs
+        step = 0
         if s.dp:
-            rate = 1.0 / group.steps_per_epoch
             expected = torch.floor(group.n.to(torch.float64) * rate).clamp(min=1.0)
         self.model.train()
         try:
             for _ in range(s.epochs):
                 batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
                 if s.dp:
-                    batches = (self._poisson(group, rate) for _ in range(group.steps_per_epoch))
+                    batches = self._poisson_steps(group, rate, dp_steps, first=step)
                 else:
                     batches = iter(self._shuffled(group))
                 for idx, valid in batches:
                     if s.dp:
                         grads, losses, logits = self._private_grads(
-                            params, group, idx, valid, expected, shared=shared
+                            params, group, idx, valid, expected, shared=shared, step=step
                         )
                     else:
                         grads, losses, logits = self._plain_grads(
@@ -191,6 +200,7 @@ class _Trainer:
                         )
                     params, momentum = self._step(params, grads, momentum)
                     shared = False
+                    step += 1
                     if idx.shape[1]:
                         labels = torch.gather(group.y, 1, idx)
                         vf = valid.to(torch.float64)
@@ -206,9 +216,7 @@ class _Trainer:
                 loss=float(loss_sum[row]) / n_seen if n_seen else math.nan,
                 accuracy=int(correct[row]) / n_seen if n_seen else 0.0,
                 steps=steps,
-                sample_rate=(1.0 / group.steps_per_epoch)
-                if s.dp
-                else min(1.0, s.batch_size / int(group.n[row])),
+                sample_rate=rate if s.dp else min(1.0, s.batch_size / int(group.n[row])),
                 num_examples=int(group.n[row]),
             )
             state = {k: v[row].numpy() for k, v in params.items()}  # views: see train_cohort
@@ -218,12 +226,20 @@ class _Trainer:
 
     # ------------------------------------------------------------ batches
 
-    def _poisson(self, group: _Group, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each member keeps each of its samples with probability ``rate``, independently."""
+    def _poisson_steps(
+        self, group: _Group, rate: float, count: int, *, first: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The Poisson batches of steps ``first .. first + count - 1``, drawn step by step."""
+        for k in range(count):
+            yield self._poisson(group, rate, first + k)
+
+    def _poisson(self, group: _Group, rate: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member keeps each of its samples with probability ``rate``, independently
+        (drawn from the member's secret source, never its seed)."""
         picks = []
-        for row, gen in enumerate(group.generators):
+        for row, source in enumerate(group.sources):
             n = int(group.n[row])
-            keep = torch.rand(n, generator=gen) < rate
+            keep = torch.rand(n, generator=source.sampling_generator(step)) < rate
             picks.append(torch.nonzero(keep).flatten())
         return _pad(picks)
 
@@ -253,6 +269,7 @@ class _Trainer:
         expected: torch.Tensor,
         *,
         shared: bool,
+        step: int,
     ) -> tuple[Params, torch.Tensor, torch.Tensor]:
         """Clipped, noised, scaled gradient per member (``shared``: all hold the global model)."""
         s = self.settings
@@ -276,7 +293,7 @@ class _Trainer:
         else:  # every member drew an empty batch: noise only
             summed = {k: torch.zeros_like(v) for k, v in params.items()}
             losses = logits = torch.zeros(0)
-        noise = self._noise(group, params, s.noise_multiplier * s.max_grad_norm)
+        noise = self._noise(group, params, s.noise_multiplier * s.max_grad_norm, step)
         scale = expected.to(torch.float32)
         grads = {
             k: total.add_(noise[k]).div_(scale.view(size, *([1] * (total.dim() - 1))))
@@ -284,11 +301,11 @@ class _Trainer:
         }
         return grads, losses, logits
 
-    def _noise(self, group: _Group, params: Params, std: float) -> Params:
-        """Gaussian noise per member from its own generator, laid out like ``params``."""
+    def _noise(self, group: _Group, params: Params, std: float, step: int) -> Params:
+        """Gaussian noise per member from its own secret source, laid out like ``params``."""
         numel = sum(int(v[0].numel()) for v in params.values())
-        flat = torch.stack([torch.randn(numel, generator=gen) for gen in group.generators]).mul_(
-            std
+        flat = torch.stack(
+            [gaussian((numel,), std, src.generator(step=step)) for src in group.sources]
         )
         out: Params = {}
         offset = 0

@@ -224,7 +224,9 @@ class LocalGrid(Grid):
             )
             arrays = first.msg.content.array_records["arrays"]
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-            members = [CohortMember(job.data.x, job.data.y, job.seed) for job, _ in cohort]
+            members = [
+                CohortMember(job.data.x, job.data.y, job.seed, job.noise) for job, _ in cohort
+            ]
             settings = first.settings
             with _Threads(self._threads):
                 results = train_cohort(model, members, settings)

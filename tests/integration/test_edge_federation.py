@@ -87,7 +87,11 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         # serve answer from it, exactly as the edge runtime does on the exported archive
         delivery = json.loads((run_dir / "delivery.json").read_text())
         assert delivery["refused"] == {}, delivery
-        assert {"p000000", "p000001", "p000002"} <= set(delivery["installed"]), delivery
+
+        def key(i: int) -> str:  # a device is known by its own id (its state dir), not its node
+            return "d-" + (tmp_path / f"device-{i}" / "device-id").read_text().strip()
+
+        assert {key(0), key(1), key(2)} <= set(delivery["installed"]), delivery
         archive = tmp_path / "bundles.tar.gz"  # the exporter writes it beside the bundle
         published = models / "cnn" / str(ROUNDS) / "model.onnx"  # the serving tier's next version
         assert published.read_bytes() == (tmp_path / "bundles" / "model.fp32.onnx").read_bytes()
@@ -102,7 +106,7 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
             )  # fmt: skip
             with urllib.request.urlopen(request, timeout=60) as answer:
                 served = json.loads(answer.read())
-            assert served["bundle"] == delivery["installed"][f"p{i:06d}"]
+            assert served["bundle"] == delivery["installed"][key(i)]
             np.testing.assert_allclose(np.asarray(served["outputs"]), expected, atol=1e-5)
         # The daemons start the killed SuperNodes again; the SuperLink lets them back in once
         # it has marked them offline (Flower: two missed 30 s heartbeats), so this can take a
@@ -118,12 +122,31 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         device = json.loads(
             fed.cli("edge", "status", "--state-dir", str(fed.device_dir(0)), "--json")
         )
-        assert device["bundle"]["name"] == delivery["installed"]["p000000"]
+        assert device["bundle"]["name"] == delivery["installed"][key(0)]
         assert device["serving"] == f"http://127.0.0.1:{serve_ports[0]}"
         assert device["last_round"]["server_round"] == ROUNDS
         assert str(device["last_round"]["run_id"]) == run_id
         clients = device["clients"]
         assert len(clients) == 1 and clients[0]["epsilon"] > 0 and clients[0]["steps"] > 0
+
+        # A ServerApp that asks the real devices to train without DP: every device refuses
+        # (its policy requires DP-SGD), nothing trains, and both sides count the refusals.
+        evil = tmp_path / "no-dp"
+        evil_id = fed.start_run(evil, [
+            "--rounds", "1", "--round-timeout", "90", "--min-train-nodes", "3",
+            "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0", "--set", "dp=none",
+        ])  # fmt: skip
+        wait_until(
+            "the dp=none run", lambda: str(fed.status(evil_id)["status"]).startswith("fin"), 300
+        )
+        asked = json.loads((evil / "metrics.json").read_text())[1]
+        assert asked["replied"] >= 3 and asked["refused"] == asked["replied"], asked
+        assert asked["accuracy"] == json.loads((evil / "metrics.json").read_text())[0]["accuracy"]
+        after = json.loads(
+            fed.cli("edge", "status", "--state-dir", str(fed.device_dir(0)), "--json")
+        )
+        assert after["refusals"]["total"] >= 1 and "no DP" in after["refusals"]["last"]["reason"]
+        assert after["clients"][0]["steps"] == clients[0]["steps"]  # it trained nothing
     assert fed.codes == [0] * DEVICES, "SIGTERM must stop every daemon cleanly"
     for i in range(DEVICES):
         assert (

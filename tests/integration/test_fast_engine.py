@@ -45,11 +45,12 @@ def test_fast_and_ray_engines_account_identically_and_learn_alike(tmp_path: Path
         assert len(_ledger(runs["fast"])) == 60
         fast.append(_accuracy(runs["fast"]))
         ray.append(_accuracy(runs["ray"]))
-    # Different random draws (per-client generators vs Opacus' global one): accuracy agrees
-    # within the seed-to-seed noise, and both learn (initial accuracy is about 0.1).
+    # DP noise and sampling are secret (drawn afresh every run): accuracy agrees within the
+    # run-to-run noise, and both learn (initial accuracy is about 0.1).
     spread = math.sqrt((statistics.variance(fast) + statistics.variance(ray)) / len(fast))
     assert abs(statistics.mean(fast) - statistics.mean(ray)) <= 3 * spread + 0.03, (fast, ray)
-    assert min(fast) > 0.2 and min(ray) > 0.2, (fast, ray)
+    assert statistics.mean(fast) > 0.2 and statistics.mean(ray) > 0.2, (fast, ray)
+    assert min(fast) > 0.15 and min(ray) > 0.15, (fast, ray)
 
 
 def test_switching_engines_on_resume_keeps_every_clients_history(tmp_path: Path) -> None:

@@ -25,7 +25,10 @@ from tests.processes import wait_until
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
        "COLUMNS": "250"}  # fmt: skip
-COMMON = ["-n", "3", "--engine", "ray", "--set", "fraction-train=1.0", "--set", "dataset=digits"]
+# reproducible-noise (test-only, NOT PRIVATE): the plain and the secure run must draw the same
+# DP noise for their models to be compared
+COMMON = ["-n", "3", "--engine", "ray", "--set", "fraction-train=1.0", "--set", "dataset=digits",
+          "--set", "reproducible-noise=true"]  # fmt: skip
 
 
 def _simulate(tmp: Path, run: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,12 +93,13 @@ def test_secure_aggregation_on_a_real_federation(tmp_path: Path) -> None:
     """SecAgg+ over gRPC between a real SuperLink (TLS, node auth) and five edge daemons.
 
     The same federation first runs one plain round, then one SecAgg+ round with the same seed:
-    the devices train identically (seeded per run and round, accountants kept per device), so
-    the two global models agree up to SecAgg+'s quantization step."""
+    the devices train identically without DP (the seed fixes everything else; under DP their
+    noise is secret and devices refuse reproducible noise), so the two global models agree up
+    to SecAgg+'s quantization step. The devices' own policy allows training without DP."""
     common = ["--rounds", "1", "--round-timeout", "240", "--min-train-nodes", "5",
               "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
-              "--set", "dataset=digits"]  # fmt: skip
-    with Federation(tmp_path, 5) as fed:
+              "--set", "dataset=digits", "--set", "dp=none"]  # fmt: skip
+    with Federation(tmp_path, 5, device_args=lambda _: ["--dp", "none"]) as fed:
         fed.start()
         fed.start_run(tmp_path / "plain", common)
         wait_until("the plain run", lambda: str(fed.status()["status"]).startswith("fin"), 400)

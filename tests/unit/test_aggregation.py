@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pollinate.config import RunSettings
+from pollinate.config import RunSettings, SampleDP
 from pollinate.server.nodes import SampledGrid
 from pollinate.server.strategy import build_strategy, load_strategy_state, strategy_state
 from tests.helpers import NodeListGrid, reply_from, set_identity
@@ -59,11 +59,22 @@ def _run_round(
 def test_fedavg_is_the_example_weighted_mean(n: int, seed: int, weights: list[int]) -> None:
     rng = np.random.default_rng(seed)
     updates = _updates(rng, n)
-    got, _ = _run_round(RunSettings(), _updates(rng, 1)[0], updates, weights[:n])
+    got, _ = _run_round(RunSettings(dp=SampleDP.NONE), _updates(rng, 1)[0], updates, weights[:n])
     w = np.array(weights[:n], dtype=np.float64)
     for key in SHAPES:
         stacked = np.stack([u[key].astype(np.float64) for u in updates])
         expected = np.tensordot(w / w.sum(), stacked, axes=1)
+        np.testing.assert_allclose(got[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_under_dp_sgd_replies_weigh_equally() -> None:
+    """A DP reply carries no exact sample count: FedAvg takes the plain mean of the updates,
+    whatever count a reply might claim."""
+    rng = np.random.default_rng(3)
+    updates = _updates(rng, 3)
+    got, _ = _run_round(RunSettings(), _updates(rng, 1)[0], updates, [1, 50, 400])
+    for key in SHAPES:
+        expected = np.mean([u[key].astype(np.float64) for u in updates], axis=0)
         np.testing.assert_allclose(got[key], expected, rtol=1e-5, atol=1e-6)
 
 

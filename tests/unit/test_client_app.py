@@ -13,7 +13,7 @@ from flwr.common import MessageType
 
 from pollinate.client.app import app
 from pollinate.config import RunSettings
-from pollinate.data import load_dataset
+from pollinate.data import load_dataset, load_partition
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
 from pollinate.server.federation import client_config
@@ -97,19 +97,29 @@ def test_a_device_trains_on_its_own_data_path(tmp_path: Path) -> None:
     np.savez(
         path, x=rng.integers(0, 255, size=(24, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 24)
     )
-    ctx = _context({"data-path": str(path), "client-id": "kitchen-sensor"})
+    # its owner allows training without DP (a device requires DP-SGD unless it says so)
+    ctx = _context({"data-path": str(path), "client-id": "kitchen-sensor", "privacy-dp": "none"})
     reply = app(_message(1, tmp_path, dp="none"), ctx)
     metrics = _metrics(reply)
     assert metrics["num-examples"] == 24
     assert metrics["epsilon"] == -1.0  # no DP: no epsilon claimed
     assert reply.content.config_records["info"]["client"] == "kitchen-sensor"
+    strict = _context({"data-path": str(path), "client-id": "kitchen-sensor"})
+    refused = app(_message(1, tmp_path, dp="none"), strict)
+    assert _metrics(refused)["refused"] == 1 and "arrays" not in refused.content.array_records
 
 
 def test_evaluate_and_query(tmp_path: Path) -> None:
     ctx = _context({"partition-id": 5, "num-partitions": 10})
-    ev = _metrics(app(_message(1, tmp_path, kind=MessageType.EVALUATE), ctx))
-    assert ev["num-examples"] > 0
+    msg = _message(1, tmp_path, kind=MessageType.EVALUATE, dp="none", **{"fraction-evaluate": 0.5})
+    ev = _metrics(app(msg, ctx))
+    train_share = _metrics(app(_message(1, tmp_path, dp="none", **{"fraction-evaluate": 0.5}), ctx))
+    # the held-out fifth of the partition, disjoint from what it trains on
+    n = len(load_partition("digits", 5, 10, "iid", seed=42))
+    assert ev["num-examples"] == n // 5 and train_share["num-examples"] == n - n // 5
     assert 0.0 <= ev["eval-accuracy"] <= 1.0
+    without = _metrics(app(_message(1, tmp_path, kind=MessageType.EVALUATE, dp="none"), ctx))
+    assert without["declined"] == 1  # no held-out split: never evaluates on training samples
     set_identity()
     q = Message(
         RecordDict({"config": ConfigRecord()}), dst_node_id=NODE, message_type=MessageType.QUERY

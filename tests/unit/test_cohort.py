@@ -13,6 +13,7 @@ from torch import nn
 from pollinate.client.training import TrainSettings, train
 from pollinate.data import load_partition
 from pollinate.models import build_model
+from pollinate.privacy.noise import NoiseSource, gaussian
 from pollinate.simulation.cohort import CohortMember, train_cohort
 
 
@@ -25,8 +26,13 @@ def _members(count: int, population: int, *, seed0: int = 0) -> list[CohortMembe
     out = []
     for i in range(count):
         part = load_partition("mnist", i, population, "iid", seed=42)
-        out.append(CohortMember(part.x, part.y, seed=seed0 + i))
+        out.append(_member(part.x, part.y, seed0 + i))
     return out
+
+
+def _member(x: np.ndarray, y: np.ndarray, seed: int) -> CohortMember:
+    """A member whose DP randomness is reproducible (test-only) so results can be compared."""
+    return CohortMember(x, y, seed=seed, noise=NoiseSource.for_tests(seed))
 
 
 def _max_diff(a: dict[str, np.ndarray], model: nn.Module) -> float:
@@ -78,8 +84,9 @@ def test_plain_sgd_equals_torch_for_one_batch_per_epoch() -> None:
 def _slow_reference(
     model: nn.Module, member: CohortMember, s: TrainSettings
 ) -> tuple[dict[str, np.ndarray], int, float]:
-    """One client, one sample at a time, the obvious way; the same random draws in the same
-    order as the cohort (Poisson mask, then noise, per step; a permutation per epoch)."""
+    """One client, one sample at a time, the obvious way; the same random draws as the cohort
+    (per step k: the Poisson mask from the sampling stream of k, the noise from its noise
+    stream; without DP a permutation per epoch from the seed)."""
     net = copy.deepcopy(model)
     start = [p.detach().clone() for p in net.parameters()]
     gen = torch.Generator().manual_seed(member.seed)
@@ -88,19 +95,21 @@ def _slow_reference(
     n = len(y)
     batches = max(1, math.ceil(n / s.batch_size))
     rate = 1.0 / batches
+    dp_steps = int(1 / rate)  # what Opacus' Poisson sampler runs
     buffers: list[torch.Tensor] | None = None
     steps = 0
     loss_sum, seen = 0.0, 0
     for _ in range(s.epochs):
         if s.dp:  # the mask of each step is drawn when the step starts, after the last noise
-            plan: list[torch.Tensor | None] = [None] * batches
+            plan: list[torch.Tensor | None] = [None] * dp_steps
         else:
             order = torch.randperm(n, generator=gen)
             size = min(s.batch_size, n)
             plan = [order[i : i + size] for i in range(0, n, size)]
         for idx in plan:
             if idx is None:
-                idx = torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+                mask = torch.rand(n, generator=member.noise.sampling_generator(steps)) < rate
+                idx = torch.nonzero(mask).flatten()
             if s.dp:
                 total = [torch.zeros_like(p) for p in net.parameters()]
                 for j in idx.tolist():
@@ -114,7 +123,8 @@ def _slow_reference(
                     factor = min(1.0, s.max_grad_norm / (norm + 1e-6))
                     total = [t + factor * g for t, g in zip(total, grads, strict=True)]
                 numel = sum(p.numel() for p in net.parameters())
-                noise = torch.randn(numel, generator=gen) * (s.noise_multiplier * s.max_grad_norm)
+                std = s.noise_multiplier * s.max_grad_norm
+                noise = gaussian((numel,), std, member.noise.generator(step=steps))
                 expected = max(1.0, math.floor(n * rate))
                 grads, offset = [], 0
                 for p, t in zip(net.parameters(), total, strict=True):
@@ -167,8 +177,8 @@ def test_cohort_equals_a_slow_per_client_reference(settings: TrainSettings) -> N
     model = _model("mlp")
     base = _members(3, 200)  # 20 samples each -> 3 batches of 8
     small = load_partition("mnist", 5, 800, "iid", seed=42)  # 5 samples -> 1 batch
-    members = [*base, CohortMember(small.x, small.y, seed=99)]
-    members.append(CohortMember(base[0].x[:0], base[0].y[:0], seed=5))
+    members = [*base, _member(small.x, small.y, 99)]
+    members.append(_member(base[0].x[:0], base[0].y[:0], 5))
     results = train_cohort(model, members, settings)
     assert len(results) == len(members)
     for member, (result, state) in zip(members[:-1], results[:-1], strict=True):
@@ -192,6 +202,33 @@ def test_a_members_training_does_not_depend_on_its_cohort() -> None:
     alone = train_cohort(model, members[2:3], settings)
     for key, value in alone[0][1].items():
         np.testing.assert_allclose(together[2][1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_dp_randomness_is_secret_by_default() -> None:
+    """Members with the same seed but the default (secure) noise source train differently:
+    the seed does not fix DP noise or sampling."""
+    model = _model()
+    part = load_partition("mnist", 0, 200, "iid", seed=42)
+    twins = [CohortMember(part.x, part.y, seed=3), CohortMember(part.x, part.y, seed=3)]
+    settings = TrainSettings(epochs=1, batch_size=8, learning_rate=0.5, noise_multiplier=1.0)
+    (_, a), (_, b) = train_cohort(model, twins, settings)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) > 1e-3
+    (_, c), (_, d) = train_cohort(model, [_member(part.x, part.y, 3)] * 2, settings)
+    assert all(np.array_equal(c[k], d[k]) for k in c)  # the test-only switch reproduces
+
+
+def test_steps_are_what_opacus_runs() -> None:
+    """93 batches give Opacus int(1 / (1 / 93)) = 92 steps; the cohort takes and reports the
+    same, so the accountant records the steps run."""
+    model = _model("mlp")
+    x = np.zeros((93, 1, 28, 28), dtype=np.float32)
+    y = np.zeros(93, dtype=np.int64)
+    settings = TrainSettings(epochs=1, batch_size=1, learning_rate=0.1, noise_multiplier=1.0)
+    ((result, _),) = train_cohort(model, [_member(x, y, 1)], settings)
+    reference = train(copy.deepcopy(model), x, y, epochs=1, batch_size=1, learning_rate=0.1,
+                      dp=True, noise_multiplier=1.0, max_grad_norm=1.0)  # fmt: skip
+    assert result.steps == reference.steps == 92
+    assert result.sample_rate == reference.sample_rate == 1 / 93
 
 
 def test_the_global_model_is_left_unchanged() -> None:

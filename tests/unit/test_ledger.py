@@ -318,6 +318,7 @@ def test_dict_round_trip() -> None:
         "delta": DELTA,
         "noise_multiplier": 1.0,
         "sample_rate": 0.01,
+        "release": "train",
         "steps": 10,
     }
 

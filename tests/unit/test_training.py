@@ -9,6 +9,7 @@ import torch
 from pollinate.client.training import evaluate, seed_for, train
 from pollinate.data import load_dataset
 from pollinate.models import build_model
+from pollinate.privacy.noise import NoiseSource
 
 
 def _data(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,17 +39,30 @@ def test_dp_steps_and_sample_rate_are_what_the_accountant_needs(
     assert all(p.grad_sample is None for p in model.parameters() if hasattr(p, "grad_sample"))
 
 
-def test_same_seed_same_result_different_seed_different_noise() -> None:
+def _dp_params(seed: int, noise: NoiseSource | None = None, *, dp: bool = True) -> torch.Tensor:
     x, y = _data(16)
-    outs = []
-    for seed in (7, 7, 8):
-        torch.manual_seed(0)
-        model = build_model("cnn", input_shape=(1, 8, 8))
-        train(model, x, y, epochs=1, batch_size=8, learning_rate=0.1, dp=True,
-              noise_multiplier=1.0, max_grad_norm=1.0, seed=seed)  # fmt: skip
-        outs.append(_params(model))
-    assert torch.equal(outs[0], outs[1])
-    assert not torch.equal(outs[0], outs[2])
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 8, 8))
+    train(model, x, y, epochs=1, batch_size=8, learning_rate=0.1, dp=dp,
+          noise_multiplier=1.0, max_grad_norm=1.0, seed=seed, noise=noise)  # fmt: skip
+    return _params(model)
+
+
+def test_the_seed_does_not_fix_dp_noise() -> None:
+    """The same seed twice gives different DP-SGD results: sampling and noise are secret."""
+    a, b = _dp_params(7), _dp_params(7)
+    assert float(torch.linalg.vector_norm(a - b)) > 1e-3
+
+
+def test_without_dp_the_seed_fixes_everything() -> None:
+    assert torch.equal(_dp_params(7, dp=False), _dp_params(7, dp=False))
+    assert not torch.equal(_dp_params(7, dp=False), _dp_params(8, dp=False))
+
+
+def test_the_test_only_switch_reproduces_the_noise() -> None:
+    same = [_dp_params(7, NoiseSource.for_tests(1, 2)) for _ in range(2)]
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], _dp_params(7, NoiseSource.for_tests(1, 3)))
 
 
 def test_clipping_bounds_the_noiseless_step() -> None:
