@@ -42,7 +42,7 @@ import psutil
 from benchmarks._measure import REPO
 from benchmarks._serving_procs import log_tail
 from pollinate.errors import PollinateError
-from pollinate.server.superlink import flwr_env, list_nodes
+from pollinate.ops.superlink import flwr_env, list_nodes
 
 POLLINATE = [sys.executable, "-m", "pollinate"]
 

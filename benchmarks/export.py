@@ -32,11 +32,11 @@ from benchmarks._measure import write_result
 
 
 def _trained_run(root: Path) -> Path:
-    from pollinate.client.training import train
+    from pollinate.clientapp.training import train
     from pollinate.config import RunSettings
     from pollinate.data import load_dataset
     from pollinate.models import build_model
-    from pollinate.server.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+    from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 
     settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(root)})
     data = load_dataset("mnist", seed=settings.seed)

@@ -418,7 +418,7 @@ def run_audit(
     import torch
     from torch import nn
 
-    from pollinate.client.training import evaluate, train
+    from pollinate.clientapp.training import evaluate, train
     from pollinate.data import load_dataset
     from pollinate.models import build_model
     from pollinate.privacy import ClientAccountant, MechanismStep, noise_multiplier_for_budget

@@ -60,12 +60,12 @@ def build_repository(root: Path) -> Path:
     """The default bundle's Triton repository: the CNN trained 2 epochs, exported."""
     import torch
 
-    from pollinate.client.training import train
+    from pollinate.clientapp.training import train
     from pollinate.config import RunSettings
     from pollinate.data import load_dataset
     from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
     from pollinate.models import build_model
-    from pollinate.server.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+    from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 
     run = root / "run"
     settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(run)})

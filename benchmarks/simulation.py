@@ -74,7 +74,7 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
     """Median seconds of one cohort step (100 clients x 4 samples) with and without DP."""
     import torch
 
-    from pollinate.client.training import TrainSettings
+    from pollinate.clientapp.training import TrainSettings
     from pollinate.data import load_partition
     from pollinate.models import build_model
     from pollinate.simulation.cohort import CohortMember, train_cohort

@@ -1,5 +1,5 @@
 """``python -m pollinate`` runs the CLI."""
 
-from pollinate.cli import main
+from pollinate.cli.main import main
 
 main()

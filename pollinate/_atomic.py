@@ -1,20 +1,64 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a partial one."""
+"""Durable writes: a reader sees the old file (or folder) or the new one, never a partial one.
+
+Every file pollinate keeps (checkpoints, ledgers, reports, bundles, keys, state) is written
+through this module:
+
+* :func:`atomic_write_bytes` / :func:`atomic_write_text`: a temporary file in the same folder,
+  flushed and fsynced, then :func:`os.replace`; the folder is fsynced afterwards.
+* :func:`create_private`: a new owner-only file (mode 0600) that never replaces an existing one
+  (keys, secrets).
+* :func:`atomic_dir`: build a folder under a temporary name, fsync its files, rename it into
+  place (replacing an older folder of that name only when asked).
+* :func:`append_line`: one fsynced line at the end of an append-only log (JSON lines).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "append_line",
+    "atomic_dir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "create_private",
+    "fsync_dir",
+    "fsync_tree",
+]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder's entry list where the platform allows it (not on Windows)."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file below ``root`` (folders included where the platform allows it)."""
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(Path(root))
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     The temporary file is flushed and fsynced before :func:`os.replace`; the folder is fsynced
-    afterwards where the platform allows it. Missing parent folders are created.
+    afterwards where the platform allows it. Missing parent folders are created. ``mode`` is
+    the new file's permission bits (``0o600`` for a secret).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,20 +68,78 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a result file is an ordinary file
+        os.chmod(tmp_name, mode)  # mkstemp makes 0600; a result file is an ordinary file
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
     """UTF-8 text form of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def create_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600) with ``data``, whole or not at all; never replace a file.
+
+    Raises :class:`FileExistsError` when ``path`` exists (a key is never overwritten).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o600)
+        os.link(tmp_name, path)  # fails if path exists
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on a clean exit it is fsynced and renamed
+    to ``final``. On an error it is removed and ``final`` is untouched.
+
+    With ``replace`` an existing ``final`` is swapped out (renamed aside, then removed);
+    without it an existing non-empty ``final`` makes the rename fail with :class:`OSError`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
+            os.rmdir(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (a newline is added) to an append-only log and fsync it.
+
+    A crash can lose at most the line being written; readers of such logs skip a torn last
+    line.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        log.write(line.rstrip("\n") + "\n")
+        log.flush()
+        os.fsync(log.fileno())

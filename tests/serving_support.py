@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
-from pollinate.server.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 from tests.helpers import train_default_cnn
 
 MODEL = "cnn"

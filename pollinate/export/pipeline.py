@@ -34,7 +34,7 @@ from pollinate.edge_runtime.manifest import (
 from pollinate.errors import CheckpointError, ConfigError
 from pollinate.log import logger
 from pollinate.models import SmallCNN, build_model
-from pollinate.server.checkpoint import latest_checkpoint
+from pollinate.rundir.checkpoint import latest_checkpoint
 
 __all__ = ["ExportOptions", "ExportResult", "Format", "Precision", "export_run"]
 

@@ -6,7 +6,7 @@ cohort keeps every client's parameters stacked along a leading axis and takes al
 steps together with ``torch.func``: ``vmap`` over clients of ``vmap`` over samples of
 ``grad`` gives per-sample gradients for everyone in one call.
 
-The semantics are those of :func:`pollinate.client.training.train` with Opacus, step for step:
+The semantics are those of :func:`pollinate.clientapp.training.train` with Opacus, step for step:
 
 - DP-SGD: Poisson sampling with rate ``q = 1 / ceil(n / B)`` for ``ceil(n / B) * epochs``
   steps; each sample's gradient clipped to ``C`` with Opacus' factor
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pollinate.client.training import TrainResult, TrainSettings, dp_plan
+from pollinate.clientapp.training import TrainResult, TrainSettings, dp_plan
 from pollinate.privacy.noise import NoiseSource, gaussian
 
 __all__ = ["CohortMember", "train_cohort"]

@@ -6,8 +6,8 @@ changes is delivery: no SuperLink state, no polling, no Ray actors, no serializa
 client. Messages are handled here:
 
 - ``train``: every message of a round goes through the ClientApp's own
-  :func:`~pollinate.client.app.begin_train` (task parsing, data, accountant restore, budget
-  check, declines) and :func:`~pollinate.client.app.finish_train` (accounting, reply); the
+  :func:`~pollinate.clientapp.app.begin_train` (task parsing, data, accountant restore, budget
+  check, declines) and :func:`~pollinate.clientapp.app.finish_train` (accounting, reply); the
   local training in between runs for the whole cohort at once
   (:func:`~pollinate.simulation.cohort.train_cohort`).
 - anything else (``query``, ``evaluate``): the pollinate ClientApp itself, called in process.
@@ -38,8 +38,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from pollinate._atomic import atomic_write_text
-from pollinate.client.app import ACCOUNTANT_KEY, TrainJob, begin_train, client_key, finish_train
-from pollinate.client.task import ClientTask
+from pollinate.clientapp.app import ACCOUNTANT_KEY, TrainJob, begin_train, client_key, finish_train
+from pollinate.protocol import ClientTask
 from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
@@ -102,7 +102,7 @@ class LocalGrid(Grid):
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
         if client_app is None:
-            from pollinate.client.app import app as default_app
+            from pollinate.clientapp.app import app as default_app
 
             client_app = default_app
         self._app: ClientApp = client_app

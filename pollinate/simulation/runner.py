@@ -5,7 +5,7 @@
 - ``ray``: Flower's simulation engine (Ray backend), one ClientApp call per client; the
   engine to use on a Ray cluster.
 
-Both run the same ServerApp logic (:func:`~pollinate.server.federation.run_federation`) and
+Both run the same ServerApp logic (:func:`~pollinate.serverapp.federation.run_federation`) and
 the ClientApp's own per-client steps; only the settings come from the caller instead of the
 run config.
 """
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import RunSettings
 from pollinate.errors import PollinateError
-from pollinate.server.federation import RunResult, run_federation
+from pollinate.serverapp.federation import RunResult, run_federation
 
 __all__ = ["Engine", "SimulationOptions", "simulate"]
 
@@ -101,7 +101,7 @@ def _simulate_fast(settings: RunSettings, options: SimulationOptions) -> RunResu
 def _simulate_ray(settings: RunSettings, options: SimulationOptions) -> RunResult:
     from flwr.simulation import run_simulation
 
-    from pollinate.client.app import app as client_app
+    from pollinate.clientapp.app import app as client_app
 
     if settings.resume and settings.run_dir:
         _journal_to_files(Path(settings.run_dir) / "clients")

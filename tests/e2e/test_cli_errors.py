@@ -21,7 +21,7 @@ import pytest
 
 import pollinate
 from pollinate import errors
-from pollinate.cli import EXIT_CODES
+from pollinate.cli.main import EXIT_CODES
 
 # Printed by the CLI right before it hands over to Flower's simulation engine.
 SIMULATION_BANNER = re.compile(r"\d+ clients, \d+ rounds, strategy")

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pollinate.client.training import train
+from pollinate.clientapp.training import train
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.export._bundle import generate_signing_key
 from pollinate.models import build_model
-from pollinate.server.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def torch_predictions(run_dir: Path) -> np.ndarray:
     data = load_dataset("mnist", seed=42)
     model = build_model("cnn")
-    from pollinate.server.checkpoint import latest_checkpoint
+    from pollinate.rundir.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None

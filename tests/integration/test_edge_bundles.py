@@ -23,16 +23,16 @@ import onnxruntime as ort
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from pollinate.client.app import app
-from pollinate.client.bundles import BundleStore
-from pollinate.client.local_serving import LocalInference
+from pollinate.clientapp.app import app
+from pollinate.device.bundles import BundleStore
+from pollinate.device.local_serving import LocalInference
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.edge_runtime import BundleError
 from pollinate.export._bundle import generate_signing_key
 from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
-from pollinate.server.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
-from pollinate.server.delivery import BUNDLE_MESSAGE
+from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+from pollinate.serverapp.delivery import BUNDLE_MESSAGE
 from tests.helpers import set_identity, train_default_cnn
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pollinate.privacy import ClientAccountant
-from pollinate.server.checkpoint import latest_checkpoint
+from pollinate.rundir.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pollinate.server.superlink import flwr_env, list_nodes
+from pollinate.ops.superlink import flwr_env, list_nodes
 from tests.processes import free_port, stop_group
 
 pytestmark = pytest.mark.integration

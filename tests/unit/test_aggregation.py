@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pollinate.config import RunSettings, SampleDP
-from pollinate.server.nodes import SampledGrid
-from pollinate.server.strategy import build_strategy, load_strategy_state, strategy_state
+from pollinate.serverapp.nodes import SampledGrid
+from pollinate.serverapp.strategy import build_strategy, load_strategy_state, strategy_state
 from tests.helpers import NodeListGrid, reply_from, set_identity
 
 SHAPES = {"w": (4, 3), "b": (3,)}
@@ -165,7 +165,7 @@ def test_server_side_client_dp_clips_and_accounts() -> None:
     np.random.seed(0)
     got, strategy = _run_round(s, current, updates, [1] * 4)
     assert all(np.all(np.isfinite(a)) for a in got.values())
-    from pollinate.server.strategy import dp_wrapper
+    from pollinate.serverapp.strategy import dp_wrapper
 
     wrapper = dp_wrapper(strategy)
     spent = wrapper.privacy_spent()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pollinate.errors import CheckpointError
-from pollinate.server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from pollinate.rundir.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 
 
 def _ckpt(rnd: int) -> Checkpoint:

@@ -11,12 +11,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
-from pollinate.client.app import app
+from pollinate.clientapp.app import app
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset, load_partition
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
-from pollinate.server.federation import client_config
+from pollinate.serverapp.federation import client_config
 from tests.helpers import set_identity
 
 NODE = 77

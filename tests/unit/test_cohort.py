@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pollinate.client.training import TrainSettings, train
+from pollinate.clientapp.training import TrainSettings, train
 from pollinate.data import load_partition
 from pollinate.models import build_model
 from pollinate.privacy.noise import NoiseSource, gaussian

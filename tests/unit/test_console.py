@@ -1,4 +1,4 @@
-"""pollinate._console: rich on a terminal, one plain line a message anywhere else."""
+"""pollinate.cli.console: rich on a terminal, one plain line a message anywhere else."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pollinate._console import is_plain, make_console, one_line
+from pollinate.cli.console import is_plain, make_console, one_line
 
 
 class _Stream(io.StringIO):
@@ -57,8 +57,8 @@ def test_one_line_joins_line_breaks_only() -> None:
 
 SCRIPT = """
 import logging, sys
-from pollinate.cli import _setup_logging
-from pollinate._console import make_console
+from pollinate.cli.main import _setup_logging
+from pollinate.cli.console import make_console
 long = sys.argv[1]
 _setup_logging(False)
 logging.getLogger("pollinate.data").warning("%s is large; reading it\\ntakes a while", long)

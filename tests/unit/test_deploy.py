@@ -469,7 +469,7 @@ def test_health_check_fails_when_not_training(
 
 def test_health_check_follows_the_real_daemon(tmp_path: Path) -> None:
     """The daemon's own status file: healthy while it waits for its window, not once stopped."""
-    from pollinate.client.daemon import DaemonSettings, EdgeDaemon
+    from pollinate.device.daemon import DaemonSettings, EdgeDaemon
 
     for name in ("ca.crt", "node-0"):
         (tmp_path / name).write_text("unused: no SuperNode starts outside the window\n")

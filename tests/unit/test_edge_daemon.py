@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pollinate.client.daemon import DaemonSettings, _in_window, parse_window
+from pollinate.device.daemon import DaemonSettings, _in_window, parse_window
 from pollinate.errors import ConfigError
 from pollinate.privacy import ClientAccountant, MechanismStep
 

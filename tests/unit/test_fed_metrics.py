@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from pollinate.errors import ConfigError
 from pollinate.privacy import PrivacyLedger
-from pollinate.server.checkpoint import atomic_write_json
-from pollinate.server.fed_metrics import DURATION_BUCKETS, OUTCOMES, serve_federation_metrics
-from pollinate.server.report import RoundRecord
+from pollinate.rundir.checkpoint import atomic_write_json
+from pollinate.ops.fed_metrics import DURATION_BUCKETS, OUTCOMES, serve_federation_metrics
+from pollinate.rundir.report import RoundRecord
 from tests.processes import free_port
 
 EPS_PER_ROUND = 0.7  # sample-level epsilon a client spends each time it trains
@@ -360,8 +360,8 @@ def test_server_start_serves_metrics_while_the_superlink_runs(
     """`pollinate server start --metrics-port`: served once ready, closed when it stops.
 
     The SuperLink itself is replaced by a stand-in (no Flower processes in this test)."""
-    import pollinate.server.superlink as superlink
-    from pollinate.cli_server import server_app
+    import pollinate.ops.superlink as superlink
+    from pollinate.cli.server import server_app
 
     certs, state, port = tmp_path / "certs", tmp_path / "state", free_port()
     certs.mkdir()

@@ -16,8 +16,8 @@ from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant, MechanismStep
-from pollinate.server.federation import client_config
-from pollinate.server.nodes import NodeDirectory, SampledGrid, reply_node
+from pollinate.serverapp.federation import client_config
+from pollinate.serverapp.nodes import NodeDirectory, SampledGrid, reply_node
 from pollinate.simulation.local_grid import JOURNAL_NAME, LocalArray, LocalGrid, read_journal
 
 POPULATION = 50

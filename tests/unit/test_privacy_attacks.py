@@ -23,16 +23,16 @@ from flwr.common import MessageType
 from flwr.common.config import parse_config_args
 from torch import nn
 
-from pollinate.client.app import ACCOUNTING_KEYS, app
-from pollinate.client.daemon import DaemonSettings
-from pollinate.client.policy import ACCOUNTANT_FILE, DeviceLedger
-from pollinate.client.training import TrainSettings
+from pollinate.clientapp.app import ACCOUNTING_KEYS, app
+from pollinate.device.daemon import DaemonSettings
+from pollinate.clientapp.policy import ACCOUNTANT_FILE, DeviceLedger
+from pollinate.clientapp.training import TrainSettings
 from pollinate.config import ClientDP, RunSettings
 from pollinate.data import ArrayDataset, load_dataset, load_partition
 from pollinate.models import build_model
 from pollinate.privacy.noise import NoiseSource
-from pollinate.server.federation import client_config
-from pollinate.server.strategy import build_strategy
+from pollinate.serverapp.federation import client_config
+from pollinate.serverapp.strategy import build_strategy
 from pollinate.simulation.cohort import CohortMember, train_cohort
 from tests.helpers import set_identity
 
@@ -130,7 +130,7 @@ def test_a_server_with_the_seed_cannot_subtract_the_dp_noise(
     the round, the client and its (public) data size; it runs the client's own code again with
     the same public inputs on data of its own, learns the noise of that replay, and subtracts
     it. One full-batch step (q = 1) keeps the algebra exact."""
-    import pollinate.client.app as client_app
+    import pollinate.clientapp.app as client_app
 
     msg, sent = _message(1, tmp_path, **{"reproducible-noise": reproducible})
     reply = app(msg, _context({"partition-id": 3, "num-partitions": 10}))
@@ -182,7 +182,7 @@ def test_the_fast_engines_noise_cannot_be_replayed_either(reproducible: bool) ->
 def test_client_level_noise_is_not_fixed_by_the_seed() -> None:
     """Flower's wrappers draw from numpy's global generator, which the round loop seeds from
     the run seed: pollinate's secure wrappers do not, unless the test-only switch is on."""
-    from pollinate.server.strategy import dp_wrapper
+    from pollinate.serverapp.strategy import dp_wrapper
 
     arrays = ArrayRecord(OrderedDict(w=Array(np.zeros((50,), dtype=np.float32))))
 
@@ -292,8 +292,8 @@ def test_secure_aggregation_sends_no_metric_in_clear(tmp_path: Path) -> None:
     from flwr.common import ndarrays_to_parameters
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-    from pollinate.client.app import _train_for_secagg
-    from pollinate.server.secagg import TASK_KEY, WEIGHT_KEY
+    from pollinate.clientapp.app import _train_for_secagg
+    from pollinate.serverapp.secagg import TASK_KEY, WEIGHT_KEY
 
     msg, sent = _message(1, tmp_path, **{"dp": "none"})
     cfg = dict(msg.content.config_records["config"])
@@ -344,10 +344,10 @@ def test_edge_run_stops_before_anything_when_the_policy_cannot_be_met(tmp_path: 
 def test_target_epsilon_is_calibrated_for_the_worst_client() -> None:
     """Uneven (Dirichlet) partitions: every client's planned epsilon stays within the target,
     and the worst one is at it (the average-sized client would have got less noise)."""
-    from pollinate.client.training import dp_plan
+    from pollinate.clientapp.training import dp_plan
     from pollinate.data import partition_indices
     from pollinate.privacy import ClientAccountant, MechanismStep
-    from pollinate.server.federation import resolve_noise
+    from pollinate.serverapp.federation import resolve_noise
 
     settings = RunSettings(dataset="digits", partitioner="dirichlet", dirichlet_alpha=0.3,
                            target_epsilon=3.0, num_server_rounds=4, batch_size=16)  # fmt: skip

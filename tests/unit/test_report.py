@@ -1,4 +1,4 @@
-"""Tests of pollinate.server.report: plots, summary.md and the terminal table."""
+"""Tests of pollinate.rundir.report: plots, summary.md and the terminal table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pollinate.errors import CheckpointError
-from pollinate.server.report import (
+from pollinate.rundir.report import (
     SEPARATE_GUARANTEES,
     RoundRecord,
     render_summary_table,
@@ -308,7 +308,7 @@ def test_import_is_lazy() -> None:
     import sys
 
     code = (
-        "import sys, pollinate.server.report; "
+        "import sys, pollinate.rundir.report; "
         "print(any(m.split('.')[0] in ('matplotlib', 'rich') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

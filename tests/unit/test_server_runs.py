@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from pollinate.server.runs import toml_run_config
+from pollinate.ops.runs import toml_run_config
 
 
 def test_run_config_is_valid_toml_with_the_right_types() -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pollinate.server.triggers import claim_triggers, describe, record, release
+from pollinate.ops.triggers import claim_triggers, describe, record, release
 from pollinate.serving.drift import DriftReading, TriggerSink, read_triggers
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pollinate.client.training import evaluate, seed_for, train
+from pollinate.clientapp.training import evaluate, seed_for, train
 from pollinate.data import load_dataset
 from pollinate.models import build_model
 from pollinate.privacy.noise import NoiseSource

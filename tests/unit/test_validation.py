@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from pollinate.server.validation import update_norm, validate_update
+from pollinate.serverapp.validation import update_norm, validate_update
 from tests.helpers import reply_from
 
 GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
@@ -67,11 +67,11 @@ def test_update_norm_matches_numpy() -> None:
 def test_auto_bound_passes_honest_dp_updates_and_rejects_scaled_ones() -> None:
     import torch
 
-    from pollinate.client.training import train
+    from pollinate.clientapp.training import train
     from pollinate.config import RunSettings
     from pollinate.data import load_partition
     from pollinate.models import build_model
-    from pollinate.server.federation import update_bound
+    from pollinate.serverapp.federation import update_bound
 
     settings = RunSettings.from_run_config({"learning-rate": 2.0, "noise-multiplier": 5.0})
     data = load_partition("mnist", 0, 1000, "iid", seed=42)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pollinate._console import is_plain, make_console, print_error
+from pollinate.cli.console import is_plain, make_console, print_error
 from pollinate.errors import PollinateError
 
 __all__ = ["edge_app", "export_command", "keygen_command"]

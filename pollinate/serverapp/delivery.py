@@ -2,7 +2,7 @@
 
 Each connected node gets one ``query.bundle`` message with the bundle archive's bytes and
 their sha256; the pollinate ClientApp verifies and installs it on the device
-(:mod:`pollinate.client.bundles`) and answers ``installed`` or ``refused`` with a reason.
+(:mod:`pollinate.device.bundles`) and answers ``installed`` or ``refused`` with a reason.
 The outcome per client is written to ``RUN_DIR/delivery.json``. Simulated nodes have no
 device to install on, so a simulation delivers nothing.
 """
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from pollinate._atomic import atomic_write_text
 from pollinate.log import logger
-from pollinate.server.nodes import NodeDirectory, reply_node
+from pollinate.serverapp.nodes import NodeDirectory, reply_node
 
 __all__ = ["BUNDLE_MESSAGE", "deliver_bundle", "delivers_to_devices"]
 

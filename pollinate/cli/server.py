@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from pollinate._console import make_console
+from pollinate.cli.console import make_console
 
 __all__ = ["certs_command", "server_app"]
 
@@ -39,9 +39,9 @@ def certs_command(
 
       pollinate certs certs --host superlink.example.org --host 10.0.0.5
     """
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.certs import make_certificates
+    from pollinate.ops.certs import make_certificates
 
     try:
         made = make_certificates(out, nodes=nodes, hosts=host, days=days)
@@ -96,9 +96,9 @@ def start_command(
     it also serves every run's round, clients sampled / replied / declined / rejected /
     failed, round duration, accuracy, loss and epsilon for Prometheus on /metrics.
     """
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import ConfigError, PollinateError
-    from pollinate.server.superlink import SuperLinkSettings, run_superlink
+    from pollinate.ops.superlink import SuperLinkSettings, run_superlink
 
     console = make_console(stderr=True, soft_wrap=True)
     metrics_note = ""
@@ -118,7 +118,7 @@ def start_command(
         )
         if metrics_port is not None:
             try:
-                from pollinate.server.fed_metrics import serve_federation_metrics
+                from pollinate.ops.fed_metrics import serve_federation_metrics
             except ImportError as err:
                 raise ConfigError(
                     f"--metrics-port needs prometheus_client ({err}); "
@@ -144,9 +144,9 @@ def trust_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
 ) -> None:
     """Register one more SuperNode public key with the running SuperLink."""
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.superlink import SuperLinkError, trust_node
+    from pollinate.ops.superlink import SuperLinkError, trust_node
 
     try:
         node_id = trust_node(state_dir, public_key)
@@ -163,9 +163,9 @@ def nodes_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the registered SuperNodes and whether they are online."""
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.superlink import list_nodes
+    from pollinate.ops.superlink import list_nodes
 
     try:
         nodes = list_nodes(state_dir)
@@ -236,9 +236,9 @@ def run_command(
       pollinate server run --state-dir state --trigger-dir triggers --wait \\
         --rounds 10 --set export-triton-repo=models
     """
-    from pollinate.cli import _fail, _parse_sets
+    from pollinate.cli.main import _fail, _parse_sets
     from pollinate.errors import ConfigError, PollinateError
-    from pollinate.server.runs import default_app_dir, start_run
+    from pollinate.ops.runs import default_app_dir, start_run
 
     flags = {"num-server-rounds": rounds, "strategy": strategy, "epsilon-budget": epsilon_budget,
              "round-timeout": round_timeout, "min-train-nodes": min_train_nodes,
@@ -281,8 +281,8 @@ def _run_for_triggers(
     import time
 
     from pollinate.config import RunSettings
-    from pollinate.server.runs import active_run, start_run
-    from pollinate.server.triggers import claim_triggers, describe, record, release
+    from pollinate.ops.runs import active_run, start_run
+    from pollinate.ops.triggers import claim_triggers, describe, record, release
 
     RunSettings.from_run_config(config)  # a bad --set fails now, not when an event comes
     announced = False
@@ -342,9 +342,9 @@ def status_command(
 ) -> None:
     """Show a run: Flower's status, the last round, clients sampled / replied / declined /
     failed, accuracy and the largest epsilon so far."""
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.runs import run_status
+    from pollinate.ops.runs import run_status
 
     try:
         report = run_status(state_dir, run_id)
@@ -364,9 +364,9 @@ def stop_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
 ) -> None:
     """Stop a run (its last completed round stays checkpointed; resume with --set resume=true)."""
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.runs import stop_run
+    from pollinate.ops.runs import stop_run
 
     try:
         stop_run(state_dir, run_id)
@@ -391,9 +391,9 @@ def logs_command(
 
       pollinate server logs --state-dir state --run-id 8421 --follow
     """
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.runs import run_logs
+    from pollinate.ops.runs import run_logs
 
     try:
         code = run_logs(state_dir, run_id, follow=follow)
@@ -430,9 +430,9 @@ def resume_command(
 
       pollinate server resume 8421 --state-dir state --rounds 20
     """
-    from pollinate.cli import _fail, _parse_sets
+    from pollinate.cli.main import _fail, _parse_sets
     from pollinate.errors import PollinateError
-    from pollinate.server.runs import default_app_dir, resume_run
+    from pollinate.ops.runs import default_app_dir, resume_run
 
     try:
         overrides = {k: _toml_value(v) for k, v in _parse_sets(set_ or []).items()}
@@ -462,9 +462,9 @@ def pull_command(
 
       pollinate export results/run-8421 --out bundles
     """
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import PollinateError
-    from pollinate.server.runs import pull_run
+    from pollinate.ops.runs import pull_run
 
     try:
         target = pull_run(state_dir, dest, run_id)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.client.bundles import BundleStore
+from pollinate.device.bundles import BundleStore
 from pollinate.edge_runtime import BundleError, EdgeModel, InputError, load_bundle
 
 __all__ = ["LocalInference"]

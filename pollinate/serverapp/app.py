@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import RunSettings
-from pollinate.server.federation import run_federation
+from pollinate.serverapp.federation import run_federation
 
 __all__ = ["app", "make_server_app"]
 

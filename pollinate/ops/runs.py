@@ -20,7 +20,7 @@ from typing import Any
 from pollinate._atomic import atomic_write_text
 from pollinate.config import bundle_dir
 from pollinate.errors import ConfigError
-from pollinate.server.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
+from pollinate.ops.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
 
 __all__ = [
     "active_run",
@@ -159,7 +159,7 @@ def resume_run(
     the devices keep their own accountants, so no epsilon is reset. A run that Flower still
     shows as active is stopped first. Returns (new run id, run directory, last completed round).
     """
-    from pollinate.server.checkpoint import latest_checkpoint
+    from pollinate.rundir.checkpoint import latest_checkpoint
 
     old_id, entry = _known(state_dir, run_id)
     run_dir = Path(entry["run_dir"])

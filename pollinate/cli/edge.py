@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pollinate._console import make_console
+from pollinate.cli.console import make_console
 
 __all__ = ["rollback_command", "run_command", "status_command"]
 
@@ -93,8 +93,8 @@ def run_command(
 
       curl -d '{"inputs": [[0.0, ...]]}' http://127.0.0.1:8765/v1/predict
     """
-    from pollinate.cli import _fail
-    from pollinate.client.daemon import DaemonSettings, EdgeDaemon, parse_window
+    from pollinate.cli.main import _fail
+    from pollinate.device.daemon import DaemonSettings, EdgeDaemon, parse_window
     from pollinate.errors import PollinateError
     from pollinate.log import log_to_stderr
 
@@ -140,8 +140,8 @@ def status_command(
     """
     import os
 
-    from pollinate.cli import _fail
-    from pollinate.client.daemon import STATUS_FILE, read_status
+    from pollinate.cli.main import _fail
+    from pollinate.device.daemon import STATUS_FILE, read_status
     from pollinate.errors import PollinateError
 
     status: dict[str, Any] = read_status(state_dir)
@@ -170,7 +170,7 @@ def status_command(
         typer.echo(f"healthy: daemon {state} (pid {pid})")
         return
 
-    from pollinate.client.policy import DeviceLedger
+    from pollinate.clientapp.policy import DeviceLedger
     from pollinate.privacy import ClientAccountant
 
     if not status and not list(Path(state_dir).glob("*.accountant.json")):
@@ -192,7 +192,7 @@ def status_command(
             })  # fmt: skip
     except PollinateError as err:
         raise _fail(err) from None
-    from pollinate.client.bundles import BundleStore
+    from pollinate.device.bundles import BundleStore
     from pollinate.edge_runtime import BundleError
 
     try:
@@ -270,8 +270,8 @@ def rollback_command(
 
       pollinate edge rollback --state-dir state
     """
-    from pollinate.cli import _fail
-    from pollinate.client.bundles import BundleStore
+    from pollinate.cli.main import _fail
+    from pollinate.device.bundles import BundleStore
     from pollinate.edge_runtime import BundleError
     from pollinate.errors import PollinateError
 

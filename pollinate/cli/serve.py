@@ -99,7 +99,7 @@ def serve_command(
 
       curl -s localhost:8000/v2/models/cnn
     """
-    from pollinate.cli import _fail
+    from pollinate.cli.main import _fail
     from pollinate.errors import ConfigError, PollinateError
     from pollinate.log import log_to_stderr
     from pollinate.serving.config import _read_token, load_serve_settings

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pollinate._console import is_plain, log_handler, make_console, print_click_error, print_error
+from pollinate.cli.console import is_plain, log_handler, make_console, print_click_error, print_error
 from pollinate.errors import CheckpointError, ConfigError, PollinateError
 
 __all__ = ["app", "main"]
@@ -269,7 +269,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pollinate.data import load_dataset, partition_indices
-    from pollinate.server import events
+    from pollinate.serverapp import events
     from pollinate.simulation.runner import SimulationOptions, simulate
 
     # Load and partition the data here first, so a bad path or partitioning fails before
@@ -300,7 +300,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
 
 
 def _print_summary(result: Any) -> None:
-    from pollinate.server.report import render_summary_table
+    from pollinate.rundir.report import render_summary_table
 
     out = make_console(min_width=120)
     out.print(render_summary_table(result.history, result.privacy))
@@ -333,7 +333,7 @@ def report(
 
       pollinate report runs/run-20261126-150000
     """
-    from pollinate.server.report import RoundRecord, write_report
+    from pollinate.rundir.report import RoundRecord, write_report
 
     try:
         metrics = run_dir / "metrics.json"
@@ -374,7 +374,7 @@ def version() -> None:
 
 
 def _register_export_commands() -> None:
-    from pollinate.cli_export import edge_app, export_command, keygen_command
+    from pollinate.cli.export import edge_app, export_command, keygen_command
 
     app.command("export")(export_command)
     app.command("keygen")(keygen_command)
@@ -385,7 +385,7 @@ _register_export_commands()
 
 
 def _register_serve_command() -> None:
-    from pollinate.cli_serve import serve_command
+    from pollinate.cli.serve import serve_command
 
     app.command("serve")(serve_command)
 
@@ -394,15 +394,15 @@ _register_serve_command()
 
 
 def _register_server_commands() -> None:
-    from pollinate.cli_server import certs_command, server_app
+    from pollinate.cli.server import certs_command, server_app
 
     app.command("certs")(certs_command)
     app.add_typer(server_app, name="server")
 
 
 def _register_edge_daemon_commands() -> None:
-    from pollinate.cli_edge import rollback_command, run_command, status_command
-    from pollinate.cli_export import edge_app
+    from pollinate.cli.edge import rollback_command, run_command, status_command
+    from pollinate.cli.export import edge_app
 
     edge_app.command("run")(run_command)
     edge_app.command("status")(status_command)

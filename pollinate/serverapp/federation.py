@@ -26,8 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from pollinate.client.training import dp_plan, seed_for
-from pollinate.client.training import evaluate as evaluate_model
+from pollinate.clientapp.training import dp_plan, seed_for
+from pollinate.clientapp.training import evaluate as evaluate_model
 from pollinate.config import ClientDP, RunSettings, SampleDP
 from pollinate.data import DatasetSplit, load_dataset
 from pollinate.errors import ConfigError, PollinateError
@@ -35,18 +35,18 @@ from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import PrivacyLedger
 from pollinate.privacy.noise import NOT_PRIVATE
-from pollinate.server import events
-from pollinate.server.checkpoint import (
+from pollinate.serverapp import events
+from pollinate.rundir.checkpoint import (
     Checkpoint,
     atomic_write_json,
     latest_checkpoint,
     save_checkpoint,
 )
-from pollinate.server.delivery import deliver_bundle, delivers_to_devices
-from pollinate.server.nodes import NodeDirectory, SampledGrid, reply_node
-from pollinate.server.report import RoundRecord, write_report
-from pollinate.server.secagg import secure_round
-from pollinate.server.strategy import (
+from pollinate.serverapp.delivery import deliver_bundle, delivers_to_devices
+from pollinate.serverapp.nodes import NodeDirectory, SampledGrid, reply_node
+from pollinate.rundir.report import RoundRecord, write_report
+from pollinate.serverapp.secagg import secure_round
+from pollinate.serverapp.strategy import (
     UNIFORM_WEIGHT_KEY,
     build_strategy,
     client_noise,
@@ -55,7 +55,7 @@ from pollinate.server.strategy import (
     strategy_state,
     weight_key_for,
 )
-from pollinate.server.validation import validate_update
+from pollinate.serverapp.validation import validate_update
 
 __all__ = ["RunResult", "run_federation"]
 

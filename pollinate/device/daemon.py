@@ -23,9 +23,9 @@ stops it before anything is trained or sent. The daemon's own state is
 ``STATE_DIR/daemon.json``; its log lines are JSON.
 
 Bundles the server delivers are installed by the ClientApp into ``STATE_DIR/bundles``
-(:mod:`pollinate.client.bundles`; verified with ``--bundle-public-key`` when given); with
+(:mod:`pollinate.device.bundles`; verified with ``--bundle-public-key`` when given); with
 ``--serve-port`` the daemon answers local inference requests from the installed bundle
-(:mod:`pollinate.client.local_serving`) on loopback.
+(:mod:`pollinate.device.local_serving`) on loopback.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pollinate.client.local_serving import LocalInference
+    from pollinate.device.local_serving import LocalInference
 
 __all__ = ["DaemonSettings", "EdgeDaemon", "parse_window", "read_status"]
 
@@ -244,7 +244,7 @@ class EdgeDaemon:
             PrivacyLedgerError: The ledger is missing or corrupt (and no ``--start-new-ledger``).
             PrivacyBudgetError: The device's own budget is already spent: nothing would train.
         """
-        from pollinate.client.policy import DeviceLedger
+        from pollinate.clientapp.policy import DeviceLedger
         from pollinate.errors import PrivacyBudgetError
 
         s = self.settings
@@ -321,7 +321,7 @@ class EdgeDaemon:
         s = self.settings
         if s.serve_port is None:
             return None
-        from pollinate.client.local_serving import LocalInference
+        from pollinate.device.local_serving import LocalInference
 
         try:
             serving = LocalInference(

@@ -8,7 +8,7 @@ colours off on a terminal too. Only a real terminal counts: ``FORCE_COLOR`` or
 ``TTY_COMPATIBLE`` do not make a pipe wrap.
 
 Every CLI module builds its consoles with :func:`make_console` and prints its errors with
-:func:`print_error`; ``pollinate.cli.main`` prints click's usage errors with
+:func:`print_error`; ``pollinate.cli.main.main`` prints click's usage errors with
 :func:`print_click_error` and the CLI's logging goes through :func:`log_handler`.
 """
 
@@ -97,7 +97,7 @@ def print_error(message: str, *, hint: str | None = None) -> None:
 
 def print_click_error(err: Any) -> None:
     """A click usage error (bad option, missing argument, unknown command) as one error line
-    and a hint line: the usage and where the help is. For ``pollinate.cli.main`` off a
+    and a hint line: the usage and where the help is. For ``pollinate.cli.main.main`` off a
     terminal, where Typer's own panel would wrap the message at 80 columns."""
     ctx = getattr(err, "ctx", None)
     hint = None

@@ -9,7 +9,7 @@ workflow for one round through a small legacy facade (:class:`_RoundFacade`):
 
 - the facade's ``configure_fit`` returns the round's sampled nodes with the same arrays and
   config the Message-API strategy built (``FitIns``);
-- the ClientApp's ``secaggplus_mod`` (see :mod:`pollinate.client.app`) masks each client's
+- the ClientApp's ``secaggplus_mod`` (see :mod:`pollinate.clientapp.app`) masks each client's
   weighted parameters; the client's metrics (epsilon, steps, examples) travel unmasked in
   ``FitRes.metrics``, as they do without SecAgg;
 - the facade's ``aggregate_fit`` receives the weighted average only.
@@ -129,7 +129,7 @@ def secure_round(
     ``max_weight`` bounds a client's weight (its examples, or 1 with client-level DP): the
     protocol scales each update by weight / max_weight before quantizing it.
     """
-    from pollinate.server.strategy import weight_key_for
+    from pollinate.serverapp.strategy import weight_key_for
 
     weight_key = weight_key_for(settings)
     if not messages:

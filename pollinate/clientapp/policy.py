@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pollinate._atomic import atomic_write_text
-from pollinate.client.task import ClientTask
+from pollinate.protocol import ClientTask
 from pollinate.errors import ConfigError, PrivacyLedgerError
 from pollinate.log import logger
 from pollinate.privacy import ClientAccountant

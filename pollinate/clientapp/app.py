@@ -41,11 +41,11 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
-from pollinate.client.policy import IDENTITY_FILE, DeviceLedger, DevicePolicy
-from pollinate.client.task import ClientTask
-from pollinate.client.training import EvalResult, TrainResult, TrainSettings, dp_plan, seed_for
-from pollinate.client.training import evaluate as evaluate_model
-from pollinate.client.training import train as train_model
+from pollinate.clientapp.policy import IDENTITY_FILE, DeviceLedger, DevicePolicy
+from pollinate.protocol import ClientTask
+from pollinate.clientapp.training import EvalResult, TrainResult, TrainSettings, dp_plan, seed_for
+from pollinate.clientapp.training import evaluate as evaluate_model
+from pollinate.clientapp.training import train as train_model
 from pollinate.data import ArrayDataset, load_local_data, load_partition
 from pollinate.errors import PollinateError, PrivacyBudgetError, PrivacyLedgerError
 from pollinate.log import logger
@@ -526,7 +526,7 @@ def install_bundle(msg: Message, context: Context) -> Message:
     verify too. The reply says ``installed`` with the bundle's name, or ``refused`` with the
     reason; a refused bundle changes nothing on the device.
     """
-    from pollinate.client.bundles import BundleStore
+    from pollinate.device.bundles import BundleStore
     from pollinate.edge_runtime import BundleError
 
     node = context.node_config
@@ -562,7 +562,7 @@ def _train_for_secagg(msg: Message, context: Context) -> Message:
     declines contributes zeros with weight 0, and its decline still reaches the server in the
     metrics.
     """
-    from pollinate.server.secagg import SECAGG_MAX_WEIGHT_KEY, TASK_KEY, WEIGHT_KEY
+    from pollinate.serverapp.secagg import SECAGG_MAX_WEIGHT_KEY, TASK_KEY, WEIGHT_KEY
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = json.loads(str(fitins.config[TASK_KEY]))

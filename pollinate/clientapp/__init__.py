@@ -1,0 +1,1 @@
+"""pollinate.clientapp."""
