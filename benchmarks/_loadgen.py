@@ -812,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         reference_model=args.reference_model,
         loop=args.loop,
     )
-    print(json.dumps(run_load(cfg).to_dict(), indent=2))
+    from benchmarks._measure import print_json  # not at the top: the workers import only numpy
+
+    print_json(run_load(cfg).to_dict())
 
 
 if __name__ == "__main__":

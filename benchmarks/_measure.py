@@ -1,25 +1,114 @@
-"""Helpers shared by the benchmarks: run a command, sample the RSS of its process tree."""
+"""The benchmarks' one measurement helper: timing, ratios against baselines, JSON results.
+
+* Timing: :func:`time_calls` / :func:`time_call` (repeats after a warm-up; several callables
+  are interleaved, so drift of the machine hits them alike), :class:`Timings` (median,
+  percentiles) and :class:`Stopwatch` (one elapsed time).
+* pollinate runs: :func:`run_pollinate` (a ``python -m pollinate`` command, the peak RSS of
+  its process tree and the time of its first checkpoint).
+* Results: :func:`ratio` / :func:`maybe_ratio` (a value over its baseline, rounded),
+  :func:`write_json` / :func:`write_result` (written atomically with
+  :func:`pollinate._atomic.atomic_write_text`, then printed) and :func:`print_json`.
+
+Process machinery (running commands, sampling process trees, stopping process groups) is the
+tests' harness, :mod:`tests.support`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
+import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+from tests.support import REPO
+from tests.support.commands import run_command
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = [
+    "REPO",
+    "RESULTS",
+    "Run",
+    "Stopwatch",
+    "Timings",
+    "maybe_ratio",
+    "print_json",
+    "ratio",
+    "run_pollinate",
+    "time_call",
+    "time_calls",
+    "write_json",
+    "write_result",
+]
+
+RESULTS = REPO / "benchmarks" / "results"
+"""Where the benchmarks' JSON results go."""
 
 
+# ---------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timings:
+    """Seconds taken by repeated calls of one thing."""
+
+    seconds: tuple[float, ...]
+
+    def median_s(self, digits: int | None = None) -> float:
+        """The median, in seconds (rounded to ``digits`` when given)."""
+        median = statistics.median(self.seconds)
+        return median if digits is None else round(median, digits)
+
+    def mean_s(self, digits: int | None = None) -> float:
+        """The mean, in seconds (rounded to ``digits`` when given)."""
+        mean = statistics.fmean(self.seconds)
+        return mean if digits is None else round(mean, digits)
+
+    def percentile_ms(self, q: float) -> float:
+        """The ``q``-th percentile (numpy's linear interpolation), in milliseconds."""
+        import numpy as np
+
+        return float(np.percentile([s * 1000 for s in self.seconds], q))
+
+
+def time_calls(
+    calls: Mapping[str, Callable[[], object]], repeats: int, *, warmup: int = 0
+) -> dict[str, Timings]:
+    """Time each of ``calls`` ``repeats`` times, after ``warmup`` untimed rounds.
+
+    Rounds are interleaved (every callable once per round, in order), so that a change of the
+    machine's speed during the measurement hits all of them alike.
+    """
+    for _ in range(warmup):  # allocator, caches, kernels
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    return {label: Timings(tuple(t)) for label, t in times.items()}
+
+
+def time_call(call: Callable[[], object], repeats: int, *, warmup: int = 0) -> Timings:
+    """Time ``call`` ``repeats`` times, after ``warmup`` untimed calls."""
+    return time_calls({"call": call}, repeats, warmup=warmup)["call"]
+
+
+class Stopwatch:
+    """Seconds since it was started (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self, digits: int | None = None) -> float:
+        """Seconds elapsed so far (rounded to ``digits`` when given)."""
+        elapsed = time.perf_counter() - self.started
+        return elapsed if digits is None else round(elapsed, digits)
+
+
+# ---------------------------------------------------------------------- pollinate runs
 @dataclass
 class Run:
     """A finished command with its timing and memory."""
@@ -29,21 +118,6 @@ class Run:
     peak_rss_mb: float
     first_round_s: float | None
     stderr_tail: str
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """RSS of ``proc`` and all its descendants, in bytes (each process counted once)."""
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
 
 
 def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) -> Run:
@@ -74,7 +148,30 @@ def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) 
     )
 
 
-def write_json(out: Path, result: dict[str, Any], *, sort_keys: bool = False) -> Path:
+# ---------------------------------------------------------------------- results
+def ratio(value: float, baseline: float, digits: int | None = None) -> float:
+    """``value / baseline``, rounded to ``digits`` when given."""
+    quotient = value / baseline
+    return quotient if digits is None else round(quotient, digits)
+
+
+def maybe_ratio(
+    value: float | None, baseline: float | None, digits: int | None = None
+) -> float | None:
+    """:func:`ratio`, or None when either is missing or the baseline is 0."""
+    if value is None or not baseline:
+        return None
+    return ratio(value, baseline, digits)
+
+
+def print_json(result: Mapping[str, Any], *, sort_keys: bool = False) -> str:
+    """Print ``result`` as indented JSON; the text printed."""
+    text = json.dumps(result, indent=2, sort_keys=sort_keys)
+    print(text)
+    return text
+
+
+def write_json(out: Path, result: Mapping[str, Any], *, sort_keys: bool = False) -> Path:
     """Write ``result`` to ``out`` atomically (temp file + rename) and print the JSON."""
     from pollinate._atomic import atomic_write_text
 
@@ -85,93 +182,6 @@ def write_json(out: Path, result: dict[str, Any], *, sort_keys: bool = False) ->
     return out
 
 
-def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Write ``benchmarks/results/NAME.json`` and print the JSON."""
-    return write_json(REPO / "benchmarks" / "results" / f"{name}.json", result, sort_keys=True)
-
-
-@dataclass
-class CommandRun:
-    """A finished command: exit status, wall time, peak RSS of its process tree."""
-
-    returncode: int
-    started_at: float  # time.time() when the command was started
-    wall_s: float
-    peak_rss_mb: float
-    stderr_tail: str
-
-
-def run_command(
-    cmd: Sequence[str],
-    *,
-    env_extra: dict[str, str] | None = None,
-    timeout: float = 1800,
-    cwd: Path = REPO,
-    on_poll: Callable[[float], None] | None = None,
-) -> CommandRun:
-    """Run ``cmd`` in its own session, sampling the summed RSS of its whole process tree.
-
-    ``on_poll(seconds since start)`` is called at every sample (every 0.1 s).
-
-    Anything the command leaves running in its session (Ray's processes, say) is ended with
-    it: on success, on failure and on timeout.
-    """
-    env = {**os.environ, **(env_extra or {})}
-    started_at = time.time()
-    start = time.monotonic()
-    child = subprocess.Popen(
-        list(cmd),
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    proc = psutil.Process(child.pid)
-    peak = 0
-    stderr_chunks: list[str] = []
-
-    def drain() -> None:
-        assert child.stderr is not None
-        for line in child.stderr:
-            stderr_chunks.append(line)
-            del stderr_chunks[:-400]
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        while child.poll() is None:
-            peak = max(peak, tree_rss(proc))
-            if on_poll is not None:
-                on_poll(time.monotonic() - start)
-            if time.monotonic() - start > timeout:
-                break
-            time.sleep(0.1)
-    finally:
-        wall = time.monotonic() - start
-        _end_session(child)
-        reader.join(timeout=5)
-        if child.stderr is not None:
-            child.stderr.close()
-    return CommandRun(
-        returncode=child.returncode,
-        started_at=started_at,
-        wall_s=wall,
-        peak_rss_mb=peak / 2**20,
-        stderr_tail="".join(stderr_chunks)[-4000:],
-    )
-
-
-def _end_session(child: subprocess.Popen[str]) -> None:
-    """Stop ``child`` (if still running) and whatever it left in its own session."""
-    with contextlib.suppress(ProcessLookupError):
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-        # The leader is gone; members of its session (process group) may not be.
-        os.killpg(child.pid, signal.SIGKILL)
+def write_result(name: str, result: Mapping[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME.json`` (keys sorted) and print the JSON."""
+    return write_json(RESULTS / f"{name}.json", result, sort_keys=True)

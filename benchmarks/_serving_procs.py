@@ -6,7 +6,9 @@ listening (a JSON object of port numbers, e.g. ``{"http": 8000}`` for
 ``pollinate serve``). :func:`start_server` waits for that file (and, optionally, for
 ``GET /v2/health/ready`` to answer 200), failing with the process's log tail if it dies or
 takes too long; :class:`RssSampler` samples the RSS of its process tree in a thread;
-:meth:`ServerProcess.stop` sends SIGTERM, then SIGKILL, to its whole session.
+:meth:`ServerProcess.stop` sends SIGTERM, then SIGKILL, to its whole session. The process
+machinery underneath (port files, waiting, process groups, tree RSS) is
+:mod:`tests.support`'s.
 
 Example::
 
@@ -19,9 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,19 +30,28 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import psutil
 
-from benchmarks._measure import REPO, tree_rss
+from tests.support import REPO
+from tests.support.commands import tree_cpu_s, tree_rss
+from tests.support.processes import (
+    POLLINATE,
+    StartError,
+    log_tail,
+    spawn,
+    stop_group,
+    wait_for_port_file,
+    wait_until,
+)
 
 NAIVE_SERVER = REPO / "benchmarks" / "naive_server.py"
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(StartError):
     """The server exited, or did not become ready in time."""
 
 
@@ -57,7 +66,6 @@ class ServerProcess:
     host: str = "127.0.0.1"
     started_at: float = 0.0  # time.monotonic() at launch
     ready_s: float = 0.0  # seconds from launch to ready
-    _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -94,11 +102,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM the server's session, SIGKILL it after ``timeout`` s; the exit code."""
-        code = stop_process(self.popen, timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
+        return stop_group(self.popen, timeout)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -139,7 +143,7 @@ def pollinate_serve_cmd(
 ) -> list[str]:
     """The command line of ``pollinate serve`` on ephemeral ports, writing ``port_file``."""
     return [
-        sys.executable, "-m", "pollinate", "serve", "--repository", str(repository),
+        *POLLINATE, "serve", "--repository", str(repository),
         "--host", host, "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         "--port-file", str(port_file), "--device", device, *extra,
     ]  # fmt: skip
@@ -171,22 +175,21 @@ def start_server(
         fd, name = tempfile.mkstemp(prefix="pollinate-server-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
-    log = open(log_path, "wb")  # noqa: SIM115 (closed by ServerProcess.stop)
+    Path(log_path).write_bytes(b"")
     start = time.monotonic()
-    popen = subprocess.Popen(
-        list(cmd),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env_extra or {})},
-        start_new_session=True,
-    )
-    server = ServerProcess(popen, {}, port_file, log_path, host, start, _log=log)
+    popen = spawn(cmd, Path(log_path), {**os.environ, **(env_extra or {})}, cwd=cwd)
+    server = ServerProcess(popen, {}, port_file, Path(log_path), host, start)
     try:
-        server.ports = _wait_port_file(server, required_ports, start + timeout_s, cmd)
-        if ready_path is not None:
-            _wait_ready(server, ready_path, start + timeout_s, cmd)
+        try:
+            server.ports = wait_for_port_file(popen, port_file, timeout_s, required=required_ports)
+            if ready_path is not None:
+                _wait_ready(server, ready_path, start + timeout_s - time.monotonic())
+        except StartError as exc:
+            code = server.popen.poll()
+            status = f"exited with code {code}" if code is not None else "still running"
+            raise ServerStartError(
+                f"server {exc} ({status}): {' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}"
+            ) from exc
     except BaseException:
         server.stop(timeout=5)
         raise
@@ -194,87 +197,21 @@ def start_server(
     return server
 
 
-def _fail(server: ServerProcess, cmd: Sequence[str], why: str) -> ServerStartError:
-    code = server.popen.poll()
-    status = f"exited with code {code}" if code is not None else "still running"
-    return ServerStartError(
-        f"server {why} ({status}): {' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}"
-    )
-
-
-def _wait_port_file(
-    server: ServerProcess, required: Sequence[str], deadline: float, cmd: Sequence[str]
-) -> dict[str, int]:
-    while True:
-        if server.popen.poll() is not None:
-            raise _fail(server, cmd, "died before writing its port file")
-        with contextlib.suppress(OSError, ValueError):
-            ports = json.loads(server.port_file.read_text())
-            if isinstance(ports, dict) and all(k in ports for k in required):
-                return {str(k): int(v) for k, v in ports.items()}
-        if time.monotonic() > deadline:
-            raise _fail(server, cmd, f"wrote no port file {server.port_file} in time")
-        time.sleep(0.05)
-
-
-def _wait_ready(server: ServerProcess, path: str, deadline: float, cmd: Sequence[str]) -> None:
+def _wait_ready(server: ServerProcess, path: str, timeout: float) -> None:
+    """Wait until ``GET`` of ``path`` answers 200; StartError if the server dies first."""
     url = server.url() + path
-    while True:
+
+    def ready() -> bool:
         if server.popen.poll() is not None:
-            raise _fail(server, cmd, "died before it was ready")
+            raise StartError("died before it was ready")
         with (
             contextlib.suppress(OSError, urllib.error.URLError),
             urllib.request.urlopen(url, timeout=2) as response,
         ):
-            if response.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise _fail(server, cmd, f"was not ready at {url} in time")
-        time.sleep(0.05)
+            return bool(response.status == 200)
+        return False
 
-
-def stop_process(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM ``popen``'s session (process group), SIGKILL it after ``timeout`` s.
-
-    Whatever else is left in the session is killed too. Returns the exit code (negative: the
-    signal that ended it).
-    """
-    with contextlib.suppress(ProcessLookupError):
-        if popen.poll() is None:
-            os.killpg(popen.pid, signal.SIGTERM)
-            try:
-                popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
-        os.killpg(popen.pid, signal.SIGKILL)  # members of the session the leader left behind
-    return popen.wait()
-
-
-def log_tail(path: Path, chars: int = 4000) -> str:
-    """The last ``chars`` characters of the file at ``path`` ("" if it is missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - chars))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid`` and its live descendants."""
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
+    wait_until(f"{url} to answer 200", ready, max(0.0, timeout), interval=0.05, error=StartError)
 
 
 class RssSampler:

@@ -14,11 +14,9 @@ Usage: python benchmarks/export.py [--run-dir RUN] [--repeats 500]
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import write_result
+from benchmarks._measure import ratio, time_call, write_result
 
 
 def _trained_run(root: Path) -> Path:
@@ -51,23 +49,15 @@ def _trained_run(root: Path) -> Path:
 
 
 def _latency(fn: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
-    for _ in range(50):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    """p50 and p95 milliseconds of ``fn(x)``, after 50 untimed calls."""
+    timings = time_call(lambda: fn(x), repeats, warmup=50)
+    return timings.percentile_ms(50), timings.percentile_ms(95)
 
 
 def _cold(code: str, runs: int = 5) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of a new interpreter running ``code``."""
+    cmd = [sys.executable, "-c", code]
+    return time_call(lambda: subprocess.run(cmd, check=True, capture_output=True), runs).median_s()
 
 
 def main() -> None:
@@ -123,13 +113,13 @@ def main() -> None:
             )
             artifacts[art.file] = {
                 "runtime": backend, "precision": art.precision,
-                "size_bytes": size, "size_ratio_vs_fp32_onnx": round(size / fp32_size, 4),
+                "size_bytes": size, "size_ratio_vs_fp32_onnx": ratio(size, fp32_size, 4),
                 "accuracy": float((pred == y).mean()),
                 "agreement_vs_torch": float((pred == ref).mean()),
                 "p50_ms": round(p50, 4), "p95_ms": round(p95, 4),
-                "p50_ratio_vs_torch_eager": round(p50 / torch_p50, 3),
+                "p50_ratio_vs_torch_eager": ratio(p50, torch_p50, 3),
                 "cold_start_s": round(cold, 3),
-                "cold_start_ratio_vs_torch": round(cold / torch_cold, 3),
+                "cold_start_ratio_vs_torch": ratio(cold, torch_cold, 3),
             }  # fmt: skip
             model.close()
     write_result(

@@ -59,7 +59,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -71,11 +70,18 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._federation_procs import Federation, FederationError
-from benchmarks._measure import run_pollinate, write_json
+from benchmarks._measure import (
+    Stopwatch,
+    Timings,
+    maybe_ratio,
+    print_json,
+    run_pollinate,
+    write_json,
+)
+from tests.support.federation import Federation, FederationError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federation.json"
-T0 = time.monotonic()
+CLOCK = Stopwatch()  # since the benchmark started
 PENDING_LIMIT_S = 120.0
 TARGET = (
     "with 30% of daemons killed mid-round, all rounds complete and the final accuracy is "
@@ -85,7 +91,7 @@ TARGET = (
 
 def say(message: str) -> None:
     """A progress line on stderr, stamped with the seconds since the benchmark started."""
-    print(f"[{time.monotonic() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+    print(f"[{CLOCK.seconds():7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- run directories
@@ -116,9 +122,9 @@ def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds_completed": len(rounds),
         "every_sampled_client_replied": lost == 0,
         "round_seconds": [round(s, 3) for s in seconds],
-        "mean_s_per_round": _r(statistics.fmean(seconds)) if seconds else None,
-        "median_s_per_round": _r(statistics.median(seconds)) if seconds else None,
-        "warm_median_s_per_round": _r(statistics.median(warm)) if warm else None,
+        "mean_s_per_round": Timings(tuple(seconds)).mean_s(3) if seconds else None,
+        "median_s_per_round": Timings(tuple(seconds)).median_s(3) if seconds else None,
+        "warm_median_s_per_round": Timings(tuple(warm)).median_s(3) if warm else None,
         "final_accuracy": metrics[-1].get("accuracy") if rounds else None,
         "per_round": [
             {k: m.get(k) for k in ("server_round", "sampled", "replied", "failed", "declined",
@@ -134,8 +140,7 @@ def ratios(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]
     """Real seconds per round over simulated ones (mean, median, warm median)."""
     out: dict[str, float | None] = {}
     for key in ("mean_s_per_round", "median_s_per_round", "warm_median_s_per_round"):
-        a, b = real.get(key), sim.get(key)
-        out[key.removesuffix("_s_per_round")] = _r(a / b, 2) if a and b else None
+        out[key.removesuffix("_s_per_round")] = maybe_ratio(real.get(key), sim.get(key), 2)
     return out
 
 
@@ -261,16 +266,16 @@ def real_run(
     """``pollinate server run`` with the workload's run config; followed to its end."""
     run_dir = root / name
     say(f"real run '{name}': {work.devices} devices, {work.rounds} rounds")
-    t0 = time.monotonic()
+    clock = Stopwatch()
     flags = ("num-server-rounds", "round-timeout", "min-train-nodes")  # as the CLI's own flags
     options = [
         "--rounds", str(work.rounds), "--round-timeout", str(work.round_timeout),
         "--min-train-nodes", str(work.min_train_nodes), *work.sets(skip=flags),
     ]  # fmt: skip
     run_id = fed.start_run(run_dir, options)
-    submitted_s = time.monotonic() - t0
+    submitted_s = clock.seconds()
     status = follow(fed, run_id, run_dir, work.rounds, timeout, on_poll)
-    wall_s = time.monotonic() - t0
+    wall_s = clock.seconds()
     result = {
         "run_id": run_id,
         "status": status.get("status"),
@@ -570,11 +575,11 @@ def main() -> int:
         say(f"failed: {type(err).__name__}: {err}")
         if isinstance(err, FederationError):  # what was measured before, for the record
             report["error"] = str(err)
-            report["benchmark_wall_s"] = round(time.monotonic() - T0, 1)
-            print(json.dumps(report, indent=2))
+            report["benchmark_wall_s"] = CLOCK.seconds(1)
+            print_json(report)
             say(f"partial results printed above; {args.out} left as it was")
         return 1
-    report["benchmark_wall_s"] = round(time.monotonic() - T0, 1)
+    report["benchmark_wall_s"] = CLOCK.seconds(1)
     write_json(args.out, report)
     return 0
 

@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -269,17 +266,10 @@ def build_app(model: NaiveModel) -> Starlette:
 
 
 def write_port_file(path: Path, ports: dict[str, int]) -> None:
-    """Write ``ports`` as JSON to ``path`` atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(ports, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``ports`` as JSON to ``path`` atomically (pollinate's temp file + rename)."""
+    from pollinate._atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(ports))
 
 
 class _Server(uvicorn.Server):

@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import REPO, run_pollinate, write_result
+from benchmarks._measure import RESULTS, run_pollinate, write_result
 
 SAMPLE_RECIPE = ["--set", "batch-size=32"]  # plus --set learning-rate=<--sample-lr>
 CLIENT_RECIPE = [
@@ -74,14 +74,14 @@ def main() -> None:
     args = parser.parse_args()
     modes = set(args.modes.split(","))
     if args.plot_only:
-        saved = json.loads((REPO / "benchmarks" / "results" / "privacy_utility.json").read_text())
+        saved = json.loads((RESULTS / "privacy_utility.json").read_text())
         _plot(saved, [float(e) for e in args.epsilons.split(",")])
         return
     epsilons = [float(e) for e in args.epsilons.split(",")]
     base = ["--num-clients", str(args.clients), "--rounds", str(args.rounds)]
     sample_recipe = [*SAMPLE_RECIPE, "--set", f"learning-rate={args.sample_lr}"]
     result: dict[str, Any] = {"sample_level": {}, "client_level": {}}
-    previous = REPO / "benchmarks" / "results" / "privacy_utility.json"
+    previous = RESULTS / "privacy_utility.json"
     if modes != {"reference", "sample", "client"} and previous.exists():
         result = json.loads(previous.read_text())
     workload = dict(result.get("workload", {}))
@@ -142,7 +142,7 @@ def _plot(result: dict[str, Any], epsilons: list[float]) -> None:
     ax.legend(fontsize=7)
     ax.set_title("privacy-utility, 1000 clients")
     fig.tight_layout()
-    fig.savefig(REPO / "benchmarks" / "results" / "privacy_utility.png", dpi=120)
+    fig.savefig(RESULTS / "privacy_utility.png", dpi=120)
 
 
 if __name__ == "__main__":

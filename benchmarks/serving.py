@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._loadgen import LoadConfig, load_images, run_load
-from benchmarks._measure import write_json
+from benchmarks._measure import RESULTS, maybe_ratio, ratio, write_json
 from benchmarks._serving_procs import (
     NAIVE_SERVER,
     RssSampler,
@@ -46,7 +46,7 @@ from benchmarks._serving_procs import (
     start_server,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
+OUT = RESULTS / "serving.json"
 NAIVE = {
     "cpu": "uvicorn + Starlette, one onnxruntime call per request in the thread pool "
     "(onnxruntime's default threads)",
@@ -113,6 +113,11 @@ def _best(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(ok, key=lambda lv: lv["throughput_rps"]) if ok else None
 
 
+def _rps(best: dict[str, Any] | None) -> float | None:
+    """The throughput of a best level (None when no level met the bound)."""
+    return None if best is None else float(best["throughput_rps"])
+
+
 def _start(
     kind: str, repo: Path, tmp: Path, args: argparse.Namespace, extra: tuple[str, ...] = ()
 ) -> ServerProcess:
@@ -144,7 +149,7 @@ def main() -> None:
         "--repository", type=Path, default=None,
         help="an existing repository with cnn/1 (default: train and export one now)",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup = 1.5, 0.3
@@ -233,18 +238,14 @@ def main() -> None:
         "small_requests": {
             "levels": small,
             "best_with_p95_under_10ms": {"pollinate": bp, "naive": bn, WORKERS: bw},
-            "throughput_ratio_at_p95_10ms": (bp["throughput_rps"] / bn["throughput_rps"])
-            if bp and bn
-            else None,
+            "throughput_ratio_at_p95_10ms": maybe_ratio(_rps(bp), _rps(bn)),
             "workers": args.workers,
-            "workers_throughput_ratio_at_p95_10ms": (bw["throughput_rps"] / bn["throughput_rps"])
-            if bw and bn
-            else None,
+            "workers_throughput_ratio_at_p95_10ms": maybe_ratio(_rps(bw), _rps(bn)),
         },
         "batched_requests_32": {
             "levels": batched,
             "max_predictions_per_s": top_pred,
-            "ratio": top_pred["pollinate"] / top_pred["naive"],
+            "ratio": ratio(top_pred["pollinate"], top_pred["naive"]),
         },
         "overload_4x": {
             "flags": list(overload_flags),
@@ -253,8 +254,9 @@ def main() -> None:
             "unloaded": unloaded,
             "at_capacity": capacity,
             "overloaded": overloaded,
-            "admitted_p95_over_unloaded_p95": (overloaded["latency_ms"]["p95"] or 0)
-            / (unloaded["latency_ms"]["p95"] or 1),
+            "admitted_p95_over_unloaded_p95": ratio(
+                overloaded["latency_ms"]["p95"] or 0, unloaded["latency_ms"]["p95"] or 1
+            ),
             "refusal_p95_ms": overloaded["refusal_latency_ms"]["p95"],
             "server_alive_after": alive,
             "rss_mb": {

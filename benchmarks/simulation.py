@@ -29,19 +29,18 @@ Usage: python benchmarks/simulation.py [--rounds 6] [--skip-ray-engine]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import run_pollinate, write_result
-from benchmarks._reference import reference_flower
+from benchmarks._measure import Timings, ratio, run_pollinate, time_calls, write_result
+from tests.support.reference import reference_flower
 
 WORKLOAD = {
     "clients": 1000, "clients_per_round": 100, "samples_per_client": 4, "batch_size": 32,
@@ -60,7 +59,7 @@ def pollinate_run(args: list[str], workdir: Path, name: str) -> dict[str, Any]:
     warm = [m["seconds"] for m in metrics if m["server_round"] >= 2]
     privacy = json.loads((run_dir / "privacy.json").read_text())["summary"]["sample_level"]
     return {
-        "warm_s_per_round": round(statistics.median(warm), 3),
+        "warm_s_per_round": Timings(tuple(warm)).median_s(3),
         "time_to_first_round_s": round(run.first_round_s or float("nan"), 2),
         "peak_rss_mb": round(run.peak_rss_mb, 1),
         "wall_s": round(run.wall_s, 2),
@@ -90,17 +89,15 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
         label: TrainSettings(epochs=1, batch_size=32, learning_rate=0.5, dp=dp)
         for label, dp in (("dp", True), ("plain", False))
     }
-    for _ in range(3):  # warm-up: allocator, kernels
-        for each in settings.values():
-            train_cohort(model, members, each)
-    times: dict[str, list[float]] = {label: [] for label in settings}
-    for _ in range(repeats):  # interleaved, so drift of the machine hits both alike
-        for label, each in settings.items():
-            start = time.perf_counter()
-            train_cohort(model, members, each)
-            times[label].append(time.perf_counter() - start)
-    out = {f"{label}_step_s": round(statistics.median(t), 4) for label, t in times.items()}
-    out["ratio"] = round(out["dp_step_s"] / out["plain_step_s"], 3)
+    # interleaved after 3 warm-up rounds (allocator, kernels): drift of the machine hits both
+    timings = time_calls(
+        {label: functools.partial(train_cohort, model, members, each)
+         for label, each in settings.items()},
+        repeats,
+        warmup=3,
+    )  # fmt: skip
+    out = {f"{label}_step_s": t.median_s(4) for label, t in timings.items()}
+    out["ratio"] = ratio(out["dp_step_s"], out["plain_step_s"], 3)
     return out
 
 
@@ -145,13 +142,14 @@ def main() -> None:
     ref, fast = result["reference"], result["fast"]
     result["warm_s_per_round"] = fast["warm_s_per_round"]
     result["baseline_warm_s_per_round"] = ref["warm_s_per_round"]
-    result["speedup"] = round(ref["warm_s_per_round"] / fast["warm_s_per_round"], 1)
-    result["speedup_vs_tuned_reference"] = round(
-        result["reference_tuned"]["warm_s_per_round"] / fast["warm_s_per_round"], 1
+    # speedups: the baseline's seconds per round over pollinate's
+    result["speedup"] = ratio(ref["warm_s_per_round"], fast["warm_s_per_round"], 1)
+    result["speedup_vs_tuned_reference"] = ratio(
+        result["reference_tuned"]["warm_s_per_round"], fast["warm_s_per_round"], 1
     )
-    result["speedup_default_model"] = round(
-        result["reference_default_model"]["warm_s_per_round"]
-        / result["fast_default_model"]["warm_s_per_round"],
+    result["speedup_default_model"] = ratio(
+        result["reference_default_model"]["warm_s_per_round"],
+        result["fast_default_model"]["warm_s_per_round"],
         1,
     )
     result["time_to_first_round_s"] = fast["time_to_first_round_s"]

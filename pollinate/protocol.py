@@ -1,4 +1,15 @@
-"""The typed form of the ConfigRecord the server sends with each train/evaluate message."""
+"""What the ServerApp, the ClientApp and the device daemon say to each other.
+
+One module that all three import, so a key is spelled once:
+
+* the typed task (:class:`ClientTask`): the ConfigRecord the server sends with each train and
+  evaluate message;
+* the record and metric keys of messages and replies (:data:`ACCOUNTING_KEYS`: all a DP reply
+  says besides the model);
+* the SecAgg+ keys the server's workflow and the client's adapter exchange;
+* the node-config keys a device's daemon hands its ClientApp (its identity, data, and its own
+  privacy policy, :data:`POLICY_KEYS`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,74 @@ from dataclasses import dataclass
 
 from pollinate.errors import ConfigError
 
-__all__ = ["ClientTask"]
+__all__ = [
+    "ACCOUNTING_KEYS",
+    "ARRAYS",
+    "BUNDLE_QUERY",
+    "CONFIG",
+    "INFO",
+    "METRICS",
+    "NUM_EXAMPLES_KEY",
+    "POLICY_KEYS",
+    "SECAGG_MAX_WEIGHT_KEY",
+    "SECAGG_TASK_KEY",
+    "SECAGG_WEIGHT_KEY",
+    "UNIFORM_WEIGHT_KEY",
+    "ClientTask",
+    "NodeKey",
+]
+
+# ------------------------------------------------------------------ records of a message
+ARRAYS = "arrays"  #: the model (ArrayRecord)
+CONFIG = "config"  #: the task (ConfigRecord, parsed by ClientTask)
+METRICS = "metrics"  #: a reply's numbers (MetricRecord)
+INFO = "info"  #: a reply's text: client key, decline / refusal reasons (ConfigRecord)
+BUNDLE_QUERY = "bundle"  #: the query message type that delivers a model bundle
+
+# ------------------------------------------------------------------ reply metrics
+NUM_EXAMPLES_KEY = "num-examples"  #: exact local sample count: sent only without DP
+UNIFORM_WEIGHT_KEY = "client-weight"  #: weight 1 per client (under any DP)
+
+#: what a DP reply says besides the model: the mechanism, nothing exact about the data
+ACCOUNTING_KEYS = (
+    "client-weight", "steps", "total-steps", "sample-rate", "noise-multiplier", "epsilon",
+    "delta", "declined", "refused", "clipping-norm",
+)  # fmt: skip
+
+# ------------------------------------------------------------------ SecAgg+ task config
+SECAGG_WEIGHT_KEY = "secagg-weight-key"  #: which reply metric weighs the masked update
+SECAGG_MAX_WEIGHT_KEY = "secagg-max-weight"  #: the cap the protocol scales weights by
+SECAGG_TASK_KEY = "pollinate-task"  #: the task config, as JSON inside the legacy FitIns
+
+
+# ------------------------------------------------------------------ node config of a device
+class NodeKey:
+    """Node-config keys: what a SuperNode (a device's daemon, or the simulation) tells its
+    ClientApp about the node."""
+
+    CLIENT_ID = "client-id"
+    STATE_DIR = "state-dir"
+    DATA_PATH = "data-path"
+    PARTITION_ID = "partition-id"
+    NUM_PARTITIONS = "num-partitions"
+    BUNDLE_PUBLIC_KEY = "bundle-public-key"
+    PRIVACY_DP = "privacy-dp"
+    PRIVACY_MIN_NOISE = "privacy-min-noise"
+    PRIVACY_MAX_CLIP = "privacy-max-clip"
+    PRIVACY_MAX_EPOCHS = "privacy-max-epochs"
+    EPSILON_BUDGET = "epsilon-budget"
+    NEW_LEDGER = "new-ledger"
+
+
+#: node-config keys of the device's own privacy policy (``pollinate edge run`` sets them)
+POLICY_KEYS = (
+    NodeKey.PRIVACY_DP,
+    NodeKey.PRIVACY_MIN_NOISE,
+    NodeKey.PRIVACY_MAX_CLIP,
+    NodeKey.PRIVACY_MAX_EPOCHS,
+    NodeKey.EPSILON_BUDGET,
+    NodeKey.NEW_LEDGER,
+)
 
 
 def _num(cfg: Mapping[str, object], key: str, default: float | None = None) -> float:

@@ -1,4 +1,8 @@
-"""Shared test set-up: one thread per process, Flower's home inside the test's temp area."""
+"""Shared test set-up: one thread per process, no runtime installs, markers by folder.
+
+The shared harness (processes, the real federation, serving, Flower messages, the trained
+CNN, the privacy audit) is the package :mod:`tests.support`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,18 +1,163 @@
-"""``pollinate edge run`` (the device daemon) and ``pollinate edge status``."""
+"""``pollinate edge ...``: a device's side. ``predict`` and ``bench`` run an exported bundle
+(no torch needed); ``run`` is the device's federated-learning daemon and ``rollback`` puts
+its previous bundle back (``status``: :mod:`pollinate.cli.edge_status`).
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from pollinate.cli._common import CommandGroup
 from pollinate.cli.console import make_console
+from pollinate.errors import PollinateError
 
-__all__ = ["rollback_command", "run_command", "status_command"]
+__all__ = ["edge_app"]
+
+edge_app = CommandGroup(
+    help="A device's side: run exported bundles (predict, bench; no torch needed) and the "
+    "federated-learning daemon (run, status, rollback).",
+)
 
 
+def _load_input(path: Path) -> Any:
+    import numpy as np
+
+    from pollinate.edge_runtime import InputError
+
+    if not path.exists():
+        raise InputError(f"input {path} does not exist; pass a .npy file or an image")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise InputError(f"input {path} is not a readable .npy array ({err})") from err
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except OSError as err:
+        raise InputError(f"input {path} is neither a .npy array nor an image ({err})") from err
+
+
+@edge_app.command("predict")
+def edge_predict(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder or .tar.gz.")],
+    input_: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT", help="A .npy array (one sample or a batch) or an image file."
+        ),
+    ],
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, openvino or litert.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or int8.")] = "auto",
+    public_key: Annotated[
+        Path | None, typer.Option(help="Require a valid ed25519 signature.")
+    ] = None,
+) -> None:
+    """Predict labels for an input with a bundle.
+
+    Examples:
+
+      pollinate edge predict bundles/demo digit.png
+
+      pollinate edge predict bundles/demo.tar.gz batch.npy --backend openvino
+    """
+    import numpy as np
+
+    from pollinate.edge_runtime import InputError, load_bundle
+
+    try:
+        model = load_bundle(bundle, backend=backend, precision=precision, public_key=public_key)  # type: ignore[arg-type]
+        x = _load_input(input_)
+        logits = model.predict(x)
+        labels = model.predict_labels(x)
+    except ValueError as err:  # an InputError keeps its own code (2); any other: 1
+        raise err if isinstance(err, InputError) else PollinateError(str(err)) from None
+    out = {
+        "bundle": str(bundle),
+        "backend": model.backend,
+        "artifact": model.artifact.file,
+        "labels": labels,
+        "logits": [[round(float(v), 5) for v in row] for row in np.atleast_2d(logits)],
+    }
+    print(json.dumps(out))
+
+
+@edge_app.command("bench")
+def edge_bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder or .tar.gz.")],
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, openvino or litert.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or int8.")] = "auto",
+    repeats: Annotated[int, typer.Option(help="Timed single-sample predictions.")] = 500,
+    batch: Annotated[int, typer.Option(help="Batch size for the throughput figure.")] = 64,
+) -> None:
+    """Latency (p50/p95, one sample, one thread), throughput, memory and cold start.
+
+    Example:
+
+      pollinate edge bench bundles/demo --precision int8
+    """
+    import resource
+
+    import numpy as np
+
+    from pollinate.edge_runtime import InputError, load_bundle
+
+    try:
+        model = load_bundle(bundle, backend=backend, precision=precision)  # type: ignore[arg-type]
+    except ValueError as err:  # an InputError keeps its own code (2); any other: 1
+        raise err if isinstance(err, InputError) else PollinateError(str(err)) from None
+    shape = [d if d > 0 else 1 for d in model.manifest.inputs[0].shape]
+    rng = np.random.default_rng(0)
+    one = rng.random(shape, dtype=np.float32)
+    many = rng.random([batch, *shape[1:]], dtype=np.float32)
+    for _ in range(20):
+        model.predict(one)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict(one)
+        times.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    rounds = 20
+    for _ in range(rounds):
+        model.predict(many)
+    throughput = rounds * batch / (time.perf_counter() - start)
+    cold = _cold_start(bundle, backend, precision)
+    result = {
+        "bundle": str(bundle), "backend": model.backend, "artifact": model.artifact.file,
+        "p50_ms": round(float(np.percentile(times, 50)), 4),
+        "p95_ms": round(float(np.percentile(times, 95)), 4),
+        "throughput_per_s": round(throughput, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cold_start_s": round(cold, 3),
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
+def _cold_start(bundle: Path, backend: str, precision: str) -> float:
+    """Seconds from a new Python process to its first prediction."""
+    code = (
+        "import numpy as np\n"
+        "from pollinate.edge_runtime import load_bundle\n"
+        f"m = load_bundle({str(bundle)!r}, backend={backend!r}, precision={precision!r})\n"
+        "s = [d if d > 0 else 1 for d in m.manifest.inputs[0].shape]\n"
+        "m.predict(np.zeros(s, dtype=np.float32))\n"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+@edge_app.command("run")
 def run_command(
     superlink: Annotated[str, typer.Option(help="HOST:PORT of the federation's SuperLink.")],
     root_certificates: Annotated[Path, typer.Option(help="The federation's CA certificate.")],
@@ -93,174 +238,24 @@ def run_command(
 
       curl -d '{"inputs": [[0.0, ...]]}' http://127.0.0.1:8765/v1/predict
     """
-    from pollinate.cli.main import _fail
     from pollinate.device.daemon import DaemonSettings, EdgeDaemon, parse_window
-    from pollinate.errors import PollinateError
     from pollinate.log import log_to_stderr
 
     log_to_stderr()
-    try:
-        settings = DaemonSettings(
-            superlink=superlink, root_certificates=root_certificates, key=key,
-            state_dir=state_dir, data=data, partition_id=partition_id,
-            num_partitions=num_partitions, epsilon_budget=epsilon_budget, threads=threads,
-            window=parse_window(window) if window else None,
-            bundle_public_key=bundle_public_key, serve_port=serve_port, serve_host=serve_host,
-            dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
-            max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
-        )  # fmt: skip
-        code = EdgeDaemon(settings).run()
-    except PollinateError as err:
-        raise _fail(err) from None
+    settings = DaemonSettings(
+        superlink=superlink, root_certificates=root_certificates, key=key,
+        state_dir=state_dir, data=data, partition_id=partition_id,
+        num_partitions=num_partitions, epsilon_budget=epsilon_budget, threads=threads,
+        window=parse_window(window) if window else None,
+        bundle_public_key=bundle_public_key, serve_port=serve_port, serve_host=serve_host,
+        dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
+        max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
+    )  # fmt: skip
+    code = EdgeDaemon(settings).run()
     raise typer.Exit(code=code)
 
 
-def status_command(
-    state_dir: Annotated[Path, typer.Option(help="The daemon's --state-dir.")],
-    delta: Annotated[float, typer.Option(help="Delta for the epsilon shown.")] = 1e-5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    check: Annotated[
-        bool,
-        typer.Option(
-            "--check",
-            help="Health check: exit 0 when the daemon is alive and running (or waiting for its "
-            "training window), else print why on stderr and exit 1.",
-        ),
-    ] = False,
-) -> None:
-    """Show the daemon's state, epsilon spent and budget left, from its state directory.
-
-    With --check it is a health check (a container HEALTHCHECK, a probe): one line, fast.
-
-    Examples:
-
-      pollinate edge status --state-dir state
-
-      pollinate edge status --state-dir /state --check
-    """
-    import os
-
-    from pollinate.cli.main import _fail
-    from pollinate.device.daemon import STATUS_FILE, read_status
-    from pollinate.errors import PollinateError
-
-    status: dict[str, Any] = read_status(state_dir)
-    if check:
-        state, pid = status.get("state"), status.get("pid")
-        problem = None
-        if not status:
-            problem = (
-                f"{Path(state_dir) / STATUS_FILE} is missing or unreadable; "
-                f"is {state_dir} the daemon's --state-dir?"
-            )
-        elif state not in ("running", "waiting for the training window"):
-            problem = f"the daemon is {state!r}, not running or waiting for its training window"
-        elif not isinstance(pid, int) or pid <= 0:
-            problem = f"{Path(state_dir) / STATUS_FILE} records no daemon pid"
-        else:
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, OverflowError):
-                problem = f"the daemon (pid {pid}) is not alive, although it last said {state!r}"
-            except PermissionError:
-                pass  # alive, but another user's process
-        if problem is not None:
-            typer.echo(f"unhealthy: {problem}", err=True)
-            raise typer.Exit(code=1)
-        typer.echo(f"healthy: daemon {state} (pid {pid})")
-        return
-
-    from pollinate.clientapp.policy import DeviceLedger
-    from pollinate.privacy import ClientAccountant
-
-    if not status and not list(Path(state_dir).glob("*.accountant.json")):
-        raise _fail(PollinateError(f"{state_dir} holds no daemon state; is it the --state-dir?"))
-    budget_text = status.get("settings", {}).get("epsilon_budget")
-    budget = float(budget_text) if budget_text else None
-    clients = []
-    try:
-        for path in sorted(Path(state_dir).glob("*.accountant.json")):
-            acc = ClientAccountant.load(path)
-            spent = acc.epsilon(delta) if acc.total_steps else 0.0
-            clients.append({
-                "client": path.name.removesuffix(".accountant.json"),
-                "epsilon": spent,
-                "budget": budget,
-                "budget_left": None if budget is None else max(0.0, budget - spent),
-                "steps": acc.total_steps,
-                "last_trained": path.stat().st_mtime,
-            })  # fmt: skip
-    except PollinateError as err:
-        raise _fail(err) from None
-    from pollinate.device.bundles import BundleStore
-    from pollinate.edge_runtime import BundleError
-
-    try:
-        bundle = BundleStore(state_dir).describe()
-    except BundleError as err:
-        raise _fail(PollinateError(str(err))) from None
-    report = {
-        "state": status.get("state", "unknown"),
-        "restarts": status.get("restarts", 0),
-        "last_exit": status.get("last_exit"),
-        "updated": status.get("updated"),
-        "delta": delta,
-        "clients": clients,
-        "bundle": bundle,
-        "serving": status.get("serving"),
-        "last_round": _last_round(state_dir),
-        "refusals": DeviceLedger(Path(state_dir)).refusals(),
-    }
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    console = make_console(soft_wrap=True)
-    console.print(
-        f"daemon: {report['state']} (restarts {report['restarts']}, updated {report['updated']})"
-    )
-    if bundle is None:
-        console.print("bundle: none installed yet")
-    else:
-        console.print(
-            f"bundle: {bundle['name']} (model {bundle['model']} {bundle['version']}, installed "
-            f"{bundle['installed']}; previous {bundle['previous']})"
-        )
-    last = report["last_round"]
-    if last:
-        what = "declined" if last.get("declined") else "trained"
-        console.print(
-            f"last round: {what} round {last.get('server_round')} of run {last.get('run_id')} "
-            f"at {last.get('at')}"
-        )
-    refusals = report["refusals"]
-    if refusals:
-        last_refusal = refusals.get("last") or {}
-        console.print(
-            f"refused {refusals.get('total', 0)} task(s) asking for weaker privacy than this "
-            f"device allows; last: {last_refusal.get('reason')}"
-        )
-    if not clients:
-        console.print("no training yet: epsilon spent 0")
-    for c in clients:
-        left = (
-            "no budget set"
-            if c["budget"] is None
-            else f"{c['budget_left']:.3f} of {c['budget']:.3f} left"
-        )
-        console.print(
-            f"client {c['client']}: epsilon {c['epsilon']:.3f} at delta {delta:g} ({left})"
-        )
-
-
-def _last_round(state_dir: Path) -> dict[str, Any] | None:
-    """The ClientApp's note of the last round asked of this device (last-round.json)."""
-    try:
-        note = json.loads((Path(state_dir) / "last-round.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return note if isinstance(note, dict) else None
-
-
+@edge_app.command("rollback")
 def rollback_command(
     state_dir: Annotated[Path, typer.Option(help="The daemon's --state-dir.")],
 ) -> None:
@@ -270,13 +265,7 @@ def rollback_command(
 
       pollinate edge rollback --state-dir state
     """
-    from pollinate.cli.main import _fail
     from pollinate.device.bundles import BundleStore
-    from pollinate.edge_runtime import BundleError
-    from pollinate.errors import PollinateError
 
-    try:
-        name = BundleStore(state_dir).rollback()
-    except BundleError as err:
-        raise _fail(PollinateError(str(err))) from None
+    name = BundleStore(state_dir).rollback()
     make_console().print(f"bundle {name} is in service again")

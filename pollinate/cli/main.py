@@ -1,368 +1,43 @@
-"""The ``pollinate`` command.
+"""The ``pollinate`` command: one Typer app, one module per command group.
 
-Every error a user can cause ends in one red line and a documented exit code, never a
-traceback (see ``EXIT_CODES``, printed by ``pollinate exit-codes``).
+Every error a user can cause ends in one line and a documented exit code, never a traceback:
+the commands raise, :mod:`pollinate.cli._common` maps the exception tree to the codes of
+:data:`pollinate.errors.EXIT_MEANINGS` once, and ``pollinate exit-codes`` prints them.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
-from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-from rich.markup import escape
-
-from pollinate.cli.console import is_plain, log_handler, make_console, print_click_error, print_error
-from pollinate.errors import CheckpointError, ConfigError, PollinateError
+from pollinate.cli import edge, edge_status, export, runs, serve, server, simulate
+from pollinate.cli._common import CommandGroup
+from pollinate.cli.console import is_plain, make_console, print_click_error, print_error
+from pollinate.errors import EXIT_MEANINGS
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
+app = CommandGroup(
     name="pollinate",
     help="Federated learning with differential privacy on edge devices, built on Flower.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
 )
 
-EXIT_CODES = {
-    0: "success",
-    1: "an unexpected failure (see the message)",
-    2: "an invalid setting or flag",
-    3: "missing, empty or corrupt data",
-    4: "a privacy budget would be exceeded",
-    5: "a missing or inconsistent run directory / checkpoint",
-    6: "an exported artifact failed validation against the torch model",
-    7: "a bundle was refused (tampered, truncated, malformed or badly signed)",
-    8: "the inference runtime a bundle needs is not installed",
-    9: "a serving model repository is missing or malformed",
-    10: "the SuperLink could not be started or reached",
-    11: "a device's privacy ledger is missing or corrupt (start a new one explicitly)",
-}
-
-
-def _setup_logging(verbose: bool) -> None:
-    pkg = logging.getLogger("pollinate")
-    pkg.handlers[:] = [log_handler()]
-    pkg.setLevel(logging.INFO if verbose else logging.WARNING)
-    pkg.propagate = False
-    for noisy in ("flwr", "ray"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
-
-
-def _fail(err: PollinateError) -> typer.Exit:
-    # One line off a terminal; brackets are text ('pip install "pollinate[serve]"'), not markup.
-    print_error(str(err))
-    return typer.Exit(code=err.exit_code)
-
-
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(
-                f"--set expects KEY=VALUE, got {pair!r}; e.g. --set learning-rate=0.05"
-            )
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-class _Progress:
-    """Rich progress bar fed by the ServerApp's round events."""
-
-    def __init__(self, progress: Any, total: int) -> None:
-        self.progress = progress
-        self.task = progress.add_task("rounds", total=total)
-
-    def on_start(self, first_round: int, num_rounds: int) -> None:
-        self.progress.update(self.task, completed=first_round - 1, total=num_rounds)
-
-    def on_round(self, record: Any) -> None:
-        eps = "" if record.max_epsilon is None else f" ε_max {record.max_epsilon:.2f}"
-        acc = "" if record.accuracy is None else f" acc {record.accuracy:.3f}"
-        self.progress.update(
-            self.task,
-            completed=record.server_round,
-            description=f"round {record.server_round}{acc}{eps}",
-        )
-
-
-@app.command()
-def simulate(
-    preset: Annotated[
-        str, typer.Option(help="Starting point: default, demo, quick, non-iid, client-dp.")
-    ] = "default",
-    num_clients: Annotated[
-        int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes).")
-    ] = None,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="fast: one process, each round's clients trained together (default); "
-            "ray: Flower's simulation engine, one ClientApp call per client (Ray clusters)."
-        ),
-    ] = "fast",
-    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
-    fraction: Annotated[
-        float | None, typer.Option(help="Fraction of clients sampled per round.")
-    ] = None,
-    strategy: Annotated[
-        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
-    ] = None,
-    robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
-    model: Annotated[str | None, typer.Option(help="cnn, mlp or opacus-mnist.")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="mnist, digits, or a path (.npz, .csv, image folder).")
-    ] = None,
-    partitioner: Annotated[
-        str | None, typer.Option(help="iid, dirichlet, shards or resample.")
-    ] = None,
-    dp: Annotated[
-        str | None, typer.Option(help="Sample-level DP: sample (DP-SGD) or none.")
-    ] = None,
-    noise: Annotated[float | None, typer.Option(help="DP-SGD noise multiplier.")] = None,
-    clip: Annotated[float | None, typer.Option(help="DP-SGD per-sample clipping norm.")] = None,
-    target_epsilon: Annotated[
-        float | None, typer.Option(help="Calibrate noise so no client exceeds this epsilon.")
-    ] = None,
-    epsilon_budget: Annotated[
-        float | None, typer.Option(help="Per-client budget: clients decline past it (0 = none).")
-    ] = None,
-    client_dp: Annotated[
-        str | None, typer.Option(help="Client-level DP: none, server-fixed or client-fixed.")
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            help="Seed for data split, partitions, client sampling and init. DP noise never "
-            "comes from it (a secure source does)."
-        ),
-    ] = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Where checkpoints, metrics and the report go.")
-    ] = None,
-    resume: Annotated[
-        Path | None, typer.Option(help="Continue the run in this directory from its last round.")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Any run-config key, e.g. --set learning-rate=0.05."),
-    ] = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show Flower's and pollinate's logs.")
-    ] = False,
-) -> None:
-    """Run a federated simulation of the pollinate ServerApp and ClientApp.
-
-    The default is 1000 clients, 10% per round, DP-SGD, on the fast in-process engine
-    (--engine ray runs the same apps on Flower's Ray simulation engine). Every run writes a
-    run directory: checkpoints, metrics.json, privacy.json and a report (summary.md, plots).
-
-    Examples:
-
-      pollinate simulate
-
-      pollinate simulate --preset demo --run-dir runs/demo
-
-      pollinate simulate --target-epsilon 4 --rounds 10
-
-      pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
-
-      pollinate simulate --resume runs/demo
-
-      pollinate simulate --engine ray --num-clients 100
-    """
-    from pollinate.config import RunSettings
-    from pollinate.simulation.presets import get_preset
-
-    _setup_logging(verbose)
-    try:
-        flags: dict[str, Any] = {
-            "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
-            "robust": robust, "model": model, "dataset": data, "partitioner": partitioner,
-            "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
-            "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
-            "client-dp": client_dp, "seed": seed,
-        }  # fmt: skip
-        overrides = {k: v for k, v in flags.items() if v is not None}
-        overrides.update(_parse_sets(set_ or []))
-        if resume is not None:
-            config, clients = _resume_config(resume, overrides)
-            if num_clients is not None and num_clients != clients:
-                raise ConfigError(
-                    f"--num-clients {num_clients} differs from the run's {clients} clients; "
-                    "a resumed run keeps its clients"
-                )
-        else:
-            chosen = get_preset(preset)
-            config = {**chosen.settings, **overrides}
-            clients = num_clients if num_clients is not None else chosen.num_clients
-            target = run_dir or Path("runs") / _default_run_name()
-            _check_run_dir_target(target)
-            if target.exists() and (target / "LATEST").exists():
-                raise CheckpointError(
-                    f"{target} already holds a run; pass --resume {target} to continue it "
-                    "or choose another --run-dir"
-                )
-            config["run-dir"] = str(target.resolve())
-        if clients < 1:
-            raise ConfigError(f"--num-clients must be at least 1, got {clients}")
-        chosen_engine = _engine(engine)
-        settings = RunSettings.from_run_config(config)
-        result = _run_with_progress(settings, clients, verbose, chosen_engine)
-    except PollinateError as err:
-        raise _fail(err) from None
-    _print_summary(result)
-
-
-def _default_run_name() -> str:
-    import time
-
-    return time.strftime("run-%Y%m%d-%H%M%S")
-
-
-def _check_run_dir_target(target: Path) -> None:
-    """Fail before any process starts when --run-dir (or a folder above it) is a file."""
-    existing = next((p for p in (target, *target.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise CheckpointError(
-            f"--run-dir {target}: {existing} is a file, not a folder; choose another --run-dir"
-        )
-
-
-def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    run_json = run_dir / "run.json"
-    if not run_json.exists():
-        raise CheckpointError(
-            f"{run_dir} is not a pollinate run directory (no run.json); pass the folder a "
-            "previous `pollinate simulate` wrote"
-        )
-    try:
-        saved = json.loads(run_json.read_text())
-        config = dict(saved["settings"])
-        population = int(saved["population"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{run_json} is corrupt ({err})") from err
-    config.update(overrides)
-    config["resume"] = True
-    config["run-dir"] = str(run_dir.resolve())
-    return config, population
-
-
-def _engine(value: str) -> Any:
-    from pollinate.simulation.runner import Engine
-
-    try:
-        return Engine(value.strip().lower())
-    except ValueError:
-        choices = ", ".join(e.value for e in Engine)
-        raise ConfigError(
-            f"--engine {value!r} is not an engine; choose one of: {choices}"
-        ) from None
-
-
-def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pollinate.data import load_dataset, partition_indices
-    from pollinate.serverapp import events
-    from pollinate.simulation.runner import SimulationOptions, simulate
-
-    # Load and partition the data here first, so a bad path or partitioning fails before
-    # the engine starts, with one clear message.
-    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
-    partition_indices(
-        data.train.y, clients, settings.partitioner, seed=settings.seed,
-        alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
-        samples_per_partition=settings.samples_per_client,
-    )  # fmt: skip
-    console = make_console(stderr=True)
-    console.print(
-        f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
-        f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
-        f"client-dp {settings.client_dp.value}, {engine.value} engine -> {settings.run_dir}"
-    )
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=verbose,
-    ) as progress:  # fmt: skip
-        listener = _Progress(progress, settings.num_server_rounds)
-        events.add_listener(listener)
-        try:
-            options = SimulationOptions(num_clients=clients, engine=engine, verbose=verbose)
-            return simulate(settings, options)
-        finally:
-            events.remove_listener(listener)
-
-
-def _print_summary(result: Any) -> None:
-    from pollinate.rundir.report import render_summary_table
-
-    out = make_console(min_width=120)
-    out.print(render_summary_table(result.history, result.privacy))
-    last = result.history[-1] if result.history else None
-    if last is not None and last.accuracy is not None:
-        out.print(f"final accuracy [bold]{last.accuracy:.4f}[/] after round {last.server_round}")
-    sample = result.privacy.get("sample_level", {})
-    if sample.get("enabled") and sample.get("max_epsilon") is not None:
-        out.print(
-            f"sample-level ε (per client, δ={result.privacy.get('delta')}): "
-            f"max {sample['max_epsilon']:.3f}, median {sample['median_epsilon']:.3f}"
-        )
-    client = result.privacy.get("client_level", {})
-    if client.get("enabled") and client.get("epsilon") is not None:
-        out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
-    if result.privacy.get("private") is False:
-        out.print(f"[bold red]{escape(str(result.privacy.get('noise')))}[/]")
-    out.print(f"run directory: {result.run_dir}")
-
-
-@app.command()
-def report(
-    run_dir: Annotated[
-        Path, typer.Argument(help="A run directory written by `pollinate simulate`.")
-    ],
-) -> None:
-    """Re-draw the report (plots and summary.md) of a run directory.
-
-    Example:
-
-      pollinate report runs/run-20261126-150000
-    """
-    from pollinate.rundir.report import RoundRecord, write_report
-
-    try:
-        metrics = run_dir / "metrics.json"
-        if not metrics.exists():
-            raise CheckpointError(
-                f"{run_dir} has no metrics.json; is it a pollinate run directory?"
-            )
-        history = [RoundRecord.from_dict(r) for r in json.loads(metrics.read_text())]
-        privacy_file = run_dir / "privacy.json"
-        privacy = json.loads(privacy_file.read_text())["summary"] if privacy_file.exists() else {}
-        settings = json.loads((run_dir / "run.json").read_text()).get("settings", {})
-        files = write_report(run_dir, history, privacy=privacy, settings=settings)
-    except PollinateError as err:
-        raise _fail(err) from None
-    except (OSError, ValueError) as err:
-        raise _fail(CheckpointError(f"cannot read {run_dir}: {err}")) from None
-    except (TypeError, KeyError, AttributeError) as err:
-        raise _fail(
-            CheckpointError(f"{run_dir} holds malformed run files ({type(err).__name__}: {err})")
-        ) from None
-    for f in files:
-        make_console().print(str(f))
+app.command("simulate")(simulate.simulate_command)
+app.command("report")(simulate.report_command)
+app.command("export")(export.export_command)
+app.command("keygen")(export.keygen_command)
+app.command("serve")(serve.serve_command)
+app.command("certs")(server.certs_command)
+app.add_typer(server.server_app, name="server")
+runs.register(server.server_app)
+app.add_typer(edge.edge_app, name="edge")
+edge_status.register(edge.edge_app)
 
 
 @app.command("exit-codes")
 def exit_codes() -> None:
-    """List the exit codes of the pollinate command."""
-    for code, meaning in EXIT_CODES.items():
-        make_console().print(f"{code}  {meaning}")
+    """List the exit codes of the pollinate command (the same for every command)."""
+    for code, meaning in EXIT_MEANINGS.items():
+        make_console().print(f"{int(code)}  {meaning}")
 
 
 @app.command()
@@ -371,48 +46,6 @@ def version() -> None:
     from pollinate import __version__
 
     make_console().print(__version__)
-
-
-def _register_export_commands() -> None:
-    from pollinate.cli.export import edge_app, export_command, keygen_command
-
-    app.command("export")(export_command)
-    app.command("keygen")(keygen_command)
-    app.add_typer(edge_app, name="edge")
-
-
-_register_export_commands()
-
-
-def _register_serve_command() -> None:
-    from pollinate.cli.serve import serve_command
-
-    app.command("serve")(serve_command)
-
-
-_register_serve_command()
-
-
-def _register_server_commands() -> None:
-    from pollinate.cli.server import certs_command, server_app
-
-    app.command("certs")(certs_command)
-    app.add_typer(server_app, name="server")
-
-
-def _register_edge_daemon_commands() -> None:
-    from pollinate.cli.edge import rollback_command, run_command, status_command
-    from pollinate.cli.export import edge_app
-
-    edge_app.command("run")(run_command)
-    edge_app.command("status")(status_command)
-    edge_app.command("rollback")(rollback_command)
-
-
-_register_edge_daemon_commands()
-
-
-_register_server_commands()
 
 
 def main() -> None:

@@ -99,8 +99,7 @@ def serve_command(
 
       curl -s localhost:8000/v2/models/cnn
     """
-    from pollinate.cli.main import _fail
-    from pollinate.errors import ConfigError, PollinateError
+    from pollinate.errors import ConfigError
     from pollinate.log import log_to_stderr
     from pollinate.serving.config import _read_token, load_serve_settings
 
@@ -129,14 +128,12 @@ def serve_command(
         if token_file is not None:
             overrides["token"] = _read_token(token_file)
         settings = load_serve_settings(config, overrides)
-        from pollinate.serving.server import run_server
+        from pollinate.serving.launch import run_server
 
         run_server(
             settings,
             json_logs=log_format is LogFormat.json,
             log_level=logging.DEBUG if verbose else logging.INFO,
         )
-    except PollinateError as err:
-        raise _fail(err) from None
     except OSError as err:
-        raise _fail(ConfigError(f"cannot start the server: {err}")) from None
+        raise ConfigError(f"cannot start the server: {err}") from None

@@ -1,56 +1,23 @@
-"""The device's own privacy policy, and the durable privacy ledger it keeps in its state dir.
+"""The device's own privacy policy, checked before a task runs.
 
-A task is what the server asks; the policy is what the device owner allows. A task asking for
+A task is what the server asks; the policy is what the device owner allows (node-config keys
+:data:`pollinate.protocol.POLICY_KEYS`, set by ``pollinate edge run``). A task asking for
 weaker privacy than the policy (no DP where DP is required, less noise than the floor, a larger
 clipping norm than the ceiling, more local epochs, reproducible test noise) is refused, never
-trained, and the refusal is counted on the device and reported to the server.
-
-The ledger of a device is keyed by the device, not by the node id the SuperLink hands out:
-``STATE_DIR/device-id`` names it and ``STATE_DIR/device.accountant.json`` holds its whole
-DP history, so a device that re-registers under a new node id keeps its epsilon. Once a device
-has an identity, a missing or corrupt ledger means lost history: the device refuses to train
-until its operator starts a new ledger explicitly (``pollinate edge run --start-new-ledger``).
+trained, and the refusal is counted on the device (:class:`pollinate.device.ledger.DeviceLedger`)
+and reported to the server.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from pollinate._atomic import atomic_write_text
-from pollinate.protocol import ClientTask
-from pollinate.errors import ConfigError, PrivacyLedgerError
-from pollinate.log import logger
-from pollinate.privacy import ClientAccountant
+from pollinate.errors import ConfigError
+from pollinate.protocol import ClientTask, NodeKey
 
-__all__ = [
-    "ACCOUNTANT_FILE",
-    "IDENTITY_FILE",
-    "POLICY_KEYS",
-    "REFUSALS_FILE",
-    "DeviceLedger",
-    "DevicePolicy",
-]
-
-IDENTITY_FILE = "device-id"
-ACCOUNTANT_FILE = "device.accountant.json"
-REFUSALS_FILE = "refusals.json"
-RESTARTS_FILE = "ledger-restarts.jsonl"
-
-#: node-config keys of the policy (``pollinate edge run`` sets them from its flags)
-POLICY_KEYS = (
-    "privacy-dp",
-    "privacy-min-noise",
-    "privacy-max-clip",
-    "privacy-max-epochs",
-    "epsilon-budget",
-    "new-ledger",
-)
+__all__ = ["DevicePolicy"]
 
 
 def _float(node: Mapping[str, object], key: str) -> float:
@@ -92,21 +59,21 @@ class DevicePolicy:
     @classmethod
     def from_node_config(cls, node: Mapping[str, object]) -> DevicePolicy:
         """The policy of a node; a device requires DP-SGD unless it says ``privacy-dp="none"``."""
-        device = bool(node.get("state-dir")) or "data-path" in node
-        mode = str(node.get("privacy-dp", "sample" if device else "task"))
+        device = bool(node.get(NodeKey.STATE_DIR)) or NodeKey.DATA_PATH in node
+        mode = str(node.get(NodeKey.PRIVACY_DP, "sample" if device else "task"))
         if mode not in ("sample", "none", "task"):
             raise ConfigError(
                 f'node config \'privacy-dp\' must be "sample" or "none", got {mode!r}'
             )
-        epochs = _float(node, "privacy-max-epochs")
+        epochs = _float(node, NodeKey.PRIVACY_MAX_EPOCHS)
         return cls(
             device=device,
             require_dp=mode == "sample",
-            min_noise=_float(node, "privacy-min-noise"),
-            max_clip=_float(node, "privacy-max-clip"),
+            min_noise=_float(node, NodeKey.PRIVACY_MIN_NOISE),
+            max_clip=_float(node, NodeKey.PRIVACY_MAX_CLIP),
             max_epochs=int(epochs),
-            budget=_float(node, "epsilon-budget"),
-            new_ledger=str(node.get("new-ledger", "false")).lower() in ("true", "1", "yes"),
+            budget=_float(node, NodeKey.EPSILON_BUDGET),
+            new_ledger=str(node.get(NodeKey.NEW_LEDGER, "false")).lower() in ("true", "1", "yes"),
         )
 
     def budget_for(self, task: ClientTask) -> float:
@@ -136,97 +103,3 @@ class DevicePolicy:
         return "refused: the task asks for weaker privacy than this device allows: " + "; ".join(
             problems
         )
-
-
-class DeviceLedger:
-    """A device's identity and its whole DP history, in its state directory."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-
-    @property
-    def accountant_path(self) -> Path:
-        """Where the accountant lives."""
-        return self.state_dir / ACCOUNTANT_FILE
-
-    def identity(self, *, allow_new: bool = False) -> str:
-        """This device's stable id; a device seen for the first time gets one (and an empty
-        ledger). Raises :class:`PrivacyLedgerError` when the id exists but its ledger is gone."""
-        id_path = self.state_dir / IDENTITY_FILE
-        try:
-            device_id = id_path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            device_id = ""
-        except OSError as err:
-            raise PrivacyLedgerError(f"cannot read the device identity {id_path}: {err}") from err
-        if not device_id:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            if not self.accountant_path.exists():
-                ClientAccountant().save(self.accountant_path)
-            device_id = uuid.uuid4().hex
-            atomic_write_text(id_path, device_id + "\n")
-            logger.info("new device %s: an empty privacy ledger in %s", device_id, self.state_dir)
-        self.load(allow_new=allow_new)
-        return device_id
-
-    def load(self, *, allow_new: bool = False) -> ClientAccountant:
-        """The device's accountant; with ``allow_new`` a lost ledger is replaced by an empty one
-        (the operator's explicit choice, logged in ``ledger-restarts.jsonl``)."""
-        path = self.accountant_path
-        try:
-            if not path.exists():
-                raise PrivacyLedgerError(
-                    f"this device's privacy ledger {path} is missing, so the epsilon it has "
-                    "spent is unknown"
-                )
-            return ClientAccountant.load(path)
-        except (PrivacyLedgerError, ConfigError) as err:
-            if not allow_new:
-                raise PrivacyLedgerError(
-                    f"{err}; it refuses to train until its operator starts a new ledger "
-                    "(pollinate edge run ... --start-new-ledger, which forgets the lost history)"
-                ) from err
-            return self._start_new(str(err))
-
-    def _start_new(self, reason: str) -> ClientAccountant:
-        path = self.accountant_path
-        if path.exists():
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-            path.replace(path.with_name(f"{path.name}.lost-{stamp}"))
-        fresh = ClientAccountant()
-        fresh.save(path)
-        note = {"at": dt.datetime.now(dt.UTC).isoformat(), "reason": reason}
-        with (self.state_dir / RESTARTS_FILE).open("a", encoding="utf-8") as log:
-            log.write(json.dumps(note) + "\n")
-        logger.warning("started a new privacy ledger on the operator's request: %s", reason)
-        return fresh
-
-    def save(self, accountant: ClientAccountant) -> None:
-        """Write the accountant atomically."""
-        accountant.save(self.accountant_path)
-
-    def note_refusal(self, reason: str, *, run_id: int, server_round: int) -> int:
-        """Count a refused task; returns the device's total of refusals."""
-        counts = self.refusals()
-        previous = counts.get("total", 0)
-        total = (previous if isinstance(previous, int) else 0) + 1
-        record = {
-            "total": total,
-            "last": {
-                "reason": reason,
-                "run_id": run_id,
-                "server_round": server_round,
-                "at": dt.datetime.now(dt.UTC).isoformat(),
-            },
-        }
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.state_dir / REFUSALS_FILE, json.dumps(record) + "\n")
-        return total
-
-    def refusals(self) -> dict[str, object]:
-        """The refusal counter (``total`` and the ``last`` one), empty when none."""
-        try:
-            data = json.loads((self.state_dir / REFUSALS_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pollinate._atomic import atomic_write_text
+from pollinate._atomic import atomic_write_text, fsync_dir, fsync_tree
 from pollinate.edge_runtime import BundleError
 from pollinate.edge_runtime._bundle import extract_archive, verify_bundle_dir
 
@@ -120,7 +120,9 @@ class BundleStore:
             name = _safe(f"{model.name}-{model.version}-{actual[:12]}")
             target = self.root / name
             if not target.exists():
+                fsync_tree(top)
                 top.rename(target)
+                fsync_dir(self.root)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
         pointer = self.pointer()

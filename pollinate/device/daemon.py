@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError
+from pollinate.protocol import NodeKey
 
 if TYPE_CHECKING:
     from pollinate.device.local_serving import LocalInference
@@ -141,26 +142,27 @@ class DaemonSettings:
             raise ConfigError(f"--max-local-epochs must be >= 1, got {self.max_local_epochs}")
 
     def node_config(self) -> str:
-        items: dict[str, str] = {"state-dir": f'"{Path(self.state_dir).resolve()}"'}
+        """The SuperNode's ``--node-config``: what the ClientApp learns about this device."""
+        items: dict[str, str] = {NodeKey.STATE_DIR: f'"{Path(self.state_dir).resolve()}"'}
         if self.data is not None:
-            items["data-path"] = f'"{Path(self.data).resolve()}"'
+            items[NodeKey.DATA_PATH] = f'"{Path(self.data).resolve()}"'
         else:
-            items["partition-id"] = str(self.partition_id)
-            items["num-partitions"] = str(self.num_partitions)
+            items[NodeKey.PARTITION_ID] = str(self.partition_id)
+            items[NodeKey.NUM_PARTITIONS] = str(self.num_partitions)
         if self.epsilon_budget is not None:
-            items["epsilon-budget"] = repr(float(self.epsilon_budget))
+            items[NodeKey.EPSILON_BUDGET] = repr(float(self.epsilon_budget))
         if self.bundle_public_key is not None:
-            items["bundle-public-key"] = f'"{Path(self.bundle_public_key).resolve()}"'
+            items[NodeKey.BUNDLE_PUBLIC_KEY] = f'"{Path(self.bundle_public_key).resolve()}"'
         # the device's privacy policy: the ClientApp refuses tasks asking for weaker privacy
-        items["privacy-dp"] = f'"{self.dp}"'
+        items[NodeKey.PRIVACY_DP] = f'"{self.dp}"'
         if self.min_noise_multiplier > 0:
-            items["privacy-min-noise"] = repr(float(self.min_noise_multiplier))
+            items[NodeKey.PRIVACY_MIN_NOISE] = repr(float(self.min_noise_multiplier))
         if self.max_grad_norm is not None:
-            items["privacy-max-clip"] = repr(float(self.max_grad_norm))
+            items[NodeKey.PRIVACY_MAX_CLIP] = repr(float(self.max_grad_norm))
         if self.max_local_epochs is not None:
-            items["privacy-max-epochs"] = str(int(self.max_local_epochs))
+            items[NodeKey.PRIVACY_MAX_EPOCHS] = str(int(self.max_local_epochs))
         if self.start_new_ledger:
-            items["new-ledger"] = '"true"'
+            items[NodeKey.NEW_LEDGER] = '"true"'
         items.update(self.extra_node_config)
         return " ".join(f"{k}={v}" for k, v in items.items())
 
@@ -244,12 +246,12 @@ class EdgeDaemon:
             PrivacyLedgerError: The ledger is missing or corrupt (and no ``--start-new-ledger``).
             PrivacyBudgetError: The device's own budget is already spent: nothing would train.
         """
-        from pollinate.clientapp.policy import DeviceLedger
+        from pollinate.device.ledger import DeviceLedger
         from pollinate.errors import PrivacyBudgetError
 
         s = self.settings
         ledger = DeviceLedger(Path(s.state_dir))
-        ledger.identity(allow_new=s.start_new_ledger)
+        ledger.identity()
         spent = ledger.load(allow_new=s.start_new_ledger).epsilon(1e-5)
         if s.dp == "sample" and s.epsilon_budget is not None and spent >= s.epsilon_budget:
             raise PrivacyBudgetError(

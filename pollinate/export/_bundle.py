@@ -1,39 +1,31 @@
 """Writing bundles: files + manifest (+ signature) as a directory and a ``.tar.gz``.
 
 A bundle appears whole or not at all: it is assembled in a hidden temporary directory next
-to its destination, then renamed into place; the archive goes through a temporary file and
-a rename too. The hashes in the manifest are computed from the copied files, so they cover
-exactly the bytes that ship.
+to its destination (:func:`pollinate._atomic.atomic_dir`), then renamed into place; the
+archive goes through a temporary file and a rename too (:func:`pollinate._atomic.atomic_file`),
+right after the directory. The hashes in the manifest are computed from the copied files, so
+they cover exactly the bytes that ship.
 
-Also here: the Ed25519 signing key pair, and a Triton model-repository entry for the serving
-tier (``config.pbtxt`` + ``<version>/model.onnx``).
+The archive format lives in :mod:`pollinate.export._archive`, the signing keys in
+:mod:`pollinate.export._signing`, the Triton repository entry in
+:mod:`pollinate.export._triton`; the names a bundle writer's caller needs are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
-import importlib
-import json
 import os
 import shutil
-import tarfile
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from pollinate._atomic import atomic_write_bytes, atomic_write_text
+from pollinate._atomic import atomic_dir, atomic_file, discard_dir
 from pollinate.edge_runtime.errors import BundleError
-from pollinate.edge_runtime.manifest import (
-    MANIFEST_NAME,
-    SIGNATURE_NAME,
-    Manifest,
-    TensorSpec,
-    sha256_file,
-)
-from pollinate.errors import ExportError
+from pollinate.edge_runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, sha256_file
+from pollinate.export._archive import archive_path, write_archive
+from pollinate.export._errors import DestinationExistsError, SigningKeyError, SourceMissingError
+from pollinate.export._signing import generate_signing_key, sign_manifest
 
 __all__ = [
     "DestinationExistsError",
@@ -41,43 +33,8 @@ __all__ = [
     "SourceMissingError",
     "archive_path",
     "generate_signing_key",
-    "next_triton_version",
-    "sign_manifest",
-    "triton_config",
     "write_bundle",
-    "write_triton_entry",
 ]
-
-_TRITON_TYPES = {
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "float64": "TYPE_FP64",
-    "int64": "TYPE_INT64",
-    "int32": "TYPE_INT32",
-    "int8": "TYPE_INT8",
-    "uint8": "TYPE_UINT8",
-    "bool": "TYPE_BOOL",
-}
-
-
-class DestinationExistsError(ExportError, FileExistsError):
-    """A bundle directory or key file would overwrite something that exists."""
-
-
-class SourceMissingError(ExportError, FileNotFoundError):
-    """A file to put into the bundle does not exist."""
-
-
-class SigningKeyError(ExportError, ValueError):
-    """A signing key cannot be read, is encrypted, or is not Ed25519."""
-
-
-def archive_path(out_dir: Path) -> Path:
-    """Where :func:`write_bundle` puts the archive: ``<out_dir>.tar.gz`` next to the folder.
-
-    The suffix is appended (not substituted), so ``mnist-1.2`` gives ``mnist-1.2.tar.gz``.
-    """
-    return out_dir.parent / f"{out_dir.name}.tar.gz"
 
 
 def _check_name(name: str) -> str:
@@ -99,46 +56,17 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _copy_synced(source: Path, target: Path) -> None:
+def _copy(source: Path, target: Path) -> None:
+    """Copy one file into the staged bundle (fsynced with the whole folder when it is placed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with source.open("rb") as src, target.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())
+    shutil.copyfile(source, target)
     os.chmod(target, 0o644)
 
 
-def _write_synced(target: Path, data: bytes) -> None:
-    with target.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _write(target: Path, data: bytes) -> None:
+    """Write one file of the staged bundle (fsynced with the whole folder when it is placed)."""
+    target.write_bytes(data)
     os.chmod(target, 0o644)
-
-
-def _load_private_key(private_key: Path) -> Any:
-    serialization = importlib.import_module("cryptography.hazmat.primitives.serialization")
-    ed25519 = importlib.import_module("cryptography.hazmat.primitives.asymmetric.ed25519")
-    try:
-        pem = Path(private_key).read_bytes()
-    except OSError as err:
-        raise SigningKeyError(f"signing key {private_key} cannot be read ({err.strerror})") from err
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as err:
-        raise SigningKeyError(
-            f"signing key {private_key} is not an unencrypted PEM private key ({err}); "
-            "create one with generate_signing_key()"
-        ) from err
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SigningKeyError(f"signing key {private_key} is {type(key).__name__}, not Ed25519")
-    return key
-
-
-def sign_manifest(manifest_bytes: bytes, private_key: Path) -> bytes:
-    """The raw 64-byte Ed25519 signature of ``manifest_bytes`` with a PEM private key file."""
-    signature: bytes = _load_private_key(private_key).sign(manifest_bytes)
-    return signature
 
 
 def _fill_hashes(manifest: Manifest, root: Path, names: list[str]) -> Manifest:
@@ -166,39 +94,39 @@ def _fill_hashes(manifest: Manifest, root: Path, names: list[str]) -> Manifest:
     return dataclasses.replace(manifest, artifacts=artifacts, files=files)
 
 
-def _write_archive(root: Path, archive: Path, top: str) -> Path:
-    """Pack ``root`` as ``<top>/...`` into a temporary file next to ``archive``; return it.
+def _occupied(out_dir: Path) -> bool:
+    """Whether ``out_dir`` exists as anything but an empty directory."""
+    return out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
 
-    The archive is reproducible: sorted members, zero timestamps, no owner names.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with (
-            os.fdopen(fd, "wb") as raw,
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            entries = sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix())
-            for path in [root, *entries]:
-                rel = path.relative_to(root).as_posix()
-                info = tar.gettarinfo(str(path), arcname=top if rel == "." else f"{top}/{rel}")
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = 0o755 if info.isdir() else 0o644
-                if info.isfile():
-                    with path.open("rb") as handle:
-                        tar.addfile(info, handle)
-                else:
-                    tar.addfile(info)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+
+def _stage(
+    tmp: Path, manifest: Manifest, sources: Mapping[str, Path], private_key: Path | None
+) -> None:
+    """Fill the staged folder ``tmp``: the files, the hashed manifest and its signature."""
+    names = list(sources)
+    for name in names:
+        _copy(sources[name], tmp / name)
+    final = _fill_hashes(manifest, tmp, names)
+    manifest_bytes = final.to_json().encode("utf-8")
+    try:  # what the edge runtime will read must parse there
+        Manifest.from_json(manifest_bytes.decode("utf-8"))
+    except BundleError as err:
+        raise ValueError(f"the manifest would not load on a device: {err}") from err
+    _write(tmp / MANIFEST_NAME, manifest_bytes)
+    if private_key is not None:
+        _write(tmp / SIGNATURE_NAME, sign_manifest(manifest_bytes, private_key))
+    for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        os.chmod(folder, 0o755)
+
+
+@contextlib.contextmanager
+def _staged_archive(archive: Path | None) -> Iterator[Path | None]:
+    """:func:`~pollinate._atomic.atomic_file` of ``archive``, or nothing without an archive."""
+    if archive is None:
+        yield None
+        return
+    with atomic_file(archive) as staged:
+        yield staged
 
 
 def write_bundle(
@@ -227,7 +155,7 @@ def write_bundle(
     Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if _occupied(out_dir):
         raise DestinationExistsError(
             f"bundle destination {out_dir} already exists and is not an empty directory; "
             "choose a new directory (e.g. one per model version) or remove the old bundle"
@@ -236,191 +164,29 @@ def write_bundle(
     for name in names:
         if not Path(files[name]).is_file():
             raise SourceMissingError(f"source of bundle file {name} not found: {files[name]}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
-    archive = archive_path(out_dir)
-    tmp_archive: Path | None = None
     placed = False
     try:
-        for name in names:
-            _copy_synced(Path(files[name]), tmp / name)
-        final = _fill_hashes(manifest, tmp, names)
-        manifest_bytes = final.to_json().encode("utf-8")
-        try:  # what the edge runtime will read must parse there
-            Manifest.from_json(manifest_bytes.decode("utf-8"))
-        except BundleError as err:
-            raise ValueError(f"the manifest would not load on a device: {err}") from err
-        _write_synced(tmp / MANIFEST_NAME, manifest_bytes)
-        if private_key is not None:
-            _write_synced(tmp / SIGNATURE_NAME, sign_manifest(manifest_bytes, private_key))
-        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            os.chmod(folder, 0o755)
-        if make_tar:
-            tmp_archive = _write_archive(tmp, archive, out_dir.name)
-        try:
-            os.rename(tmp, out_dir)  # onto a missing or empty directory only
-        except OSError as err:
-            raise DestinationExistsError(
-                f"bundle destination {out_dir} appeared while the bundle was written "
-                f"({err.strerror}); nothing was changed"
-            ) from err
-        placed = True
-        if tmp_archive is not None:
-            os.replace(tmp_archive, archive)
-            tmp_archive = None
-        _fsync_dir(out_dir.parent)
+        # The archive is packed from the staged folder and published right after the folder
+        # is renamed into place (the inner block); a failure before that leaves the old one.
+        with _staged_archive(archive_path(out_dir) if make_tar else None) as staged_archive:
+            filled = False
+            try:
+                with atomic_dir(out_dir) as tmp:
+                    _stage(tmp, manifest, {name: Path(files[name]) for name in names}, private_key)
+                    if staged_archive is not None:
+                        write_archive(tmp, staged_archive, out_dir.name)
+                    filled = True
+            except OSError as err:
+                if filled and _occupied(out_dir):  # the rename onto a missing or empty dir
+                    raise DestinationExistsError(
+                        f"bundle destination {out_dir} appeared while the bundle was written "
+                        f"({err.strerror}); nothing was changed"
+                    ) from err
+                raise
+            placed = True
     except BaseException:
-        if placed:
+        if placed:  # the archive could not be published: take the folder away again
             with contextlib.suppress(OSError):
-                os.rename(out_dir, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if tmp_archive is not None:
-            tmp_archive.unlink(missing_ok=True)
+                discard_dir(out_dir)
         raise
     return out_dir
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def generate_signing_key(private_path: Path, public_path: Path) -> None:
-    """Create an Ed25519 key pair as PEM files: PKCS#8 private (mode 0600), SPKI public.
-
-    Existing files are never overwritten (``FileExistsError``): replacing a signing key would
-    silently invalidate every device's trust in the old one.
-    """
-    ed25519 = importlib.import_module("cryptography.hazmat.primitives.asymmetric.ed25519")
-    serialization = importlib.import_module("cryptography.hazmat.primitives.serialization")
-    private_path, public_path = Path(private_path), Path(public_path)
-    for path in (private_path, public_path):
-        if path.exists():
-            raise DestinationExistsError(f"{path} already exists; refusing to overwrite a key file")
-    key = ed25519.Ed25519PrivateKey.generate()
-    private_pem: bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public_pem: bytes = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(private_pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(private_path, 0o600)  # in case the umask or platform widened it
-        atomic_write_bytes(public_path, public_pem)
-    except BaseException:
-        private_path.unlink(missing_ok=True)
-        raise
-
-
-def _triton_tensor(spec: TensorSpec) -> str:
-    if spec.dtype not in _TRITON_TYPES:
-        raise ValueError(
-            f"tensor {spec.name!r} has dtype {spec.dtype!r}, which has no Triton type here "
-            f"(supported: {', '.join(_TRITON_TYPES)})"
-        )
-    dims = ", ".join(str(int(d)) for d in spec.shape[1:])
-    return (
-        "  {\n"
-        f'    name: "{spec.name}"\n'
-        f"    data_type: {_TRITON_TYPES[spec.dtype]}\n"
-        f"    dims: [ {dims} ]\n"
-        "  }"
-    )
-
-
-def triton_config(model_name: str, manifest: Manifest, *, max_batch_size: int = 256) -> str:
-    """The ``config.pbtxt`` text of an ONNX Runtime model with dynamic batching."""
-    inputs = ",\n".join(_triton_tensor(spec) for spec in manifest.inputs)
-    outputs = ",\n".join(_triton_tensor(spec) for spec in manifest.outputs)
-    return (
-        f'name: "{model_name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f"input [\n{inputs}\n]\n"
-        f"output [\n{outputs}\n]\n"
-        "dynamic_batching { }\n"
-    )
-
-
-def next_triton_version(repo: Path, model_name: str, server_round: int) -> int:
-    """The version a new export publishes: the checkpoint's round, or, when the repository
-    already holds that version or a later one (an earlier run), one past the newest, so a
-    retrained model is always newer than what is served and never overwrites it."""
-    model_dir = Path(repo) / model_name
-    newest = 0
-    if model_dir.is_dir():
-        taken = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        newest = max(taken, default=0)
-    return server_round if server_round > newest else newest + 1
-
-
-def write_triton_entry(
-    repo: Path,
-    model_name: str,
-    version: int,
-    onnx_file: Path,
-    manifest: Manifest,
-    *,
-    max_batch_size: int = 256,
-    torch_weights: Mapping[str, Any] | None = None,
-    torch_spec: Mapping[str, Any] | None = None,
-) -> Path:
-    """Add ``repo/<model_name>/config.pbtxt`` and ``repo/<model_name>/<version>/model.onnx``.
-
-    The layout Triton (and pollinate's serving tier) reads; the batch dimension is left out
-    of ``dims`` because ``max_batch_size`` > 0. Beside ``model.onnx`` go the bundle's
-    ``manifest.json`` (the serving tier's drift reference) and, given ``torch_weights``
-    (a state dict of tensors) and ``torch_spec`` (``architecture``, ``input_shape``,
-    ``num_classes``), ``model.safetensors`` + ``torch.json`` for the torch backend; Triton
-    ignores them. Each file is written atomically, ``model.onnx`` last, so a watcher that
-    sees the model file sees the rest. Returns the model's directory.
-    """
-    if not model_name or "/" in model_name or "\\" in model_name or model_name in (".", ".."):
-        raise ValueError(f"model_name must be a plain directory name, got {model_name!r}")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer (Triton's rule), got {version!r}")
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    for spec in (*manifest.inputs, *manifest.outputs):
-        if not spec.shape or int(spec.shape[0]) != -1:
-            raise ValueError(
-                f"tensor {spec.name!r} has shape {spec.shape}; batching needs a dynamic "
-                "first dimension (-1)"
-            )
-    config = triton_config(model_name, manifest, max_batch_size=max_batch_size)
-    model_dir = Path(repo) / model_name
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(version_dir / "manifest.json", manifest.to_json())
-    if torch_weights is not None and torch_spec is not None:
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().cpu().contiguous() for k, v in torch_weights.items()}
-        atomic_write_bytes(version_dir / "model.safetensors", save(tensors))
-        atomic_write_text(version_dir / "torch.json", json.dumps(dict(torch_spec), indent=2) + "\n")
-    atomic_write_text(model_dir / "config.pbtxt", config)
-    target = version_dir / "model.onnx"
-    fd, tmp_name = tempfile.mkstemp(dir=version_dir, prefix=".model.onnx.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as dst, Path(onnx_file).open("rb") as src:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return model_dir

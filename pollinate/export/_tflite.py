@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pollinate.errors import ConfigError, ExportError
-from pollinate.export._onnx import check_calibration
+from pollinate.export._calibration import check_calibration
 from pollinate.log import logger
 
 __all__ = [
@@ -132,7 +132,7 @@ def _check_precisions(precisions: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_calibration(calibration: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
-    """The ONNX exporter's calibration check, plus the sample shape the program expects."""
+    """The shared calibration check, plus the sample shape the program expects."""
     data = check_calibration(calibration)
     if tuple(data.shape[1:]) != dims:
         raise ConfigError(

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pollinate._atomic import atomic_write_bytes
+from pollinate._atomic import atomic_write_bytes, create_private
 from pollinate.errors import ConfigError
 
 __all__ = ["CertificateSet", "make_certificates"]
@@ -41,21 +40,6 @@ class CertificateSet:
     server_key: Path
     node_keys: tuple[Path, ...]
     node_public_keys: tuple[Path, ...]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (refusing to replace a file), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.link(tmp, path)  # fails if path exists: never replaces a key
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _subject_names(hosts: list[str]) -> list[object]:
@@ -111,7 +95,13 @@ def make_certificates(
             f"{existing[0]} already exists; pollinate certs never overwrites keys. "
             "Choose an empty folder (or remove the old files yourself)"
         )
-    (out / "nodes").mkdir(parents=True, exist_ok=True)
+    blocker = next((q for q in (out, *out.parents) if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"{out}: {blocker} is a file, not a folder; choose a folder for the keys")
+    try:
+        (out / "nodes").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create {out / 'nodes'}: {err.strerror}") from err
 
     now = dt.datetime.now(dt.UTC)
     pem = serialization.Encoding.PEM
@@ -163,18 +153,18 @@ def make_certificates(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write_private(
+    create_private(
         paths.ca_key, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password)
     )
     atomic_write_bytes(paths.ca_cert, ca_cert.public_bytes(pem))
-    _write_private(
+    create_private(
         paths.server_key,
         server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password),
     )
     atomic_write_bytes(paths.server_cert, server_cert.public_bytes(pem))
     for private_path, public_path in zip(paths.node_keys, paths.node_public_keys, strict=True):
         key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(
+        create_private(
             private_path, key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_password)
         )
         atomic_write_bytes(

@@ -44,8 +44,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from pollinate.errors import ConfigError, PollinateError
-from pollinate.rundir.report import RoundRecord
 from pollinate.ops.runs import RUNS_FILE
+from pollinate.rundir.records import RoundRecord
 
 __all__ = ["DURATION_BUCKETS", "OUTCOMES", "FederationCollector", "serve_federation_metrics"]
 

@@ -13,11 +13,10 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from pollinate._atomic import atomic_write_text
+from pollinate._atomic import atomic_dir, atomic_write_text
 from pollinate.config import bundle_dir
 from pollinate.errors import ConfigError
 from pollinate.ops.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
@@ -218,8 +217,7 @@ def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"run-{run_id}"
-    partial = Path(tempfile.mkdtemp(dir=dest, prefix=f".run-{run_id}.", suffix=".partial"))
-    try:
+    with atomic_dir(target, replace=True) as partial:
         for item in sorted(run_dir.iterdir()):
             if item.is_file() and not item.name.startswith("."):
                 shutil.copy2(item, partial / item.name)
@@ -235,17 +233,6 @@ def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
             archive = bundle.parent / f"{bundle.name}.tar.gz"
             if archive.is_file():
                 shutil.copy2(archive, partial / "bundle.tar.gz")
-        if target.exists():
-            old = dest / f".run-{run_id}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            partial.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return target
 
 

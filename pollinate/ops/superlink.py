@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pollinate._atomic import atomic_write_text
-from pollinate.errors import ConfigError, PollinateError
+from pollinate._atomic import atomic_write_bytes, atomic_write_text
+from pollinate.errors import ConfigError, ExitCode, PollinateError
 
 __all__ = [
     "CONNECTION",
@@ -53,7 +53,7 @@ CONNECTION = "pollinate"
 class SuperLinkError(PollinateError):
     """The SuperLink could not be started, reached, or asked to do something."""
 
-    exit_code = 10
+    exit_code = ExitCode.SUPERLINK
 
 
 @dataclass(frozen=True)
@@ -220,11 +220,7 @@ def _ensure_secret(state_dir: Path) -> None:
     path = _secret_file(state_dir)
     if path.is_file() and path.stat().st_size > 0:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_hex(32).encode())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
 
 
 def _stop_leftovers(state_dir: Path) -> None:

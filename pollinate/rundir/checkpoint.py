@@ -12,16 +12,16 @@ Layout of a run directory::
     privacy.json                  the privacy ledger
     clients/                      simulated clients' accountants (one JSON file each)
 
-A checkpoint folder is written under a temporary name and renamed when complete; ``LATEST``
-is replaced atomically after that. A crash at any point leaves the previous round intact.
+A checkpoint folder is written under a temporary name, fsynced and renamed when complete
+(:func:`pollinate._atomic.atomic_dir`); ``LATEST`` is replaced atomically after that. A crash at
+any point leaves the previous round intact. :func:`atomic_write_json` is the JSON writer of
+the run directory's other files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,16 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from pollinate._atomic import atomic_write_text
+from pollinate._atomic import atomic_dir, atomic_write_text
 from pollinate.errors import CheckpointError
 
-__all__ = ["Checkpoint", "atomic_write_text", "latest_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "atomic_write_json",
+    "atomic_write_text",
+    "latest_checkpoint",
+    "save_checkpoint",
+]
 
 LATEST = "LATEST"
 CHECKPOINTS = "checkpoints"
@@ -57,12 +63,15 @@ def atomic_write_json(path: Path, data: Any, *, indent: int | None = 2) -> None:
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path:
-    """Write ``ckpt`` atomically and point ``LATEST`` at it; prune to the newest ``keep``."""
+    """Write ``ckpt`` atomically and point ``LATEST`` at it; prune to the newest ``keep``.
+
+    The folder is built by :func:`~pollinate._atomic.atomic_dir` (a rewrite of the same round
+    replaces the older folder); ``LATEST`` moves only once the folder is complete.
+    """
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"round-{ckpt.server_round:04d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    try:
+    final = root / name
+    with atomic_dir(final, replace=True) as tmp:
         save_file(
             {k: np.ascontiguousarray(v) for k, v in ckpt.model.items()},
             str(tmp / "model.safetensors"),
@@ -73,16 +82,6 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, keep: int = 3) -> Path:
         )
         state = dict(ckpt.state, server_round=ckpt.server_round)
         (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))  # compact: C encoder
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(run_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
     done = sorted(p for p in root.iterdir() if p.name.startswith("round-"))
     for old in done[:-keep]:

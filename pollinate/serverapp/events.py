@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from pollinate.rundir.report import RoundRecord
+from pollinate.rundir.records import RoundRecord
 
 __all__ = ["RunListener", "add_listener", "emit_round", "emit_start", "remove_listener"]
 

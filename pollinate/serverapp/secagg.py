@@ -9,7 +9,7 @@ workflow for one round through a small legacy facade (:class:`_RoundFacade`):
 
 - the facade's ``configure_fit`` returns the round's sampled nodes with the same arrays and
   config the Message-API strategy built (``FitIns``);
-- the ClientApp's ``secaggplus_mod`` (see :mod:`pollinate.clientapp.app`) masks each client's
+- the ClientApp's ``secaggplus_mod`` (see :mod:`pollinate.clientapp.secagg`) masks each client's
   weighted parameters; the client's metrics (epsilon, steps, examples) travel unmasked in
   ``FitRes.metrics``, as they do without SecAgg;
 - the facade's ``aggregate_fit`` receives the weighted average only.
@@ -53,14 +53,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from pollinate.config import RunSettings
+from pollinate.protocol import SECAGG_MAX_WEIGHT_KEY, SECAGG_TASK_KEY, SECAGG_WEIGHT_KEY
 
-__all__ = ["SECAGG_MAX_WEIGHT_KEY", "TASK_KEY", "WEIGHT_KEY", "secure_round"]
+__all__ = ["secure_round"]
 
 logger = logging.getLogger("pollinate")
-# keys of the task config the client's SecAgg+ adapter reads
-WEIGHT_KEY = "secagg-weight-key"
-SECAGG_MAX_WEIGHT_KEY = "secagg-max-weight"
-TASK_KEY = "pollinate-task"
 
 
 class _RoundFacade(LegacyStrategy):
@@ -112,7 +109,7 @@ class _RoundFacade(LegacyStrategy):
 def _config(record: ConfigRecord) -> dict[str, Scalar]:
     """The task config as a legacy FitIns config: legacy configs hold scalars only, so the
     task travels as one JSON string (its lists, such as input-shape, included)."""
-    return {TASK_KEY: json.dumps(dict(record.items()))}
+    return {SECAGG_TASK_KEY: json.dumps(dict(record.items()))}
 
 
 def secure_round(
@@ -140,7 +137,7 @@ def secure_round(
     for msg in messages:
         arrays = msg.content.array_records["arrays"]
         config = _config(msg.content.config_records["config"])
-        config[WEIGHT_KEY] = weight_key
+        config[SECAGG_WEIGHT_KEY] = weight_key
         config[SECAGG_MAX_WEIGHT_KEY] = max_weight
         parameters = ndarrays_to_parameters([arrays[k].numpy() for k in names])
         node = GridClientProxy(msg.metadata.dst_node_id, grid, 0)

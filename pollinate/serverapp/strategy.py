@@ -35,6 +35,7 @@ from pollinate.config import ClientDP, RobustAggregation, RunSettings, SampleDP,
 from pollinate.errors import ConfigError
 from pollinate.log import logger
 from pollinate.privacy.noise import NoiseSource, gaussian
+from pollinate.protocol import NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY
 
 __all__ = [
     "RobustAggregator",
@@ -46,8 +47,7 @@ __all__ = [
     "weight_key_for",
 ]
 
-WEIGHT_KEY = "num-examples"
-UNIFORM_WEIGHT_KEY = "client-weight"
+WEIGHT_KEY = NUM_EXAMPLES_KEY
 
 
 class RobustAggregator(Strategy):

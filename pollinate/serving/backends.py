@@ -13,7 +13,6 @@ from the ``--device`` and ``--backend`` settings and what the machine has:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -24,7 +23,6 @@ from pollinate.serving.repository import ModelSpec, VersionFiles
 
 __all__ = ["Backend", "BackendName", "Device", "gpu_present", "select_backend"]
 
-logger = logging.getLogger("pollinate")
 
 Device = Literal["auto", "cpu", "cuda"]
 BackendName = Literal["auto", "onnxruntime", "torch"]

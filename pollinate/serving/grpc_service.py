@@ -18,15 +18,17 @@ from typing import Any
 import grpc
 import numpy as np
 
+from pollinate.log import logger
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
-from pollinate.serving.models import InvalidInputError, ModelManager, ModelNotFoundError
+from pollinate.serving.inputs import InvalidInputError
+from pollinate.serving.models import ModelManager
 from pollinate.serving.proto import kserve_v2_pb2 as pb
 from pollinate.serving.repository import KSERVE_DTYPES, kserve_datatype
 from pollinate.serving.rest import SERVER_EXTENSIONS, metadata
+from pollinate.serving.versions import ModelNotFoundError
 
 __all__ = ["InferenceServicer", "add_servicer"]
 
-logger = logging.getLogger("pollinate")
 
 # KServe datatype -> the typed-contents field that carries it.
 _CONTENTS = {

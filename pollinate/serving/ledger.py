@@ -11,16 +11,15 @@ replaces the whole file atomically.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from pollinate._atomic import atomic_write_text
+from pollinate.log import logger
 from pollinate.serving.repository import VersionFiles
 
 __all__ = ["Outcome", "RolloutLedger"]
 
-logger = logging.getLogger("pollinate")
 
 Outcome = Literal["promoted", "rolled_back"]
 

@@ -1,10 +1,11 @@
-"""``pollinate serve``: REST, gRPC and metrics servers over one :class:`ModelManager`.
+"""One server process: REST, gRPC and metrics servers over one :class:`ModelManager`.
 
 Everything runs on one asyncio event loop (uvicorn for REST, ``grpc.aio`` for gRPC, the
 batchers and the repository watcher); model calls run on one thread per instance, where
 ONNX Runtime and torch release the GIL. The Prometheus endpoint runs on its own thread.
 SIGTERM / SIGINT stop taking connections, finish queued requests, and exit 0. With
-``--workers N`` each of N processes runs :func:`serve` as a worker (see ``workers.py``).
+``--workers N`` each of N processes runs :func:`serve` as a worker (given a
+:class:`WorkerContext`; see ``workers.py``); ``launch.py`` chooses between the two.
 """
 
 from __future__ import annotations
@@ -12,34 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import signal
-import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
 from pollinate._atomic import atomic_write_text
+from pollinate.errors import ConfigError
+from pollinate.log import logger
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.grpc_service import add_servicer
 from pollinate.serving.ledger import RolloutLedger
 from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.models import ModelManager
+from pollinate.serving.ports import bind_listener, start_metrics_server
 from pollinate.serving.rest import build_rest_app
 
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+__all__ = ["Ports", "WorkerContext", "serve"]
 
-    from prometheus_client import CollectorRegistry
-
-__all__ = ["Ports", "WorkerContext", "run_server", "serve", "start_metrics_server"]
-
-logger = logging.getLogger("pollinate")
 _GRPC_GRACE_S = 5.0
 
 
@@ -65,28 +59,6 @@ class WorkerContext:
     parent_pid: int
 
 
-def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says TCP; without it each response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        from pollinate.errors import ConfigError
-
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {err.strerror}; pick another port"
-        ) from err
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve(
     settings: ServeSettings,
     *,
@@ -96,11 +68,9 @@ async def serve(
     """Run the server until ``stop`` is set (or SIGTERM/SIGINT)."""
     import uvicorn
 
-    from pollinate.errors import ConfigError
-
     tls = settings.tls_cert is not None and settings.tls_key is not None
     # first: a busy port fails before any work
-    sock = _bind(settings.host, settings.http_port, reuse_port=worker is not None)
+    sock = bind_listener(settings.host, settings.http_port, reuse_port=worker is not None)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(sock.close)
         metrics = ServingMetrics()
@@ -196,23 +166,6 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def start_metrics_server(
-    host: str, port: int, registry: CollectorRegistry
-) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``registry`` at ``http://host:port/metrics`` on a thread; a busy port is a
-    ConfigError (the single server's registry, or the supervisor's multiprocess one)."""
-    from prometheus_client import start_http_server
-
-    from pollinate.errors import ConfigError
-
-    try:
-        return start_http_server(port, addr=host, registry=registry)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot listen on {host}:{port} (metrics): {err.strerror}; pick another port"
-        ) from err
-
-
 def _start_metrics(
     settings: ServeSettings, metrics: ServingMetrics, cleanup: contextlib.AsyncExitStack
 ) -> int:
@@ -224,15 +177,3 @@ def _start_metrics(
 
     cleanup.callback(stop)
     return int(httpd.server_port)
-
-
-def run_server(
-    settings: ServeSettings, *, json_logs: bool = True, log_level: int = logging.INFO
-) -> None:
-    """Blocking entry point of ``pollinate serve`` (the log settings go to the workers)."""
-    if settings.workers > 1:
-        from pollinate.serving.workers import run_workers
-
-        run_workers(settings, json_logs=json_logs, log_level=log_level)
-        return
-    asyncio.run(serve(settings))

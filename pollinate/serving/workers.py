@@ -17,7 +17,8 @@ supervisor:
    (back-off 1 s doubling to 30 s, reset after a minute up); SIGTERM / SIGINT stop the
    workers (each finishes its queued requests) and it exits 0.
 
-The runtime directory (settings, metrics, ledger; mode 0700) is removed on exit.
+The runtime directory (settings, metrics, ledger; mode 0700) is removed on exit. The worker
+side is :func:`main` here too; each worker runs :func:`~pollinate.serving.server.serve`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,43 +40,33 @@ from types import FrameType
 from typing import IO
 
 from pollinate._atomic import atomic_write_text
-from pollinate.errors import ConfigError, PollinateError
+from pollinate.errors import ConfigError, ExitCode, PollinateError
+from pollinate.log import log_to_stderr, logger
 from pollinate.serving.config import ServeSettings, settings_from_json, settings_to_json
+from pollinate.serving.ledger import RolloutLedger
+from pollinate.serving.ports import hold_port, start_metrics_server
+from pollinate.serving.repository import scan_repository
+from pollinate.serving.server import WorkerContext, serve
 
 __all__ = ["WorkerStartError", "main", "run_workers"]
 
-logger = logging.getLogger("pollinate")
 _BACKOFF_MAX_S = 30.0
 _STABLE_S = 60.0
 _START_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 30.0
 
 
-def _hold_port(host: str, port: int, what: str) -> socket.socket:
-    """Fail if ``port`` is taken; else hold it (SO_REUSEPORT, not listening) for the workers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:  # no SO_REUSEPORT: must be free
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise ConfigError(
-                f"cannot listen on {host}:{port} ({what}): {err.strerror}; pick another port"
-            ) from err
-        port = int(probe.getsockname()[1])
-    hold = socket.socket(family, socket.SOCK_STREAM)
-    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    hold.bind((host, port))
-    return hold
-
-
 class WorkerStartError(PollinateError):
-    """A worker exited while starting; exits with the worker's own exit code."""
+    """A worker exited while starting; exits with the worker's own exit code (one of
+    :class:`ExitCode`; any other code, a crash, is :attr:`ExitCode.FAILURE`)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.worker_exit_code = exit_code
+        try:
+            self.exit_code = ExitCode(exit_code)
+        except ValueError:
+            self.exit_code = ExitCode.FAILURE
 
 
 @dataclass
@@ -178,12 +168,9 @@ def run_workers(
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from pollinate.serving.repository import scan_repository
-    from pollinate.serving.server import start_metrics_server
-
     scan_repository(settings.repository)  # one clear error here, not one per worker
     host = settings.host
-    holds = [_hold_port(host, settings.http_port, "REST")]
+    holds = [hold_port(host, settings.http_port, "REST")]
     runtime = Path(tempfile.mkdtemp(prefix="pollinate-serve-"))
     worker_args = ["--log-format", "json" if json_logs else "text", "--log-level", str(log_level)]
     supervisor = _Supervisor(settings, runtime, worker_args)
@@ -194,11 +181,12 @@ def run_workers(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     httpd = None
     try:
-        holds.append(_hold_port(host, settings.grpc_port, "gRPC"))
+        holds.append(hold_port(host, settings.grpc_port, "gRPC"))
         http_port, grpc_port = (int(h.getsockname()[1]) for h in holds)
         supervisor.metrics_dir.mkdir()
         shared = replace(settings, http_port=http_port, grpc_port=grpc_port, port_file=None)
-        atomic_write_text(runtime / "settings.json", settings_to_json(shared))
+        # owner-only: the settings carry the bearer token
+        atomic_write_text(runtime / "settings.json", settings_to_json(shared), mode=0o600)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(supervisor.metrics_dir))  # type: ignore[no-untyped-call]
         httpd, thread = start_metrics_server(host, settings.metrics_port, registry)
@@ -243,10 +231,6 @@ class _WorkerField(logging.Filter):
 
 def main(argv: list[str] | None = None, *, stderr: IO[str] | None = None) -> int:
     """A worker process (started by :func:`run_workers`, not by hand)."""
-    from pollinate.log import log_to_stderr
-    from pollinate.serving.ledger import RolloutLedger
-    from pollinate.serving.server import WorkerContext, serve
-
     parser = argparse.ArgumentParser(prog="python -m pollinate.serving.workers")
     parser.add_argument("--runtime", type=Path, required=True)
     parser.add_argument("--index", type=int, required=True)

@@ -6,8 +6,8 @@ changes is delivery: no SuperLink state, no polling, no Ray actors, no serializa
 client. Messages are handled here:
 
 - ``train``: every message of a round goes through the ClientApp's own
-  :func:`~pollinate.clientapp.app.begin_train` (task parsing, data, accountant restore, budget
-  check, declines) and :func:`~pollinate.clientapp.app.finish_train` (accounting, reply); the
+  :func:`~pollinate.clientapp.jobs.begin_train` (task parsing, data, accountant restore, budget
+  check, declines) and :func:`~pollinate.clientapp.jobs.finish_train` (accounting, reply); the
   local training in between runs for the whole cohort at once
   (:func:`~pollinate.simulation.cohort.train_cohort`).
 - anything else (``query``, ``evaluate``): the pollinate ClientApp itself, called in process.
@@ -22,7 +22,6 @@ before the server sees the replies: a resumed run restores every client's full h
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,12 +36,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from pollinate._atomic import atomic_write_text
-from pollinate.clientapp.app import ACCOUNTANT_KEY, TrainJob, begin_train, client_key, finish_train
-from pollinate.protocol import ClientTask
+from pollinate._atomic import append_lines, atomic_write_text
+from pollinate.clientapp.jobs import TrainJob, begin_train, finish_train
+from pollinate.clientapp.local import ACCOUNTANT_KEY, client_key
 from pollinate.log import logger
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
+from pollinate.protocol import ClientTask
 from pollinate.simulation.cohort import CohortMember, train_cohort
 
 __all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
@@ -288,11 +288,7 @@ class LocalGrid(Grid):
             lines.append(json.dumps({"client": job.key, "record": entry}))
         if not lines:
             return
-        self._journal_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._journal_dir / JOURNAL_NAME, "a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_lines(self._journal_dir / JOURNAL_NAME, lines)
 
 
 def read_journal(path: Path) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from PIL import Image
 from pollinate.clientapp.training import train
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset
-from pollinate.export._bundle import generate_signing_key
+from pollinate.export._signing import generate_signing_key
 from pollinate.models import build_model
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 

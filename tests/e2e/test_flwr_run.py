@@ -8,10 +8,7 @@ with every process it started, when the test ends.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import tomllib
@@ -23,19 +20,15 @@ import psutil
 import pytest
 from flwr.cli.config_migration import CONFIG_MIGRATION_NOTICE
 
+from tests.support import REPO
+from tests.support.processes import cmdline, end_processes, free_port, processes_mentioning
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 NUM_SUPERNODES = 10
 ROUNDS = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -52,58 +45,24 @@ def _processes_of(flower: LocalFlower) -> dict[int, psutil.Process]:
     log file and database) and port; the SuperExec and the simulation process it starts name
     the same port in ``--runtime-api-address``.
     """
-    marks = (str(flower.home), f"127.0.0.1:{flower.port}")
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = proc.info["cmdline"] or []
-            if proc.pid == os.getpid() or not any(m in arg for arg in cmdline for m in marks):
-                continue
-            found[proc.pid] = proc
-            for child in proc.children(recursive=True):
-                found[child.pid] = child
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def _cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
+    return processes_mentioning((str(flower.home), f"127.0.0.1:{flower.port}"))
 
 
 def _stop(flower: LocalFlower) -> list[str]:
     """Terminate the local SuperLink and its descendants; return what survived a SIGKILL."""
-    procs = list(_processes_of(flower).values())
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    return [f"pid {p.pid}: {_cmdline(p)}" for p in alive if _alive(p)]
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    survivors = end_processes(list(_processes_of(flower).values()), timeout=15, kill_timeout=10)
+    return [f"pid {p.pid}: {cmdline(p)}" for p in survivors]
 
 
 @pytest.fixture
 def local_flower(e2e_env: dict[str, str], tmp_path: Path) -> Iterator[LocalFlower]:
-    port = _free_port()
+    port = free_port()
     flower = LocalFlower(
         env={
             **e2e_env,
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
             # Deprecated in 1.42 but still passed to flower-superlink: keep it off 39093 too.
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         },
         home=Path(e2e_env["FLWR_HOME"]),
         port=port,
@@ -158,7 +117,7 @@ def test_flwr_run_runs_the_server_and_client_apps(
     # The SuperLink flwr started belongs to this test (its log is in this FLWR_HOME) and
     # outlives `flwr run`: the fixture must find it to stop it.
     assert (local_flower.home / "local-superlink" / "superlink.log").exists()
-    assert any("flower-superlink" in _cmdline(p) for p in _processes_of(local_flower).values())
+    assert any("flower-superlink" in cmdline(p) for p in _processes_of(local_flower).values())
 
     # The run directory pollinate's ServerApp writes.
     metrics = json.loads((run_dir / "metrics.json").read_text())

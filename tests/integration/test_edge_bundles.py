@@ -24,16 +24,17 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from pollinate.clientapp.app import app
-from pollinate.device.bundles import BundleStore
-from pollinate.device.local_serving import LocalInference
 from pollinate.config import RunSettings
 from pollinate.data import load_dataset
+from pollinate.device.bundles import BundleStore
+from pollinate.device.local_serving import LocalInference
 from pollinate.edge_runtime import BundleError
 from pollinate.export._bundle import generate_signing_key
 from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 from pollinate.serverapp.delivery import BUNDLE_MESSAGE
-from tests.helpers import set_identity, train_default_cnn
+from tests.support.messages import set_identity
+from tests.support.models import train_default_cnn
 
 pytestmark = pytest.mark.integration
 NODE = 5

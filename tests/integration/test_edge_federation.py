@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks._federation_procs import Federation
 from pollinate.data import load_dataset
 from pollinate.edge_runtime import load_bundle
 from pollinate.serving.drift import DriftReading, TriggerSink
-from tests.processes import free_port, rounds_done, wait_until
+from tests.support.federation import Federation, rounds_done
+from tests.support.processes import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 5

@@ -12,7 +12,7 @@ import pytest
 
 from pollinate.privacy import ClientAccountant
 from pollinate.simulation.local_grid import JOURNAL_NAME, read_journal
-from tests.integration.test_simulation import _simulate
+from tests.support.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def test_fast_and_ray_engines_account_identically_and_learn_alike(tmp_path: Path
         runs = {}
         for engine in ("fast", "ray"):
             run_dir = tmp_path / f"{engine}-{seed}"
-            proc = _simulate(tmp_path, *WORKLOAD, "--seed", str(seed), "--engine", engine,
-                             "--run-dir", str(run_dir))  # fmt: skip
+            proc = simulate(tmp_path, *WORKLOAD, "--seed", str(seed), "--engine", engine,
+                            "--run-dir", str(run_dir))  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-3000:]
             runs[engine] = run_dir
         # Same clients sampled, same steps and rates, so exactly the same epsilons.
@@ -55,18 +55,14 @@ def test_fast_and_ray_engines_account_identically_and_learn_alike(tmp_path: Path
 
 def test_switching_engines_on_resume_keeps_every_clients_history(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    proc = _simulate(tmp_path, *WORKLOAD, "--run-dir", str(straight))
+    proc = simulate(tmp_path, *WORKLOAD, "--run-dir", str(straight))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     switched = tmp_path / "switched"
-    proc = _simulate(
-        tmp_path, *BASE, "--rounds", "1", "--engine", "ray", "--run-dir", str(switched)
-    )
+    proc = simulate(tmp_path, *BASE, "--rounds", "1", "--engine", "ray", "--run-dir", str(switched))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for engine, rounds in (("fast", "2"), ("ray", "3")):
-        proc = _simulate(
-            tmp_path, "--resume", str(switched), "--rounds", rounds, "--engine", engine
-        )
+        proc = simulate(tmp_path, "--resume", str(switched), "--rounds", rounds, "--engine", engine)
         assert proc.returncode == 0, proc.stderr[-3000:]
     # Ray -> fast read the per-client files, fast -> Ray the journal: no client restarted
     # from zero, so every epsilon equals the uninterrupted run's.

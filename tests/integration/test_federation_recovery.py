@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks._federation_procs import Federation
-from tests.processes import free_port, rounds_done, wait_until
+from tests.support.federation import Federation, rounds_done
+from tests.support.processes import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEVICES = 3

@@ -9,7 +9,7 @@ import dp_accounting
 import pytest
 
 from pollinate.privacy import ClientAccountant, MechanismStep
-from tests.integration.test_simulation import _simulate
+from tests.support.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def test_clients_decline_past_their_budget_and_the_server_counts_it(tmp_path: Pa
     two = ClientAccountant([MechanismStep(noise_multiplier=1.0, sample_rate=1 / 7, steps=14)])
     budget = (one.epsilon(1e-5) + two.epsilon(1e-5)) / 2  # room for exactly one round
     run_dir = tmp_path / "run"
-    proc = _simulate(
+    proc = simulate(
         tmp_path, "--preset", "quick", "--num-clients", "20", "--fraction", "0.5",
         "--rounds", "4", "--epsilon-budget", f"{budget:.6f}", "--run-dir", str(run_dir),
     )  # fmt: skip
@@ -40,7 +40,7 @@ def test_clients_decline_past_their_budget_and_the_server_counts_it(tmp_path: Pa
 
 def test_client_level_and_sample_level_epsilon_are_reported_apart(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _simulate(
+    proc = simulate(
         tmp_path, "--preset", "quick", "--num-clients", "20", "--fraction", "0.5",
         "--rounds", "2", "--client-dp", "server-fixed", "--set", "client-dp-noise=2.0",
         "--run-dir", str(run_dir),

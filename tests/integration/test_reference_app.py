@@ -1,4 +1,5 @@
-"""Smoke test of the reference Flower app (benchmarks/reference_flower_app) and its measure."""
+"""Smoke test of the reference Flower app (benchmarks/reference_flower_app) and its
+measurement (tests/support/reference.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._reference import APP_DIR, reference_flower
+from tests.support.reference import APP_DIR, reference_flower
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from benchmarks._federation_procs import Federation
-from tests.processes import wait_until
+from tests.support.federation import Federation
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",

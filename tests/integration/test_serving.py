@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tritonclient.utils import InferenceServerException
 
 from pollinate.models import build_model
-from tests.serving_support import (
+from tests.support.serving import (
     MODEL,
     copy_version,
     default_repository,

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pollinate.serving.proto import kserve_v2_pb2 as pb
-from tests.serving_support import MODEL, Server, default_repository, serve
+from tests.support.serving import MODEL, Server, default_repository, serve
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
-from tests.serving_support import MODEL, default_repository, serve
+from tests.support.serving import MODEL, default_repository, serve
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token-for-tests-0123456789"

@@ -7,8 +7,6 @@ import os
 import shutil
 import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,8 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from tests.serving_support import MODEL, copy_version, default_repository, mnist_images, serve
+from tests.support.processes import wait_until
+from tests.support.serving import MODEL, copy_version, default_repository, mnist_images, serve
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +33,6 @@ def _infer(url: str, x: np.ndarray) -> tuple[np.ndarray, str]:
         return np.asarray(result.as_numpy("logits")), str(result.get_response()["model_version"])
     finally:
         client.close()
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _says(line: dict[str, object], text: str) -> bool:
@@ -91,7 +83,7 @@ def test_two_workers_share_ports_metrics_and_rollout(tmp_path: Path) -> None:
             t.start()
         copy_version(repo, 3, 4)
         promoted = lambda: server.metric("pollinate_serving_rollouts_total", outcome="promoted")  # noqa: E731
-        _wait("both workers to promote version 4", lambda: promoted() == 2, 90)
+        wait_until("both workers to promote version 4", lambda: promoted() == 2, 90, interval=0.1)
         stop.set()
         for t in threads:
             t.join()
@@ -102,15 +94,16 @@ def test_two_workers_share_ports_metrics_and_rollout(tmp_path: Path) -> None:
 
         # a killed worker is started again and serves; the other one never stopped
         os.kill(workers[1], signal.SIGKILL)
-        _wait("the worker to start again", lambda: any(
-            _says(line, "started again") for line in server.log_lines()), 30)  # fmt: skip
-        _wait("two workers", lambda: len(supervisor.children()) == 2, 30)
+        wait_until("the worker to start again", lambda: any(
+            _says(line, "started again") for line in server.log_lines()
+        ), 30, interval=0.1)  # fmt: skip
+        wait_until("two workers", lambda: len(supervisor.children()) == 2, 30, interval=0.1)
         restarted = {p.pid for p in supervisor.children()} - set(workers)
         assert len(restarted) == 1 and psutil.pid_exists(workers[0])
         ready = lambda: sum(  # noqa: E731
             _says(line, "serving") and _says(line, "worker 1") for line in server.log_lines()
         ) == 2  # fmt: skip
-        _wait("the new worker to serve", ready, 60)
+        wait_until("the new worker to serve", ready, 60, interval=0.1)
         for i in range(10):  # it starts with the promoted version, not the one it had first
             assert _infer(server.http_url, images[i : i + 1])[1] == "4"
     assert server.process.returncode == 0

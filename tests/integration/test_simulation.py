@@ -7,11 +7,6 @@ the run directory it leaves: metrics, privacy ledger, checkpoints, clients' acco
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +15,10 @@ from safetensors.numpy import load_file
 
 from pollinate.privacy import ClientAccountant
 from pollinate.rundir.checkpoint import latest_checkpoint
+from tests.support.processes import kill_group, spawn, wait_until
+from tests.support.simulation import simulate, simulate_command, simulate_env
 
 pytestmark = pytest.mark.slow
-
-ENV = {
-    **os.environ,
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "OMP_NUM_THREADS": "1",
-    "COLUMNS": "160",
-}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pollinate", *args]
-
-
-def _simulate(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**ENV, "FLWR_HOME": str(tmp / ".flwr")}
-    return subprocess.run(
-        _cli("simulate", *args), capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def _final_model(run_dir: Path) -> dict[str, np.ndarray]:
@@ -50,7 +29,7 @@ def _final_model(run_dir: Path) -> dict[str, np.ndarray]:
 
 def test_1000_clients_two_rounds_improve_and_keep_a_consistent_ledger(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _simulate(
+    proc = simulate(
         tmp_path, "--num-clients", "1000", "--rounds", "2", "--engine", "ray",
         "--run-dir", str(run_dir),
     )  # fmt: skip
@@ -98,28 +77,30 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path, engine: str, ro
     common = ("--preset", "quick", "--num-clients", "40", "--rounds", str(rounds), "--seed", "7",
               "--engine", engine, "--set", "reproducible-noise=true")  # fmt: skip
     full = tmp_path / "full"
-    proc = _simulate(tmp_path, *common, "--run-dir", str(full))
+    proc = simulate(tmp_path, *common, "--run-dir", str(full))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    env = {**ENV, "FLWR_HOME": str(tmp_path / ".flwr")}
-    child = subprocess.Popen(
-        _cli("simulate", *common, "--run-dir", str(killed)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    child = spawn(
+        simulate_command(*common, "--run-dir", str(killed)), tmp_path / "killed.log",
+        simulate_env(tmp_path),
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def two_rounds_saved() -> bool:
         ckpt = latest_checkpoint(killed) if killed.exists() else None
         if ckpt is not None and ckpt.server_round >= 2:
-            break
+            return True
         assert child.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+        return False
+
+    try:
+        wait_until("round 2's checkpoint", two_rounds_saved, 300, interval=0.02)
+    finally:
+        kill_group(child)
     ckpt = latest_checkpoint(killed)
     assert ckpt is not None and 2 <= ckpt.server_round < rounds
 
-    proc = _simulate(tmp_path, "--resume", str(killed), "--engine", engine)
+    proc = simulate(tmp_path, "--resume", str(killed), "--engine", engine)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _final_model(full), _final_model(killed)
     assert a.keys() == b.keys()
@@ -141,10 +122,10 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path, engine: str, ro
 def test_federated_evaluation_and_resume_refusing_changed_settings(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     bundle = tmp_path / "bundle"
-    proc = _simulate(tmp_path, "--preset", "quick", "--num-clients", "20", "--rounds", "1",
-                     "--set", "fraction-evaluate=0.5", "--set", f"export-dir={bundle}",
-                     "--dp", "none", "--set", "learning-rate=0.05", "--set", "momentum=0.9",
-                     "--run-dir", str(run_dir))  # fmt: skip
+    proc = simulate(tmp_path, "--preset", "quick", "--num-clients", "20", "--rounds", "1",
+                    "--set", "fraction-evaluate=0.5", "--set", f"export-dir={bundle}",
+                    "--dp", "none", "--set", "learning-rate=0.05", "--set", "momentum=0.9",
+                    "--run-dir", str(run_dir))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # export-dir: the final model was exported as a verified bundle at the end of the run.
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -153,7 +134,7 @@ def test_federated_evaluation_and_resume_refusing_changed_settings(tmp_path: Pat
     last = json.loads((run_dir / "metrics.json").read_text())[-1]
     assert last["federated_accuracy"] is not None
     assert 0.0 <= last["federated_accuracy"] <= 1.0
-    proc = _simulate(tmp_path, "--resume", str(run_dir), "--seed", "99", "--rounds", "2")
+    proc = simulate(tmp_path, "--resume", str(run_dir), "--seed", "99", "--rounds", "2")
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "seed" in proc.stderr
     assert "Traceback" not in proc.stderr

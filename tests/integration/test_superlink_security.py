@@ -22,39 +22,46 @@ from typing import Any
 import pytest
 
 from pollinate.ops.superlink import flwr_env, list_nodes
-from tests.processes import free_port, stop_group
+from tests.support.processes import (
+    POLLINATE,
+    exited,
+    free_port,
+    spawn,
+    stop_group,
+    terminate,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def _server(tmp: Path, port: int, *trust: Path) -> Iterator[subprocess.Popen[str]]:
+def _server(tmp: Path, port: int, *trust: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`pollinate server start` until the block ends; then SIGTERM to it alone (it stops its
+    own children), SIGKILL after 30 s."""
     args = ["--certs", str(tmp / "certs"), "--state-dir", str(tmp / "state"), "--port", str(port)]
     for key in trust:
         args += ["--trust", str(key)]
     log = tmp / f"server-{time.monotonic_ns()}.out"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pollinate", "server", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, text=True, env=flwr_env(tmp / "state"),
-        )  # fmt: skip
+    process = spawn([*POLLINATE, "server", "start", *args], log, flwr_env(tmp / "state"))
+
+    def ready() -> bool:
+        if "SuperLink ready" in log.read_text():
+            return True
+        assert process.poll() is None, log.read_text()
+        return False
+
     try:
-        deadline = time.monotonic() + 90
-        while "SuperLink ready" not in log.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the SuperLink did not start"
-            time.sleep(0.2)
+        wait_until("the SuperLink to start", ready, 90, interval=0.2)
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+        terminate(process, timeout=30)
 
 
 def _supernode(
     tmp: Path, port: int, key: Path | None, name: str, *extra: str
-) -> subprocess.Popen[str]:
+) -> subprocess.Popen[bytes]:
     args = [
         "--superlink",
         f"127.0.0.1:{port}",
@@ -68,11 +75,7 @@ def _supernode(
         args += ["--auth-supernode-private-key", str(key)]
     if "--insecure" not in extra:
         args += ["--root-certificates", str(tmp / "certs" / "ca.crt")]
-    with (tmp / f"{name}.log").open("w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(
-            [str(BIN / "flower-supernode"), *args], stdout=log, stderr=subprocess.STDOUT,
-            text=True, env=flwr_env(tmp / name), start_new_session=True,
-        )  # fmt: skip
+    return spawn([str(BIN / "flower-supernode"), *args], tmp / f"{name}.log", flwr_env(tmp / name))
 
 
 def _online(state: Path) -> set[str]:
@@ -81,7 +84,7 @@ def _online(state: Path) -> set[str]:
 
 def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> None:
     made = subprocess.run(
-        [sys.executable, "-m", "pollinate", "certs", str(tmp_path / "certs"), "--nodes", "3"],
+        [*POLLINATE, "certs", str(tmp_path / "certs"), "--nodes", "3"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
@@ -90,7 +93,7 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
         assert stat.S_IMODE((nodes / private).stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "certs" / "server.key").stat().st_mode) == 0o600
     again = subprocess.run(
-        [sys.executable, "-m", "pollinate", "certs", str(tmp_path / "certs")],
+        [*POLLINATE, "certs", str(tmp_path / "certs")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert again.returncode == 2 and "never overwrites" in again.stderr
@@ -104,10 +107,10 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
         stranger = _supernode(tmp_path, port, nodes / "node-2", "stranger")
         plaintext = _supernode(tmp_path, port, nodes / "node-0", "plaintext", "--insecure")
         try:
-            deadline = time.monotonic() + 60
-            while _online(state) != registered:
-                assert time.monotonic() < deadline, f"online: {_online(state)}"
-                time.sleep(0.5)
+            wait_until(
+                "the trusted SuperNodes online", lambda: _online(state) == registered, 60,
+                error=lambda msg: AssertionError(f"{msg}; online: {_online(state)}"),
+            )  # fmt: skip
             # the unknown key and the plaintext client are turned away and give up
             assert stranger.wait(timeout=60) != 0
             assert plaintext.wait(timeout=60) != 0
@@ -129,27 +132,31 @@ def test_only_trusted_supernodes_connect_and_only_over_tls(tmp_path: Path) -> No
         assert again["superexec_pid"] != first["superexec_pid"]
         env = {**flwr_env(state), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         started = subprocess.run(
-            [sys.executable, "-m", "pollinate", "server", "run", "--state-dir", str(state),
+            [*POLLINATE, "server", "run", "--state-dir", str(state),
              "--rounds", "1", "--run-dir", str(tmp_path / "run")],
             capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
         assert started.returncode == 0, started.stderr
-        deadline = time.monotonic() + 120  # no SuperNode is online: the ServerApp waits for one
-        while _status(state, env) != "running":
-            assert time.monotonic() < deadline, _status(state, env)
-            time.sleep(1.0)
+        # no SuperNode is online: the ServerApp waits for one
+        wait_until(
+            "the run to be running", lambda: _status(state, env) == "running", 120,
+            interval=1.0, error=lambda msg: AssertionError(f"{msg}: {_status(state, env)}"),
+        )  # fmt: skip
     assert server.returncode == 0, "SIGTERM must stop the SuperLink cleanly"
-    assert _exited(again["superexec_pid"]), "the SuperExec stops with the SuperLink"
+    assert exited(again["superexec_pid"]), "the SuperExec stops with the SuperLink"
 
 
 def _superexec(state: Path, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while True:
-        info: dict[str, Any] = json.loads((state / "superlink.json").read_text())
-        if ready(info):
-            return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.5)
+    """superlink.json once ``ready`` says yes to it (polled every 0.5 s, for 60 s)."""
+    info: dict[str, Any] = {}
+
+    def read() -> bool:
+        nonlocal info
+        info = json.loads((state / "superlink.json").read_text())
+        return ready(info)
+
+    wait_until("the SuperExec", read, 60, error=lambda msg: AssertionError(f"{msg}: {info}"))
+    return info
 
 
 def _restarted_once(info: dict[str, Any]) -> bool:
@@ -159,22 +166,8 @@ def _restarted_once(info: dict[str, Any]) -> bool:
 
 def _status(state: Path, env: dict[str, str]) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "pollinate", "server", "status", "--state-dir", str(state),
+        [*POLLINATE, "server", "status", "--state-dir", str(state),
          "--json"], capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return str(json.loads(out.stdout)["status"])
-
-
-def _exited(pid: int) -> bool:
-    """The process has exited (and is not a zombie waiting for its parent)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.2)
-    return False

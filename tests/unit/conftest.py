@@ -8,7 +8,7 @@ import torch
 
 from pollinate.data import DatasetSplit, load_dataset
 from pollinate.export._parity import torch_logits
-from tests.helpers import train_default_cnn
+from tests.support.models import train_default_cnn
 
 
 @pytest.fixture(scope="module")

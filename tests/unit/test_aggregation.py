@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pollinate.config import RunSettings, SampleDP
 from pollinate.serverapp.nodes import SampledGrid
 from pollinate.serverapp.strategy import build_strategy, load_strategy_state, strategy_state
-from tests.helpers import NodeListGrid, reply_from, set_identity
+from tests.support.messages import NodeListGrid, reply_from, set_identity
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 

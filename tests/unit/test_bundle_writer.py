@@ -18,16 +18,12 @@ from safetensors.torch import load_file
 
 from pollinate.edge_runtime import Manifest, verify_bundle
 from pollinate.errors import PollinateError
-from pollinate.export._bundle import (
-    SigningKeyError,
-    SourceMissingError,
-    archive_path,
-    generate_signing_key,
-    next_triton_version,
-    write_bundle,
-    write_triton_entry,
-)
-from tests.unit.test_edge_runtime import artifact, make_manifest, make_sources
+from pollinate.export._archive import archive_path
+from pollinate.export._bundle import write_bundle
+from pollinate.export._errors import SigningKeyError, SourceMissingError
+from pollinate.export._signing import generate_signing_key
+from pollinate.export._triton import next_triton_version, write_triton_entry
+from tests.support.bundles import artifact, make_manifest, make_sources
 
 
 @pytest.fixture(scope="module")

@@ -41,15 +41,22 @@ def test_latest_wins_and_old_rounds_are_pruned(tmp_path: Path) -> None:
     assert names == ["round-0004", "round-0005"]
 
 
+@pytest.mark.parametrize(
+    "step",
+    [
+        "rename",  # the checkpoint folder's move into place (atomic_dir)
+        "replace",  # the LATEST pointer's (atomic_write_text)
+    ],
+)
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
     save_checkpoint(tmp_path, _ckpt(1))
 
     def boom(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr(os, step, boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, _ckpt(2))
     monkeypatch.undo()
@@ -57,6 +64,20 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(
     assert got is not None and got.server_round == 1
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_rewriting_a_round_replaces_its_folder(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _ckpt(1))
+    again = _ckpt(1)
+    again.model["w"] = again.model["w"] + 1
+    again.state["extra"] = True
+    folder = save_checkpoint(tmp_path, again)
+    got = latest_checkpoint(tmp_path)
+    assert got is not None and got.state["extra"] is True
+    np.testing.assert_array_equal(got.model["w"], again.model["w"])
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["round-0001"]
+    assert (tmp_path / "LATEST").read_text() == "checkpoints/round-0001\n"
 
 
 def test_no_checkpoint_yet_and_missing_directory(tmp_path: Path) -> None:

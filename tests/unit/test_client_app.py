@@ -16,8 +16,8 @@ from pollinate.config import RunSettings
 from pollinate.data import load_dataset, load_partition
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
-from pollinate.serverapp.federation import client_config
-from tests.helpers import set_identity
+from pollinate.serverapp.calibration import client_config
+from tests.support.messages import set_identity
 
 NODE = 77
 

@@ -9,7 +9,7 @@ import pytest
 
 from pollinate.config import ClientDP, RunSettings, SampleDP, StrategyName
 from pollinate.errors import ConfigError
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_pyproject_app_config_matches_the_typed_defaults() -> None:

@@ -57,10 +57,10 @@ def test_one_line_joins_line_breaks_only() -> None:
 
 SCRIPT = """
 import logging, sys
-from pollinate.cli.main import _setup_logging
+from pollinate.cli._common import setup_logging
 from pollinate.cli.console import make_console
 long = sys.argv[1]
-_setup_logging(False)
+setup_logging(False)
 logging.getLogger("pollinate.data").warning("%s is large; reading it\\ntakes a while", long)
 out = make_console(min_width=120)
 out.print(f"final accuracy [bold]0.9123[/] after round 3")

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from pollinate.export._bundle import generate_signing_key, write_bundle
-from tests.unit.test_edge_runtime import make_sources, reference
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.bundles import make_sources, reference
 
 CHILD = """
 import json, sys

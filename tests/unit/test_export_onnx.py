@@ -11,12 +11,8 @@ import torch
 
 from pollinate.data import DatasetSplit
 from pollinate.errors import ConfigError
-from pollinate.export._onnx import (
-    OnnxInfo,
-    export_onnx,
-    onnx_session,
-    quantize_onnx_int8,
-)
+from pollinate.export._onnx import OnnxInfo, export_onnx, onnx_session
+from pollinate.export._onnx_quant import quantize_onnx_int8
 from pollinate.export._parity import (
     ExportError,
     Parity,

@@ -12,16 +12,10 @@ import torch
 from torch import nn
 
 from pollinate.data import DatasetSplit, load_dataset
-from pollinate.errors import ConfigError
-from pollinate.export._openvino import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ExportError,
-    OpenVinoInfo,
-    export_openvino,
-    openvino_runner,
-    quantize_openvino_int8,
-)
+from pollinate.errors import ConfigError, ExportError
+from pollinate.export._openvino import export_openvino, openvino_runner
+from pollinate.export._openvino_ir import INPUT_NAME, OUTPUT_NAME, OpenVinoInfo
+from pollinate.export._openvino_quant import quantize_openvino_int8
 from pollinate.models import build_model
 
 pytestmark = pytest.mark.unit

@@ -17,11 +17,12 @@ import torch
 
 from pollinate.data import DatasetSplit, load_dataset
 from pollinate.errors import ConfigError
-from pollinate.export._onnx import OnnxInfo, export_onnx, onnx_session, quantize_onnx_int8
+from pollinate.export._onnx import OnnxInfo, export_onnx, onnx_session
+from pollinate.export._onnx_quant import quantize_onnx_int8
 from pollinate.export._parity import check_tolerances, measure_parity, torch_logits
 from pollinate.export._prune import PrunedCNN, PruneResult, prune_structured
 from pollinate.models import SmallCNN, build_model
-from tests.helpers import train_default_cnn
+from tests.support.models import train_default_cnn
 
 pytestmark = pytest.mark.unit
 

@@ -22,11 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from pollinate.errors import ConfigError
+from pollinate.ops.fed_metrics import DURATION_BUCKETS, OUTCOMES, serve_federation_metrics
 from pollinate.privacy import PrivacyLedger
 from pollinate.rundir.checkpoint import atomic_write_json
-from pollinate.ops.fed_metrics import DURATION_BUCKETS, OUTCOMES, serve_federation_metrics
-from pollinate.rundir.report import RoundRecord
-from tests.processes import free_port
+from pollinate.rundir.records import RoundRecord
+from tests.support.processes import free_port
 
 EPS_PER_ROUND = 0.7  # sample-level epsilon a client spends each time it trains
 CLIENT_EPS_PER_ROUND = 0.9  # client-level epsilon after each round

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pollinate.errors import ConfigError
 from pollinate.privacy import PrivacyLedger
-from pollinate.privacy.ledger import NOTE
+from pollinate.privacy.ledger_summary import NOTE
 
 pytestmark = pytest.mark.unit
 

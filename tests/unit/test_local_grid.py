@@ -16,7 +16,7 @@ from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant, MechanismStep
-from pollinate.serverapp.federation import client_config
+from pollinate.serverapp.calibration import client_config
 from pollinate.serverapp.nodes import NodeDirectory, SampledGrid, reply_node
 from pollinate.simulation.local_grid import JOURNAL_NAME, LocalArray, LocalGrid, read_journal
 

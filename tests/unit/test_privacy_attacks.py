@@ -23,18 +23,19 @@ from flwr.common import MessageType
 from flwr.common.config import parse_config_args
 from torch import nn
 
-from pollinate.clientapp.app import ACCOUNTING_KEYS, app
-from pollinate.device.daemon import DaemonSettings
-from pollinate.clientapp.policy import ACCOUNTANT_FILE, DeviceLedger
+from pollinate.clientapp.app import app
 from pollinate.clientapp.training import TrainSettings
 from pollinate.config import ClientDP, RunSettings
 from pollinate.data import ArrayDataset, load_dataset, load_partition
+from pollinate.device.daemon import DaemonSettings
+from pollinate.device.ledger import ACCOUNTANT_FILE, DeviceLedger
 from pollinate.models import build_model
 from pollinate.privacy.noise import NoiseSource
-from pollinate.serverapp.federation import client_config
+from pollinate.protocol import ACCOUNTING_KEYS
+from pollinate.serverapp.calibration import client_config
 from pollinate.serverapp.strategy import build_strategy
 from pollinate.simulation.cohort import CohortMember, train_cohort
-from tests.helpers import set_identity
+from tests.support.messages import set_identity
 
 NODE = 21
 CLIP = 1.0
@@ -130,7 +131,7 @@ def test_a_server_with_the_seed_cannot_subtract_the_dp_noise(
     the round, the client and its (public) data size; it runs the client's own code again with
     the same public inputs on data of its own, learns the noise of that replay, and subtracts
     it. One full-batch step (q = 1) keeps the algebra exact."""
-    import pollinate.clientapp.app as client_app
+    import pollinate.clientapp.jobs as client_jobs
 
     msg, sent = _message(1, tmp_path, **{"reproducible-noise": reproducible})
     reply = app(msg, _context({"partition-id": 3, "num-partitions": 10}))
@@ -141,7 +142,7 @@ def test_a_server_with_the_seed_cannot_subtract_the_dp_noise(
     truth = torch.cat([t.flatten() for t in _clipped_sum(_start_model(sent), part.x, part.y)])
     # the replay: the same message to the same client identity, the attacker's data
     x, y = _surrogate(n)
-    monkeypatch.setattr(client_app, "_local_data", lambda *_: ArrayDataset(x, y))
+    monkeypatch.setattr(client_jobs, "local_data", lambda *_: ArrayDataset(x, y))
     replay_msg, _ = _message(1, tmp_path / "replay", **{"reproducible-noise": reproducible})
     replayed = app(replay_msg, _context({"partition-id": 3, "num-partitions": 10}))
     replay = {k: a.numpy() for k, a in replayed.content.array_records["arrays"].items()}
@@ -293,14 +294,14 @@ def test_secure_aggregation_sends_no_metric_in_clear(tmp_path: Path) -> None:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     from pollinate.clientapp.app import _train_for_secagg
-    from pollinate.serverapp.secagg import TASK_KEY, WEIGHT_KEY
+    from pollinate.protocol import SECAGG_TASK_KEY, SECAGG_WEIGHT_KEY
 
     msg, sent = _message(1, tmp_path, **{"dp": "none"})
     cfg = dict(msg.content.config_records["config"])
     fitins_like = compat.fitins_to_recorddict(
         compat.FitIns(
             ndarrays_to_parameters(list(sent.values())),
-            {TASK_KEY: json.dumps(cfg), WEIGHT_KEY: "num-examples"},
+            {SECAGG_TASK_KEY: json.dumps(cfg), SECAGG_WEIGHT_KEY: "num-examples"},
         ),
         keep_input=True,
     )
@@ -347,7 +348,7 @@ def test_target_epsilon_is_calibrated_for_the_worst_client() -> None:
     from pollinate.clientapp.training import dp_plan
     from pollinate.data import partition_indices
     from pollinate.privacy import ClientAccountant, MechanismStep
-    from pollinate.serverapp.federation import resolve_noise
+    from pollinate.serverapp.calibration import resolve_noise
 
     settings = RunSettings(dataset="digits", partitioner="dirichlet", dirichlet_alpha=0.3,
                            target_epsilon=3.0, num_server_rounds=4, batch_size=16)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tests of benchmarks/privacy_audit.py: the one-run audit bound and the ledger recomputation."""
+"""Tests of tests/support/audit.py: the one-run audit bound and the ledger recomputation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from benchmarks.privacy_audit import (
+from tests.support.audit import (
     LedgerFormatError,
     epsilon_lower_bound,
     read_ledger,

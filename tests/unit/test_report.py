@@ -1,4 +1,5 @@
-"""Tests of pollinate.rundir.report: plots, summary.md and the terminal table."""
+"""Tests of pollinate.rundir.report, plots and records: plots, summary.md, the terminal table
+and the metrics history."""
 
 from __future__ import annotations
 
@@ -10,12 +11,8 @@ from pathlib import Path
 import pytest
 
 from pollinate.errors import CheckpointError
-from pollinate.rundir.report import (
-    SEPARATE_GUARANTEES,
-    RoundRecord,
-    render_summary_table,
-    write_report,
-)
+from pollinate.rundir.records import RoundRecord, history_from_rows, read_history, write_history
+from pollinate.rundir.report import SEPARATE_GUARANTEES, render_summary_table, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -284,6 +281,27 @@ def test_from_dict_rejects_bad_records(data: dict[str, object]) -> None:
         RoundRecord.from_dict(data)
 
 
+def test_metrics_history_round_trip(tmp_path: Path) -> None:
+    history = [*_history(), RoundRecord(7, None, None, max_epsilon=math.inf)]
+    path = write_history(tmp_path, history)
+    assert path == tmp_path / "metrics.json"
+    assert read_history(tmp_path) == history
+    assert json.loads(path.read_text()) == [r.to_dict() for r in history]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("rows", [{"server_round": 1}, [1, 2], [{"accuracy": 0.5}]])
+def test_history_from_rows_rejects_malformed_history(rows: object) -> None:
+    with pytest.raises(CheckpointError):
+        history_from_rows(rows)
+
+
+def test_read_history_rejects_non_json(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text("[{")
+    with pytest.raises(CheckpointError, match="not JSON"):
+        read_history(tmp_path)
+
+
 def test_render_summary_table() -> None:
     from rich.console import Console
 
@@ -308,7 +326,7 @@ def test_import_is_lazy() -> None:
     import sys
 
     code = (
-        "import sys, pollinate.rundir.report; "
+        "import sys, pollinate.rundir.report, pollinate.rundir.records; "
         "print(any(m.split('.')[0] in ('matplotlib', 'rich') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ import pytest
 
 from pollinate.errors import ConfigError, RepositoryError
 from pollinate.serving.config import load_serve_settings, settings_from_json, settings_to_json
-from pollinate.serving.models import InvalidInputError, check_inputs
+from pollinate.serving.inputs import InvalidInputError, check_inputs
 from pollinate.serving.repository import read_model_config, scan_repository
 
 TRITON_CONFIG = """
@@ -150,7 +150,7 @@ def test_the_listening_socket_says_tcp_so_responses_are_not_delayed() -> None:
     proto is IPPROTO_TCP; with proto 0 every response waited ~40 ms for a delayed ACK."""
     import socket
 
-    from pollinate.serving.server import _bind
+    from pollinate.serving.ports import bind_listener as _bind
 
     sock = _bind("127.0.0.1", 0)
     try:
@@ -174,8 +174,8 @@ def test_workers_need_free_ports_and_share_the_ones_they_hold() -> None:
     some other program listens on is refused, never shared."""
     import socket
 
-    from pollinate.serving.server import _bind
-    from pollinate.serving.workers import _hold_port
+    from pollinate.serving.ports import bind_listener as _bind
+    from pollinate.serving.ports import hold_port as _hold_port
 
     hold = _hold_port("127.0.0.1", 0, "REST")
     port = hold.getsockname()[1]

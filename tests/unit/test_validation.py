@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pollinate.serverapp.validation import update_norm, validate_update
-from tests.helpers import reply_from
+from tests.support.messages import reply_from
 
 GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -71,7 +71,7 @@ def test_auto_bound_passes_honest_dp_updates_and_rejects_scaled_ones() -> None:
     from pollinate.config import RunSettings
     from pollinate.data import load_partition
     from pollinate.models import build_model
-    from pollinate.serverapp.federation import update_bound
+    from pollinate.serverapp.calibration import update_bound
 
     settings = RunSettings.from_run_config({"learning-rate": 2.0, "noise-multiplier": 5.0})
     data = load_partition("mnist", 0, 1000, "iid", seed=42)

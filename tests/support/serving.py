@@ -1,13 +1,11 @@
-"""Model repositories and real `pollinate serve` processes for the serving tests."""
+"""Model repositories and real ``pollinate serve`` processes for the serving tests."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +20,8 @@ from pollinate.config import RunSettings
 from pollinate.data import load_dataset
 from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
-from tests.helpers import train_default_cnn
+from tests.support.models import train_default_cnn
+from tests.support.processes import POLLINATE, StartError, terminate, wait_for_port_file
 
 MODEL = "cnn"
 
@@ -167,11 +166,15 @@ class Server:
 
 @contextmanager
 def serve(repo: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Start `python -m pollinate serve` on free loopback ports; stop it with SIGTERM after."""
+    """Start `python -m pollinate serve` on free loopback ports; stop it with SIGTERM after.
+
+    SIGTERM goes to the server alone (with ``--workers`` it stops its workers itself);
+    SIGKILL after 20 s. RuntimeError, with the server's log, if it does not start in 60 s.
+    """
     port_file = tmp / f"ports-{time.monotonic_ns()}.json"
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     cmd = [
-        sys.executable, "-m", "pollinate", "serve", "--repository", str(repo),
+        *POLLINATE, "serve", "--repository", str(repo),
         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         "--port-file", str(port_file), "--device", "cpu", *args,
     ]  # fmt: skip
@@ -181,25 +184,13 @@ def serve(repo: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) 
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"pollinate serve exited {process.returncode}:\n{log.read_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pollinate serve did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        ports = json.loads(port_file.read_text())
+        try:
+            ports = wait_for_port_file(process, port_file, 60)
+        except StartError as exc:
+            raise RuntimeError(f"pollinate serve {exc}:\n{log.read_text()}") from exc
         yield Server(process, ports["http"], ports["grpc"], ports["metrics"], log)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout=20)
 
 
 def mnist_images(n: int = 256) -> np.ndarray:

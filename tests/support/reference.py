@@ -1,4 +1,4 @@
-"""The reference: a plain Flower app with Opacus (benchmarks/reference_flower_app).
+"""The reference: a plain Flower app with Opacus (``benchmarks/reference_flower_app``).
 
 It is written the way Flower's official Opacus example is (a new model, PrivacyEngine and
 loader on every train call, FedAvg, central evaluation) and runs in Flower's simulation
@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._measure import REPO, run_command
+from tests.support import REPO
+from tests.support.commands import run_command
 
 APP_DIR = REPO / "benchmarks" / "reference_flower_app"
 RUNNER = APP_DIR / "run.py"
@@ -85,7 +86,7 @@ def reference_flower(
     }
 
 
-if __name__ == "__main__":  # python -m benchmarks._reference [num_supernodes] [rounds]
+if __name__ == "__main__":  # python -m tests.support.reference [num_supernodes] [rounds]
     import tempfile
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000

@@ -1,5 +1,5 @@
-"""A real pollinate federation on loopback, for the federation benchmark and the
-real-federation tests.
+"""A real pollinate federation on loopback, for the real-federation tests and the federation
+benchmark.
 
 Started the way a deployment starts one: ``pollinate certs``
 (a development CA, the SuperLink's TLS certificate, one key pair per device),
@@ -23,124 +23,35 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import psutil
-
-from benchmarks._measure import REPO
-from benchmarks._serving_procs import log_tail
 from pollinate.errors import PollinateError
 from pollinate.ops.superlink import flwr_env, list_nodes
-
-POLLINATE = [sys.executable, "-m", "pollinate"]
+from tests.support import REPO
+from tests.support.processes import POLLINATE, Proc, free_port, stop_all, wait_until
 
 
 class FederationError(RuntimeError):
     """A federation process died, a command failed, or something did not happen in time."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Proc:
-    """A long-running subprocess (the leader of its own session) and its log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        """Whether the process is still running."""
-        return self.popen.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        """The end of its log."""
-        return log_tail(self.log_path, chars)
-
-
-def spawn(name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str]) -> Proc:
-    """Start ``cmd`` in a new session, stdout and stderr appended to ``log_path``."""
-    with log_path.open("ab") as log:
-        popen = subprocess.Popen(
-            list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    return Proc(name, popen, log_path)
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return []
-
-
-def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> dict[str, int]:
-    """Stop ``procs`` and everything they started; their exit codes by name.
-
-    SIGTERM to every session at once, SIGKILL to sessions still running after ``timeout``
-    seconds, then SIGKILL to any descendant still alive (those that started sessions of
-    their own are not reached through their parent's process group) and to every process
-    group a descendant was in (which also reaches processes orphaned earlier, e.g. a
-    ServerApp whose launcher died).
-    """
-    leftovers = [child for p in procs for child in _descendants(p.popen.pid)]
-    groups = set()
-    for child in leftovers:
-        with contextlib.suppress(OSError):
-            groups.add(os.getpgid(child.pid))
-    groups -= {os.getpgrp(), *(p.popen.pid for p in procs)}
-    for p in procs:
-        if p.alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.popen.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    codes: dict[str, int] = {}
-    for p in procs:
-        try:
-            codes[p.name] = p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.popen.pid, signal.SIGKILL)
-            codes[p.name] = p.popen.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.popen.pid, signal.SIGKILL)  # members of the session left behind
-    _, alive = psutil.wait_procs(leftovers, timeout=5)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5)
-    return codes
+def rounds_done(run_dir: Path) -> int:
+    """Rounds a run directory records (metrics.json has round 0, the initial model, first)."""
+    path = run_dir / "metrics.json"
+    return len(json.loads(path.read_text())) - 1 if path.exists() else 0
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.5) -> float:
     """Poll ``check`` until it is true; the seconds it took. FederationError on timeout."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise FederationError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
+    return wait_until(what, check, timeout, interval=interval, error=FederationError)
 
 
 class Federation:
@@ -213,7 +124,7 @@ class Federation:
         t2 = time.monotonic()
         for i in range(self.devices):
             log = self.root / f"daemon-{i}.log"
-            self.daemons.append(spawn(f"daemon-{i}", self.daemon_command(i), log, self.env))
+            self.daemons.append(Proc.spawn(f"daemon-{i}", self.daemon_command(i), log, self.env))
 
         def all_online() -> bool:
             self.check_alive()
@@ -238,7 +149,7 @@ class Federation:
             trust += ["--trust", str(self.certs / "nodes" / f"node-{i}.pub")]
         self.say(f"starting the SuperLink on 127.0.0.1:{self.port} (TLS, node auth)")
         log = self.root / "server.log"
-        self.server = spawn(
+        self.server = Proc.spawn(
             "server",
             [*POLLINATE, "server", "start", "--certs", str(self.certs), "--state-dir",
              str(self.state), "--port", str(self.port), *trust, *self.server_args],

@@ -1,0 +1,297 @@
+"""``pollinate simulate`` and ``pollinate report``: a federated simulation and its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from pollinate.cli._common import parse_sets, setup_logging
+from pollinate.cli.console import make_console
+from pollinate.errors import CheckpointError, ConfigError
+
+__all__ = ["report_command", "simulate_command"]
+
+
+class _Progress:
+    """Rich progress bar fed by the ServerApp's round events."""
+
+    def __init__(self, progress: Any, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("rounds", total=total)
+
+    def on_start(self, first_round: int, num_rounds: int) -> None:
+        self.progress.update(self.task, completed=first_round - 1, total=num_rounds)
+
+    def on_round(self, record: Any) -> None:
+        eps = "" if record.max_epsilon is None else f" ε_max {record.max_epsilon:.2f}"
+        acc = "" if record.accuracy is None else f" acc {record.accuracy:.3f}"
+        self.progress.update(
+            self.task,
+            completed=record.server_round,
+            description=f"round {record.server_round}{acc}{eps}",
+        )
+
+
+def simulate_command(
+    preset: Annotated[
+        str, typer.Option(help="Starting point: default, demo, quick, non-iid, client-dp.")
+    ] = "default",
+    num_clients: Annotated[
+        int | None, typer.Option("--num-clients", "-n", help="Simulated clients (SuperNodes).")
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="fast: one process, each round's clients trained together (default); "
+            "ray: Flower's simulation engine, one ClientApp call per client (Ray clusters)."
+        ),
+    ] = "fast",
+    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Fraction of clients sampled per round.")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
+    ] = None,
+    robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
+    model: Annotated[str | None, typer.Option(help="cnn, mlp or opacus-mnist.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="mnist, digits, or a path (.npz, .csv, image folder).")
+    ] = None,
+    partitioner: Annotated[
+        str | None, typer.Option(help="iid, dirichlet, shards or resample.")
+    ] = None,
+    dp: Annotated[
+        str | None, typer.Option(help="Sample-level DP: sample (DP-SGD) or none.")
+    ] = None,
+    noise: Annotated[float | None, typer.Option(help="DP-SGD noise multiplier.")] = None,
+    clip: Annotated[float | None, typer.Option(help="DP-SGD per-sample clipping norm.")] = None,
+    target_epsilon: Annotated[
+        float | None, typer.Option(help="Calibrate noise so no client exceeds this epsilon.")
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None, typer.Option(help="Per-client budget: clients decline past it (0 = none).")
+    ] = None,
+    client_dp: Annotated[
+        str | None, typer.Option(help="Client-level DP: none, server-fixed or client-fixed.")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed for data split, partitions, client sampling and init. DP noise never "
+            "comes from it (a secure source does)."
+        ),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Where checkpoints, metrics and the report go.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this directory from its last round.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any run-config key, e.g. --set learning-rate=0.05."),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's and pollinate's logs.")
+    ] = False,
+) -> None:
+    """Run a federated simulation of the pollinate ServerApp and ClientApp.
+
+    The default is 1000 clients, 10% per round, DP-SGD, on the fast in-process engine
+    (--engine ray runs the same apps on Flower's Ray simulation engine). Every run writes a
+    run directory: checkpoints, metrics.json, privacy.json and a report (summary.md, plots).
+
+    Examples:
+
+      pollinate simulate
+
+      pollinate simulate --preset demo --run-dir runs/demo
+
+      pollinate simulate --target-epsilon 4 --rounds 10
+
+      pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
+
+      pollinate simulate --resume runs/demo
+
+      pollinate simulate --engine ray --num-clients 100
+    """
+    from pollinate.config import RunSettings
+    from pollinate.simulation.presets import get_preset
+
+    setup_logging(verbose)
+    flags: dict[str, Any] = {
+        "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
+        "robust": robust, "model": model, "dataset": data, "partitioner": partitioner,
+        "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
+        "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
+        "client-dp": client_dp, "seed": seed,
+    }  # fmt: skip
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(parse_sets(set_ or []))
+    if resume is not None:
+        config, clients = _resume_config(resume, overrides)
+        if num_clients is not None and num_clients != clients:
+            raise ConfigError(
+                f"--num-clients {num_clients} differs from the run's {clients} clients; "
+                "a resumed run keeps its clients"
+            )
+    else:
+        chosen = get_preset(preset)
+        config = {**chosen.settings, **overrides}
+        clients = num_clients if num_clients is not None else chosen.num_clients
+        target = run_dir or Path("runs") / _default_run_name()
+        _check_run_dir_target(target)
+        if target.exists() and (target / "LATEST").exists():
+            raise CheckpointError(
+                f"{target} already holds a run; pass --resume {target} to continue it "
+                "or choose another --run-dir"
+            )
+        config["run-dir"] = str(target.resolve())
+    if clients < 1:
+        raise ConfigError(f"--num-clients must be at least 1, got {clients}")
+    chosen_engine = _engine(engine)
+    settings = RunSettings.from_run_config(config)
+    result = _run_with_progress(settings, clients, verbose, chosen_engine)
+    _print_summary(result)
+
+
+def _default_run_name() -> str:
+    import time
+
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _check_run_dir_target(target: Path) -> None:
+    """Fail before any process starts when --run-dir (or a folder above it) is a file."""
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CheckpointError(
+            f"--run-dir {target}: {existing} is a file, not a folder; choose another --run-dir"
+        )
+
+
+def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        raise CheckpointError(
+            f"{run_dir} is not a pollinate run directory (no run.json); pass the folder a "
+            "previous `pollinate simulate` wrote"
+        )
+    try:
+        saved = json.loads(run_json.read_text())
+        config = dict(saved["settings"])
+        population = int(saved["population"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{run_json} is corrupt ({err})") from err
+    config.update(overrides)
+    config["resume"] = True
+    config["run-dir"] = str(run_dir.resolve())
+    return config, population
+
+
+def _engine(value: str) -> Any:
+    from pollinate.simulation.runner import Engine
+
+    try:
+        return Engine(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(e.value for e in Engine)
+        raise ConfigError(
+            f"--engine {value!r} is not an engine; choose one of: {choices}"
+        ) from None
+
+
+def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pollinate.data import load_dataset, partition_indices
+    from pollinate.serverapp import events
+    from pollinate.simulation.runner import SimulationOptions, simulate
+
+    # Load and partition the data here first, so a bad path or partitioning fails before
+    # the engine starts, with one clear message.
+    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    partition_indices(
+        data.train.y, clients, settings.partitioner, seed=settings.seed,
+        alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+        samples_per_partition=settings.samples_per_client,
+    )  # fmt: skip
+    console = make_console(stderr=True)
+    console.print(
+        f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
+        f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
+        f"client-dp {settings.client_dp.value}, {engine.value} engine -> {settings.run_dir}"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=verbose,
+    ) as progress:  # fmt: skip
+        listener = _Progress(progress, settings.num_server_rounds)
+        events.add_listener(listener)
+        try:
+            options = SimulationOptions(num_clients=clients, engine=engine, verbose=verbose)
+            return simulate(settings, options)
+        finally:
+            events.remove_listener(listener)
+
+
+def _print_summary(result: Any) -> None:
+    from pollinate.rundir.report import render_summary_table
+
+    out = make_console(min_width=120)
+    out.print(render_summary_table(result.history, result.privacy))
+    last = result.history[-1] if result.history else None
+    if last is not None and last.accuracy is not None:
+        out.print(f"final accuracy [bold]{last.accuracy:.4f}[/] after round {last.server_round}")
+    sample = result.privacy.get("sample_level", {})
+    if sample.get("enabled") and sample.get("max_epsilon") is not None:
+        out.print(
+            f"sample-level ε (per client, δ={result.privacy.get('delta')}): "
+            f"max {sample['max_epsilon']:.3f}, median {sample['median_epsilon']:.3f}"
+        )
+    client = result.privacy.get("client_level", {})
+    if client.get("enabled") and client.get("epsilon") is not None:
+        out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
+    if result.privacy.get("private") is False:
+        out.print(f"[bold red]{escape(str(result.privacy.get('noise')))}[/]")
+    out.print(f"run directory: {result.run_dir}")
+
+
+def report_command(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory written by `pollinate simulate`.")
+    ],
+) -> None:
+    """Re-draw the report (plots and summary.md) of a run directory.
+
+    Example:
+
+      pollinate report runs/run-20261126-150000
+    """
+    from pollinate.rundir.records import RoundRecord
+    from pollinate.rundir.report import write_report
+
+    try:
+        metrics = run_dir / "metrics.json"
+        if not metrics.exists():
+            raise CheckpointError(
+                f"{run_dir} has no metrics.json; is it a pollinate run directory?"
+            )
+        history = [RoundRecord.from_dict(r) for r in json.loads(metrics.read_text())]
+        privacy_file = run_dir / "privacy.json"
+        privacy = json.loads(privacy_file.read_text())["summary"] if privacy_file.exists() else {}
+        settings = json.loads((run_dir / "run.json").read_text()).get("settings", {})
+        files = write_report(run_dir, history, privacy=privacy, settings=settings)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {run_dir}: {err}") from None
+    except (TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(
+            f"{run_dir} holds malformed run files ({type(err).__name__}: {err})"
+        ) from None
+    for f in files:
+        make_console().print(str(f))

@@ -1,0 +1,285 @@
+"""One server round, step by step.
+
+:func:`play_round` runs round ``rnd`` of a :class:`~pollinate.serverapp.state.RunState`:
+seed Flower's global generators -> sample clients by identity -> the strategy configures
+training -> send and receive (through SecAgg+ when enabled) -> :func:`triage` splits the
+replies into failed / declined / rejected / accepted and records every client's cumulative
+epsilon in the privacy ledger -> the strategy aggregates the accepted updates (sorted by
+client, so the sum order is fixed) -> the client-level release is recorded -> central and
+federated evaluation -> the round's :class:`~pollinate.rundir.records.RoundRecord`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+from pollinate.clientapp.training import seed_for
+from pollinate.config import SampleDP
+from pollinate.log import logger
+from pollinate.rundir.records import RoundRecord
+from pollinate.serverapp.evaluation import central_eval, federated_eval
+from pollinate.serverapp.nodes import SampledGrid, reply_node
+from pollinate.serverapp.secagg import secure_round
+from pollinate.serverapp.state import RunState, from_array_record, to_array_record
+from pollinate.serverapp.strategy import weight_key_for
+from pollinate.serverapp.validation import validate_update
+
+__all__ = [
+    "RoundCounts",
+    "ledger_enabled",
+    "log_round",
+    "play_round",
+    "record_client_level",
+    "triage",
+]
+
+#: How the client-level release is accounted (Flower's fixed-clipping wrappers).
+CLIENT_LEVEL_ACCOUNTING = "Flower RdpAccountant, no amplification"
+
+
+@dataclass
+class RoundCounts:
+    """Client outcomes of one round (see :class:`~pollinate.rundir.records.RoundRecord`)."""
+
+    sampled: int = 0
+    replied: int = 0
+    declined: int = 0
+    rejected: int = 0
+    failed: int = 0
+    refused: int = 0
+
+
+def play_round(run: RunState, rnd: int) -> RoundRecord | None:
+    """Run round ``rnd``; the global model and the ledger of ``run`` are updated in place.
+
+    Returns:
+        The round's record, or ``None`` when the client-level privacy budget is spent and
+        the run stops before this round.
+    """
+    started = time.monotonic()
+    _seed_globals(run.settings.seed, rnd)
+    run.directory.refresh()
+    counts = RoundCounts()
+    rng = np.random.default_rng(seed_for(run.settings.seed, rnd, 13))
+    chosen = run.directory.sample(run.sample_size, rng)
+    counts.sampled = len(chosen)
+    try:
+        messages = list(
+            run.strategy.configure_train(
+                rnd,
+                to_array_record(run.arrays),
+                ConfigRecord(dict(run.cfg)),
+                SampledGrid(run.grid, chosen),
+            )
+        )
+    except PrivacyBudgetExhausted as err:
+        logger.warning("stopping before round %d: client-level budget spent (%s)", rnd, err)
+        return None
+    replies = _send_train(run, rnd, messages)
+    accepted = triage(run, rnd, replies, messages, counts)
+    _count_missing(run, rnd, replies, messages, counts)
+    train_metrics = _aggregate(run, rnd, accepted)
+    client_eps = record_client_level(run, rnd)
+    accuracy, loss = central_eval(run.model, run.arrays, run.data)
+    federated = federated_eval(run, rnd)
+    max_eps, median_eps = _sample_level_epsilons(run)
+    return RoundRecord(
+        server_round=rnd,
+        accuracy=accuracy,
+        loss=loss,
+        sampled=counts.sampled,
+        replied=counts.replied,
+        declined=counts.declined,
+        rejected=counts.rejected,
+        failed=counts.failed,
+        refused=counts.refused,
+        train_loss=train_metrics.get("train-loss"),
+        train_accuracy=train_metrics.get("train-accuracy"),
+        federated_accuracy=federated,
+        max_epsilon=max_eps,
+        median_epsilon=median_eps,
+        client_level_epsilon=client_eps,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _seed_globals(seed: int, rnd: int) -> None:
+    """Flower's DP wrappers and sampling use the global generators: seed them per round."""
+    random.seed(seed_for(seed, rnd, 11))
+    np.random.seed(seed_for(seed, rnd, 12) % 2**32)
+
+
+def _send_train(run: RunState, rnd: int, messages: list[Message]) -> list[Message]:
+    """Send the round's train messages and collect the replies (via SecAgg+ when enabled)."""
+    if run.settings.secure_aggregation:
+        return secure_round(run.grid, messages, rnd, run.settings, max_weight=run.secagg_weight)
+    return list(run.grid.send_and_receive(messages, timeout=run.settings.round_timeout))
+
+
+def _count_missing(
+    run: RunState, rnd: int, replies: list[Message], sent: list[Message], counts: RoundCounts
+) -> None:
+    """Count the sampled clients that did not reply within ``round-timeout`` as failed."""
+    if len(replies) >= len(sent):
+        return
+    counts.failed += len(sent) - len(replies)
+    logger.warning(
+        "round %d: %d sampled client(s) did not reply within %.0f s; the round goes on "
+        "with the %d that did", rnd, len(sent) - len(replies),
+        run.settings.round_timeout, len(replies),
+    )  # fmt: skip
+
+
+def triage(
+    run: RunState, rnd: int, replies: list[Message], sent: list[Message], counts: RoundCounts
+) -> list[Message]:
+    """Split replies into failed, declined, rejected and accepted; account every client.
+
+    Declines are recorded in the ledger, and so (under DP-SGD) is every other client's
+    cumulative epsilon; an epsilon the ledger refuses rejects the update, as does one
+    :func:`~pollinate.serverapp.validation.validate_update` finds malformed.
+
+    Returns:
+        The accepted replies, in reply order.
+    """
+    accepted: list[Message] = []
+    for reply in replies:
+        key = run.directory.key_of(reply_node(reply, sent))
+        if reply.has_error():
+            counts.failed += 1
+            logger.warning("round %d: client %s failed: %s", rnd, key, reply.error.reason)
+            continue
+        counts.replied += 1
+        metrics = reply.content.metric_records.get("metrics")
+        info = reply.content.config_records.get("info")
+        if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
+            counts.declined += 1
+            if int(metrics.get("refused", 0)) == 1:  # type: ignore[arg-type]
+                counts.refused += 1
+            reason = str(info["declined"]) if info and "declined" in info else "declined"
+            run.ledger.record_decline(server_round=rnd, client=key, reason=reason)
+            continue
+        if not _account_sample_level(run, rnd, key, metrics, counts):
+            continue
+        problem = validate_update(
+            reply, run.arrays, max_update_norm=run.bound, weight_key=weight_key_for(run.settings)
+        )
+        if problem is not None:
+            counts.rejected += 1
+            logger.warning("round %d: update of client %s rejected: %s", rnd, key, problem)
+            continue
+        accepted.append(reply)
+    return accepted
+
+
+def _account_sample_level(
+    run: RunState, rnd: int, key: str, metrics: MetricRecord | None, counts: RoundCounts
+) -> bool:
+    """Record a training client's reported epsilon (under DP-SGD); False: it is rejected."""
+    if run.settings.dp != SampleDP.DPSGD or metrics is None:
+        return True
+    eps = float(metrics.get("epsilon", -1.0))  # type: ignore[arg-type]
+    if eps < 0:
+        return True
+    try:
+        run.ledger.record_client(
+            server_round=rnd,
+            client=key,
+            epsilon=eps,
+            delta=float(metrics.get("delta", run.settings.target_delta)),  # type: ignore[arg-type]
+            noise_multiplier=float(metrics.get("noise-multiplier", 0.0)),  # type: ignore[arg-type]
+            sample_rate=float(metrics.get("sample-rate", 0.0)),  # type: ignore[arg-type]
+            steps=int(metrics.get("steps", 0)),  # type: ignore[arg-type]
+        )
+    except ValueError as err:
+        counts.rejected += 1
+        logger.warning("round %d: client %s rejected: %s", rnd, key, err)
+        return False
+    return True
+
+
+def _aggregate(run: RunState, rnd: int, accepted: list[Message]) -> dict[str, float]:
+    """Aggregate the accepted updates into the global model; returns the train metrics.
+
+    Fewer than ``min-replies`` acceptable updates, or a non-finite aggregate, leave the
+    global model unchanged.
+    """
+    if accepted and len(accepted) < run.settings.min_replies:
+        logger.warning(
+            "round %d: %d acceptable update(s), fewer than min-replies=%d; the global model "
+            "is unchanged", rnd, len(accepted), run.settings.min_replies,
+        )  # fmt: skip
+        return {}
+    if not accepted:
+        logger.warning("round %d: no acceptable update; the global model is unchanged", rnd)
+        return {}
+    accepted.sort(key=lambda m: run.directory.key_of(m.metadata.src_node_id))
+    new_arrays, agg_metrics = run.strategy.aggregate_train(rnd, accepted)
+    if new_arrays is not None:
+        candidate = from_array_record(new_arrays)
+        if all(np.all(np.isfinite(v)) for v in candidate.values()):
+            run.arrays = {k: candidate[k].astype(v.dtype) for k, v in run.arrays.items()}
+        else:
+            logger.error("round %d: aggregate is not finite; keeping the previous model", rnd)
+    if agg_metrics is None:
+        return {}
+    return {k: float(v) for k, v in agg_metrics.items() if isinstance(v, int | float)}
+
+
+def record_client_level(run: RunState, rnd: int) -> float | None:
+    """Record the round's client-level release in the ledger; returns the cumulative epsilon.
+
+    The noise multiplier recorded is the one the DP wrapper adds. ``None`` (nothing recorded)
+    without client-level DP or without Flower's accountant (robust or non-FedAvg chains).
+    """
+    wrapper = run.dp_wrapper
+    if wrapper is None or wrapper.accountant is None:
+        return None
+    spent = wrapper.privacy_spent()
+    run.ledger.record_client_level(
+        server_round=rnd,
+        epsilon=float(spent.epsilon),
+        delta=float(spent.delta),
+        noise_multiplier=float(wrapper.noise_multiplier),
+        clipping_norm=run.settings.client_dp_clip,
+        num_sampled=run.sample_size,
+        population=run.population,
+        accounting=CLIENT_LEVEL_ACCOUNTING,
+    )
+    return float(spent.epsilon)
+
+
+def ledger_enabled(section: dict[str, Any]) -> bool:
+    """Whether a ledger summary section is on and has data."""
+    return bool(section.get("enabled")) and section.get("max_epsilon") is not None
+
+
+def _sample_level_epsilons(run: RunState) -> tuple[float | None, float | None]:
+    """Maximum and median sample-level epsilon so far (``None`` without DP-SGD data)."""
+    sample_level = run.ledger.summary().get("sample_level", {})
+    assert isinstance(sample_level, dict)
+    if not ledger_enabled(sample_level):
+        return None, None
+    return sample_level.get("max_epsilon"), sample_level.get("median_epsilon")
+
+
+def log_round(record: RoundRecord) -> None:
+    """One log line for a completed round."""
+    logger.info(
+        "round %d: accuracy %.4f loss %.4f | sampled %d replied %d declined %d rejected %d "
+        "failed %d | %.1f s",
+        record.server_round, _or_nan(record.accuracy), _or_nan(record.loss), record.sampled,
+        record.replied, record.declined, record.rejected, record.failed, record.seconds or 0.0,
+    )  # fmt: skip
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -1,0 +1,42 @@
+"""``pollinate simulate`` run as a user runs it, for the tests of real simulations.
+
+Example::
+
+    proc = simulate(tmp_path, "--preset", "quick", "--rounds", "1", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support.processes import POLLINATE
+
+ENV = {
+    **os.environ,
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "160",
+}
+"""The environment of a simulation (this process' environment, as it was at import)."""
+
+
+def simulate_env(tmp: Path) -> dict[str, str]:
+    """:data:`ENV` with Flower's home in ``tmp/.flwr``."""
+    return {**ENV, "FLWR_HOME": str(tmp / ".flwr")}
+
+
+def simulate_command(*args: str) -> list[str]:
+    """The command line of ``pollinate simulate ARGS``."""
+    return [*POLLINATE, "simulate", *args]
+
+
+def simulate(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``pollinate simulate ARGS`` to its end (Flower's home in ``tmp/.flwr``); its output
+    captured as text."""
+    return subprocess.run(
+        simulate_command(*args), capture_output=True, text=True, timeout=timeout,
+        env=simulate_env(tmp),
+    )  # fmt: skip
