@@ -78,15 +78,12 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
         fed.start_server(ready_count=2)
         # the restarted server stops what the crashed one left running (its ServerApp)
         assert _group_members(link["superexec_pid"]) == [], "a ServerApp of the crash survives"
-        wait_until("the SuperNodes back online", fed.all_online, 240)
+        fed.wait_online("the SuperNodes back online", 240)
         resumed = fed.cli("server", "resume", "--state-dir", str(state))
         second = resumed.strip().splitlines()[-1]
         assert second != first
 
-        status = fed.status
-        wait_until("the resumed run to finish", lambda: str(status()["status"]).startswith(
-            "finished"), 400)  # fmt: skip
-        final = status()
+        final = fed.wait_finished("the resumed run to finish", 400)
         assert final["run_id"] == second and final["resumed_from"] == first
         assert final["status"] == "finished:completed" and final["round"] == ROUNDS, final
 

@@ -20,7 +20,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.support.federation import Federation
-from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
@@ -102,11 +101,10 @@ def test_secure_aggregation_on_a_real_federation(tmp_path: Path) -> None:
     with Federation(tmp_path, 5, device_args=lambda _: ["--dp", "none"]) as fed:
         fed.start()
         fed.start_run(tmp_path / "plain", common)
-        wait_until("the plain run", lambda: str(fed.status()["status"]).startswith("fin"), 400)
-        assert fed.status()["status"] == "finished:completed"
+        assert fed.wait_finished("the plain run", 400)["status"] == "finished:completed"
         fed.start_run(tmp_path / "secure", [*common, "--set", "secure-aggregation=true"])
-        wait_until("the SecAgg+ run", lambda: str(fed.status()["status"]).startswith("fin"), 600)
-        assert fed.status()["status"] == "finished:completed", fed.cli(
+        secure = fed.wait_finished("the SecAgg+ run", 600)
+        assert secure["status"] == "finished:completed", fed.cli(
             "server", "logs", "--state-dir", str(fed.state)
         )[-3000:]
     assert fed.codes == [0] * 5

@@ -49,6 +49,10 @@ def rounds_done(run_dir: Path) -> int:
     return len(json.loads(path.read_text())) - 1 if path.exists() else 0
 
 
+#: seconds between looks at a run's status (a CLI process each; see Federation.wait_finished)
+STATUS_POLL_S = 4.0
+
+
 def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.5) -> float:
     """Poll ``check`` until it is true; the seconds it took. FederationError on timeout."""
     return wait_until(what, check, timeout, interval=interval, error=FederationError)
@@ -226,9 +230,28 @@ class Federation:
         except (PollinateError, subprocess.TimeoutExpired):
             return []
 
+    def wait_finished(self, what: str, timeout: float, run_id: str | None = None) -> dict[str, Any]:
+        """Wait until the run (the newest by default) is finished, any way; its status.
+
+        Each look is a CLI process plus ``flwr ls``, seconds of CPU on a two-core machine where
+        the devices train beside it, so it looks every :data:`STATUS_POLL_S` seconds.
+        """
+        seen: dict[str, Any] = {}
+
+        def finished() -> bool:
+            seen.update(self.status(run_id))
+            return str(seen.get("status", "")).startswith("finished")
+
+        _wait(what, finished, timeout, interval=STATUS_POLL_S)
+        return dict(seen)
+
     def online(self) -> int:
         """How many SuperNodes the SuperLink lists as online."""
         return sum(n.get("status") == "online" for n in self.nodes())
+
+    def wait_online(self, what: str, timeout: float) -> None:
+        """Wait until every device's SuperNode is listed online (a ``flwr`` call a look)."""
+        _wait(what, self.all_online, timeout, interval=STATUS_POLL_S)
 
     def all_online(self) -> bool:
         """Whether every device's SuperNode is listed online."""
