@@ -89,6 +89,7 @@ class RunSettings:
     num_malicious: int = 1
     trim_beta: float = 0.1
     model: str = "cnn"
+    fix_model: bool = False
     dataset: str = "mnist"
     test_fraction: float = 0.2
     partitioner: str = "iid"
@@ -280,12 +281,13 @@ class RunSettings:
             raise ConfigError(f"setting 'trim-beta' must be in (0, 0.5), got {self.trim_beta}")
         if self.robust == RobustAggregation.KRUM and self.num_malicious < 0:
             raise ConfigError("setting 'num-malicious' must be >= 0")
-        from pollinate.models import MODELS
+        from pollinate.models import MODELS, is_import_path
 
-        if self.model not in MODELS:
+        if not is_import_path(self.model) and self.model not in MODELS:
             raise ConfigError(
                 f"setting 'model': unknown model {self.model!r}; choose one of: "
                 + ", ".join(sorted(MODELS))
+                + ", or give an import path such as 'mypackage.models:Net'"
             )
         from pollinate.data import Partitioner
 

@@ -75,6 +75,7 @@ class NodeKey:
     PRIVACY_MAX_EPOCHS = "privacy-max-epochs"
     EPSILON_BUDGET = "epsilon-budget"
     NEW_LEDGER = "new-ledger"
+    ALLOWED_IMPORTS = "allowed-imports"
 
 
 #: node-config keys of the device's own privacy policy (``pollinate edge run`` sets them)
@@ -85,6 +86,7 @@ POLICY_KEYS = (
     NodeKey.PRIVACY_MAX_EPOCHS,
     NodeKey.EPSILON_BUDGET,
     NodeKey.NEW_LEDGER,
+    NodeKey.ALLOWED_IMPORTS,
 )
 
 
@@ -139,6 +141,7 @@ class ClientTask:
     reproducible_noise: bool = False
     local_eval_fraction: float = 0.0
     eval_noise_multiplier: float = 5.0
+    fix_model: bool = False
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> ClientTask:
@@ -173,4 +176,5 @@ class ClientTask:
             reproducible_noise=bool(cfg.get("reproducible-noise", False)),
             local_eval_fraction=_num(cfg, "local-eval-fraction", 0.0),
             eval_noise_multiplier=_num(cfg, "eval-noise-multiplier", 5.0),
+            fix_model=bool(cfg.get("fix-model", False)),
         )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,7 +24,14 @@ from pollinate.cli.console import log_handler, print_error
 from pollinate.edge_runtime.errors import BundleError, InputError, RuntimeMissingError
 from pollinate.errors import ConfigError, ExitCode, PollinateError, exit_code_of
 
-__all__ = ["CommandGroup", "fail", "parse_sets", "reports_errors", "setup_logging"]
+__all__ = [
+    "CommandGroup",
+    "fail",
+    "parse_sets",
+    "reports_errors",
+    "setup_logging",
+    "user_code_on_path",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,6 +84,18 @@ class CommandGroup(typer.Typer):
             return fn
 
         return decorator
+
+
+def user_code_on_path() -> None:
+    """Put the working directory first on the Python path of this process and of those it
+    starts (Ray's workers, ClientApps), as ``python -m`` does for itself: a model given as
+    ``mymodels:Net`` is found in the folder the command runs from."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
 
 
 def setup_logging(verbose: bool) -> None:

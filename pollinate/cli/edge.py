@@ -212,6 +212,15 @@ def run_command(
             "empty one (the lost epsilon history is forgotten; the old file is kept aside).",
         ),
     ] = False,
+    allow_import: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-import",
+            help="An import path (package.module:Name) of a model or data loader this device "
+            "may import when a task asks for it; repeat for more. Built-in models and data are "
+            "always allowed; any other import path is refused (importing it runs its code).",
+        ),
+    ] = None,
 ) -> None:
     """Run this device's federated-learning daemon: a supervised Flower SuperNode.
 
@@ -220,8 +229,9 @@ def run_command(
     --state-dir (a restart never resets epsilon), restarts the SuperNode with back-off when
     it exits, and stops cleanly on SIGTERM. Its privacy policy (--dp, --min-noise-multiplier,
     --max-grad-norm, --max-local-epochs, --epsilon-budget) is its own: a task asking for weaker
-    privacy is refused and counted. A missing or corrupt ledger stops it (exit 11) until
-    --start-new-ledger; a spent budget stops it (exit 4). Logs are JSON lines on stderr.
+    privacy is refused and counted, and so is an import path (model, data) it did not allow.
+    A missing or corrupt ledger stops it (exit 11) until --start-new-ledger; a spent budget
+    stops it (exit 4). Logs are JSON lines on stderr.
     Model bundles the server delivers are verified and installed into --state-dir/bundles (the
     previous one kept for `pollinate edge rollback`); --serve-port answers POST /v1/predict
     from the installed one.
@@ -250,6 +260,7 @@ def run_command(
         bundle_public_key=bundle_public_key, serve_port=serve_port, serve_host=serve_host,
         dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
         max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
+        allowed_imports=tuple(allow_import or ()),
     )  # fmt: skip
     code = EdgeDaemon(settings).run()
     raise typer.Exit(code=code)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from pollinate.cli._common import user_code_on_path
 from pollinate.cli.console import is_plain, make_console
 from pollinate.errors import ConfigError, PollinateError
 
@@ -67,6 +68,8 @@ def export_command(
       pollinate export runs/demo --out bundles/demo-small --format onnx --prune 0.75
     """
     from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
+
+    user_code_on_path()  # a run of a user's model (an import path) rebuilds it from here
 
     console = make_console(stderr=True)
     formats = tuple(_parse(Format, format_ or ["onnx", "openvino"], "--format"))

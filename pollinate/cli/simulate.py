@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pollinate.cli._common import parse_sets, setup_logging
+from pollinate.cli._common import parse_sets, setup_logging, user_code_on_path
 from pollinate.cli.console import make_console
 from pollinate.errors import CheckpointError, ConfigError
 
@@ -58,9 +58,27 @@ def simulate_command(
         str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
     ] = None,
     robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
-    model: Annotated[str | None, typer.Option(help="cnn, mlp or opacus-mnist.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="cnn, mlp, opacus-mnist, or your own as an import path: package.module:Net "
+            "(an nn.Module class or factory; the working directory is on the path)."
+        ),
+    ] = None,
+    fix_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--fix-model",
+            help="Replace layers DP-SGD cannot train (BatchNorm -> GroupNorm, LSTM -> DPLSTM; "
+            "Opacus' ModuleValidator.fix) instead of refusing the model.",
+        ),
+    ] = None,
     data: Annotated[
-        str | None, typer.Option(help="mnist, digits, or a path (.npz, .csv, image folder).")
+        str | None,
+        typer.Option(
+            help="mnist, digits, a path (.npz, .csv, image folder), or your own loader as an "
+            "import path: package.module:load (no arguments; returns (x, y))."
+        ),
     ] = None,
     partitioner: Annotated[
         str | None, typer.Option(help="iid, dirichlet, shards or resample.")
@@ -119,15 +137,18 @@ def simulate_command(
       pollinate simulate --resume runs/demo
 
       pollinate simulate --engine ray --num-clients 100
+
+      pollinate simulate --model mymodels:Net --fix-model   # mymodels.py in this folder
     """
     from pollinate.config import RunSettings
     from pollinate.simulation.presets import get_preset
 
     setup_logging(verbose)
+    user_code_on_path()
     flags: dict[str, Any] = {
         "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
-        "robust": robust, "model": model, "dataset": data, "partitioner": partitioner,
-        "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
+        "robust": robust, "model": model, "fix-model": fix_model, "dataset": data,
+        "partitioner": partitioner, "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
         "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
         "client-dp": client_dp, "seed": seed,
     }  # fmt: skip
@@ -209,7 +230,9 @@ def _engine(value: str) -> Any:
 def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pollinate.config import SampleDP
     from pollinate.data import load_dataset, partition_indices
+    from pollinate.models import checked_model
     from pollinate.serverapp import events
     from pollinate.simulation.runner import SimulationOptions, simulate
 
@@ -220,6 +243,11 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
         data.train.y, clients, settings.partitioner, seed=settings.seed,
         alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
         samples_per_partition=settings.samples_per_client,
+    )  # fmt: skip
+    # ... and so does a model that cannot be imported, trained with DP-SGD or fit the data.
+    checked_model(
+        settings.model, data.input_shape, data.num_classes, fix=settings.fix_model,
+        dp=settings.dp == SampleDP.DPSGD,
     )  # fmt: skip
     console = make_console(stderr=True)
     console.print(

@@ -143,7 +143,9 @@ def split_local(
 
 
 def model_from(msg: Message, task: ClientTask) -> torch.nn.Module:
-    model = build_model(task.model, input_shape=task.input_shape, num_classes=task.num_classes)
+    model = build_model(
+        task.model, input_shape=task.input_shape, num_classes=task.num_classes, fix=task.fix_model
+    )
     arrays = msg.content.array_records[ARRAYS]
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model

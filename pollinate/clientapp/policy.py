@@ -5,7 +5,9 @@ A task is what the server asks; the policy is what the device owner allows (node
 weaker privacy than the policy (no DP where DP is required, less noise than the floor, a larger
 clipping norm than the ceiling, more local epochs, reproducible test noise) is refused, never
 trained, and the refusal is counted on the device (:class:`pollinate.device.ledger.DeviceLedger`)
-and reported to the server.
+and reported to the server. So is a task naming a model or a data loader by an import path the
+owner did not allow (``pollinate edge run --allow-import``): importing a module is running its
+code, and a device runs only code its owner chose.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pollinate._imports import is_import_path
 from pollinate.errors import ConfigError
 from pollinate.protocol import ClientTask, NodeKey
 
@@ -46,6 +49,9 @@ class DevicePolicy:
         max_epochs: Ceiling on local epochs per round (0: none).
         budget: The owner's own epsilon budget (0: none); the stricter of it and the task's wins.
         new_ledger: The operator's explicit consent to start a new ledger over a lost one.
+        allowed_imports: Import paths (models, data loaders) this device may import; registered
+            models, built-in datasets and files are always allowed, and a simulation's own
+            nodes allow any.
     """
 
     device: bool
@@ -55,6 +61,7 @@ class DevicePolicy:
     max_epochs: int = 0
     budget: float = 0.0
     new_ledger: bool = False
+    allowed_imports: tuple[str, ...] = ()
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, object]) -> DevicePolicy:
@@ -74,6 +81,11 @@ class DevicePolicy:
             max_epochs=int(epochs),
             budget=_float(node, NodeKey.EPSILON_BUDGET),
             new_ledger=str(node.get(NodeKey.NEW_LEDGER, "false")).lower() in ("true", "1", "yes"),
+            allowed_imports=tuple(
+                m.strip()
+                for m in str(node.get(NodeKey.ALLOWED_IMPORTS, "")).split(",")
+                if m.strip()
+            ),
         )
 
     def budget_for(self, task: ClientTask) -> float:
@@ -84,6 +96,12 @@ class DevicePolicy:
     def refusal(self, task: ClientTask, *, evaluate: bool = False) -> str | None:
         """Why this task asks for weaker privacy than the policy allows, or None."""
         problems: list[str] = []
+        for what, spec in (("model", task.model), ("data", task.dataset)):
+            if self.device and is_import_path(spec) and spec not in self.allowed_imports:
+                problems.append(
+                    f"it asks for {what} {spec!r}, an import path this device does not allow "
+                    f"(its owner can: pollinate edge run --allow-import {spec})"
+                )
         if task.reproducible_noise and (self.device or self.require_dp):
             problems.append("it asks for reproducible (seeded) noise, which is for tests only")
         if self.require_dp and not task.dp:
@@ -100,6 +118,4 @@ class DevicePolicy:
             problems.append(f"{task.local_epochs} local epochs, the ceiling is {self.max_epochs}")
         if not problems:
             return None
-        return "refused: the task asks for weaker privacy than this device allows: " + "; ".join(
-            problems
-        )
+        return "refused: the task asks for more than this device allows: " + "; ".join(problems)

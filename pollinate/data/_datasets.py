@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pollinate._imports import is_import_path
 from pollinate.data._local import RawData, read_source
+from pollinate.data._plugin import read_loader
 from pollinate.data._types import ArrayDataset, DatasetSplit
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
@@ -90,9 +92,10 @@ def load_dataset(
     read-only, so copy them before changing them.
 
     Args:
-        source: A built-in name (see :data:`BUILTIN_DATASETS`) or a path to a ``.npz`` file
+        source: A built-in name (see :data:`BUILTIN_DATASETS`), a path to a ``.npz`` file
             (arrays ``x`` and ``y``), a ``.csv`` file (header row, ``label`` column) or a
-            folder with one sub-folder of images per class.
+            folder with one sub-folder of images per class, or a loader's import path
+            ``"pkg.module:load"`` (:mod:`pollinate.data._plugin`).
         test_fraction: Share of the samples held out for testing, in (0, 1).
         seed: Seed of the split.
 
@@ -112,6 +115,8 @@ def load_dataset(
 def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> DatasetSplit:
     if source in _BUILTIN_LOADERS:
         raw = _load_builtin(source)
+    elif is_import_path(source):
+        raw = read_loader(source)
     else:
         hint = f", or one of the built-in datasets: {', '.join(BUILTIN_DATASETS)}"
         raw = read_source(Path(source), extra_hint=hint)

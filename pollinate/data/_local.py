@@ -269,7 +269,7 @@ def _read_image_folder(path: Path) -> RawData:
 # ------------------------------------------------------------------------------- checks
 
 
-def _labels_from_array(y: np.ndarray, path: Path) -> np.ndarray:
+def _labels_from_array(y: np.ndarray, path: Path | str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -296,7 +296,7 @@ def _labels_from_array(y: np.ndarray, path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _check_samples(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_samples(x: np.ndarray, y: np.ndarray, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] != y.shape[0]:
         raise DataError(
             f"Data in {path} has {x.shape[0]} samples but {y.shape[0]} labels; give exactly one "

@@ -106,6 +106,7 @@ class DaemonSettings:
     max_grad_norm: float | None = None
     max_local_epochs: int | None = None
     start_new_ledger: bool = False
+    allowed_imports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:
@@ -140,6 +141,12 @@ class DaemonSettings:
             raise ConfigError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.max_local_epochs is not None and self.max_local_epochs < 1:
             raise ConfigError(f"--max-local-epochs must be >= 1, got {self.max_local_epochs}")
+        for spec in self.allowed_imports:
+            module, _, name = spec.partition(":")
+            if not module or not name or "," in spec or '"' in spec:
+                raise ConfigError(
+                    f"--allow-import {spec!r} must be an import path 'package.module:Name'"
+                )
 
     def node_config(self) -> str:
         """The SuperNode's ``--node-config``: what the ClientApp learns about this device."""
@@ -163,6 +170,8 @@ class DaemonSettings:
             items[NodeKey.PRIVACY_MAX_EPOCHS] = str(int(self.max_local_epochs))
         if self.start_new_ledger:
             items[NodeKey.NEW_LEDGER] = '"true"'
+        if self.allowed_imports:  # code the owner chose to run; any other import path is refused
+            items[NodeKey.ALLOWED_IMPORTS] = '"' + ",".join(self.allowed_imports) + '"'
         items.update(self.extra_node_config)
         return " ".join(f"{k}={v}" for k, v in items.items())
 

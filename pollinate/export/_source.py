@@ -50,7 +50,10 @@ def load_run(run_dir: Path) -> LoadedRun:
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no completed round yet; nothing to export")
     data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
-    model = build_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    model = build_model(
+        settings.model, input_shape=data.input_shape, num_classes=data.num_classes,
+        fix=settings.fix_model,
+    )  # fmt: skip
     state = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.model.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -47,6 +47,7 @@ from pollinate.export._source import LoadedRun, load_run
 from pollinate.export._steps import Made, plan
 from pollinate.export._triton import next_triton_version, write_triton_entry
 from pollinate.log import logger
+from pollinate.models import model_label
 
 __all__ = [
     "ExportOptions",
@@ -170,7 +171,7 @@ def export_run(
         if options.triton_repo is not None and Format.ONNX in options.formats:
             onnx_fp32 = options.out / "model.fp32.onnx"
             if onnx_fp32.exists():
-                triton_name = options.name or run.settings.model
+                triton_name = options.name or model_label(run.settings.model)
                 triton_version = next_triton_version(
                     options.triton_repo, triton_name, run.server_round
                 )
@@ -178,6 +179,7 @@ def export_run(
                     options.triton_repo, triton_name, triton_version, onnx_fp32, manifest,
                     torch_weights=run.model.state_dict(),
                     torch_spec={"architecture": run.settings.model,
+                                "fix_model": run.settings.fix_model,
                                 "input_shape": list(run.data.input_shape),
                                 "num_classes": run.data.num_classes},
                 )  # fmt: skip

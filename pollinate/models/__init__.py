@@ -1,126 +1,39 @@
-"""Model definitions, chosen by name.
+"""Models: the built-ins, and the plug-in point for a user's own.
 
-Every model here is built without BatchNorm so that Opacus' ``ModuleValidator`` accepts it
-as is (per-sample gradients are undefined for batch statistics).
+* :func:`build_model` builds a model from a spec: a registered name (``cnn``, ``mlp``,
+  ``opacus-mnist``) or an import path ``"pkg.module:Net"`` (:mod:`pollinate.models.registry`).
+* :func:`register_model` adds a name; the built-ins (:mod:`pollinate.models.builtin`) use it.
+* :func:`check_dp_compatible` / :func:`check_output` (:mod:`pollinate.models.compat`) refuse,
+  before training, a model DP-SGD cannot train or whose outputs do not fit the task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pollinate.models.builtin import MLP, OpacusMnistCNN, SmallCNN
+from pollinate.models.compat import check_dp_compatible, check_output, checked_model, dp_problems
+from pollinate.models.registry import (
+    MODELS,
+    build_model,
+    fix_for_dp,
+    is_import_path,
+    model_label,
+    register_model,
+    resolve_model,
+)
 
-import torch
-from torch import nn
-
-from pollinate.errors import ConfigError
-
-__all__ = ["MLP", "MODELS", "OpacusMnistCNN", "SmallCNN", "build_model"]
-
-
-class SmallCNN(nn.Module):
-    """The default model: two conv blocks (GroupNorm, no BatchNorm) and a linear head.
-
-    Sized for 28x28 MNIST; adapts to any square single- or multi-channel input through an
-    adaptive pooling layer, so the 8x8 digits work too.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
-            nn.GroupNorm(4, 16),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, kernel_size=5, padding=2),
-            nn.GroupNorm(4, 32),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # type: ignore[no-any-return]
-
-
-class MLP(nn.Module):
-    """A two-hidden-layer perceptron on the flattened input."""
-
-    def __init__(self, in_features: int, num_classes: int = 10, hidden: int = 128) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
-
-
-class OpacusMnistCNN(nn.Module):
-    """The CNN of Opacus' MNIST example (``SampleConvNet``), for 28x28 inputs.
-
-    26,010 parameters and about 0.4 M multiply-adds per image (the default ``cnn`` does about
-    2.8 M): the model of the plain-Flower reference app in ``benchmarks/``.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 8, 2, padding=3)
-        self.conv2 = nn.Conv2d(16, 32, 4, 2)
-        self.fc1 = nn.Linear(32 * 4 * 4, 32)
-        self.fc2 = nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.max_pool2d(nn.functional.relu(self.conv1(x)), 2, 1)
-        x = nn.functional.max_pool2d(nn.functional.relu(self.conv2(x)), 2, 1)
-        x = nn.functional.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)  # type: ignore[no-any-return]
-
-
-def _opacus_mnist(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if len(input_shape) != 3 or tuple(input_shape[1:]) != (28, 28):
-        raise ConfigError(
-            f"model 'opacus-mnist' needs 28x28 images (C, 28, 28), got {input_shape}; "
-            "use model 'cnn' for other image sizes"
-        )
-    return OpacusMnistCNN(in_channels=input_shape[0], num_classes=num_classes)
-
-
-def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if len(input_shape) != 3:
-        raise ConfigError(
-            f"model 'cnn' needs image input of shape (C, H, W), got {input_shape}; "
-            "use model 'mlp' for tabular data"
-        )
-    return SmallCNN(in_channels=input_shape[0], num_classes=num_classes)
-
-
-def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    in_features = 1
-    for dim in input_shape:
-        in_features *= dim
-    return MLP(in_features=in_features, num_classes=num_classes)
-
-
-MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
-    "cnn": _cnn,
-    "mlp": _mlp,
-    "opacus-mnist": _opacus_mnist,
-}
-
-
-def build_model(
-    name: str, *, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
-) -> nn.Module:
-    """Build a model by name (``cnn``, ``mlp``, ``opacus-mnist``) for a per-sample input shape."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        choices = ", ".join(sorted(MODELS))
-        raise ConfigError(f"unknown model {name!r}; choose one of: {choices}") from None
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-    return factory(input_shape, num_classes)
+__all__ = [
+    "MLP",
+    "MODELS",
+    "OpacusMnistCNN",
+    "SmallCNN",
+    "build_model",
+    "check_dp_compatible",
+    "check_output",
+    "checked_model",
+    "dp_problems",
+    "fix_for_dp",
+    "is_import_path",
+    "model_label",
+    "register_model",
+    "resolve_model",
+]

@@ -90,6 +90,7 @@ def client_config(
     return ConfigRecord(
         {
             "model": settings.model,
+            "fix-model": settings.fix_model,
             "input-shape": [int(d) for d in data.input_shape],
             "num-classes": int(data.num_classes),
             "dataset": settings.dataset,

@@ -21,7 +21,7 @@ from pollinate.config import ClientDP, RunSettings, SampleDP
 from pollinate.data import DatasetSplit, load_dataset
 from pollinate.errors import ConfigError
 from pollinate.log import logger
-from pollinate.models import build_model
+from pollinate.models import checked_model
 from pollinate.privacy import PrivacyLedger
 from pollinate.privacy.noise import NOT_PRIVATE
 from pollinate.rundir.checkpoint import (
@@ -48,10 +48,10 @@ RUN_FILE = "run.json"
 
 #: Settings that must not change when a run is resumed (the result would not be the same run).
 FIXED_ON_RESUME = (
-    "seed", "model", "dataset", "partitioner", "strategy", "dp", "client-dp", "noise-multiplier",
-    "max-grad-norm", "target-delta", "fraction-train", "batch-size", "local-epochs",
-    "dirichlet-alpha", "shards-per-client", "samples-per-client", "test-fraction",
-    "reproducible-noise", "local-eval-fraction", "eval-noise-multiplier",
+    "seed", "model", "fix-model", "dataset", "partitioner", "strategy", "dp", "client-dp",
+    "noise-multiplier", "max-grad-norm", "target-delta", "fraction-train", "batch-size",
+    "local-epochs", "dirichlet-alpha", "shards-per-client", "samples-per-client",
+    "test-fraction", "reproducible-noise", "local-eval-fraction", "eval-noise-multiplier",
 )  # fmt: skip
 
 
@@ -97,7 +97,10 @@ def _initial_model(
 ) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     """The server's evaluation model and the initial global model's arrays (seeded)."""
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    model = checked_model(
+        settings.model, data.input_shape, data.num_classes, fix=settings.fix_model,
+        dp=settings.dp == SampleDP.DPSGD,
+    )  # fmt: skip
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     # the server's copy only evaluates: channels-last is 1.1-3x faster for the CNNs here
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -114,6 +114,7 @@ class TorchBackend:
                 str(info["architecture"]),
                 input_shape=tuple(int(d) for d in info["input_shape"]),
                 num_classes=int(info["num_classes"]),
+                fix=bool(info.get("fix_model", False)),
             )
             model.load_state_dict(load_file(str(files.safetensors)))
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as err:

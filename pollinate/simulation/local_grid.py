@@ -220,8 +220,9 @@ class LocalGrid(Grid):
         task = first.task
         try:
             model = build_model(
-                task.model, input_shape=task.input_shape, num_classes=task.num_classes
-            )
+                task.model, input_shape=task.input_shape, num_classes=task.num_classes,
+                fix=task.fix_model,
+            )  # fmt: skip
             arrays = first.msg.content.array_records["arrays"]
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
             members = [

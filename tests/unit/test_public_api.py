@@ -17,7 +17,11 @@ EXPECTED = {
     "pollinate.privacy": {
         "ClientAccountant", "MechanismStep", "PrivacyLedger", "noise_multiplier_for_budget",
     },
-    "pollinate.models": {"MODELS", "MLP", "OpacusMnistCNN", "SmallCNN", "build_model"},
+    "pollinate.models": {
+        "MODELS", "MLP", "OpacusMnistCNN", "SmallCNN", "build_model", "check_dp_compatible",
+        "check_output", "checked_model", "dp_problems", "fix_for_dp", "is_import_path",
+        "model_label", "register_model", "resolve_model",
+    },
     "pollinate.edge_runtime": {
         "Artifact", "BundleError", "EdgeModel", "InputError", "Manifest", "RuntimeMissingError",
         "available_runtimes", "load_bundle", "verify_bundle",
