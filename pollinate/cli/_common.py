@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -86,11 +87,11 @@ class CommandGroup(typer.Typer):
         return decorator
 
 
-def user_code_on_path() -> None:
-    """Put the working directory first on the Python path of this process and of those it
-    starts (Ray's workers, ClientApps), as ``python -m`` does for itself: a model given as
-    ``mymodels:Net`` is found in the folder the command runs from."""
-    cwd = os.getcwd()
+def user_code_on_path(folder: Path | None = None) -> None:
+    """Put ``folder`` (the working directory by default) first on the Python path of this
+    process and of those it starts (Ray's workers, ClientApps), as ``python -m`` does for
+    itself: a model given as ``mymodels:Net`` is found in the folder the command runs from."""
+    cwd = str(Path(folder).resolve()) if folder is not None else os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

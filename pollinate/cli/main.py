@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pollinate.cli import edge, edge_status, export, runs, serve, server, simulate
+from pollinate.cli import edge, edge_status, export, new, runs, serve, server, simulate
 from pollinate.cli._common import CommandGroup
 from pollinate.cli.console import is_plain, make_console, print_click_error, print_error
 from pollinate.errors import EXIT_MEANINGS
@@ -21,6 +21,7 @@ app = CommandGroup(
     help="Federated learning with differential privacy on edge devices, built on Flower.",
 )
 
+app.command("new")(new.new_command)
 app.command("simulate")(simulate.simulate_command)
 app.command("report")(simulate.report_command)
 app.command("export")(export.export_command)

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from pollinate.cli._common import parse_sets, setup_logging, user_code_on_path
 from pollinate.cli.console import make_console
+from pollinate.cli.new import find_app, read_app
 from pollinate.errors import CheckpointError, ConfigError
 
 __all__ = ["report_command", "simulate_command"]
@@ -114,6 +115,14 @@ def simulate_command(
         list[str] | None,
         typer.Option("--set", help="Any run-config key, e.g. --set learning-rate=0.05."),
     ] = None,
+    app: Annotated[
+        Path | None,
+        typer.Option(
+            help="A Flower App's folder (`pollinate new`): its [tool.flwr.app.config] and "
+            "code are used [the working directory, when it is one].",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and pollinate's logs.")
     ] = False,
@@ -139,12 +148,16 @@ def simulate_command(
       pollinate simulate --engine ray --num-clients 100
 
       pollinate simulate --model mymodels:Net --fix-model   # mymodels.py in this folder
+
+      pollinate simulate --app my-app                       # an app `pollinate new` made
     """
     from pollinate.config import RunSettings
     from pollinate.simulation.presets import get_preset
 
     setup_logging(verbose)
-    user_code_on_path()
+    app_dir = find_app(app)
+    defaults = read_app(app_dir) if app_dir is not None else None
+    user_code_on_path(app_dir)
     flags: dict[str, Any] = {
         "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
         "robust": robust, "model": model, "fix-model": fix_model, "dataset": data,
@@ -163,8 +176,13 @@ def simulate_command(
             )
     else:
         chosen = get_preset(preset)
-        config = {**chosen.settings, **overrides}
-        clients = num_clients if num_clients is not None else chosen.num_clients
+        config = {**chosen.settings, **(defaults.config if defaults else {}), **overrides}
+        if num_clients is not None:
+            clients = num_clients
+        elif defaults is not None and defaults.num_clients is not None:
+            clients = defaults.num_clients
+        else:
+            clients = chosen.num_clients
         target = run_dir or Path("runs") / _default_run_name()
         _check_run_dir_target(target)
         if target.exists() and (target / "LATEST").exists():

@@ -1,14 +1,16 @@
-"""`flwr run .` in the repository root runs pollinate's ServerApp and ClientApp.
+"""`flwr run .` in the repository root runs pollinate's ServerApp and ClientApp, and so does
+an app `pollinate new` makes (with the user's model and data in its own task.py).
 
 Flower 1.42's `flwr run` starts a local SuperLink on first use and leaves it running after
 it returns. The fixture gives that SuperLink its own FLWR_HOME and its own free port (so it
-never meets a SuperLink of another test or user on the default port 39091) and stops it,
-with every process it started, when the test ends.
+never meets a SuperLink of another test or user on the default port 39091), lets this
+module's tests share it, and stops it, with every process it started, at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -21,7 +23,13 @@ import pytest
 from flwr.cli.config_migration import CONFIG_MIGRATION_NOTICE
 
 from tests.support import REPO
-from tests.support.processes import cmdline, end_processes, free_port, processes_mentioning
+from tests.support.processes import (
+    POLLINATE,
+    cmdline,
+    end_processes,
+    free_port,
+    processes_mentioning,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +62,24 @@ def _stop(flower: LocalFlower) -> list[str]:
     return [f"pid {p.pid}: {cmdline(p)}" for p in survivors]
 
 
-@pytest.fixture
-def local_flower(e2e_env: dict[str, str], tmp_path: Path) -> Iterator[LocalFlower]:
+@pytest.fixture(scope="module")
+def local_flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlower]:
     port = free_port()
+    home = tmp_path_factory.mktemp("flower") / ".flwr"
     flower = LocalFlower(
         env={
-            **e2e_env,
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "COLUMNS": "200",
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
             # Deprecated in 1.42 but still passed to flower-superlink: keep it off 39093 too.
             "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         },
-        home=Path(e2e_env["FLWR_HOME"]),
+        home=home,
         port=port,
     )
     yield flower
@@ -156,3 +171,51 @@ def test_flwr_run_runs_the_server_and_client_apps(
     assert "federations" not in tomllib.loads(text)["tool"]["flwr"]
     status_after = _git_status()
     assert _new_top_level_files(status_before, status_after) == []
+
+
+def test_an_app_pollinate_new_makes_runs_with_its_own_model_pytest_simulate_and_flwr_run(
+    local_flower: LocalFlower, tmp_path: Path
+) -> None:
+    app = tmp_path / "my-app"
+    made = subprocess.run(
+        [*POLLINATE, "new", "my-app", "--dir", str(app)], capture_output=True, text=True,
+        timeout=60, env=local_flower.env,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config["components"]["clientapp"] == "pollinate.clientapp.app:app"
+    assert config["config"]["model"] == "my_app.task:Net"
+    # its own test passes as made
+    tested = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=app,
+        capture_output=True, text=True, timeout=120, env=local_flower.env,
+    )  # fmt: skip
+    assert tested.returncode == 0 and "1 passed" in tested.stdout, tested.stdout[-2000:]
+    # `pollinate simulate --app` from elsewhere: the app's config and code
+    sim_dir = tmp_path / "sim"
+    sim = subprocess.run(
+        [*POLLINATE, "simulate", "--app", str(app), "--rounds", "1", "--run-dir", str(sim_dir)],
+        capture_output=True, text=True, timeout=300, env=local_flower.env, cwd=tmp_path,
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    run = json.loads((sim_dir / "run.json").read_text())
+    assert run["population"] == 10  # [tool.pollinate] num-clients
+    assert run["settings"]["dataset"] == "my_app.task:load_data"
+    assert run["settings"]["batch-size"] == 16  # the app's config, not the preset's
+    # `flwr run .` inside it, on this module's local SuperLink
+    run_dir = tmp_path / "flwr"
+    proc = subprocess.run(
+        [str(VENV_BIN / "flwr"), "run", ".", "--run-config",
+         f'num-server-rounds=1 run-dir="{run_dir}"', "--stream"],
+        cwd=app, env=local_flower.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [m["server_round"] for m in metrics] == [0, 1], log
+    assert metrics[1]["replied"] == metrics[1]["sampled"] >= 2, metrics
+    assert json.loads((run_dir / "run.json").read_text())["settings"]["model"] == "my_app.task:Net"
+    assert (
+        json.loads((run_dir / "privacy.json").read_text())["summary"]["sample_level"]["max_epsilon"]
+        > 0
+    )

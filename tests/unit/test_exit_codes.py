@@ -28,6 +28,10 @@ CASES: list[tuple[str, tuple[str, ...], ExitCode]] = [
     ("simulate", ("--resume", "{tmp}/missing"), E.CHECKPOINT),
     ("simulate", ("--data", "{tmp}/missing.npz", "-n", "2", "--run-dir", "{tmp}/r"), E.DATA),
     ("simulate", ("--rounds", "many"), E.CONFIG),  # click's own usage error
+    ("simulate", ("--model", "nosuchmodule_xyz:Net", "--run-dir", "{tmp}/r"), E.CONFIG),
+    ("simulate", ("--app", "{tmp}"), E.CONFIG),  # no pyproject.toml there
+    ("new", ("9lives", "--dir", "{tmp}/a"), E.CONFIG),
+    ("new", ("my-app", "--dir", "{tmp}"), E.CONFIG),  # the folder exists
     ("report", ("{tmp}/missing",), E.CHECKPOINT),
     ("export", ("{tmp}/missing",), E.CHECKPOINT),
     ("export", ("{tmp}", "--format", "bogus"), E.CONFIG),
