@@ -71,14 +71,26 @@ def _batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+#: the most memory the per-sample gradients of one chunk of the cohort may take
+MEMORY_BUDGET_BYTES = 1 << 30
+
+
 def train_cohort(
-    model: nn.Module, members: Sequence[CohortMember], settings: TrainSettings
+    model: nn.Module,
+    members: Sequence[CohortMember],
+    settings: TrainSettings,
+    *,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
 ) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
     """Train a copy of ``model`` for every member; return (result, new state) per member.
 
     ``model`` holds the global parameters and is not changed. Members without data get an
     empty :class:`TrainResult` and the global state back. The returned arrays may be views
     into buffers of this call (nothing else uses them): copy what must outlive the caller.
+
+    Members train in chunks whose per-sample gradients fit ``memory_budget`` bytes (a
+    member's training does not depend on who else is in its chunk), so a model with millions
+    of parameters trains a large cohort in bounded memory.
     """
     global_params = {k: v.detach().clone() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -92,11 +104,29 @@ def train_cohort(
             continue
         groups.setdefault(_batches(n, settings.batch_size), []).append(i)
     trainer = _Trainer(model, global_params, buffers, settings)
+    numel = sum(int(p.numel()) for p in global_params.values())
     for steps_per_epoch, index in sorted(groups.items()):
-        group = _make_group(members, index, steps_per_epoch)
-        for i, result in zip(index, trainer.run(group), strict=True):
-            out[i] = result
+        width = _chunk_size(members, index, settings, numel, memory_budget)
+        for start in range(0, len(index), width):
+            chunk = index[start : start + width]
+            group = _make_group(members, chunk, steps_per_epoch)
+            for i, result in zip(chunk, trainer.run(group), strict=True):
+                out[i] = result
     return [r for r in out if r is not None]
+
+
+def _chunk_size(
+    members: Sequence[CohortMember],
+    index: list[int],
+    settings: TrainSettings,
+    numel: int,
+    budget: int,
+) -> int:
+    """Members per chunk: per-sample gradients (float32, ``numel`` each) of a batch of up to
+    twice the batch size (Poisson batches vary), or one gradient per member without DP."""
+    n_max = max(len(members[i].y) for i in index)
+    per_member = 4 * numel * (min(n_max, 2 * settings.batch_size) if settings.dp else 2)
+    return max(1, min(len(index), budget // max(1, per_member)))
 
 
 def _make_group(members: Sequence[CohortMember], index: list[int], steps_per_epoch: int) -> _Group:

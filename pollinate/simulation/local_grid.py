@@ -28,22 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType
+from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from pollinate._atomic import append_lines, atomic_write_text
-from pollinate.clientapp.jobs import TrainJob, begin_train, finish_train
+from pollinate.clientapp.jobs import TrainJob, begin_train
 from pollinate.clientapp.local import ACCOUNTANT_KEY, client_key
 from pollinate.log import logger
-from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
 from pollinate.protocol import ClientTask
-from pollinate.simulation.cohort import CohortMember, train_cohort
+from pollinate.simulation.cohort_jobs import CohortTrainer, error_reply
 
 __all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
 
@@ -108,6 +106,7 @@ class LocalGrid(Grid):
         self._app: ClientApp = client_app
         self._num_nodes = num_nodes
         self._threads = max(1, threads)
+        self._trainer = CohortTrainer(threads=self._threads, array=LocalArray)
         self._contexts: dict[int, Context] = {}
         self._journal_dir: Path | None = None
         self._journal: dict[str, dict[str, Any]] = {}
@@ -187,7 +186,7 @@ class LocalGrid(Grid):
         try:
             return self._app(msg, context)
         except Exception as err:  # a failing client is a failed reply, as under Flower
-            return _error_reply(msg, err)
+            return error_reply(msg, err)
 
     # ------------------------------------------------------------ training
 
@@ -204,42 +203,15 @@ class LocalGrid(Grid):
                 self._restore(context, task)
                 job = begin_train(msg, context, mirror=False, task=task)
             except Exception as err:
-                replies.append(_error_reply(msg, err))
+                replies.append(error_reply(msg, err))
                 continue
             if isinstance(job, Message):  # declined: past its budget
                 replies.append(job)
             else:
                 jobs.append((job, context))
         for cohort in _cohorts(jobs):
-            replies.extend(self._train_cohort(cohort))
+            replies.extend(self._trainer.train(cohort))
         self._write_journal([(job, ctx) for job, ctx in jobs if job.task.dp])
-        return replies
-
-    def _train_cohort(self, cohort: list[tuple[TrainJob, Context]]) -> list[Message]:
-        first = cohort[0][0]
-        task = first.task
-        try:
-            model = build_model(
-                task.model, input_shape=task.input_shape, num_classes=task.num_classes,
-                fix=task.fix_model,
-            )  # fmt: skip
-            arrays = first.msg.content.array_records["arrays"]
-            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-            members = [
-                CohortMember(job.data.x, job.data.y, job.seed, job.noise) for job, _ in cohort
-            ]
-            settings = first.settings
-            with _Threads(self._threads):
-                results = train_cohort(model, members, settings)
-        except Exception as err:
-            logger.error("cohort training of %d clients failed: %s", len(cohort), err)
-            return [_error_reply(job.msg, err) for job, _ in cohort]
-        replies = []
-        for (job, context), (result, state) in zip(cohort, results, strict=True):
-            try:
-                replies.append(finish_train(job, context, result, state, array=LocalArray))
-            except Exception as err:
-                replies.append(_error_reply(job.msg, err))
         return replies
 
     # ------------------------------------------------------------ accountant journal
@@ -313,30 +285,10 @@ def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJ
     groups: dict[tuple[int, tuple[Any, ...]], list[tuple[TrainJob, Context]]] = {}
     for job, context in jobs:
         t = job.task
-        config = (t.model, t.input_shape, t.num_classes, job.settings)
+        config = (t.model, t.fix_model, t.input_shape, t.num_classes, job.settings)
         arrays = id(job.msg.content.array_records["arrays"])
         groups.setdefault((arrays, config), []).append((job, context))
     yield from groups.values()
-
-
-def _error_reply(msg: Message, err: BaseException) -> Message:
-    reason = f"{type(err).__name__}: {err}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-
-
-class _Threads:
-    """Use ``n`` torch threads inside the block."""
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-        self._before = 1
-
-    def __enter__(self) -> None:
-        self._before = torch.get_num_threads()
-        torch.set_num_threads(self._n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self._before)
 
 
 def _ensure_identity(run_id: int) -> None:

@@ -239,3 +239,17 @@ def test_the_global_model_is_left_unchanged() -> None:
     )
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_a_cohort_trained_in_memory_bounded_chunks_gives_each_member_the_same_result() -> None:
+    """A budget that holds one member's per-sample gradients at a time: the same models."""
+    model = _model()
+    settings = TrainSettings(epochs=1, batch_size=8, learning_rate=0.3, dp=True,
+                             noise_multiplier=1.0, max_grad_norm=1.0)  # fmt: skip
+    numel = sum(p.numel() for p in model.parameters())
+    together = train_cohort(model, _members(4, 200), settings)
+    chunked = train_cohort(model, _members(4, 200), settings, memory_budget=4 * numel * 16)
+    for (r1, s1), (r2, s2) in zip(together, chunked, strict=True):
+        assert r1.steps == r2.steps and r1.sample_rate == r2.sample_rate
+        for key, value in s1.items():
+            np.testing.assert_allclose(s2[key], value, rtol=1e-5, atol=1e-6)
