@@ -12,7 +12,7 @@ from torch import nn
 from pollinate.errors import ConfigError
 from pollinate.models.registry import register_model
 
-__all__ = ["MLP", "OpacusMnistCNN", "SmallCNN"]
+__all__ = ["MLP", "GroupNormResNet", "OpacusMnistCNN", "RowLSTM", "SmallCNN"]
 
 
 class SmallCNN(nn.Module):
@@ -105,3 +105,79 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     for dim in input_shape:
         in_features *= dim
     return MLP(in_features=in_features, num_classes=num_classes)
+
+
+class RowLSTM(nn.Module):
+    """A sequence model: an image's rows (or a (T, F) sequence) through Opacus' ``DPLSTM``,
+    whose per-sample gradients DP-SGD can clip, and a linear head on the last step."""
+
+    def __init__(self, steps: int, features: int, num_classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        self.steps, self.features = steps, features
+        self.rnn = DPLSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.reshape(x.shape[0], self.steps, self.features))
+        return self.head(out[:, -1])  # type: ignore[no-any-return]
+
+
+class _Block(nn.Module):
+    """A ResNet basic block with GroupNorm (DP-SGD cannot train BatchNorm)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.GroupNorm(8, cout))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.norm1(self.conv1(x)))
+        return nn.functional.relu(self.norm2(self.conv2(out)) + self.skip(x))
+
+
+class GroupNormResNet(nn.Module):
+    """A small ResNet (7 basic blocks, 32-64-128-192 channels, GroupNorm): 1.27 M parameters,
+    for 28x28 (or any) images."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False),
+                                  nn.GroupNorm(8, 32), nn.ReLU())  # fmt: skip
+        self.blocks = nn.Sequential(
+            _Block(32, 32, 1), _Block(32, 32, 1), _Block(32, 64, 2), _Block(64, 64, 1),
+            _Block(64, 128, 2), _Block(128, 128, 1), _Block(128, 192, 2),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(192, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))  # type: ignore[no-any-return]
+
+
+@register_model("lstm")
+def _lstm(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) == 3:  # an image: its rows are the steps
+        channels, height, width = input_shape
+        return RowLSTM(height, channels * width, num_classes)
+    if len(input_shape) == 2:
+        return RowLSTM(input_shape[0], input_shape[1], num_classes)
+    raise ConfigError(
+        f"model 'lstm' needs sequences (T, F) or images (C, H, W), got {input_shape}; use "
+        "model 'mlp' for flat features"
+    )
+
+
+@register_model("resnet")
+def _resnet(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ConfigError(f"model 'resnet' needs images (C, H, W), got {input_shape}")
+    return GroupNormResNet(in_channels=input_shape[0], num_classes=num_classes)

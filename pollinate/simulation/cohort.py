@@ -162,6 +162,12 @@ class _Trainer:
         self.buffers = buffers
         self.settings = settings
         self.was_training = model.training
+        # state-dict keys -> the parameter or buffer each one holds: a module may list one
+        # tensor under two keys (Opacus' DPLSTM keeps torch.nn.LSTM's names beside its own),
+        # and a reply must carry every key for the server's strict load_state_dict
+        names = {id(t): k for k, t in model.named_parameters()}
+        names.update({id(t): k for k, t in model.named_buffers()})
+        self.state_keys = {k: names[id(t)] for k, t in model.state_dict(keep_vars=True).items()}
 
         def sample_loss(
             params: Params, x: torch.Tensor, y: torch.Tensor
@@ -249,9 +255,9 @@ class _Trainer:
                 sample_rate=rate if s.dp else min(1.0, s.batch_size / int(group.n[row])),
                 num_examples=int(group.n[row]),
             )
-            state = {k: v[row].numpy() for k, v in params.items()}  # views: see train_cohort
-            state.update({k: v.numpy() for k, v in self.buffers.items()})
-            results.append((result, state))
+            own = {k: v[row].numpy() for k, v in params.items()}  # views: see train_cohort
+            own.update({k: v.numpy() for k, v in self.buffers.items()})
+            results.append((result, {key: own[name] for key, name in self.state_keys.items()}))
         return results
 
     # ------------------------------------------------------------ batches

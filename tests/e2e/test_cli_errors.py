@@ -123,7 +123,7 @@ CASES: dict[str, Case] = {
     "negative-target-epsilon": _sim(
         "--target-epsilon", "-3", code=2, words=("target-epsilon", "negative"),
     ),
-    "unknown-model": _sim("--model", "resnet", code=2, words=("model", "'resnet'", "cnn")),
+    "unknown-model": _sim("--model", "vgg", code=2, words=("model", "'vgg'", "cnn")),
     "unknown-strategy": _sim(
         "--strategy", "fedsgd", code=2, words=("strategy", "'fedsgd'", "fedavg"),
     ),

@@ -253,3 +253,37 @@ def test_a_cohort_trained_in_memory_bounded_chunks_gives_each_member_the_same_re
         assert r1.steps == r2.steps and r1.sample_rate == r2.sample_rate
         for key, value in s1.items():
             np.testing.assert_allclose(s2[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lstm", "resnet"])
+def test_the_sequence_and_the_million_parameter_model_train_alike_on_both_paths(
+    name: str,
+) -> None:
+    """Opacus' DPLSTM and the 1.27 M-parameter GroupNorm ResNet: the fast engine's cohort and
+    the ClientApp's Opacus DP-SGD (what the Ray engine and devices run) take the same step
+    when nothing random is left (q = 1, no noise), and both move the model."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images[:, None] / 16.0).astype(np.float32)
+    y = digits.target
+    torch.manual_seed(0)
+    model = build_model(name, input_shape=(1, 8, 8), num_classes=10)
+    if name == "resnet":
+        assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    members = [_member(x[i * 12 : (i + 1) * 12], y[i * 12 : (i + 1) * 12], i) for i in range(2)]
+    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=0.5, dp=True,
+                             noise_multiplier=0.0, max_grad_norm=1.0)  # fmt: skip
+    results = train_cohort(model, members, settings, memory_budget=1 << 28)
+    for member, (result, state) in zip(members, results, strict=True):
+        reference = copy.deepcopy(model)
+        expected = train(
+            reference, member.x, member.y, epochs=2, batch_size=16, learning_rate=0.5, dp=True,
+            noise_multiplier=0.0, max_grad_norm=1.0, seed=1,
+        )  # fmt: skip
+        assert result.steps == expected.steps == 2
+        # every key of the state dict (DPLSTM lists its weights under two names each): what
+        # the server's strict load_state_dict needs
+        assert set(state) == set(model.state_dict())
+        assert _max_diff(state, reference) < 1e-4
+        assert _max_diff(state, model) > 1e-3

@@ -44,7 +44,7 @@ def test_values_are_coerced_and_enums_parsed() -> None:
     ("config", "message"),
     [
         ({"strategy": "fedsgd"}, r"'strategy': unknown value 'fedsgd'.*'fedavg'"),
-        ({"model": "resnet"}, r"unknown model 'resnet'"),
+        ({"model": "vgg"}, r"unknown model 'vgg'"),
         ({"epsilon-budget": -1.0}, r"'epsilon-budget' must not be negative"),
         ({"target-epsilon": -2}, r"'target-epsilon' must not be negative"),
         ({"fraction-train": 1.5}, r"'fraction-train' must be in \(0, 1\]"),

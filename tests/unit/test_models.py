@@ -30,8 +30,10 @@ def test_mlp_takes_tabular_input() -> None:
 
 
 def test_unknown_model_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'resnet'.*cnn, mlp, opacus-mnist"):
-        build_model("resnet")
+    with pytest.raises(
+        ConfigError, match=r"unknown model 'vgg'.*cnn, lstm, mlp, opacus-mnist, resnet"
+    ):
+        build_model("vgg")
 
 
 def test_cnn_rejects_tabular_input_with_a_hint() -> None:

@@ -144,7 +144,7 @@ def test_a_class_without_arguments_a_sized_class_and_a_factory_all_build(
         ("usermodels:not_a_model", "returned an object of type dict, not a torch.nn.Module"),
         ("usermodels:broken", "building it failed: RuntimeError: no GPU here"),
         ("user models:Net", "is not an import path; write it as 'package.module:Name'"),
-        ("resnet", "unknown model 'resnet'; choose one of: cnn, mlp, opacus-mnist, or give"),
+        ("vgg", "unknown model 'vgg'; choose one of: cnn, lstm, mlp, opacus-mnist, resnet, or"),
     ],
 )
 def test_each_way_a_model_spec_is_wrong_has_its_own_message(
@@ -234,7 +234,7 @@ def test_model_label_is_a_safe_file_name() -> None:
 def test_run_settings_accept_an_import_path_and_say_how_when_a_name_is_unknown() -> None:
     assert RunSettings.from_run_config({"model": "pkg.mod:Net"}).model == "pkg.mod:Net"
     with pytest.raises(ConfigError, match="or give an import path"):
-        RunSettings.from_run_config({"model": "resnet"})
+        RunSettings.from_run_config({"model": "vgg"})
 
 
 # ------------------------------------------------------------------ the device's side
