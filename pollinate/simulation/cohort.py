@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,34 +36,19 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pollinate.clientapp.training import TrainResult, TrainSettings, dp_plan
-from pollinate.privacy.noise import NoiseSource, gaussian
+from pollinate.privacy.noise import gaussian
+from pollinate.simulation._cohort_data import (
+    CohortMember,
+    Group,
+    chunk_size,
+    gather,
+    make_group,
+    pad,
+)
 
 __all__ = ["CohortMember", "train_cohort"]
 
 Params = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CohortMember:
-    """One client of the cohort: its local data, its seed and DP randomness for this round."""
-
-    x: np.ndarray
-    y: np.ndarray
-    seed: int
-    noise: NoiseSource = field(default_factory=NoiseSource.secure)
-
-
-@dataclass
-class _Group:
-    """Members with the same number of steps, trained side by side."""
-
-    index: list[int]
-    n: torch.Tensor  # (G,) samples per member
-    x: torch.Tensor  # (G, n_max, *shape), zero-padded
-    y: torch.Tensor  # (G, n_max)
-    steps_per_epoch: int
-    generators: list[torch.Generator]
-    sources: list[NoiseSource]
 
 
 def _batches(n: int, batch_size: int) -> int:
@@ -106,49 +90,13 @@ def train_cohort(
     trainer = _Trainer(model, global_params, buffers, settings)
     numel = sum(int(p.numel()) for p in global_params.values())
     for steps_per_epoch, index in sorted(groups.items()):
-        width = _chunk_size(members, index, settings, numel, memory_budget)
+        width = chunk_size(members, index, settings, numel, memory_budget)
         for start in range(0, len(index), width):
             chunk = index[start : start + width]
-            group = _make_group(members, chunk, steps_per_epoch)
+            group = make_group(members, chunk, steps_per_epoch)
             for i, result in zip(chunk, trainer.run(group), strict=True):
                 out[i] = result
     return [r for r in out if r is not None]
-
-
-def _chunk_size(
-    members: Sequence[CohortMember],
-    index: list[int],
-    settings: TrainSettings,
-    numel: int,
-    budget: int,
-) -> int:
-    """Members per chunk: per-sample gradients (float32, ``numel`` each) of a batch of up to
-    twice the batch size (Poisson batches vary), or one gradient per member without DP."""
-    n_max = max(len(members[i].y) for i in index)
-    per_member = 4 * numel * (min(n_max, 2 * settings.batch_size) if settings.dp else 2)
-    return max(1, min(len(index), budget // max(1, per_member)))
-
-
-def _make_group(members: Sequence[CohortMember], index: list[int], steps_per_epoch: int) -> _Group:
-    sizes = [len(members[i].y) for i in index]
-    n_max = max(sizes)
-    shape = members[index[0]].x.shape[1:]
-    x = torch.zeros((len(index), n_max, *shape), dtype=torch.float32)
-    y = torch.zeros((len(index), n_max), dtype=torch.int64)
-    for row, i in enumerate(index):
-        x[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].x, dtype=np.float32))
-        y[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].y, dtype=np.int64))
-    generators = [torch.Generator().manual_seed(members[i].seed) for i in index]
-    sources = [members[i].noise for i in index]
-    return _Group(
-        index=index,
-        n=torch.tensor(sizes, dtype=torch.int64),
-        x=x,
-        y=y,
-        steps_per_epoch=steps_per_epoch,
-        generators=generators,
-        sources=sources,
-    )
 
 
 class _Trainer:
@@ -200,7 +148,7 @@ class _Trainer:
             grad(batch_loss, has_aux=True), in_dims=(None, 0, 0, 0)
         )
 
-    def run(self, group: _Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
+    def run(self, group: Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
         s = self.settings
         size = len(group.index)
         params = {
@@ -263,13 +211,13 @@ class _Trainer:
     # ------------------------------------------------------------ batches
 
     def _poisson_steps(
-        self, group: _Group, rate: float, count: int, *, first: int
+        self, group: Group, rate: float, count: int, *, first: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The Poisson batches of steps ``first .. first + count - 1``, drawn step by step."""
         for k in range(count):
             yield self._poisson(group, rate, first + k)
 
-    def _poisson(self, group: _Group, rate: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _poisson(self, group: Group, rate: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member keeps each of its samples with probability ``rate``, independently
         (drawn from the member's secret source, never its seed)."""
         picks = []
@@ -277,9 +225,9 @@ class _Trainer:
             n = int(group.n[row])
             keep = torch.rand(n, generator=source.sampling_generator(step)) < rate
             picks.append(torch.nonzero(keep).flatten())
-        return _pad(picks)
+        return pad(picks)
 
-    def _shuffled(self, group: _Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _shuffled(self, group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of consecutive ``min(B, n)`` chunks of a random permutation per member."""
         per_member = []
         for row, gen in enumerate(group.generators):
@@ -290,7 +238,7 @@ class _Trainer:
         steps = max(len(chunks) for chunks in per_member)
         empty = torch.zeros(0, dtype=torch.int64)
         return [
-            _pad([chunks[step] if step < len(chunks) else empty for chunks in per_member])
+            pad([chunks[step] if step < len(chunks) else empty for chunks in per_member])
             for step in range(steps)
         ]
 
@@ -299,7 +247,7 @@ class _Trainer:
     def _private_grads(
         self,
         params: Params,
-        group: _Group,
+        group: Group,
         idx: torch.Tensor,
         valid: torch.Tensor,
         expected: torch.Tensor,
@@ -311,7 +259,7 @@ class _Trainer:
         s = self.settings
         size = len(group.index)
         if idx.shape[1]:
-            xb = _gather(group.x, idx)
+            xb = gather(group.x, idx)
             yb = torch.gather(group.y, 1, idx)
             if shared:
                 flat, (losses, logits) = self.per_sample_shared(
@@ -337,7 +285,7 @@ class _Trainer:
         }
         return grads, losses, logits
 
-    def _noise(self, group: _Group, params: Params, std: float, step: int) -> Params:
+    def _noise(self, group: Group, params: Params, std: float, step: int) -> Params:
         """Gaussian noise per member from its own secret source, laid out like ``params``."""
         numel = sum(int(v[0].numel()) for v in params.values())
         flat = torch.stack(
@@ -354,14 +302,14 @@ class _Trainer:
     def _plain_grads(
         self,
         params: Params,
-        group: _Group,
+        group: Group,
         idx: torch.Tensor,
         valid: torch.Tensor,
         *,
         shared: bool,
     ) -> tuple[Params, torch.Tensor, torch.Tensor]:
         s = self.settings
-        xb = _gather(group.x, idx)
+        xb = gather(group.x, idx)
         yb = torch.gather(group.y, 1, idx)
         weights = valid.to(torch.float32)
         if shared:
@@ -392,20 +340,3 @@ class _Trainer:
             if s.dp and s.proximal_mu > 0:
                 p.sub_(p - self.global_params[k], alpha=s.learning_rate * s.proximal_mu)
         return params, momentum
-
-
-def _pad(picks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index lists of different lengths as one (members, longest) index and validity mask."""
-    width = max((len(p) for p in picks), default=0)
-    idx = torch.zeros((len(picks), width), dtype=torch.int64)
-    valid = torch.zeros((len(picks), width), dtype=torch.bool)
-    for row, p in enumerate(picks):
-        idx[row, : len(p)] = p
-        valid[row, : len(p)] = True
-    return idx, valid
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[c, idx[c, b]]`` for every member ``c`` and slot ``b``."""
-    rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(idx)
-    return x[rows, idx]
