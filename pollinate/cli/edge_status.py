@@ -133,8 +133,8 @@ def status_command(
     if refusals:
         last_refusal = refusals.get("last") or {}
         console.print(
-            f"refused {refusals.get('total', 0)} task(s) asking for weaker privacy than this "
-            f"device allows; last: {last_refusal.get('reason')}"
+            f"refused {refusals.get('total', 0)} task(s) asking for more than this device "
+            f"allows; last: {last_refusal.get('reason')}"
         )
     if not clients:
         console.print("no training yet: epsilon spent 0")

@@ -9,6 +9,7 @@ generated with ``pollinate simulate`` from inside it (or ``--app DIR``) and with
 
 from __future__ import annotations
 
+import json
 import keyword
 import re
 import tomllib
@@ -26,6 +27,15 @@ __all__ = ["SIMULATE_TABLE", "AppDefaults", "find_app", "new_command", "read_app
 
 #: the pyproject table of ``pollinate simulate``'s defaults for an app (flags override it)
 SIMULATE_TABLE = "pollinate"
+
+#: the app's own choices; every other run-config key is written at its default
+_APP_CONFIG: dict[str, bool | int | float | str] = {
+    "model": "{package}.task:Net",
+    "dataset": "{package}.task:load_data",
+    "num-server-rounds": 3,
+    "fraction-train": 0.5,
+    "batch-size": 16,
+}
 
 _PYPROJECT = """\
 [build-system]
@@ -50,21 +60,10 @@ publisher = "{publisher}"
 serverapp = "pollinate.serverapp.app:app"
 clientapp = "pollinate.clientapp.app:app"
 
-# every key of pollinate's run config may go here (`pollinate simulate --help`, README)
+# pollinate's run config: every key, so `flwr run --run-config` and `pollinate server run`
+# may set any of them (Flower accepts only keys the app declares); README lists them all
 [tool.flwr.app.config]
-model = "{package}.task:Net"
-dataset = "{package}.task:load_data"
-num-server-rounds = 3
-fraction-train = 0.5
-min-train-nodes = 2
-local-epochs = 1
-batch-size = 16
-learning-rate = 0.5
-dp = "sample"
-noise-multiplier = 1.0
-max-grad-norm = 1.0
-run-dir = ""
-
+{config}
 # `pollinate simulate` from this folder (or --app DIR): how many simulated clients
 [tool.{table}]
 num-clients = 10
@@ -192,6 +191,27 @@ def read_app(folder: Path) -> AppDefaults:
     return AppDefaults(folder=Path(folder), config=dict(config), num_clients=clients)
 
 
+def _run_config(package: str) -> str:
+    """The ``[tool.flwr.app.config]`` lines: the app's choices first, then every other key."""
+    from pollinate.config import RunSettings
+
+    ours = {k: v.format(package=package) if isinstance(v, str) else v
+            for k, v in _APP_CONFIG.items()}  # fmt: skip
+    rest = {k: v for k, v in RunSettings().to_run_config().items() if k not in ours}
+    lines = [f"{k} = {_toml(v)}" for k, v in ours.items()]
+    lines += ["# the rest at pollinate's defaults"]
+    lines += [f"{k} = {_toml(v)}" for k, v in rest.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)
+
+
 def _names(name: str) -> tuple[str, str]:
     """(project name, package name) for NAME; ConfigError for a name that is neither."""
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
@@ -216,7 +236,11 @@ def write_app(target: Path, name: str, *, publisher: str = "me") -> list[Path]:
         raise ConfigError(f"{target} already exists; choose another NAME or --dir")
     files = {
         Path("pyproject.toml"): _PYPROJECT.format(
-            project=project, package=package, publisher=publisher, table=SIMULATE_TABLE
+            project=project,
+            package=package,
+            publisher=publisher,
+            table=SIMULATE_TABLE,
+            config=_run_config(package),
         ),
         Path(package) / "__init__.py": f'"""{project}: a pollinate app."""\n',
         Path(package) / "task.py": _TASK,

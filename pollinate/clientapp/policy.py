@@ -52,6 +52,8 @@ class DevicePolicy:
         allowed_imports: Import paths (models, data loaders) this device may import; registered
             models, built-in datasets and files are always allowed, and a simulation's own
             nodes allow any.
+        own_data: The device trains on its own data (``data-path``), so a task's data loader
+            is never imported there.
     """
 
     device: bool
@@ -62,6 +64,7 @@ class DevicePolicy:
     budget: float = 0.0
     new_ledger: bool = False
     allowed_imports: tuple[str, ...] = ()
+    own_data: bool = False
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, object]) -> DevicePolicy:
@@ -81,6 +84,7 @@ class DevicePolicy:
             max_epochs=int(epochs),
             budget=_float(node, NodeKey.EPSILON_BUDGET),
             new_ledger=str(node.get(NodeKey.NEW_LEDGER, "false")).lower() in ("true", "1", "yes"),
+            own_data=NodeKey.DATA_PATH in node,
             allowed_imports=tuple(
                 m.strip()
                 for m in str(node.get(NodeKey.ALLOWED_IMPORTS, "")).split(",")
@@ -96,7 +100,8 @@ class DevicePolicy:
     def refusal(self, task: ClientTask, *, evaluate: bool = False) -> str | None:
         """Why this task asks for weaker privacy than the policy allows, or None."""
         problems: list[str] = []
-        for what, spec in (("model", task.model), ("data", task.dataset)):
+        wanted = [("model", task.model)] + ([] if self.own_data else [("data", task.dataset)])
+        for what, spec in wanted:
             if self.device and is_import_path(spec) and spec not in self.allowed_imports:
                 problems.append(
                     f"it asks for {what} {spec!r}, an import path this device does not allow "

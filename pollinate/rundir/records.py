@@ -47,8 +47,8 @@ class RoundRecord:
         sampled: Clients sampled for training.
         replied: Clients that answered (declined and rejected ones included).
         declined: Clients that declined (for example, their privacy budget was spent).
-        refused: Of those, clients whose own privacy policy refused the task (it asked for
-            weaker privacy than the device allows).
+        refused: Of those, clients whose own policy refused the task (it asked for weaker
+            privacy than the device allows, or for code by an import path it did not allow).
         rejected: Malformed updates rejected before aggregation.
         failed: Error replies and timeouts.
         train_loss: Mean training loss the clients reported, if any.

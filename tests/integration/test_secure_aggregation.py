@@ -94,11 +94,17 @@ def test_secure_aggregation_on_a_real_federation(tmp_path: Path) -> None:
     The same federation first runs one plain round, then one SecAgg+ round with the same seed:
     the devices train identically without DP (the seed fixes everything else; under DP their
     noise is secret and devices refuse reproducible noise), so the two global models agree up
-    to SecAgg+'s quantization step. The devices' own policy allows training without DP."""
+    to SecAgg+'s quantization step. The devices' own policy allows training without DP; it
+    allows importing a user app's model and data loader on device 0 only (a third run)."""
     common = ["--rounds", "1", "--round-timeout", "240", "--min-train-nodes", "5",
               "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
               "--set", "dataset=digits", "--set", "dp=none"]  # fmt: skip
-    with Federation(tmp_path, 5, device_args=lambda _: ["--dp", "none"]) as fed:
+    app_code = ["--allow-import", "my_app.task:Net", "--allow-import", "my_app.task:load_data"]
+
+    def device_args(i: int) -> list[str]:  # device 0's owner allows the app's code
+        return ["--dp", "none", *(app_code if i == 0 else [])]
+
+    with Federation(tmp_path, 5, device_args=device_args) as fed:
         fed.start()
         fed.start_run(tmp_path / "plain", common)
         assert fed.wait_finished("the plain run", 400)["status"] == "finished:completed"
@@ -107,6 +113,30 @@ def test_secure_aggregation_on_a_real_federation(tmp_path: Path) -> None:
         assert secure["status"] == "finished:completed", fed.cli(
             "server", "logs", "--state-dir", str(fed.state)
         )[-3000:]
+        # An app `pollinate new` made, on the same federation (`server run --app`): the
+        # ServerApp builds its model and data from the app's code (import paths). Device 0's
+        # owner allowed them (`edge run --allow-import`): its ClientApp imports them from the
+        # app Flower shipped and trains. The other four refuse before importing anything.
+        app = tmp_path / "my-app"
+        fed.cli("new", "my-app", "--dir", str(app))
+        app_id = fed.start_run(tmp_path / "app", [
+            "--app", str(app), "--rounds", "1", "--round-timeout", "240",
+            "--min-train-nodes", "5", "--set", "fraction-train=1.0",
+        ])  # fmt: skip
+        fed.wait_finished("the app's run", 400, app_id)
+        asked = json.loads((tmp_path / "app" / "metrics.json").read_text())
+        assert asked[1]["replied"] == 5 and asked[1]["refused"] == 4, asked
+        assert asked[1]["max_epsilon"] > 0, asked  # device 0 trained, with DP-SGD
+        assert (
+            json.loads((tmp_path / "app" / "run.json").read_text())["settings"]["model"]
+            == "my_app.task:Net"
+        )
+        status = json.loads(
+            fed.cli("edge", "status", "--state-dir", str(fed.device_dir(1)), "--json")
+        )
+        reason = status["refusals"]["last"]["reason"]
+        assert "--allow-import my_app.task:Net" in reason, reason
+        assert "--allow-import my_app.task:load_data" in reason, reason
     assert fed.codes == [0] * 5
     metrics = json.loads((tmp_path / "secure" / "metrics.json").read_text())
     assert metrics[1]["replied"] == 5 and metrics[1]["failed"] == 0, metrics

@@ -32,6 +32,9 @@ def test_the_app_names_pollinates_apps_and_the_users_model_and_data(tmp_path: Pa
     assert settings.dataset == "sensor_app.task:load_data"
     defaults = read_app(tmp_path / "Sensor-App")
     assert defaults.num_clients == 10 and defaults.config["batch-size"] == 16
+    # every key pollinate has, so `server run` / `flwr run --run-config` may set any of them
+    # (Flower refuses an override the app does not declare)
+    assert set(defaults.config) == set(RunSettings().to_run_config())
 
 
 @pytest.mark.parametrize(

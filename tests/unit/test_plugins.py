@@ -404,3 +404,12 @@ def test_a_device_never_imports_a_data_loader_its_owner_did_not_allow(
     reason = str(reply.content.config_records["info"]["refused"])
     assert "data 'userdata:pair'" in reason and "--allow-import userdata:pair" in reason
     assert "userdata" not in sys.modules
+    # a device training on its own data never uses the task's loader: nothing to refuse
+    rng = np.random.default_rng(1)
+    own = user_data / "own.npz"
+    np.savez(own, x=rng.integers(0, 16, size=(20, 8, 8)), y=np.arange(20) % 10)
+    ctx = Context(run_id=1, node_id=NODE, node_config={"data-path": str(own)},
+                  state=RecordDict(), run_config={})  # fmt: skip
+    trained = app(msg, ctx)
+    assert trained.content.metric_records["metrics"]["declined"] == 0
+    assert "arrays" in trained.content.array_records and "userdata" not in sys.modules
