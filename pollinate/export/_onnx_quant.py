@@ -131,7 +131,15 @@ def quantize_onnx_int8(
             raise ExportError(f"INT8 quantization of {fp32_path.name} failed: {exc}") from exc
     drop_zero_bias_zero_points(proto.graph)
     compact(proto)
-    size = save_checked(proto, out_path)
+    try:
+        size = save_checked(proto, out_path)
+    except ExportError as err:
+        # onnxruntime's QDQ quantizer writes an invalid graph for some models (the DPLSTM's,
+        # where a tensor gets a second producer): say how to export the model anyway
+        raise ExportError(
+            f"{err}; onnxruntime's INT8 quantizer cannot handle this model's graph: export "
+            "it with --precision fp32 (and --format openvino for FP16/INT8 there)"
+        ) from err
     recipe = (
         f"static QDQ ({'/'.join(_QUANTIZED_OPS)}), {weights} 7-bit int8 weights, "
         f"uint8 activations, "

@@ -195,3 +195,20 @@ def test_latency_ms_returns_ordered_positive_percentiles(
         assert 0 < p50 <= p95
     with pytest.raises(ConfigError, match="repeats"):
         latency_ms(lambda x: x, split.test.x[:1], repeats=0)
+
+
+def test_a_model_the_int8_quantizer_cannot_handle_gets_the_way_out(tmp_path: Path) -> None:
+    """The built-in lstm (Opacus' DPLSTM): its FP32 export matches torch; onnxruntime's QDQ
+    quantizer writes an invalid graph for it, which is refused with what to do instead."""
+    from pollinate.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lstm", input_shape=(1, 8, 8)).eval()
+    info = export_onnx(model, tmp_path / "lstm.onnx", input_shape=(1, 8, 8))
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(onnx_session(info.path)(x), expected, atol=1e-5)
+    with pytest.raises(ExportError, match=r"cannot handle this model's graph: .*--precision fp32"):
+        quantize_onnx_int8(info.path, tmp_path / "lstm.int8.onnx", x)
+    assert not (tmp_path / "lstm.int8.onnx").exists()
