@@ -9,7 +9,6 @@ generated with ``pollinate simulate`` from inside it (or ``--app DIR``) and with
 
 from __future__ import annotations
 
-import json
 import keyword
 import re
 import tomllib
@@ -134,7 +133,7 @@ ServerApp and ClientApp from pollinate, with the model and data in `{package}/ta
 Every client trains with Opacus DP-SGD and keeps its own privacy accountant.
 
 ```bash
-pollinate simulate                      # from this folder: {{num}} clients, see pyproject.toml
+pollinate simulate                      # from this folder: 10 clients ([tool.pollinate])
 pollinate simulate --engine ray -n 20   # the same on Flower's Ray engine
 pytest                                  # the model fits the data and can train with DP-SGD
 flwr run . --run-config 'run-dir="/abs/path/run"'   # Flower's own CLI (set FLWR_HOME)
@@ -194,22 +193,15 @@ def read_app(folder: Path) -> AppDefaults:
 def _run_config(package: str) -> str:
     """The ``[tool.flwr.app.config]`` lines: the app's choices first, then every other key."""
     from pollinate.config import RunSettings
+    from pollinate.ops.runs import toml_value
 
     ours = {k: v.format(package=package) if isinstance(v, str) else v
             for k, v in _APP_CONFIG.items()}  # fmt: skip
     rest = {k: v for k, v in RunSettings().to_run_config().items() if k not in ours}
-    lines = [f"{k} = {_toml(v)}" for k, v in ours.items()]
+    lines = [f"{k} = {toml_value(v)}" for k, v in ours.items()]
     lines += ["# the rest at pollinate's defaults"]
-    lines += [f"{k} = {_toml(v)}" for k, v in rest.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in rest.items()]
     return "\n".join(lines) + "\n"
-
-
-def _toml(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(value)
 
 
 def _names(name: str) -> tuple[str, str]:

@@ -31,6 +31,7 @@ __all__ = [
     "start_run",
     "stop_run",
     "toml_run_config",
+    "toml_value",
 ]
 
 # Flower run states in which a run's ServerApp may still be working.
@@ -50,18 +51,18 @@ def default_app_dir() -> Path:
     )
 
 
+def toml_value(value: Any) -> str:
+    """One run-config value as TOML: ``true``, ``3``, ``0.5``, ``"text"``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
 def toml_run_config(values: dict[str, Any]) -> str:
     """``{"num-server-rounds": 3, "run-dir": "/x"}`` -> ``num-server-rounds=3 run-dir="/x"``."""
-    parts = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = json.dumps(str(value))
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
 def _runs(state_dir: Path) -> dict[str, dict[str, Any]]:
