@@ -12,9 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pollinate.errors import ConfigError
+from pollinate.tasks import Task, TaskKind
+
+if TYPE_CHECKING:
+    from pollinate.data import DatasetSplit
 
 __all__ = [
     "ClientDP",
@@ -90,6 +94,9 @@ class RunSettings:
     trim_beta: float = 0.1
     model: str = "cnn"
     fix_model: bool = False
+    task: TaskKind = TaskKind.AUTO
+    loss: str = ""
+    metrics: str = ""
     dataset: str = "mnist"
     test_fraction: float = 0.2
     partitioner: str = "iid"
@@ -164,6 +171,22 @@ class RunSettings:
             value = getattr(self, f.name)
             out[f.name.replace("_", "-")] = value.value if isinstance(value, Enum) else value
         return out
+
+    def learning_task(self, data: DatasetSplit) -> Task:
+        """The task of this run on ``data``: the kind the data was loaded as (given, or
+        detected from its labels) with this run's loss and metrics hooks."""
+        task = dataclasses.replace(data.task, loss=self.loss, metrics=self.metrics)
+        if (
+            task.kind == TaskKind.REGRESSION
+            and self.fraction_evaluate > 0
+            and self.dp == SampleDP.DPSGD
+        ):
+            raise ConfigError(
+                "federated evaluation (fraction-evaluate > 0) of a regression task under "
+                "DP-SGD is not supported: a client's squared error has no bound to noise it "
+                "by; set fraction-evaluate = 0 (central evaluation still runs)"
+            )
+        return task
 
     def bundle_dir(self, run_dir: Path) -> Path | None:
         """Where the end-of-run export goes (see :func:`bundle_dir`)."""
@@ -292,6 +315,12 @@ class RunSettings:
         from pollinate.data import Partitioner
 
         _enum(Partitioner, "partitioner", self.partitioner)
+        for key, spec in (("loss", self.loss), ("metrics", self.metrics)):
+            if spec and not is_import_path(spec):
+                raise ConfigError(
+                    f"setting {key!r} {spec!r} is not an import path; write it as "
+                    "'package.module:function' (or leave it empty for the task's own)"
+                )
 
     # ------------------------------------------------------------- derived
     def sample_size(self, population: int) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pollinate.errors import ConfigError
+from pollinate.tasks import Task, TaskKind
 
 __all__ = [
     "ACCOUNTING_KEYS",
@@ -142,6 +143,18 @@ class ClientTask:
     local_eval_fraction: float = 0.0
     eval_noise_multiplier: float = 5.0
     fix_model: bool = False
+    task: TaskKind = TaskKind.CLASSIFICATION
+    loss: str = ""
+
+    @property
+    def learning_task(self) -> Task:
+        """What the model learns: its output width, loss and targets."""
+        return Task(kind=self.task, num_classes=self.num_classes, loss=self.loss)
+
+    @property
+    def num_outputs(self) -> int:
+        """The model's output width."""
+        return self.learning_task.num_outputs
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, object]) -> ClientTask:
@@ -177,4 +190,17 @@ class ClientTask:
             local_eval_fraction=_num(cfg, "local-eval-fraction", 0.0),
             eval_noise_multiplier=_num(cfg, "eval-noise-multiplier", 5.0),
             fix_model=bool(cfg.get("fix-model", False)),
+            task=_task_kind(cfg),
+            loss=_str(cfg, "loss", ""),
         )
+
+
+def _task_kind(cfg: Mapping[str, object]) -> TaskKind:
+    value = _str(cfg, "task", TaskKind.CLASSIFICATION.value)
+    try:
+        kind = TaskKind(value)
+    except ValueError:
+        kind = TaskKind.AUTO
+    if kind == TaskKind.AUTO:
+        raise ConfigError(f"train config: 'task' must be a resolved task, got {value!r}")
+    return kind

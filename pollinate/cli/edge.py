@@ -78,15 +78,16 @@ def edge_predict(
         model = load_bundle(bundle, backend=backend, precision=precision, public_key=public_key)  # type: ignore[arg-type]
         x = _load_input(input_)
         logits = model.predict(x)
-        labels = model.predict_labels(x)
+        rows = np.atleast_2d(logits)
+        decided = rows[:, 0].tolist() if model.task == "regression" else model.labels_for(rows)
     except ValueError as err:  # an InputError keeps its own code (2); any other: 1
         raise err if isinstance(err, InputError) else PollinateError(str(err)) from None
     out = {
         "bundle": str(bundle),
         "backend": model.backend,
         "artifact": model.artifact.file,
-        "labels": labels,
-        "logits": [[round(float(v), 5) for v in row] for row in np.atleast_2d(logits)],
+        "values" if model.task == "regression" else "labels": decided,
+        "logits": [[round(float(v), 5) for v in row] for row in rows],
     }
     print(json.dumps(out))
 

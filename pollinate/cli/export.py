@@ -53,7 +53,8 @@ def export_command(
     """Export the newest checkpoint of a run as a validated bundle.
 
     Every artifact is run on the test split against the torch model before it is written:
-    FP32 must match within 1e-4, INT8 and FP16 may lose at most 1 point of accuracy.
+    FP32 must match within 1e-4, INT8 and FP16 may lose at most 1 point of accuracy (of R²
+    for a regression model).
 
     Examples:
 
@@ -89,13 +90,14 @@ def export_command(
         result = export_run(
             run_dir, options, on_step=lambda msg: progress.update(task, description=msg)
         )
-    table = Table(title=f"bundle {result.bundle} (torch accuracy {result.torch_accuracy:.4f})")
+    score = "R²" if result.task == "regression" else "accuracy"
+    table = Table(title=f"bundle {result.bundle} (torch {score} {result.torch_accuracy:.4f})")
     for col in (
         "artifact",
         "runtime",
         "precision",
         "size",
-        "accuracy",
+        score,
         "agreement",
         "max |err|",
         "p50 ms",

@@ -30,6 +30,8 @@ class _Progress:
     def on_round(self, record: Any) -> None:
         eps = "" if record.max_epsilon is None else f" ε_max {record.max_epsilon:.2f}"
         acc = "" if record.accuracy is None else f" acc {record.accuracy:.3f}"
+        if record.accuracy is None and record.metrics and "rmse" in record.metrics:
+            acc = f" rmse {record.metrics['rmse']:.4g}"
         self.progress.update(
             self.task,
             completed=record.server_round,
@@ -79,6 +81,28 @@ def simulate_command(
         typer.Option(
             help="mnist, digits, a path (.npz, .csv, image folder), or your own loader as an "
             "import path: package.module:load (no arguments; returns (x, y))."
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="classification, binary or regression [auto: detected from the labels, and "
+            "printed].",
+            show_default=False,
+        ),
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Your loss as an import path, package.module:fn; fn(outputs, targets) returns "
+            "one loss per sample (torch).",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Your metrics as an import path, package.module:fn; fn(outputs, targets) on "
+            "numpy arrays returns {name: number} (central evaluation).",
         ),
     ] = None,
     partitioner: Annotated[
@@ -149,6 +173,8 @@ def simulate_command(
 
       pollinate simulate --model mymodels:Net --fix-model   # mymodels.py in this folder
 
+      pollinate simulate --data prices.npz --task regression --model mlp --dp none
+
       pollinate simulate --app my-app                       # an app `pollinate new` made
     """
     from pollinate.config import RunSettings
@@ -161,6 +187,7 @@ def simulate_command(
     flags: dict[str, Any] = {
         "num-server-rounds": rounds, "fraction-train": fraction, "strategy": strategy,
         "robust": robust, "model": model, "fix-model": fix_model, "dataset": data,
+        "task": task, "loss": loss, "metrics": metrics,
         "partitioner": partitioner, "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
         "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
         "client-dp": client_dp, "seed": seed,
@@ -256,7 +283,11 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
 
     # Load and partition the data here first, so a bad path or partitioning fails before
     # the engine starts, with one clear message.
-    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    data = load_dataset(
+        settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
+        task=settings.task,
+    )  # fmt: skip
+    learning_task = settings.learning_task(data)
     partition_indices(
         data.train.y, clients, settings.partitioner, seed=settings.seed,
         alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
@@ -264,10 +295,12 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     )  # fmt: skip
     # ... and so does a model that cannot be imported, trained with DP-SGD or fit the data.
     checked_model(
-        settings.model, data.input_shape, data.num_classes, fix=settings.fix_model,
-        dp=settings.dp == SampleDP.DPSGD,
+        settings.model, data.input_shape, data.num_outputs, fix=settings.fix_model,
+        dp=settings.dp == SampleDP.DPSGD, task=learning_task,
     )  # fmt: skip
     console = make_console(stderr=True)
+    how = "detected from the labels" if settings.task.value == "auto" else "as set"
+    console.print(f"task: {escape(learning_task.describe())} ({how})")
     console.print(
         f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
         f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
@@ -294,6 +327,13 @@ def _print_summary(result: Any) -> None:
     last = result.history[-1] if result.history else None
     if last is not None and last.accuracy is not None:
         out.print(f"final accuracy [bold]{last.accuracy:.4f}[/] after round {last.server_round}")
+    elif last is not None and last.metrics:
+        shown = ", ".join(
+            f"{name} [bold]{last.metrics[name]:.4g}[/]"
+            for name in ("rmse", "mae", "mape")
+            if name in last.metrics
+        )
+        out.print(f"final {shown} after round {last.server_round}")
     sample = result.privacy.get("sample_level", {})
     if sample.get("enabled") and sample.get("max_epsilon") is not None:
         out.print(

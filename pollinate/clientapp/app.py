@@ -8,7 +8,6 @@ reply, :mod:`~pollinate.clientapp.evaluation` the federated evaluation,
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -58,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         note_round(context, msg, declined=True)
         return job
     model = model_from(msg, job.task)
-    settings = dataclasses.asdict(job.settings)
+    settings = job.settings.kwargs()
     result = train_model(model, job.data.x, job.data.y, seed=job.seed, noise=job.noise, **settings)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     reply = finish_train(job, context, result, state)

@@ -130,6 +130,7 @@ class TrainJob:
             noise_multiplier=self.planned.noise_multiplier,
             max_grad_norm=t.max_grad_norm,
             proximal_mu=t.proximal_mu,
+            task=t.learning_task,
         )
 
 
@@ -218,9 +219,10 @@ def finish_train(
             {
                 NUM_EXAMPLES_KEY: result.num_examples,
                 "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
-                "train-accuracy": result.accuracy,
             }
         )
+        if not math.isnan(result.accuracy):  # a regression task has none
+            metrics["train-accuracy"] = result.accuracy
     cfg = job.msg.content.config_records.get(CONFIG)
     clip = cfg.get(KEY_CLIPPING_NORM) if cfg is not None else None
     if isinstance(clip, int | float):  # client-level DP, client-side clipping (client-fixed)

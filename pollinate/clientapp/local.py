@@ -62,7 +62,7 @@ def local_data(context: Context, task: ClientTask) -> ArrayDataset:
     """This node's data: its own file on a device, its partition in a simulation."""
     node = context.node_config
     if NodeKey.DATA_PATH in node:
-        return load_local_data(str(node[NodeKey.DATA_PATH]))
+        return load_local_data(str(node[NodeKey.DATA_PATH]), task=task.task)
     if NodeKey.PARTITION_ID not in node:
         raise PollinateError(
             "this node has neither 'data-path' nor 'partition-id' in its node config; start the "
@@ -78,6 +78,7 @@ def local_data(context: Context, task: ClientTask) -> ArrayDataset:
         shards_per_partition=task.shards_per_client,
         samples_per_partition=task.samples_per_client,
         test_fraction=task.test_fraction,
+        task=task.task,
     )
 
 
@@ -144,7 +145,7 @@ def split_local(
 
 def model_from(msg: Message, task: ClientTask) -> torch.nn.Module:
     model = build_model(
-        task.model, input_shape=task.input_shape, num_classes=task.num_classes, fix=task.fix_model
+        task.model, input_shape=task.input_shape, num_classes=task.num_outputs, fix=task.fix_model
     )
     arrays = msg.content.array_records[ARRAYS]
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)

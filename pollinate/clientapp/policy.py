@@ -100,7 +100,8 @@ class DevicePolicy:
     def refusal(self, task: ClientTask, *, evaluate: bool = False) -> str | None:
         """Why this task asks for weaker privacy than the policy allows, or None."""
         problems: list[str] = []
-        wanted = [("model", task.model)] + ([] if self.own_data else [("data", task.dataset)])
+        wanted = [("model", task.model), ("loss", task.loss)]
+        wanted += [] if self.own_data else [("data", task.dataset)]
         for what, spec in wanted:
             if self.device and is_import_path(spec) and spec not in self.allowed_imports:
                 problems.append(

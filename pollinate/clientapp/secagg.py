@@ -48,7 +48,7 @@ def train_for_secagg(
     max_weight = float(fitins.config.get(SECAGG_MAX_WEIGHT_KEY, 1000.0))
     task = ClientTask.from_config(ConfigRecord(config))
     model = build_model(
-        task.model, input_shape=task.input_shape, num_classes=task.num_classes, fix=task.fix_model
+        task.model, input_shape=task.input_shape, num_classes=task.num_outputs, fix=task.fix_model
     )
     names = list(model.state_dict())
     sent = parameters_to_ndarrays(fitins.parameters)

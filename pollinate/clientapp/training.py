@@ -9,7 +9,8 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pollinate.privacy.noise import NOISE_STREAM, SAMPLING_STREAM, NoiseSource, derive_seed
+from pollinate.tasks import CLASSIFICATION, Task
 
 __all__ = [
     "EvalResult",
@@ -45,11 +47,17 @@ class TrainSettings:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
+    task: Task = CLASSIFICATION
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of :func:`train` (the task stays a Task)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one local training produced (aggregates only, never per-example values)."""
+    """What one local training produced (aggregates only, never per-example values);
+    ``accuracy`` is NaN for a regression task."""
 
     loss: float
     accuracy: float
@@ -60,11 +68,13 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Loss and accuracy of a model on a dataset."""
+    """Loss and accuracy of a model on a dataset (accuracy NaN for regression), and with
+    ``metrics=True`` every metric of the task (:meth:`pollinate.tasks.Task.evaluate`)."""
 
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 #: A 63-bit seed derived from integers (run seed, round, client): splits, init, shuffling.
@@ -84,11 +94,11 @@ def dp_plan(n: int, batch_size: int) -> tuple[float, int]:
 
 
 def _loader(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, task: Task
 ) -> DataLoader[tuple[torch.Tensor, ...]]:
     dataset = TensorDataset(
         torch.from_numpy(np.array(x, dtype=np.float32)),
-        torch.from_numpy(np.array(y, dtype=np.int64)),
+        torch.from_numpy(np.array(y, dtype=task.target_dtype)),
     )
     return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=shuffle)
 
@@ -108,6 +118,7 @@ def train(
     proximal_mu: float = 0.0,
     seed: int = 0,
     noise: NoiseSource | None = None,
+    task: Task = CLASSIFICATION,
 ) -> TrainResult:
     """Train ``model`` in place on (x, y).
 
@@ -115,6 +126,9 @@ def train(
     ``1 / ceil(n / batch_size)``, per-sample clipping to ``max_grad_norm`` and Gaussian noise
     ``noise_multiplier * max_grad_norm`` on every step. ``steps`` and ``sample_rate`` in the
     result are exactly what the privacy accountant must record.
+
+    ``task`` gives the loss (cross-entropy, binary cross-entropy, squared error or the user's
+    hook; the mean over the batch) and the targets' type.
 
     ``seed`` fixes the non-private randomness only (shuffling without DP). The Poisson
     sampling and the noise of DP-SGD come from ``noise``: a fresh CSPRNG seed before every
@@ -125,10 +139,9 @@ def train(
     n = len(y)
     if n == 0:
         return TrainResult(0.0, 0.0, 0, 0.0, 0)
-    criterion = nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    loader = _loader(x, y, batch_size, shuffle=True)
+    loader = _loader(x, y, batch_size, shuffle=True, task=task)
     sample_rate = 1.0
     train_model: nn.Module = model
     if dp:
@@ -161,7 +174,7 @@ def train(
         # Opacus' hooks fire on the first layer, whose input needs no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         steps, loss_sum, correct, seen = _epochs(
-            train_model, model, optimizer, loader, criterion, epochs, global_params, proximal_mu,
+            train_model, model, optimizer, loader, task, epochs, global_params, proximal_mu,
             private=dp, learning_rate=learning_rate, noise=source,
         )  # fmt: skip
     if dp:
@@ -169,7 +182,7 @@ def train(
         train_model._close()  # type: ignore[operator]
     return TrainResult(
         loss=loss_sum / seen if seen else math.nan,
-        accuracy=correct / seen if seen else 0.0,
+        accuracy=(correct / seen if seen else 0.0) if task.has_accuracy else math.nan,
         steps=steps,
         sample_rate=sample_rate,
         num_examples=n,
@@ -181,7 +194,7 @@ def _epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader[tuple[torch.Tensor, ...]],
-    criterion: nn.Module,
+    task: Task,
     epochs: int,
     global_params: list[torch.Tensor],
     proximal_mu: float,
@@ -220,7 +233,7 @@ def _epochs(
                     reseed(steps)
                 continue
             out = train_model(xb)
-            data_loss = criterion(out, yb)
+            data_loss = task.sample_losses(out, yb).mean()
             loss = data_loss
             if global_params and not private:
                 prox = sum(
@@ -228,7 +241,7 @@ def _epochs(
                     for p, g in zip(model.parameters(), global_params, strict=True)
                 )
                 loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             if global_params and private:
                 _proximal_step(model, global_params, learning_rate * proximal_mu)
@@ -236,7 +249,7 @@ def _epochs(
             if reseed is not None:
                 reseed(steps)
             loss_sum += float(data_loss.detach()) * len(yb)
-            correct += int((out.detach().argmax(1) == yb).sum())
+            correct += int(task.correct(out.detach(), yb).sum())
             seen += len(yb)
     return steps, loss_sum, correct, seen
 
@@ -292,24 +305,35 @@ def _empty_grad_samples(model: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 128
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 128,
+    task: Task = CLASSIFICATION,
+    metrics: bool = False,
 ) -> EvalResult:
-    """Mean cross-entropy loss and accuracy of ``model`` on (x, y).
+    """Mean loss and accuracy of ``model`` on (x, y) for ``task``; with ``metrics``, every
+    metric of the task too (central evaluation).
 
     Image batches go in channels-last; a model converted with
     ``model.to(memory_format=torch.channels_last)`` then runs without layout conversions.
     """
     n = len(y)
     if n == 0:
-        return EvalResult(math.nan, 0.0, 0)
+        return EvalResult(math.nan, 0.0 if task.has_accuracy else math.nan, 0)
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = 0.0
     correct = 0
-    for xb, yb in _loader(x, y, batch_size, shuffle=False):
+    outputs: list[np.ndarray] = []
+    for xb, yb in _loader(x, y, batch_size, shuffle=False, task=task):
         if xb.dim() == 4:  # images: as fast or faster channels-last, much for some convs
             xb = xb.contiguous(memory_format=torch.channels_last)
         out = model(xb)
-        loss_sum += float(criterion(out, yb))
-        correct += int((out.argmax(1) == yb).sum())
-    return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=n)
+        loss_sum += float(task.sample_losses(out, yb).sum())
+        correct += int(task.correct(out, yb).sum())
+        if metrics:
+            outputs.append(out.numpy())
+    accuracy = correct / n if task.has_accuracy else math.nan
+    found = task.evaluate(np.concatenate(outputs), np.asarray(y)) if metrics else {}
+    return EvalResult(loss=loss_sum / n, accuracy=accuracy, num_examples=n, metrics=found)

@@ -16,6 +16,7 @@ from pollinate.data._plugin import read_loader
 from pollinate.data._types import ArrayDataset, DatasetSplit
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
+from pollinate.tasks import Task, TaskKind, detect_task, task_targets
 
 BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "digits")
 
@@ -83,13 +84,18 @@ def check_seed(seed: int) -> int:
 
 
 def load_dataset(
-    source: str | os.PathLike[str] = "mnist", *, test_fraction: float = 0.2, seed: int = 0
+    source: str | os.PathLike[str] = "mnist",
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    task: TaskKind | str = TaskKind.AUTO,
 ) -> DatasetSplit:
     """Load a dataset and split it into train and test parts.
 
-    The split is stratified (every class appears in both parts in the same proportion) and
-    fixed for a given ``seed``. Results are cached per process; the cached arrays are
-    read-only, so copy them before changing them.
+    The split is stratified for classification (every class appears in both parts in the
+    same proportion) and fixed for a given ``seed``. ``task`` says what the targets are, or
+    with ``auto`` is detected from them (:func:`pollinate.tasks.detect_task`). Results are
+    cached per process; the cached arrays are read-only, so copy them before changing them.
 
     Args:
         source: A built-in name (see :data:`BUILTIN_DATASETS`), a path to a ``.npz`` file
@@ -98,6 +104,7 @@ def load_dataset(
             ``"pkg.module:load"`` (:mod:`pollinate.data._plugin`).
         test_fraction: Share of the samples held out for testing, in (0, 1).
         seed: Seed of the split.
+        task: ``classification``, ``binary``, ``regression`` or ``auto``.
 
     Returns:
         The split dataset.
@@ -108,11 +115,18 @@ def load_dataset(
     """
     fraction = check_test_fraction(test_fraction)
     seed = check_seed(seed)
-    return _load_dataset_cached(os.fspath(source), fraction, seed)
+    try:
+        kind = TaskKind(task)
+    except ValueError:
+        choices = ", ".join(repr(k.value) for k in TaskKind)
+        raise ConfigError(f"unknown task {task!r}; choose one of {choices}") from None
+    return _load_dataset_cached(os.fspath(source), fraction, seed, kind)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> DatasetSplit:
+def _load_dataset_cached(
+    source: str, test_fraction: float, seed: int, task: TaskKind
+) -> DatasetSplit:
     if source in _BUILTIN_LOADERS:
         raw = _load_builtin(source)
     elif is_import_path(source):
@@ -121,35 +135,42 @@ def _load_dataset_cached(source: str, test_fraction: float, seed: int) -> Datase
         hint = f", or one of the built-in datasets: {', '.join(BUILTIN_DATASETS)}"
         raw = read_source(Path(source), extra_hint=hint)
     logger.debug("Loaded dataset %s: %d samples of shape %s", source, len(raw.y), raw.x.shape[1:])
-    _check_class_numbers(raw, source)
-    train_idx, test_idx = _split_indices(raw.y, test_fraction, seed, source)
-    train = ArrayDataset(x=raw.x[train_idx], y=raw.y[train_idx])
-    test = ArrayDataset(x=raw.x[test_idx], y=raw.y[test_idx])
+    kind = detect_task(task, raw.y, source)
+    y = task_targets(kind, raw.y, source)
+    labels: tuple[str, ...] = ()
+    classes = None
+    if kind != TaskKind.REGRESSION:
+        classes = y.astype(np.int64)
+        count = 2 if kind == TaskKind.BINARY else _check_class_numbers(classes, source)
+        labels = raw.labels[:count] if len(raw.labels) >= count else ()
+        labels = labels or tuple(str(i) for i in range(count))
+    train_idx, test_idx = _split_indices(classes, test_fraction, seed, source, len(y))
+    train = ArrayDataset(x=raw.x[train_idx], y=y[train_idx])
+    test = ArrayDataset(x=raw.x[test_idx], y=y[test_idx])
     for array in (train.x, train.y, test.x, test.y):
         array.flags.writeable = False
     return DatasetSplit(
         name=source,
         train=train,
         test=test,
-        num_classes=len(raw.labels),
+        num_classes=len(labels),
         input_shape=tuple(int(d) for d in raw.x.shape[1:]),
-        labels=raw.labels,
+        labels=labels,
+        task=Task(kind=kind, num_classes=len(labels)),
     )
 
 
-def _check_class_numbers(raw: RawData, source: str) -> None:
-    """DataError unless every class 0..K-1 has a sample: labels with gaps are either shifted
-    class numbers (1..K) or a regression target, and would train a classifier with empty
-    classes. (A device's own data may lack classes; the whole dataset may not.)"""
-    present = np.unique(raw.y)
-    if len(present) == len(raw.labels):
-        return
+def _check_class_numbers(y: np.ndarray, source: str) -> int:
+    """The number of classes K; DataError unless every class 0..K-1 has a sample: labels
+    with gaps are either shifted class numbers (1..K) or a regression target, and would train
+    a classifier with empty classes. (A device's own data may lack classes; the whole dataset
+    may not.)"""
+    present = np.unique(y)
+    if np.array_equal(present, np.arange(len(present))):
+        return len(present)
     low, high = int(present[0]), int(present[-1])
     if len(present) > 50 or len(present) < (high - low + 1) // 2:
-        hint = (
-            "this looks like a regression target, and only classification is supported so "
-            "far; bin it into classes 0..K-1"
-        )
+        hint = "this looks like a regression target: set task = 'regression' (--task regression)"
     elif low > 0 and len(present) == high - low + 1:
         hint = f"number the classes from 0 (subtract {low})"
     else:
@@ -161,12 +182,13 @@ def _check_class_numbers(raw: RawData, source: str) -> None:
 
 
 def _split_indices(
-    y: np.ndarray, test_fraction: float, seed: int, source: str
+    y: np.ndarray | None, test_fraction: float, seed: int, source: str, n: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test split of ``range(len(y))``, stratified by ``y`` where possible."""
+    """Seeded train/test split of ``range(len(y))``, stratified by the class labels ``y``
+    where possible; ``y`` None (regression): a plain seeded split of ``n`` samples."""
     from sklearn.model_selection import train_test_split
 
-    n = len(y)
+    n = len(y) if y is not None else n
     n_test = math.ceil(test_fraction * n)
     n_train = n - n_test
     if n_train < 1 or n_test < 1:
@@ -174,6 +196,11 @@ def _split_indices(
             f"Dataset {source} has {n} samples, too few to split with test_fraction="
             f"{test_fraction}; add samples or change test_fraction."
         )
+    if y is None:
+        train_idx, test_idx = train_test_split(
+            np.arange(n), test_size=test_fraction, random_state=seed
+        )
+        return np.asarray(train_idx, dtype=np.int64), np.asarray(test_idx, dtype=np.int64)
     counts = np.bincount(y)
     present = counts[counts > 0]
     stratify: np.ndarray | None = y

@@ -14,6 +14,7 @@ import numpy as np
 from pollinate.data._types import ArrayDataset
 from pollinate.errors import DataError
 from pollinate.log import logger
+from pollinate.tasks import TaskKind, detect_task, task_targets
 
 SUPPORTED_FORMATS = (
     "a .npz file with arrays 'x' and 'y', a .csv file with a header row and a 'label' "
@@ -31,8 +32,13 @@ class RawData(NamedTuple):
     labels: tuple[str, ...]
 
 
-def load_local_data(path: str | os.PathLike[str]) -> ArrayDataset:
+def load_local_data(
+    path: str | os.PathLike[str], *, task: TaskKind | str = TaskKind.CLASSIFICATION
+) -> ArrayDataset:
     """Read a device's own data from ``path``, without splitting it.
+
+    The targets become those of ``task`` (the run's task, which the server sends: a device's
+    few labels alone cannot tell a binary task from a classification one).
 
     Args:
         path: A ``.npz`` file with arrays ``x`` and ``y``, a ``.csv`` file with a header row
@@ -46,7 +52,10 @@ def load_local_data(path: str | os.PathLike[str]) -> ArrayDataset:
         DataError: The path is missing, empty, corrupt or in an unsupported format.
     """
     raw = read_source(Path(path))
-    return ArrayDataset(x=raw.x, y=raw.y)
+    kind = TaskKind(task)
+    if kind == TaskKind.AUTO:
+        kind = detect_task(kind, raw.y, str(path))
+    return ArrayDataset(x=raw.x, y=task_targets(kind, raw.y, str(path)))
 
 
 def read_source(path: Path, *, extra_hint: str = "") -> RawData:
@@ -270,6 +279,8 @@ def _read_image_folder(path: Path) -> RawData:
 
 
 def _labels_from_array(y: np.ndarray, path: Path | str) -> np.ndarray:
+    """One numeric target per sample, as read: whole numbers stay integers, fractions floats
+    (which task they fit is decided later, :func:`pollinate.tasks.task_targets`)."""
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -277,21 +288,17 @@ def _labels_from_array(y: np.ndarray, path: Path | str) -> np.ndarray:
     if y.dtype.kind == "b":
         y = y.astype(np.int64)
     if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+        if not np.all(np.isfinite(y)):
+            bad = int(np.flatnonzero(~np.isfinite(y))[0])
             raise DataError(
-                f"Labels in {path} include non-integer values; labels must be class numbers "
-                "0, 1, 2, ..."
+                f"Labels in {path} include {y[bad]} (sample {bad}); remove or impute the "
+                "samples with NaN or infinite targets."
             )
-        y = y.astype(np.int64)
-    elif y.dtype.kind not in "iu":
+        return y.astype(np.float64)
+    if y.dtype.kind not in "iu":
         raise DataError(
-            f"Labels in {path} have dtype {y.dtype}; labels must be integer class numbers "
-            "0, 1, 2, ..."
-        )
-    if y.size and int(y.min()) < 0:
-        raise DataError(
-            f"Labels in {path} include negative values ({int(y.min())}); labels must be class "
-            "numbers 0, 1, 2, ..."
+            f"Labels in {path} have dtype {y.dtype}; labels must be numbers (class numbers "
+            "0, 1, 2, ... or regression targets)."
         )
     return y.astype(np.int64)
 
@@ -312,4 +319,9 @@ def _check_samples(x: np.ndarray, y: np.ndarray, path: Path | str) -> tuple[np.n
 
 
 def _numbered_labels(y: np.ndarray) -> tuple[str, ...]:
+    """Class names ``0 .. max``; none for targets that are not whole non-negative numbers."""
+    if not len(y) or (y.dtype.kind == "f" and not np.all(y == np.round(y))) or y.min() < 0:
+        return ()
+    if int(y.max()) >= 100_000:
+        return ()
     return tuple(str(i) for i in range(int(y.max()) + 1))

@@ -15,6 +15,7 @@ from pollinate.data._datasets import check_seed, check_test_fraction, load_datas
 from pollinate.data._types import ArrayDataset
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
+from pollinate.tasks import TaskKind
 
 
 class Partitioner(StrEnum):
@@ -61,13 +62,20 @@ def _check_options(alpha: float, shards_per_partition: int) -> tuple[float, int]
     return float(alpha), shards
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
+def _check_labels(labels: np.ndarray, mode: Partitioner) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
         raise DataError(f"Labels to partition must be a non-empty 1-D array, got shape {y.shape}.")
-    if y.dtype.kind not in "iu":
-        raise DataError(f"Labels to partition must be integers, got dtype {y.dtype}.")
-    return y.astype(np.int64, copy=False)
+    if mode in (Partitioner.IID, Partitioner.RESAMPLE):
+        return y  # only the number of samples counts
+    whole = y.dtype.kind in "iu" or (y.dtype.kind == "f" and bool(np.all(y == np.round(y))))
+    if not whole:
+        raise DataError(
+            f"the {mode.value!r} partitioner splits by class label, and these targets are "
+            f"not class labels (dtype {y.dtype}, e.g. a regression target); use the 'iid' or "
+            "'resample' partitioner"
+        )
+    return y.astype(np.int64)
 
 
 def partition_indices(
@@ -91,7 +99,8 @@ def partition_indices(
     partitions may overlap. The result depends only on the arguments.
 
     Args:
-        labels: Integer class label of each sample, shape ``(N,)``.
+        labels: Class label (or, for ``"iid"`` and ``"resample"``, any target) of each
+            sample, shape ``(N,)``.
         num_partitions: Number of partitions, 1..N.
         partitioner: ``"iid"``, ``"dirichlet"`` or ``"shards"``.
         seed: Seed of every random choice.
@@ -110,7 +119,7 @@ def partition_indices(
         DataError: ``labels`` is not a non-empty 1-D integer array.
     """
     mode = _as_partitioner(partitioner)
-    y = _check_labels(labels)
+    y = _check_labels(labels, mode)
     n = int(y.shape[0])
     num_partitions = _as_int(num_partitions, "num_partitions")
     seed = check_seed(seed)
@@ -253,6 +262,7 @@ def load_partition(
     shards_per_partition: int = 2,
     samples_per_partition: int = 0,
     test_fraction: float = 0.2,
+    task: TaskKind | str = TaskKind.AUTO,
 ) -> ArrayDataset:
     """Return one client's share of the training part of ``source``.
 
@@ -282,10 +292,11 @@ def load_partition(
     samples = _as_int(samples_per_partition, "samples_per_partition")
     if mode is not Partitioner.RESAMPLE:
         samples = 0
+    kind = TaskKind(task)
     partitions = _partitions_cached(
-        os.fspath(source), num_partitions, mode, seed, alpha_value, shards, samples, fraction
+        os.fspath(source), num_partitions, mode, seed, alpha_value, shards, samples, fraction, kind
     )
-    train = load_dataset(source, test_fraction=fraction, seed=seed).train
+    train = load_dataset(source, test_fraction=fraction, seed=seed, task=kind).train
     return train.subset(partitions[partition_id])
 
 
@@ -299,8 +310,9 @@ def _partitions_cached(
     shards_per_partition: int,
     samples_per_partition: int,
     test_fraction: float,
+    task: TaskKind,
 ) -> tuple[np.ndarray, ...]:
-    train = load_dataset(source, test_fraction=test_fraction, seed=seed).train
+    train = load_dataset(source, test_fraction=test_fraction, seed=seed, task=task).train
     return tuple(
         partition_indices(
             train.y,

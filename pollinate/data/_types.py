@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pollinate.errors import DataError
+from pollinate.tasks import CLASSIFICATION, Task
 
 
 @dataclass(frozen=True, eq=False)
@@ -16,7 +17,8 @@ class ArrayDataset:
     Attributes:
         x: ``float32`` features, shape ``(N, C, H, W)`` for images (values in ``[0, 1]``) or
             ``(N, F)`` for tabular data.
-        y: ``int64`` labels, shape ``(N,)``, in ``0 .. num_classes - 1``.
+        y: targets, shape ``(N,)``: ``int64`` class numbers ``0 .. num_classes - 1`` for
+            classification, ``float32`` 0/1 for binary and values for regression.
 
     Equality and hashing are by identity (comparing arrays element-wise has no single truth
     value).
@@ -55,9 +57,11 @@ class DatasetSplit:
         name: The built-in name or the path the data came from.
         train: The training samples.
         test: The held-out test samples.
-        num_classes: Number of classes (labels are ``0 .. num_classes - 1``).
+        num_classes: Number of classes (labels are ``0 .. num_classes - 1``; binary: 2,
+            regression: 0).
         input_shape: Shape of one sample, e.g. ``(1, 28, 28)``.
-        labels: Class names, indexed by label.
+        labels: Class names, indexed by label (none for regression).
+        task: What the targets are (given, or detected from them).
     """
 
     name: str
@@ -66,3 +70,9 @@ class DatasetSplit:
     num_classes: int
     input_shape: tuple[int, ...]
     labels: tuple[str, ...]
+    task: Task = CLASSIFICATION
+
+    @property
+    def num_outputs(self) -> int:
+        """The model's output width for this data's task."""
+        return self.task.num_outputs

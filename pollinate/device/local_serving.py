@@ -120,13 +120,12 @@ class LocalInference:
         except InputError as err:
             raise _RefusalError(HTTPStatus.BAD_REQUEST, str(err)) from None
         batch = np.atleast_2d(logits)
-        labels = model.manifest.labels
-        picks = np.argmax(batch, axis=-1).tolist()
-        return {
-            "bundle": name,
-            "outputs": logits.tolist(),
-            "labels": [labels[i] if i < len(labels) else str(i) for i in picks],
-        }
+        answer: dict[str, Any] = {"bundle": name, "outputs": logits.tolist()}
+        if model.task == "regression":
+            answer["values"] = batch[:, 0].tolist()
+        else:
+            answer["labels"] = model.labels_for(batch)
+        return answer
 
     # ------------------------------------------------------------------ HTTP
     def _handler(self) -> type[BaseHTTPRequestHandler]:

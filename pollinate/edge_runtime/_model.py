@@ -67,8 +67,14 @@ class EdgeModel:
 
     @property
     def labels(self) -> list[str]:
-        """Class names, index -> label."""
+        """Class names, index -> label (none for regression)."""
         return list(self.manifest.labels)
+
+    @property
+    def task(self) -> str:
+        """``classification`` (one logit per class), ``binary`` (the logit of class 1) or
+        ``regression`` (the predicted value)."""
+        return self.manifest.task
 
     # ------------------------------------------------------------------ inference
     def predict(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -85,9 +91,21 @@ class EdgeModel:
         return logits[0] if single else logits
 
     def predict_labels(self, x: np.ndarray[Any, Any]) -> list[str]:
-        """The predicted label of each sample (a list of one for a single sample)."""
-        logits = self.predict(x)
-        indices = np.atleast_1d(np.argmax(logits, axis=-1))
+        """The predicted label of each sample (a list of one for a single sample).
+
+        Raises ``ValueError`` for a regression model, which predicts values (:meth:`predict`).
+        """
+        return self.labels_for(np.atleast_2d(self.predict(x)))
+
+    def labels_for(self, outputs: np.ndarray[Any, Any]) -> list[str]:
+        """The label of each row of ``outputs`` (a batch from :meth:`predict`): the arg-max
+        class, or for a binary model class 1 where the logit is above 0."""
+        if self.task == "regression":
+            raise ValueError("a regression model predicts values, not labels; use predict()")
+        if self.task == "binary":
+            indices = (outputs[:, 0] > 0).astype(np.int64)
+        else:
+            indices = np.argmax(outputs, axis=-1)
         labels = self.manifest.labels
         return [labels[i] if i < len(labels) else str(i) for i in indices.tolist()]
 

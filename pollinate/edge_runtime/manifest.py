@@ -23,6 +23,7 @@ __all__ = [
     "ModelInfo",
     "Preprocessing",
     "TensorSpec",
+    "predicted_bins",
     "reference_distribution",
     "sha256_file",
 ]
@@ -32,6 +33,8 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RUNTIMES = ("onnxruntime", "openvino", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
+#: what the model's output means: one logit per class, the logit of class 1, or the value
+TASKS = ("classification", "binary", "regression")
 
 
 def sha256_file(path: Path) -> str:
@@ -109,6 +112,7 @@ class Manifest:
     torch_accuracy: float | None = None
     schema_version: int = SCHEMA_VERSION
     files: dict[str, str] = field(default_factory=dict)  # other bundle files -> sha256
+    task: str = "classification"  # see TASKS; manifests from before tasks are classifiers
 
     def listed_files(self) -> dict[str, str | None]:
         """Every bundle file the manifest covers -> its sha256 (``None`` until the writer fills it).
@@ -153,11 +157,16 @@ class Manifest:
                 torch_accuracy=raw.get("torch_accuracy"),
                 schema_version=version,
                 files={str(k): str(v) for k, v in dict(raw.get("files", {})).items()},
+                task=str(raw.get("task", "classification")),
             )
         except BundleError:
             raise
         except (ValueError, TypeError, KeyError) as err:
             raise BundleError(f"{where} is malformed ({type(err).__name__}: {err})") from err
+        if manifest.task not in TASKS:
+            raise BundleError(
+                f"{where}: unknown task {manifest.task!r}; this runtime knows {', '.join(TASKS)}"
+            )
         for art in manifest.artifacts:
             if art.runtime not in RUNTIMES or art.precision not in PRECISIONS:
                 raise BundleError(
@@ -173,19 +182,50 @@ class Manifest:
         return manifest
 
 
-def reference_distribution(x: np.ndarray, logits: np.ndarray, bins: int = 10) -> dict[str, Any]:
+def predicted_bins(outputs: np.ndarray, task: str, edges: np.ndarray | None) -> np.ndarray:
+    """Each output row as a class for drift statistics: the arg-max class, the binary
+    decision (logit > 0), or for regression the bin of the value on ``edges``."""
+    if task == "regression":
+        if edges is None:
+            raise ValueError("a regression output needs its reference bin edges")
+        return np.searchsorted(edges[1:-1], outputs[:, 0], side="right")
+    if task == "binary":
+        return (outputs[:, 0] > 0).astype(np.int64)
+    return np.asarray(outputs.argmax(axis=1))
+
+
+def reference_distribution(
+    x: np.ndarray, logits: np.ndarray, bins: int = 10, *, task: str = "classification"
+) -> dict[str, Any]:
     """The manifest's ``reference``: inputs and outputs summarised for drift checks.
 
     ``input``: a histogram of each sample's mean input value on ``bins`` quantile bins (the
     bin edges are kept: PSI needs them), plus mean and std; ``output``: the share of each
-    predicted class and the per-class logit mean and std. The serving tier's drift monitor
-    (``pollinate.serving.drift``) compares live traffic with it.
+    predicted class (binary: logit <= 0 / > 0; regression: of each of ``bins`` quantile bins
+    of the predicted value, whose edges are kept too) and the per-output mean and std. The
+    serving tier's drift monitor (``pollinate.serving.drift``) compares live traffic with it.
     """
     flat = x.reshape(len(x), -1).mean(axis=1)
     edges = np.quantile(flat, np.linspace(0, 1, bins + 1)).tolist()
     counts, _ = np.histogram(flat, bins=np.unique(edges))
-    preds = logits.argmax(axis=1)
-    classes = logits.shape[1]
+    out_edges = None
+    if task == "regression":
+        out_edges = np.unique(np.quantile(logits[:, 0], np.linspace(0, 1, bins + 1)))
+        if out_edges.size < 2:
+            out_edges = np.array([out_edges[0] - 1.0, out_edges[0] + 1.0])
+    preds = predicted_bins(logits, task, out_edges)
+    if out_edges is not None:
+        classes = out_edges.size - 1
+    else:
+        classes = 2 if task == "binary" else int(logits.shape[1])
+    output: dict[str, Any] = {
+        "predicted_class_share": [float((preds == c).mean()) for c in range(classes)],
+        "logit_mean": [float(v) for v in logits.mean(axis=0)],
+        "logit_std": [float(v) for v in logits.std(axis=0)],
+        "width": int(logits.shape[1]),
+    }
+    if out_edges is not None:
+        output["bin_edges"] = [float(e) for e in out_edges]
     return {
         "samples": len(x),
         "input": {
@@ -195,9 +235,5 @@ def reference_distribution(x: np.ndarray, logits: np.ndarray, bins: int = 10) ->
             "mean": float(x.mean()),
             "std": float(x.std()),
         },
-        "output": {
-            "predicted_class_share": [float((preds == c).mean()) for c in range(classes)],
-            "logit_mean": [float(v) for v in logits.mean(axis=0)],
-            "logit_std": [float(v) for v in logits.std(axis=0)],
-        },
+        "output": output,
     }

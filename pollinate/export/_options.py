@@ -70,3 +70,4 @@ class ExportResult:
     torch_accuracy: float
     rows: list[ExportRow] = field(default_factory=list)
     triton_version: int | None = None  # the version published to ``triton_repo``
+    task: str = "classification"  # regression: every "accuracy" is R²

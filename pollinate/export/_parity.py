@@ -26,6 +26,8 @@ __all__ = [
     "check_tolerances",
     "latency_ms",
     "measure_parity",
+    "task_agreement",
+    "task_score",
     "torch_logits",
 ]
 
@@ -38,9 +40,14 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 class Parity:
     """How closely an artifact reproduces the torch model on a labelled sample set.
 
+    For a regression model "accuracy" is the coefficient of determination R² against the
+    targets (1 is perfect; a drop of 0.01 is "one point"), and "agreement" the R² of the
+    artifact's predictions against torch's.
+
     Attributes:
         n: Number of samples compared.
-        accuracy: Top-1 accuracy of the artifact against the labels, in ``[0, 1]``.
+        accuracy: Top-1 accuracy of the artifact against the labels, in ``[0, 1]`` (binary:
+            of the decision logit > 0; regression: R²).
         agreement: Share of samples whose artifact top-1 class equals the torch top-1 class.
         max_abs_error: Largest absolute difference between artifact and torch logits
             (``inf`` when the artifact produced a non-finite logit).
@@ -52,6 +59,7 @@ class Parity:
     agreement: float
     max_abs_error: float
     reference_accuracy: float
+    task: str = "classification"
 
     @property
     def accuracy_drop(self) -> float:
@@ -101,6 +109,7 @@ def measure_parity(
     reference_logits: np.ndarray,
     *,
     batch_size: int = 256,
+    task: str = "classification",
 ) -> Parity:
     """Run ``run`` over ``x`` in batches and compare its logits with ``reference_logits``.
 
@@ -146,15 +155,40 @@ def measure_parity(
     logits = np.concatenate(chunks)
     diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
     max_abs_error = float(diff.max()) if np.all(np.isfinite(diff)) else math.inf
-    top1 = logits.argmax(axis=1)
-    ref_top1 = reference.argmax(axis=1)
     return Parity(
         n=n,
-        accuracy=float(np.mean(top1 == labels)),
-        agreement=float(np.mean(top1 == ref_top1)),
+        accuracy=task_score(logits, labels, task),
+        agreement=task_agreement(logits, reference, task),
         max_abs_error=max_abs_error,
-        reference_accuracy=float(np.mean(ref_top1 == labels)),
+        reference_accuracy=task_score(reference, labels, task),
+        task=task,
     )
+
+
+def task_score(outputs: np.ndarray, y: np.ndarray, task: str) -> float:
+    """Accuracy of ``outputs`` against ``y`` (regression: R²)."""
+    if task == "regression":
+        return _r2(outputs[:, 0], np.asarray(y, dtype=np.float64))
+    if task == "binary":
+        return float(np.mean((outputs[:, 0] > 0) == (np.asarray(y) > 0.5)))
+    return float(np.mean(outputs.argmax(axis=1) == y))
+
+
+def task_agreement(outputs: np.ndarray, reference: np.ndarray, task: str) -> float:
+    """Share of equal decisions (regression: R² of ``outputs`` against ``reference``)."""
+    if task == "regression":
+        return _r2(outputs[:, 0], reference[:, 0].astype(np.float64))
+    if task == "binary":
+        return float(np.mean((outputs[:, 0] > 0) == (reference[:, 0] > 0)))
+    return float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
+
+
+def _r2(pred: np.ndarray, target: np.ndarray) -> float:
+    spread = float(np.var(target))
+    mse = float(np.mean((pred.astype(np.float64) - target) ** 2))
+    if spread <= 0:
+        return 1.0 if mse == 0 else -math.inf
+    return 1.0 - mse / spread
 
 
 def check_tolerances(
@@ -203,11 +237,15 @@ def check_tolerances(
         return
     drop = parity.accuracy_drop
     if not drop <= max_accuracy_drop:
+        score, agree = "accuracy", "top-1 agreement"
+        if parity.task == "regression":
+            score, agree = "R²", "R² against torch"
         raise ExportError(
-            f"{precision} artifact {name!r} loses too much accuracy: "
+            f"{precision} artifact {name!r} loses too much {score}: "
             f"{parity.reference_accuracy:.2%} (torch) -> {parity.accuracy:.2%} over "
             f"{parity.n} samples, a drop of {drop * 100:.2f} points; the tolerance is "
-            f"{max_accuracy_drop * 100:.2f} points (top-1 agreement {parity.agreement:.2%})"
+            f"{max_accuracy_drop * 100:.2f} points ({agree} {parity.agreement:.2%}); export "
+            f"this format with --precision fp32"
         )
 
 

@@ -19,6 +19,7 @@ from pollinate.data import DatasetSplit, load_dataset
 from pollinate.errors import CheckpointError
 from pollinate.models import build_model
 from pollinate.rundir.checkpoint import latest_checkpoint
+from pollinate.tasks import Task
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -31,6 +32,11 @@ class LoadedRun:
     server_round: int
     model: torch.nn.Module
     data: DatasetSplit
+
+    @property
+    def task(self) -> Task:
+        """What the model predicts (the data's task, as the run trained it)."""
+        return self.data.task
 
 
 def load_run(run_dir: Path) -> LoadedRun:
@@ -49,9 +55,12 @@ def load_run(run_dir: Path) -> LoadedRun:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no completed round yet; nothing to export")
-    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    data = load_dataset(
+        settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
+        task=settings.task,
+    )  # fmt: skip
     model = build_model(
-        settings.model, input_shape=data.input_shape, num_classes=data.num_classes,
+        settings.model, input_shape=data.input_shape, num_classes=data.num_outputs,
         fix=settings.fix_model,
     )  # fmt: skip
     state = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.model.items()}

@@ -41,6 +41,7 @@ from pollinate.export._parity import (
     check_tolerances,
     latency_ms,
     measure_parity,
+    task_score,
     torch_logits,
 )
 from pollinate.export._source import LoadedRun, load_run
@@ -99,12 +100,13 @@ def _manifest(
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         ),
         inputs=[TensorSpec("input", "float32", [-1, *run.data.input_shape])],
-        outputs=[TensorSpec("logits", "float32", [-1, run.data.num_classes])],
+        outputs=[TensorSpec("logits", "float32", [-1, run.data.num_outputs])],
         preprocessing=Preprocessing(),
         labels=list(run.data.labels),
         artifacts=artifacts,
-        reference=reference_distribution(x_test, reference),
+        reference=reference_distribution(x_test, reference, task=run.task.kind.value),
         torch_accuracy=torch_accuracy,
+        task=run.task.kind.value,
     )
 
 
@@ -128,7 +130,8 @@ def export_run(
     x_test = np.ascontiguousarray(run.data.test.x, dtype=np.float32)
     y_test = np.asarray(run.data.test.y)
     reference = torch_logits(run.model, x_test)
-    torch_accuracy = float((reference.argmax(1) == y_test).mean())
+    task = run.task.kind.value
+    torch_accuracy = task_score(reference, y_test, task)
     calibration = calibration_samples(run.data, options.calibration_samples, run.settings.seed)
     sample = x_test[:1]
     artifacts: list[Artifact] = []
@@ -140,7 +143,7 @@ def export_run(
             step(f"{fmt.value} {precision.value}: converting")
             made = build()
             step(f"{fmt.value} {precision.value}: validating on {len(y_test)} test samples")
-            parity = measure_parity(made.run, x_test, y_test, reference)
+            parity = measure_parity(made.run, x_test, y_test, reference, task=task)
             check_tolerances(
                 made.file,
                 parity,
@@ -181,7 +184,8 @@ def export_run(
                     torch_spec={"architecture": run.settings.model,
                                 "fix_model": run.settings.fix_model,
                                 "input_shape": list(run.data.input_shape),
-                                "num_classes": run.data.num_classes},
+                                "num_classes": run.data.num_outputs,
+                                "task": run.task.kind.value},
                 )  # fmt: skip
     archive = archive_path(options.out)
     logger.info("bundle written to %s", bundle)
@@ -191,4 +195,5 @@ def export_run(
         torch_accuracy=torch_accuracy,
         rows=rows,
         triton_version=triton_version,
+        task=task,
     )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
 from pollinate.errors import ConfigError
 from pollinate.models.registry import build_model
+from pollinate.tasks import Task, TaskKind, check_loss_hook
 
 __all__ = ["check_dp_compatible", "check_output", "checked_model", "dp_problems"]
 
@@ -52,13 +54,22 @@ def check_dp_compatible(model: nn.Module, spec: str) -> None:
 
 
 def checked_model(
-    spec: str, input_shape: tuple[int, ...], num_outputs: int, *, fix: bool, dp: bool
+    spec: str,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    *,
+    fix: bool,
+    dp: bool,
+    task: Task | None = None,
 ) -> nn.Module:
-    """:func:`build_model`, then :func:`check_output`, and with ``dp`` (DP-SGD)
-    :func:`check_dp_compatible`: the model a run starts from, or one ConfigError."""
+    """:func:`build_model`, then :func:`check_output` (with ``task``: its output width and
+    its loss on the outputs), and with ``dp`` (DP-SGD) :func:`check_dp_compatible`: the model
+    a run starts from, or one ConfigError."""
+    if task is not None:
+        num_outputs = task.num_outputs
     model = build_model(spec, input_shape=input_shape, num_classes=num_outputs, fix=fix)
     try:
-        check_output(model, spec, input_shape, num_outputs)
+        check_output(model, spec, input_shape, num_outputs, task=task)
     except ConfigError as err:
         if not fix:
             raise
@@ -73,9 +84,15 @@ def checked_model(
 
 @torch.no_grad()
 def check_output(
-    model: nn.Module, spec: str, input_shape: tuple[int, ...], num_outputs: int
+    model: nn.Module,
+    spec: str,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    *,
+    task: Task | None = None,
 ) -> None:
-    """ConfigError unless a batch of two samples gives ``(2, num_outputs)`` outputs.
+    """ConfigError unless a batch of two samples gives ``(2, num_outputs)`` outputs (and, with
+    ``task``, its loss gives one number per sample on them).
 
     The batch goes through a copy of ``model`` in training mode, as training will run it
     (normalization layers check their inputs only there); ``model`` itself is untouched.
@@ -97,5 +114,22 @@ def check_output(
     if tuple(out.shape) != (2, num_outputs):
         raise ConfigError(
             f"model {spec!r} returns shape {tuple(out.shape)} for a batch of 2; the task "
-            f"needs (2, {num_outputs}), one output per class"
+            f"needs (2, {num_outputs}), {_what_outputs(task, num_outputs)}"
         )
+    if task is not None:
+        targets = torch.zeros(2, dtype=torch.from_numpy(np.zeros(0, task.target_dtype)).dtype)
+        check_loss_hook(task, out, targets)
+
+
+def _what_outputs(task: Task | None, num_outputs: int) -> str:
+    if task is None or task.kind == TaskKind.CLASSIFICATION:
+        hint = ""
+        if task is not None and num_outputs == 2:
+            hint = " (or set task = 'binary' for one output with a logistic loss)"
+        return "one output per class" + hint
+    if task.kind == TaskKind.BINARY:
+        return (
+            "one output per sample, the logit of class 1 (or set task = 'classification' for "
+            "one output per class)"
+        )
+    return "one output per sample, the predicted value"

@@ -125,13 +125,12 @@ def build_model(
     fix: bool = False,
 ) -> nn.Module:
     """Build the model ``spec`` names for one sample's ``input_shape`` and ``num_classes``
-    outputs; ``fix``: replace the layers DP-SGD cannot train (Opacus' ``ModuleValidator.fix``:
+    outputs (the task's output width: one per class, or 1 for binary and regression);
+    ``fix``: replace the layers DP-SGD cannot train (Opacus' ``ModuleValidator.fix``:
     BatchNorm -> GroupNorm, LSTM/GRU/MultiheadAttention -> their DP versions)."""
     factory = resolve_model(spec)
     if num_classes < 1:
-        raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
-    if not is_import_path(spec) and num_classes < 2:
-        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        raise ConfigError(f"the model's output width must be at least 1, got {num_classes}")
     kwargs = _arguments(factory, spec, input_shape, num_classes)
     try:
         model = factory(**kwargs)

@@ -23,10 +23,12 @@ from pollinate._atomic import atomic_write_bytes
 from pollinate.rundir.formatting import MISSING, enabled, fmt_delta, section
 from pollinate.rundir.records import RoundRecord
 
-__all__ = ["PLOT_FILES", "write_plots"]
+__all__ = ["METRICS_PLOT", "PLOT_FILES", "write_plots"]
 
 #: The figures :func:`write_plots` writes, in order.
 PLOT_FILES = ("accuracy.png", "loss.png", "epsilon.png")
+#: Written too when rounds carry the task's metrics (macro F1, AUC, MAE, RMSE, MAPE, ...).
+METRICS_PLOT = "metrics.png"
 
 #: One line of a plot: its legend label, the value of a record, the matplotlib format string.
 _Line = tuple[str, Callable[[RoundRecord], float | None], str]
@@ -147,6 +149,9 @@ def write_plots(
     matplotlib.use("Agg", force=True)
 
     empty = "no round completed" if not records else "no central evaluation"
+    names = metric_names(records)
+    if records and not any(r.accuracy is not None for r in records) and names:
+        empty = f"no accuracy for this task: see {METRICS_PLOT}"
     accuracy = _render_png(
         "Accuracy",
         "accuracy",
@@ -168,9 +173,40 @@ def write_plots(
         empty_text=empty,
     )
     pngs = zip(PLOT_FILES, (accuracy, loss, _epsilon_png(records, privacy)), strict=True)
+    files = list(pngs)
+    if names:
+        files.append((METRICS_PLOT, _metrics_png(records, names)))
     written: list[Path] = []
-    for name, data in pngs:
+    for name, data in files:
         path = Path(run_dir) / name
         atomic_write_bytes(path, data)
         written.append(path)
     return written
+
+
+def metric_names(records: Sequence[RoundRecord]) -> list[str]:
+    """The central-evaluation metrics the records carry, in first-seen order."""
+    names: dict[str, None] = {}
+    for r in records:
+        names.update(dict.fromkeys(r.metrics or {}))
+    return list(names)
+
+
+def _metrics_png(records: Sequence[RoundRecord], names: Sequence[str]) -> bytes:
+    """One panel per metric of central evaluation, per round."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(3.2 * len(names) + 0.6, 3.6), dpi=100, layout="constrained")
+    fig.suptitle("Central evaluation metrics")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        xs, ys, _ = _series(records, lambda r, n=name: (r.metrics or {}).get(n))  # type: ignore[misc]
+        ax.plot(xs, ys, "o-")
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -58,6 +58,8 @@ class RoundRecord:
         client_level_epsilon: Client-level epsilon after the round (``None``: not enabled).
         seconds: Wall-clock duration of the round.
         federated_accuracy: Mean accuracy of federated evaluation on clients' data, if run.
+        metrics: Every metric of central evaluation by name (the task's own: accuracy and
+            macro F1, accuracy and AUC, or MAE, RMSE and MAPE; and the user's), if run.
     """
 
     server_round: int
@@ -76,6 +78,7 @@ class RoundRecord:
     seconds: float | None = None
     federated_accuracy: float | None = None
     refused: int = 0
+    metrics: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         """Reject negative round numbers and counts.
@@ -116,6 +119,8 @@ class RoundRecord:
                 continue
             if key in _INT_FIELDS:
                 kwargs[key] = _as_int(key, value)
+            elif key == "metrics":
+                kwargs[key] = _as_metrics(value)
             else:
                 kwargs[key] = _as_optional_float(key, value)
         try:
@@ -133,6 +138,19 @@ def _as_int(key: str, value: object) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise CheckpointError(f"round record field {key!r} must be an integer, got {value!r}")
+
+
+def _as_metrics(value: object) -> dict[str, float] | None:
+    """Read the metrics mapping of a stored round record."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"round record field 'metrics' must be a mapping, got {value!r}")
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        parsed = _as_optional_float(f"metrics.{name}", number)
+        out[str(name)] = float("nan") if parsed is None else parsed
+    return out
 
 
 def _as_optional_float(key: str, value: object) -> float | None:

@@ -15,6 +15,7 @@ need them, so importing this module is cheap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from pollinate._atomic import atomic_write_bytes
 from pollinate.log import logger
 from pollinate.rundir.formatting import (
+    MISSING,
     enabled,
     fmt_acc,
     fmt_delta,
@@ -35,7 +37,7 @@ from pollinate.rundir.formatting import (
     section,
     sorted_by_round,
 )
-from pollinate.rundir.plots import write_plots
+from pollinate.rundir.plots import metric_names, write_plots
 from pollinate.rundir.records import RoundRecord
 
 if TYPE_CHECKING:
@@ -143,8 +145,12 @@ def _final_lines(records: Sequence[RoundRecord]) -> list[str]:
     lines: list[str] = []
     if acc_rec is not None:
         lines += ["", f"Final accuracy: {fmt_acc(acc_rec.accuracy)} (round {acc_rec.server_round})"]
-    else:
+    elif not any(r.metrics for r in records):
         lines += ["", "Final accuracy: no central evaluation."]
+    metrics_rec = last_with(records, lambda r: 0.0 if r.metrics else None)
+    if metrics_rec is not None and metrics_rec.metrics:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics_rec.metrics.items())
+        lines += ["", f"Final metrics: {shown} (round {metrics_rec.server_round})"]
     if loss_rec is not None:
         lines += ["", f"Final loss: {fmt_loss(loss_rec.loss)} (round {loss_rec.server_round})"]
     else:
@@ -181,7 +187,24 @@ def _rounds_lines(records: Sequence[RoundRecord]) -> list[str]:
         "",
         "Round 0 is the evaluation of the initial model. ε columns are at the delta below; "
         "sample-level and client-level ε are separate guarantees and are never added.",
+        *_metrics_lines(records),
     ]
+
+
+def _metrics_lines(records: Sequence[RoundRecord]) -> list[str]:
+    """Central evaluation's metrics per round (the task's and the user's), if any."""
+    names = metric_names(records)
+    if not names:
+        return []
+    rows = [
+        [str(r.server_round), *(_fmt_metric((r.metrics or {}).get(n)) for n in names)]
+        for r in records
+    ]
+    return ["", "## Metrics", "", *md_table(["Round", *names], rows)]
+
+
+def _fmt_metric(value: float | None) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.4g}"
 
 
 def _summary_markdown(
@@ -270,14 +293,18 @@ def render_summary_table(history: Sequence[RoundRecord], privacy: Mapping[str, o
 
     records = sorted_by_round(history)
     table = Table(title="Run summary", caption=_table_caption(records, privacy))
-    for header in ("round", "acc", "loss", "sampled", "replied", "declined", "rejected", "failed"):
+    # a regression task has no accuracy: its headline error takes the column
+    error = not any(r.accuracy is not None for r in records) and "rmse" in metric_names(records)
+    first = "rmse" if error else "acc"
+    for header in ("round", first, "loss", "sampled", "replied", "declined", "rejected"):
         table.add_column(header, justify="right")
+    table.add_column("failed", justify="right")
     table.add_column("max eps (sample)", justify="right")
     table.add_column("eps (client)", justify="right")
     for r in records:
         table.add_row(
             str(r.server_round),
-            fmt_acc(r.accuracy),
+            _fmt_metric((r.metrics or {}).get("rmse")) if error else fmt_acc(r.accuracy),
             fmt_loss(r.loss),
             str(r.sampled),
             str(r.replied),

@@ -93,6 +93,8 @@ def client_config(
             "fix-model": settings.fix_model,
             "input-shape": [int(d) for d in data.input_shape],
             "num-classes": int(data.num_classes),
+            "task": data.task.kind.value,
+            "loss": settings.loss,
             "dataset": settings.dataset,
             "test-fraction": settings.test_fraction,
             "partitioner": settings.partitioner,

@@ -8,29 +8,44 @@ returns the ratio of the noised sums.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 
+from pollinate.clientapp.training import EvalResult, seed_for
 from pollinate.clientapp.training import evaluate as evaluate_model
-from pollinate.clientapp.training import seed_for
 from pollinate.config import SampleDP
 from pollinate.data import DatasetSplit
 from pollinate.errors import PollinateError
 from pollinate.log import logger
 from pollinate.serverapp.nodes import SampledGrid, reply_node
 from pollinate.serverapp.state import RunState, to_array_record
+from pollinate.tasks import Task
 
-__all__ = ["central_eval", "federated_eval"]
+__all__ = ["accuracy_of", "central_eval", "describe_eval", "federated_eval"]
 
 
 def central_eval(
-    model: torch.nn.Module, arrays: dict[str, np.ndarray], data: DatasetSplit
-) -> tuple[float, float]:
-    """Accuracy and loss of ``arrays`` (loaded into ``model``) on the server's test split."""
+    model: torch.nn.Module, arrays: dict[str, np.ndarray], data: DatasetSplit, task: Task
+) -> EvalResult:
+    """Loss, accuracy and every metric of ``task`` for ``arrays`` (loaded into ``model``) on
+    the server's test split."""
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    result = evaluate_model(model, data.test.x, data.test.y)
-    return result.accuracy, result.loss
+    return evaluate_model(model, data.test.x, data.test.y, task=task, metrics=True)
+
+
+def accuracy_of(result: EvalResult) -> float | None:
+    """The accuracy of an evaluation, None for a task without one (regression)."""
+    return None if math.isnan(result.accuracy) else result.accuracy
+
+
+def describe_eval(result: EvalResult, task: Task) -> str:
+    """``accuracy 0.9120, loss 0.3012`` or ``rmse 3.2, mape 4.1, loss 10.2``: for the log."""
+    shown = [f"{name} {result.metrics[name]:.4g}" for name in task.metric_names
+             if name in result.metrics]  # fmt: skip
+    return ", ".join([*shown, f"loss {result.loss:.4g}"])
 
 
 def federated_eval(run: RunState, rnd: int) -> float | None:

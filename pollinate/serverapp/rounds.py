@@ -25,7 +25,7 @@ from pollinate.clientapp.training import seed_for
 from pollinate.config import SampleDP
 from pollinate.log import logger
 from pollinate.rundir.records import RoundRecord
-from pollinate.serverapp.evaluation import central_eval, federated_eval
+from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
 from pollinate.serverapp.nodes import SampledGrid, reply_node
 from pollinate.serverapp.secagg import secure_round
 from pollinate.serverapp.state import RunState, from_array_record, to_array_record
@@ -88,13 +88,14 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
     _count_missing(run, rnd, replies, messages, counts)
     train_metrics = _aggregate(run, rnd, accepted)
     client_eps = record_client_level(run, rnd)
-    accuracy, loss = central_eval(run.model, run.arrays, run.data)
+    central = central_eval(run.model, run.arrays, run.data, run.task)
     federated = federated_eval(run, rnd)
     max_eps, median_eps = _sample_level_epsilons(run)
     return RoundRecord(
         server_round=rnd,
-        accuracy=accuracy,
-        loss=loss,
+        accuracy=accuracy_of(central),
+        loss=central.loss,
+        metrics=central.metrics,
         sampled=counts.sampled,
         replied=counts.replied,
         declined=counts.declined,

@@ -36,7 +36,7 @@ from pollinate.serverapp.calibration import (
     secagg_max_weight,
     update_bound,
 )
-from pollinate.serverapp.evaluation import central_eval
+from pollinate.serverapp.evaluation import accuracy_of, central_eval, describe_eval
 from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.state import RunState
 from pollinate.serverapp.strategy import build_strategy, load_strategy_state
@@ -66,7 +66,11 @@ def start_run(grid: Grid, settings: RunSettings, *, threads: int = 1) -> RunStat
     """
     torch.set_num_threads(max(1, threads))
     run_dir = Path(settings.run_dir or f"runs/run-{int(time.time())}").resolve()
-    data = load_dataset(settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed)
+    data = load_dataset(
+        settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
+        task=settings.task,
+    )  # fmt: skip
+    logger.info("task: %s", settings.learning_task(data).describe())
     model, arrays = _initial_model(settings, data)
     directory = _connect(grid, settings)
     population = len(directory)
@@ -98,8 +102,8 @@ def _initial_model(
     """The server's evaluation model and the initial global model's arrays (seeded)."""
     torch.manual_seed(settings.seed)
     model = checked_model(
-        settings.model, data.input_shape, data.num_classes, fix=settings.fix_model,
-        dp=settings.dp == SampleDP.DPSGD,
+        settings.model, data.input_shape, data.num_outputs, fix=settings.fix_model,
+        dp=settings.dp == SampleDP.DPSGD, task=settings.learning_task(data),
     )  # fmt: skip
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     # the server's copy only evaluates: channels-last is 1.1-3x faster for the CNNs here
@@ -147,9 +151,14 @@ def _begin(run: RunState) -> None:
             "client_noise": run.client_noise,
         },
     )
-    accuracy, loss = central_eval(run.model, run.arrays, run.data)
-    run.history.append(RoundRecord(server_round=0, accuracy=accuracy, loss=loss))
-    logger.info("initial model: accuracy %.4f, loss %.4f", accuracy, loss)
+    result = central_eval(run.model, run.arrays, run.data, run.task)
+    run.history.append(
+        RoundRecord(
+            server_round=0, accuracy=accuracy_of(result), loss=result.loss,
+            metrics=result.metrics,
+        )
+    )  # fmt: skip
+    logger.info("initial model: %s", describe_eval(result, run.task))
 
 
 def _resume(run: RunState, ckpt: Checkpoint) -> None:

@@ -30,6 +30,7 @@ from pollinate.rundir.records import RoundRecord, history_rows, write_history
 from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.strategy import dp_wrapper as find_dp_wrapper
 from pollinate.serverapp.strategy import strategy_state
+from pollinate.tasks import Task
 
 __all__ = [
     "PRIVACY_FILE",
@@ -85,6 +86,11 @@ class RunState:
     ledger: PrivacyLedger
     history: list[RoundRecord] = field(default_factory=list)
     first_round: int = 1
+
+    @property
+    def task(self) -> Task:
+        """What the model learns (the data's task with the run's loss and metrics hooks)."""
+        return self.settings.learning_task(self.data)
 
     @property
     def dp_wrapper(self) -> Any:

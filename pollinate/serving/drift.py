@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.edge_runtime.manifest import MANIFEST_NAME
+from pollinate.edge_runtime.manifest import MANIFEST_NAME, predicted_bins
 from pollinate.errors import ConfigError
 from pollinate.log import logger
 from pollinate.serving.drift_stats import DriftReading, DriftWindow, Reference, parse_reference, psi
@@ -130,6 +130,7 @@ class DriftMonitor:
     Args:
         model: Model name (used in readings and event files).
         version: Model version.
+        task: The manifest's ``task`` (how outputs become classes for the output PSI).
         reference: The manifest's ``reference`` dict. Without usable
             ``input.bin_edges``, ``input.counts`` and ``output.predicted_class_share`` the
             monitor is disabled: one warning is logged and ``observe`` returns None.
@@ -148,6 +149,7 @@ class DriftMonitor:
         sink: TriggerSink | None = None,
         *,
         source: str = "reference",
+        task: str = "classification",
     ) -> None:
         self.model = model
         self.version = version
@@ -156,7 +158,7 @@ class DriftMonitor:
             sink = TriggerSink(settings.trigger_dir, settings.webhook, settings.webhook_token)
         self.sink = sink
         self.last: DriftReading | None = None
-        parsed = parse_reference(reference)
+        parsed = parse_reference(reference, task)
         self._ref = parsed if isinstance(parsed, Reference) else None
         if isinstance(parsed, str):
             logger.warning(
@@ -196,14 +198,16 @@ class DriftMonitor:
             path = path / MANIFEST_NAME
         reference: Mapping[str, Any] = {}
         source = str(path)
+        task = "classification"
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(manifest, dict) and isinstance(manifest.get("reference"), dict):
                 reference = manifest["reference"]
+                task = str(manifest.get("task", task))
         except (OSError, ValueError) as err:
             cause = err.strerror if isinstance(err, OSError) and err.strerror else err
             source = f"{path} ({cause})"
-        return cls(model, version, reference, settings, sink, source=source)
+        return cls(model, version, reference, settings, sink, source=source, task=task)
 
     @property
     def enabled(self) -> bool:
@@ -236,16 +240,15 @@ class DriftMonitor:
         x = np.asarray(inputs)
         y = np.asarray(outputs)
         n = len(x) if x.ndim else -1
-        if n < 0 or y.ndim != 2 or len(y) != n or y.shape[1] != ref.class_share.size:
+        if n < 0 or y.ndim != 2 or len(y) != n or y.shape[1] != ref.output_width:
             raise ValueError(
                 f"drift monitor {self.model!r} v{self.version}: inputs must be samples x ... "
-                f"and outputs samples x {ref.class_share.size} (classes); got {x.shape} "
-                f"and {y.shape}"
+                f"and outputs samples x {ref.output_width}; got {x.shape} and {y.shape}"
             )
         if n == 0:
             return None
         means = x.reshape(n, -1).mean(axis=1)  # same statistic (and dtype) as the export
-        preds = y.argmax(axis=1)
+        preds = predicted_bins(y, ref.task, ref.output_edges)
         with self._lock:
             self._window.append(means, preds)
             self._pending += n

@@ -91,10 +91,18 @@ class Reference:
 
     edges: npt.NDArray[np.float64]  # k + 1 increasing bin edges
     counts: npt.NDArray[np.float64]  # k reference counts
-    class_share: npt.NDArray[np.float64]  # share per class
+    class_share: npt.NDArray[np.float64]  # share per class (or per output bin)
+    width: int = 0  # outputs per sample (0: one per class)
+    task: str = "classification"
+    output_edges: npt.NDArray[np.float64] | None = None  # regression: bins of the value
+
+    @property
+    def output_width(self) -> int:
+        """Outputs per sample the model must give."""
+        return self.width or int(self.class_share.size)
 
 
-def parse_reference(reference: Mapping[str, Any]) -> Reference | str:
+def parse_reference(reference: Mapping[str, Any], task: str = "classification") -> Reference | str:
     """The arrays a monitor needs, or why ``reference`` cannot provide them."""
     if not reference:
         return "empty or missing"
@@ -102,6 +110,9 @@ def parse_reference(reference: Mapping[str, Any]) -> Reference | str:
         edges = np.asarray(reference["input"]["bin_edges"], dtype=np.float64)
         counts = np.asarray(reference["input"]["counts"], dtype=np.float64)
         share = np.asarray(reference["output"]["predicted_class_share"], dtype=np.float64)
+        width = int(reference["output"].get("width", 0))
+        out_edges = reference["output"].get("bin_edges")
+        output_edges = None if out_edges is None else np.asarray(out_edges, dtype=np.float64)
     except (KeyError, TypeError, ValueError) as err:
         what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
         return f"incomplete ({what})"
@@ -114,7 +125,12 @@ def parse_reference(reference: Mapping[str, Any]) -> Reference | str:
             return f"{name} must be a non-empty list of numbers"
         if np.any(values < 0) or values.sum() <= 0:
             return f"{name} must be >= 0 with a positive sum"
-    return Reference(edges=edges, counts=counts, class_share=share)
+    if task == "regression" and (output_edges is None or output_edges.size != share.size + 1):
+        return "a regression model's output.bin_edges must have one more value than its shares"
+    return Reference(
+        edges=edges, counts=counts, class_share=share, width=width, task=task,
+        output_edges=output_edges,
+    )  # fmt: skip
 
 
 class DriftWindow:

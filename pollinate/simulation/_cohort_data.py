@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class Group:
     index: list[int]
     n: torch.Tensor  # (G,) samples per member
     x: torch.Tensor  # (G, n_max, *shape), zero-padded
-    y: torch.Tensor  # (G, n_max)
+    y: torch.Tensor  # (G, n_max): int64 classes or float32 targets
     steps_per_epoch: int
     generators: list[torch.Generator]
     sources: list[NoiseSource]
@@ -55,15 +56,23 @@ def chunk_size(
     return max(1, min(len(index), budget // max(1, per_member)))
 
 
-def make_group(members: Sequence[CohortMember], index: list[int], steps_per_epoch: int) -> Group:
+_CLASSES = np.dtype(np.int64)
+
+
+def make_group(
+    members: Sequence[CohortMember],
+    index: list[int],
+    steps_per_epoch: int,
+    target_dtype: np.dtype[Any] = _CLASSES,
+) -> Group:
     sizes = [len(members[i].y) for i in index]
     n_max = max(sizes)
     shape = members[index[0]].x.shape[1:]
     x = torch.zeros((len(index), n_max, *shape), dtype=torch.float32)
-    y = torch.zeros((len(index), n_max), dtype=torch.int64)
+    y = torch.zeros((len(index), n_max), dtype=torch.from_numpy(np.zeros(0, target_dtype)).dtype)
     for row, i in enumerate(index):
         x[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].x, dtype=np.float32))
-        y[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].y, dtype=np.int64))
+        y[row, : sizes[row]] = torch.from_numpy(np.asarray(members[i].y, dtype=target_dtype))
     generators = [torch.Generator().manual_seed(members[i].seed) for i in index]
     sources = [members[i].noise for i in index]
     return Group(

@@ -93,7 +93,7 @@ def train_cohort(
         width = chunk_size(members, index, settings, numel, memory_budget)
         for start in range(0, len(index), width):
             chunk = index[start : start + width]
-            group = make_group(members, chunk, steps_per_epoch)
+            group = make_group(members, chunk, steps_per_epoch, settings.task.target_dtype)
             for i, result in zip(chunk, trainer.run(group), strict=True):
                 out[i] = result
     return [r for r in out if r is not None]
@@ -110,6 +110,7 @@ class _Trainer:
         self.buffers = buffers
         self.settings = settings
         self.was_training = model.training
+        task = settings.task
         # state-dict keys -> the parameter or buffer each one holds: a module may list one
         # tensor under two keys (Opacus' DPLSTM keeps torch.nn.LSTM's names beside its own),
         # and a reply must carry every key for the server's strict load_state_dict
@@ -121,14 +122,14 @@ class _Trainer:
             params: Params, x: torch.Tensor, y: torch.Tensor
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))
-            loss = nn.functional.cross_entropy(logits, y.unsqueeze(0))
+            loss = task.sample_losses(logits, y.unsqueeze(0)).sum()
             return loss, (loss.detach(), logits.squeeze(0).detach())
 
         def batch_loss(
             params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             logits = functional_call(model, (params, buffers), (x,))
-            losses = nn.functional.cross_entropy(logits, y, reduction="none")
+            losses = task.sample_losses(logits, y)
             return (losses * w).sum() / w.sum().clamp(min=1.0), (losses, logits)
 
         # per client (dim 0) and per sample (dim 1): per-sample gradients of every client
@@ -189,7 +190,8 @@ class _Trainer:
                         labels = torch.gather(group.y, 1, idx)
                         vf = valid.to(torch.float64)
                         loss_sum += (losses.detach().to(torch.float64) * vf).sum(1)
-                        correct += ((logits.detach().argmax(-1) == labels) & valid).sum(1)
+                        right = s.task.correct(logits.detach(), labels)
+                        correct += (right & valid).sum(1)
                         seen += valid.sum(1)
         finally:
             self.model.train(self.was_training)
@@ -198,7 +200,9 @@ class _Trainer:
             n_seen = int(seen[row])
             result = TrainResult(
                 loss=float(loss_sum[row]) / n_seen if n_seen else math.nan,
-                accuracy=int(correct[row]) / n_seen if n_seen else 0.0,
+                accuracy=(int(correct[row]) / n_seen if n_seen else 0.0)
+                if s.task.has_accuracy
+                else math.nan,
                 steps=steps,
                 sample_rate=rate if s.dp else min(1.0, s.batch_size / int(group.n[row])),
                 num_examples=int(group.n[row]),

@@ -10,7 +10,6 @@ sources, so the results are the ClientApp's. One notice says so, once per model.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -45,7 +44,7 @@ class CohortTrainer:
         task = first.task
         try:
             model = build_model(
-                task.model, input_shape=task.input_shape, num_classes=task.num_classes,
+                task.model, input_shape=task.input_shape, num_classes=task.num_outputs,
                 fix=task.fix_model,
             )  # fmt: skip
             model.load_state_dict(first.msg.content.array_records["arrays"].to_torch_state_dict())
@@ -90,7 +89,7 @@ class CohortTrainer:
         try:
             result = train_one(
                 own, job.data.x, job.data.y, seed=job.seed, noise=job.noise,
-                **dataclasses.asdict(job.settings),
+                **job.settings.kwargs(),
             )  # fmt: skip
         except Exception as err:
             return err

@@ -285,7 +285,7 @@ def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJ
     groups: dict[tuple[int, tuple[Any, ...]], list[tuple[TrainJob, Context]]] = {}
     for job, context in jobs:
         t = job.task
-        config = (t.model, t.fix_model, t.input_shape, t.num_classes, job.settings)
+        config = (t.model, t.fix_model, t.input_shape, t.num_outputs, job.settings)
         arrays = id(job.msg.content.array_records["arrays"])
         groups.setdefault((arrays, config), []).append((job, context))
     yield from groups.values()

@@ -19,6 +19,7 @@ from pollinate.data import (
     load_local_data,
 )
 from pollinate.errors import ConfigError, DataError
+from pollinate.tasks import TaskKind
 
 pytestmark = pytest.mark.unit
 
@@ -204,8 +205,11 @@ def test_npz_float_integral_labels_and_unstratified_fallback(tmp_path: Path) -> 
         ({"y": np.zeros(3, dtype=np.int64)}, "'x'"),
         ({"x": np.zeros((3, 2)), "y": np.zeros(4, dtype=np.int64)}, "3 samples but 4 labels"),
         ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, "negative"),
-        ({"x": np.zeros((3, 2)), "y": np.array([0.0, 0.5, 1.0])}, "non-integer"),
-        ({"x": np.zeros((3, 2)), "y": np.array(["a", "b", "c"])}, "integer"),
+        (
+            {"x": np.zeros((3, 2)), "y": np.array([0.0, 0.5, 1.0])},
+            "regression target given to a classification task; set task = 'regression'",
+        ),
+        ({"x": np.zeros((3, 2)), "y": np.array(["a", "b", "c"])}, "must be numbers"),
         ({"x": np.array([[0.0, np.nan]] * 3), "y": np.zeros(3, dtype=np.int64)}, "NaN"),
         ({"x": np.zeros((0, 2)), "y": np.zeros(0, dtype=np.int64)}, "no samples"),
         ({"x": np.zeros((3,)), "y": np.zeros(3, dtype=np.int64)}, "shape"),
@@ -269,7 +273,7 @@ def test_csv_y_column(tmp_path: Path) -> None:
         ([["a", "label"]], "no samples"),
         ([["a", "label"], [1.0, 0], [2.0]], "line 3"),
         ([["a", "label"], [1.0, 0], ["oops", 1]], "not a number"),
-        ([["a", "label"], [1.0, 0], [2.0, 1.5]], "non-integer"),
+        ([["a", "label"], [1.0, 0], [2.0, 1.5]], "fractions such as 1.5"),
         ([["a", "label"], [1.0, 0], [2.0, -1]], "negative"),
         ([["a", "label"], [1.0, 0], ["nan", 1]], "NaN"),
         ([["label"], [0], [1]], "only a label column"),
@@ -439,5 +443,10 @@ def test_a_regression_target_is_not_trained_as_hundreds_of_classes(tmp_path: Pat
     bunch = load_diabetes()
     assert np.all(bunch.target == np.round(bunch.target))
     path = _write_npz(tmp_path / "diabetes.npz", x=bunch.data, y=bunch.target)
+    split = load_dataset(path)  # auto: floats that are not the class numbers 0..K-1
+    assert split.task.kind == TaskKind.REGRESSION and split.num_outputs == 1
+    assert split.num_classes == 0 and split.labels == ()
+    assert split.train.y.dtype == np.float32
+    assert sorted(np.concatenate([split.train.y, split.test.y])) == sorted(bunch.target)
     with pytest.raises(DataError, match=r"from 25 to 346.*looks like a regression target"):
-        load_dataset(path)
+        load_dataset(path, task="classification")

@@ -186,8 +186,11 @@ def test_tiny_alpha_raises_config_error_instead_of_garbage() -> None:
 def test_bad_labels() -> None:
     with pytest.raises(DataError):
         partition_indices(np.zeros(0, dtype=np.int64), 1, "iid")
-    with pytest.raises(DataError):
-        partition_indices(np.array([0.5, 1.0]), 1, "iid")
+    with pytest.raises(DataError, match=r"not class labels.*use the 'iid' or 'resample'"):
+        partition_indices(np.array([0.5, 1.0]), 1, "dirichlet")
+    # a regression target splits IID: only the number of samples counts
+    parts = partition_indices(np.array([0.5, 1.0, 2.5, 3.0]), 2, "iid")
+    assert sorted(np.concatenate(parts).tolist()) == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------------------ load_partition

@@ -373,7 +373,6 @@ def test_a_loader_returning_arrays_a_mapping_or_a_dataset_is_split_like_a_built_
     ("spec", "error", "message"),
     [
         ("userdata:per_partition", ConfigError, "takes 'partition_id', 'num_partitions'"),
-        ("userdata:regression", DataError, "non-integer values"),
         ("userdata:with_nan", DataError, "NaN or infinite"),
         ("userdata:mismatched", DataError, "40 samples but 10 labels"),
         ("userdata:fails", DataError, "the loader failed: OSError: the share is not mounted"),
