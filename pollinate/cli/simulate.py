@@ -285,14 +285,15 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     # the engine starts, with one clear message.
     data = load_dataset(
         settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
-        task=settings.task,
+        task=settings.task, num_partitions=clients,
     )  # fmt: skip
     learning_task = settings.learning_task(data)
-    partition_indices(
-        data.train.y, clients, settings.partitioner, seed=settings.seed,
-        alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
-        samples_per_partition=settings.samples_per_client,
-    )  # fmt: skip
+    if data.partitions is None:  # a per-partition loader made its own shares
+        partition_indices(
+            data.train.y, clients, settings.partitioner, seed=settings.seed,
+            alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+            samples_per_partition=settings.samples_per_client,
+        )  # fmt: skip
     # ... and so does a model that cannot be imported, trained with DP-SGD or fit the data.
     checked_model(
         settings.model, data.input_shape, data.num_outputs, fix=settings.fix_model,

@@ -12,7 +12,7 @@ import numpy as np
 
 from pollinate._imports import is_import_path
 from pollinate.data._local import RawData, read_source
-from pollinate.data._plugin import read_loader
+from pollinate.data._plugin import is_partition_loader, read_loader, read_partition
 from pollinate.data._types import ArrayDataset, DatasetSplit
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
@@ -89,6 +89,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
     task: TaskKind | str = TaskKind.AUTO,
+    num_partitions: int = 0,
 ) -> DatasetSplit:
     """Load a dataset and split it into train and test parts.
 
@@ -105,6 +106,8 @@ def load_dataset(
         test_fraction: Share of the samples held out for testing, in (0, 1).
         seed: Seed of the split.
         task: ``classification``, ``binary``, ``regression`` or ``auto``.
+        num_partitions: The number of clients, for a loader of one partition at a time
+            (``load(partition_id, num_partitions)``); ignored for any other source.
 
     Returns:
         The split dataset.
@@ -120,7 +123,17 @@ def load_dataset(
     except ValueError:
         choices = ", ".join(repr(k.value) for k in TaskKind)
         raise ConfigError(f"unknown task {task!r}; choose one of {choices}") from None
-    return _load_dataset_cached(os.fspath(source), fraction, seed, kind)
+    name = os.fspath(source)
+    if is_import_path(name) and is_partition_loader(name):
+        if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
+            raise ConfigError(f"num_partitions must be an integer, got {num_partitions!r}")
+        if num_partitions < 1:
+            raise ConfigError(
+                f"data {name!r} loads one client's share at a time (partition_id, "
+                "num_partitions): pollinate needs the number of clients to load them all"
+            )
+        return _load_partitioned(name, fraction, seed, kind, num_partitions)
+    return _load_dataset_cached(name, fraction, seed, kind)
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,18 +148,39 @@ def _load_dataset_cached(
         hint = f", or one of the built-in datasets: {', '.join(BUILTIN_DATASETS)}"
         raw = read_source(Path(source), extra_hint=hint)
     logger.debug("Loaded dataset %s: %d samples of shape %s", source, len(raw.y), raw.x.shape[1:])
+    kind, y, labels = _targets(raw, task, source)
+    classes = y.astype(np.int64) if kind != TaskKind.REGRESSION else None
+    train_idx, test_idx = _split_indices(classes, test_fraction, seed, source, len(y))
+    return _split(source, raw.x, y, labels, kind, train_idx, test_idx)
+
+
+def _targets(
+    raw: RawData, task: TaskKind, source: str
+) -> tuple[TaskKind, np.ndarray, tuple[str, ...]]:
+    """The task (given or detected), its targets and the class names (none for regression)."""
     kind = detect_task(task, raw.y, source)
     y = task_targets(kind, raw.y, source)
     labels: tuple[str, ...] = ()
-    classes = None
     if kind != TaskKind.REGRESSION:
         classes = y.astype(np.int64)
         count = 2 if kind == TaskKind.BINARY else _check_class_numbers(classes, source)
         labels = raw.labels[:count] if len(raw.labels) >= count else ()
         labels = labels or tuple(str(i) for i in range(count))
-    train_idx, test_idx = _split_indices(classes, test_fraction, seed, source, len(y))
-    train = ArrayDataset(x=raw.x[train_idx], y=y[train_idx])
-    test = ArrayDataset(x=raw.x[test_idx], y=y[test_idx])
+    return kind, y, labels
+
+
+def _split(
+    source: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    labels: tuple[str, ...],
+    kind: TaskKind,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    partitions: tuple[np.ndarray, ...] | None = None,
+) -> DatasetSplit:
+    train = ArrayDataset(x=x[train_idx], y=y[train_idx])
+    test = ArrayDataset(x=x[test_idx], y=y[test_idx])
     for array in (train.x, train.y, test.x, test.y):
         array.flags.writeable = False
     return DatasetSplit(
@@ -154,9 +188,58 @@ def _load_dataset_cached(
         train=train,
         test=test,
         num_classes=len(labels),
-        input_shape=tuple(int(d) for d in raw.x.shape[1:]),
+        input_shape=tuple(int(d) for d in x.shape[1:]),
         labels=labels,
         task=Task(kind=kind, num_classes=len(labels)),
+        partitions=partitions,
+    )
+
+
+def partition_split(n: int, test_fraction: float, seed: int, partition_id: int) -> np.ndarray:
+    """The train part of one client's share of ``n`` samples (sorted indices): a seeded
+    permutation without its first ``floor(n * test_fraction)`` (the share's test part)."""
+    held = math.floor(n * test_fraction) if n >= 2 else 0
+    order = np.random.default_rng([seed, partition_id]).permutation(n)
+    return np.sort(order[held:])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_partitioned(
+    source: str, test_fraction: float, seed: int, task: TaskKind, num_partitions: int
+) -> DatasetSplit:
+    """Every client's share from a per-partition loader: the server's view of the data."""
+    shares = [read_partition(source, p, num_partitions) for p in range(num_partitions)]
+    shapes = {s.x.shape[1:] for s in shares}
+    if len(shapes) > 1:
+        raise DataError(
+            f"data {source!r}: the shares have samples of different shapes "
+            f"({', '.join(map(str, sorted(shapes)))}); every client's samples must have one shape"
+        )
+    x = np.concatenate([s.x for s in shares])
+    raw_y = np.concatenate([s.y for s in shares])
+    kind, y, labels = _targets(RawData(x, raw_y, ()), task, source)
+    train_parts: list[np.ndarray] = []
+    test_parts: list[np.ndarray] = []
+    partitions: list[np.ndarray] = []
+    offset = seen = 0
+    for p, share in enumerate(shares):
+        n = len(share.y)
+        train = partition_split(n, test_fraction, seed, p)
+        test = np.setdiff1d(np.arange(n), train)
+        train_parts.append(offset + train)
+        test_parts.append(offset + test)
+        partitions.append(np.arange(seen, seen + len(train), dtype=np.int64))
+        offset += n
+        seen += len(train)
+    test_idx = np.concatenate(test_parts)
+    if len(test_idx) == 0:
+        raise DataError(
+            f"data {source!r}: no share has two samples or more, so there is no test part "
+            "for central evaluation; give each client more samples"
+        )
+    logger.debug("Loaded %d shares of %s: %d samples", num_partitions, source, len(y))
+    return _split(
+        source, x, y, labels, kind, np.concatenate(train_parts), test_idx, tuple(partitions)
     )
 
 

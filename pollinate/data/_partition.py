@@ -11,11 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from pollinate.data._datasets import check_seed, check_test_fraction, load_dataset
+from pollinate._imports import is_import_path
+from pollinate.data._datasets import (
+    check_seed,
+    check_test_fraction,
+    load_dataset,
+    partition_split,
+)
+from pollinate.data._plugin import is_partition_loader, read_partition
 from pollinate.data._types import ArrayDataset
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
-from pollinate.tasks import TaskKind
+from pollinate.tasks import TaskKind, detect_task, task_targets
 
 
 class Partitioner(StrEnum):
@@ -268,7 +275,10 @@ def load_partition(
 
     Equivalent to ``load_dataset(source, test_fraction=test_fraction, seed=seed).train.subset(
     partition_indices(train.y, num_partitions, partitioner, ...)[partition_id])``, with the
-    partition list cached per process so that calling it for every client is cheap.
+    partition list cached per process so that calling it for every client is cheap. A loader
+    of one share at a time (``load(partition_id, num_partitions)``) is called for this client
+    only, and the share's train part is returned (``partitioner`` and its options are not
+    used: the loader partitions).
 
     Raises:
         ConfigError: An argument is out of range (including ``partition_id``).
@@ -283,6 +293,9 @@ def load_partition(
         )
     fraction = check_test_fraction(test_fraction)
     seed = check_seed(seed)
+    name = os.fspath(source)
+    if is_import_path(name) and is_partition_loader(name):
+        return _own_share(name, partition_id, num_partitions, fraction, seed, TaskKind(task))
     alpha_value, shards = _check_options(alpha, shards_per_partition)
     # Settings a mode ignores are normalised so that they do not split the cache.
     if mode is not Partitioner.DIRICHLET:
@@ -298,6 +311,19 @@ def load_partition(
     )
     train = load_dataset(source, test_fraction=fraction, seed=seed, task=kind).train
     return train.subset(partitions[partition_id])
+
+
+@functools.lru_cache(maxsize=64)
+def _own_share(
+    source: str, partition_id: int, num_partitions: int, fraction: float, seed: int, task: TaskKind
+) -> ArrayDataset:
+    """One client's train part from a per-partition loader: only its own share is loaded,
+    split exactly as the server splits it (:func:`partition_split`)."""
+    raw = read_partition(source, partition_id, num_partitions)
+    kind = detect_task(task, raw.y, source) if task == TaskKind.AUTO else task
+    y = task_targets(kind, raw.y, source)
+    train = partition_split(len(y), fraction, seed, partition_id)
+    return ArrayDataset(x=raw.x[train], y=y[train])
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,20 +1,26 @@
 """A user's data loader by import path: ``dataset = "mypackage.data:load"``.
 
-The loader takes no arguments and returns the whole labelled dataset, which pollinate then
-splits, partitions and checks exactly like a built-in one. It may return:
+Either the loader takes no arguments and returns the whole labelled dataset, which pollinate
+then splits, partitions and checks exactly like a built-in one; or it takes
+``(partition_id, num_partitions)``, as Flower's ``load_data`` does, and returns one client's
+share: each share is split into train and test on its own (seeded by the run seed and the
+partition), the client trains on its train part, and the server evaluates on every share's
+test part. It may return:
 
 * a pair ``(x, y)`` of arrays (numpy, torch tensors or nested lists), one sample per row;
 * a mapping with keys ``"x"`` and ``"y"``;
-* a map-style torch ``Dataset`` whose items are ``(x, y)`` pairs.
+* a map-style torch ``Dataset`` whose items are ``(x, y)`` pairs;
+* (a per-partition loader) a pair of such Datasets or DataLoaders, ``(train, test)`` as
+  Flower's template returns them: taken together as the share, which pollinate splits itself.
 
 Samples keep the shape the loader gives them (the model sees them as they are) and become
-float32; labels must be class numbers 0..K-1.
+float32; the targets are numbers (what they mean is the task's: :mod:`pollinate.tasks`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,13 +29,17 @@ from pollinate._imports import import_object
 from pollinate.data._local import RawData, _check_samples, _labels_from_array, _numbered_labels
 from pollinate.errors import ConfigError, DataError, PollinateError
 
-__all__ = ["read_loader"]
+__all__ = ["PARTITION_ARGUMENTS", "is_partition_loader", "read_loader", "read_partition"]
 
 _RETURNS = "return (x, y) arrays, a mapping with 'x' and 'y', or a torch Dataset of (x, y) pairs"
 
 
-def read_loader(spec: str) -> RawData:
-    """Call the loader ``spec`` names and check what it returns."""
+#: the arguments of a per-partition loader (Flower's ``load_data(partition_id, num_partitions)``)
+PARTITION_ARGUMENTS = ("partition_id", "num_partitions")
+
+
+def _loader(spec: str) -> tuple[Callable[..., Any], list[str]]:
+    """The loader ``spec`` names and its required parameters."""
     loader = import_object(spec, "data")
     if not callable(loader):
         raise ConfigError(f"data {spec!r} is a {type(loader).__name__}, not a loader function")
@@ -41,17 +51,45 @@ def read_loader(spec: str) -> RawData:
         ]
     except (TypeError, ValueError):
         required = []
+    return loader, required
+
+
+def is_partition_loader(spec: str) -> bool:
+    """Whether ``spec`` names a loader of one partition, ``load(partition_id, num_partitions)``
+    (rather than of the whole dataset, ``load()``)."""
+    _, required = _loader(spec)
+    return required == list(PARTITION_ARGUMENTS)
+
+
+def read_loader(spec: str) -> RawData:
+    """Call the loader ``spec`` names and check what it returns."""
+    loader, required = _loader(spec)
     if required:
         raise ConfigError(
             f"data {spec!r} takes {', '.join(map(repr, required))}; a data loader takes no "
-            f"arguments and returns the whole dataset ({_RETURNS}): pollinate partitions it"
+            f"arguments and returns the whole dataset ({_RETURNS}), or takes (partition_id, "
+            "num_partitions) and returns that client's share"
         )
+    return _checked(_call(loader, spec), spec)
+
+
+def read_partition(spec: str, partition_id: int, num_partitions: int) -> RawData:
+    """The samples ``load(partition_id, num_partitions)`` returns for one client, checked."""
+    loader, _ = _loader(spec)
+    where = f"{spec}({partition_id}, {num_partitions})"
+    return _checked(_call(loader, where, partition_id, num_partitions), where)
+
+
+def _call(loader: Callable[..., Any], spec: str, *args: int) -> Any:
     try:
-        result = loader()
+        return loader(*args)
     except PollinateError:
         raise
     except Exception as err:
         raise DataError(f"data {spec!r}: the loader failed: {type(err).__name__}: {err}") from None
+
+
+def _checked(result: Any, spec: str) -> RawData:
     x, y = _arrays(result, spec)
     if x.ndim < 2:
         raise DataError(
@@ -72,6 +110,10 @@ def _arrays(result: Any, spec: str) -> tuple[np.ndarray, np.ndarray]:
         if "x" not in result or "y" not in result:
             raise DataError(f"data {spec!r} returned a mapping without 'x' and 'y'; {_RETURNS}")
         pair: Sequence[Any] = (result["x"], result["y"])
+    elif isinstance(result, tuple | list) and len(result) == 2 and all(map(_is_dataset, result)):
+        # Flower's template returns (trainloader, testloader): one partition, split again here
+        first, second = (_from_dataset(getattr(d, "dataset", d), spec) for d in result)
+        pair = (np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]]))
     elif isinstance(result, tuple | list) and len(result) == 2:
         pair = result
     elif hasattr(result, "__getitem__") and hasattr(result, "__len__"):
@@ -82,6 +124,14 @@ def _arrays(result: Any, spec: str) -> tuple[np.ndarray, np.ndarray]:
         return _numpy(pair[0]), _numpy(pair[1])
     except (TypeError, ValueError) as err:
         raise DataError(f"data {spec!r}: cannot read its arrays ({err}); {_RETURNS}") from None
+
+
+def _is_dataset(value: Any) -> bool:
+    """A torch Dataset or DataLoader (not an array or a tensor)."""
+    if hasattr(value, "dataset") and hasattr(value, "batch_size"):  # a DataLoader
+        return True
+    array_like = hasattr(value, "shape") or isinstance(value, list | tuple)
+    return not array_like and hasattr(value, "__getitem__") and hasattr(value, "__len__")
 
 
 def _from_dataset(dataset: Any, spec: str) -> tuple[np.ndarray, np.ndarray]:

@@ -62,6 +62,8 @@ class DatasetSplit:
         input_shape: Shape of one sample, e.g. ``(1, 28, 28)``.
         labels: Class names, indexed by label (none for regression).
         task: What the targets are (given, or detected from them).
+        partitions: With a per-partition loader, each client's indices into ``train`` (its
+            share's train part); None when pollinate partitions ``train`` itself.
     """
 
     name: str
@@ -71,6 +73,7 @@ class DatasetSplit:
     input_shape: tuple[int, ...]
     labels: tuple[str, ...]
     task: Task = CLASSIFICATION
+    partitions: tuple[np.ndarray, ...] | None = None
 
     @property
     def num_outputs(self) -> int:

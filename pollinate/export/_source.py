@@ -48,7 +48,9 @@ def load_run(run_dir: Path) -> LoadedRun:
             "`pollinate simulate`"
         )
     try:
-        saved = json.loads(run_json.read_text())["settings"]
+        run_info = json.loads(run_json.read_text())
+        saved = run_info["settings"]
+        population = int(run_info.get("population", 0))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{run_json} is corrupt ({err})") from err
     settings = RunSettings.from_run_config(saved)
@@ -57,7 +59,7 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise CheckpointError(f"{run_dir} has no completed round yet; nothing to export")
     data = load_dataset(
         settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
-        task=settings.task,
+        task=settings.task, num_partitions=population,
     )  # fmt: skip
     model = build_model(
         settings.model, input_shape=data.input_shape, num_classes=data.num_outputs,

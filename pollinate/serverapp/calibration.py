@@ -61,14 +61,18 @@ def _train_sizes(settings: RunSettings, data: DatasetSplit, population: int) -> 
     from pollinate.data import partition_indices
 
     try:
-        sizes = [
-            len(p)
-            for p in partition_indices(
-                data.train.y, population, settings.partitioner, seed=settings.seed,
-                alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
-                samples_per_partition=settings.samples_per_client,
-            )
-        ]  # fmt: skip
+        if data.partitions is not None:  # the user's loader made the shares
+            sizes = [len(p) for p in data.partitions]
+        else:
+            sizes = [
+                len(p)
+                for p in partition_indices(
+                    data.train.y, population, settings.partitioner, seed=settings.seed,
+                    alpha=settings.dirichlet_alpha,
+                    shards_per_partition=settings.shards_per_client,
+                    samples_per_partition=settings.samples_per_client,
+                )
+            ]  # fmt: skip
     except (PollinateError, ValueError):
         sizes = [max(1, len(data.train) // population)]
     fraction = local_eval_fraction(settings)

@@ -66,14 +66,14 @@ def start_run(grid: Grid, settings: RunSettings, *, threads: int = 1) -> RunStat
     """
     torch.set_num_threads(max(1, threads))
     run_dir = Path(settings.run_dir or f"runs/run-{int(time.time())}").resolve()
+    directory = _connect(grid, settings)
+    population = len(directory)
     data = load_dataset(
         settings.dataset, test_fraction=settings.test_fraction, seed=settings.seed,
-        task=settings.task,
+        task=settings.task, num_partitions=population,
     )  # fmt: skip
     logger.info("task: %s", settings.learning_task(data).describe())
     model, arrays = _initial_model(settings, data)
-    directory = _connect(grid, settings)
-    population = len(directory)
     strategy = build_strategy(settings, population=population)
     noise = resolve_noise(settings, data, population)
     run = RunState(

@@ -81,3 +81,39 @@ def test_a_model_from_the_working_directory_is_checked_then_trains_on_both_engin
     assert exported.returncode == 0, exported.stderr[-3000:]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["name"] == "mine:Net" and manifest["model"]["source_round"] == 2
+
+
+SHARES = """
+import numpy as np
+from sklearn.datasets import load_digits
+
+CALLS = "calls.log"
+
+
+def load_data(partition_id, num_partitions):
+    # as a Flower app's loader: one client's share; every call is logged with the process id
+    import os
+
+    with open(CALLS, "a") as log:
+        log.write(f"{os.getpid()} {partition_id} {num_partitions}\\n")
+    digits = load_digits()
+    rows = np.arange(len(digits.target))[partition_id::num_partitions]
+    return digits.images[rows, None] / 16.0, digits.target[rows]
+"""
+
+
+def test_a_per_partition_loader_trains_each_client_on_its_own_share(tmp_path: Path) -> None:
+    """Flower's `load_data(partition_id, num_partitions)` as `--data`: the CLI and the server
+    load every share (central evaluation on their test parts), each client its own."""
+    (tmp_path / "shares.py").write_text(SHARES)
+    run_dir = tmp_path / "run"
+    proc = simulate(
+        tmp_path, "-n", "5", "--rounds", "2", "--data", "shares:load_data", "--model", "cnn",
+        "--set", "fraction-train=0.4", "--run-dir", str(run_dir), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [m["replied"] for m in metrics[1:]] == [2, 2]
+    assert metrics[-1]["accuracy"] is not None and metrics[-1]["max_epsilon"] > 0
+    calls = [line.split() for line in (tmp_path / "calls.log").read_text().splitlines()]
+    assert {(p, n) for _, p, n in calls} == {(str(p), "5") for p in range(5)}

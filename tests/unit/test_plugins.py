@@ -317,8 +317,25 @@ def dataset():
     return TensorDataset(torch.from_numpy(X), torch.from_numpy(Y))
 
 
+CALLS = []
+
+
 def per_partition(partition_id, num_partitions):
-    return X, Y
+    CALLS.append(partition_id)
+    rows = np.arange(40)[partition_id::num_partitions]  # a client's own slice
+    return X[rows], Y[rows]
+
+
+def flower_template(partition_id, num_partitions):
+    # as `flwr new` writes it: (trainloader, testloader) of the partition
+    from torch.utils.data import DataLoader
+
+    x, y = per_partition(partition_id, num_partitions)
+    half = len(y) // 2
+    def make(a, b):
+        return DataLoader(TensorDataset(torch.from_numpy(a), torch.from_numpy(b)))
+
+    return make(x[:half], y[:half]), make(x[half:], y[half:])
 
 
 def regression():
@@ -372,7 +389,7 @@ def test_a_loader_returning_arrays_a_mapping_or_a_dataset_is_split_like_a_built_
 @pytest.mark.parametrize(
     ("spec", "error", "message"),
     [
-        ("userdata:per_partition", ConfigError, "takes 'partition_id', 'num_partitions'"),
+        ("userdata:per_partition", ConfigError, "needs the number of clients"),
         ("userdata:with_nan", DataError, "NaN or infinite"),
         ("userdata:mismatched", DataError, "40 samples but 10 labels"),
         ("userdata:fails", DataError, "the loader failed: OSError: the share is not mounted"),
@@ -412,3 +429,31 @@ def test_a_device_never_imports_a_data_loader_its_owner_did_not_allow(
     trained = app(msg, ctx)
     assert trained.content.metric_records["metrics"]["declined"] == 0
     assert "arrays" in trained.content.array_records and "userdata" not in sys.modules
+
+
+@pytest.mark.parametrize("loader", ["per_partition", "flower_template"])
+def test_a_per_partition_loader_gives_each_client_its_own_share(
+    user_data: Path, loader: str
+) -> None:
+    """The server loads every share and evaluates on their test parts; a client loads only its
+    own share and trains on exactly the part the server counts as its train part."""
+    from pollinate.data import load_partition
+
+    spec = f"userdata:{loader}"
+    split = load_dataset(spec, test_fraction=0.25, seed=3, num_partitions=4)
+    assert split.partitions is not None and len(split.partitions) == 4
+    assert len(split.train) + len(split.test) == 40 and len(split.test) == 4 * 2  # 10 each: 2
+    import userdata  # type: ignore[import-not-found]
+
+    for p in range(4):
+        userdata.CALLS.clear()
+        own = load_partition(spec, p, 4, "iid", seed=3, test_fraction=0.25, task="auto")
+        assert [p] == userdata.CALLS  # its own share only
+        server_view = split.train.subset(split.partitions[p])
+        assert np.array_equal(own.x, server_view.x) and np.array_equal(own.y, server_view.y)
+        # every sample of the share is from the client's own slice of X
+        own_rows = {tuple(r) for r in userdata.X[p::4].astype(np.float32)}
+        assert all(tuple(r) in own_rows for r in own.x)
+    # no test sample is anybody's training sample
+    train_rows = {tuple(r) for r in split.train.x}
+    assert not any(tuple(r) in train_rows for r in split.test.x)
