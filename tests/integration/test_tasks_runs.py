@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 
 from pollinate.models import build_model
 from tests.support.processes import POLLINATE
+from tests.support.serving import serve
 from tests.support.simulation import simulate, simulate_env
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,8 @@ def test_regression_is_detected_and_trained_with_dp_sgd_and_a_user_loss(folder: 
     assert "## Metrics" in summary and "Final metrics: mse" in summary
     assert (folder / "regression" / "metrics.png").stat().st_size > 1000
     assert "final rmse" in out
-    _export_and_predict(folder, "regression", "values")
+    expected = _export_and_predict(folder, "regression", "values")
+    _served_by_kserve(folder, "regression", expected)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,7 @@ def test_binary_with_client_level_dp_or_dp_sgd_and_robust_aggregation(
         assert privacy["sample_level"]["max_epsilon"] > 0
 
 
-def _export_and_predict(folder: Path, name: str, answer: str) -> None:
+def _export_and_predict(folder: Path, name: str, answer: str) -> np.ndarray:
     """The run's model as an ONNX bundle: its manifest says the task and one output, and
     `pollinate edge predict` gives torch's outputs (values, or labels by logit > 0)."""
     bundle, run_dir = folder / f"{name}-bundle", folder / name
@@ -141,6 +143,31 @@ def _export_and_predict(folder: Path, name: str, answer: str) -> None:
         assert np.allclose(got["values"], expected, atol=1e-4)
     else:
         assert got["labels"] == [str(int(v > 0)) for v in expected]
+    return expected
+
+
+def _served_by_kserve(folder: Path, name: str, expected: np.ndarray) -> None:
+    """Published to a serving repository, the regression model answers tritonclient with its
+    one FP32 output per sample, as the KServe metadata says."""
+    import tritonclient.http as thttp
+
+    repo = folder / f"{name}-repo"
+    exported = subprocess.run(
+        [*POLLINATE, "export", str(folder / name), "--out", str(folder / f"{name}-published"),
+         "--format", "onnx", "--precision", "fp32", "--triton-repo", str(repo)],
+        capture_output=True, text=True, timeout=300, cwd=folder, env=simulate_env(folder),
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    x = np.load(folder / f"{name}-x.npy")
+    with serve(repo, folder) as server:
+        client = thttp.InferenceServerClient(server.http_url)
+        meta = client.get_model_metadata("mlp")
+        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 1]}]
+        tensor = thttp.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        answer = client.infer("mlp", [tensor]).as_numpy("logits")
+    assert answer.dtype == np.float32 and answer.shape == (len(x), 1)
+    assert np.allclose(answer[:, 0], expected, atol=1e-4)
 
 
 DATASETS = {"regression": "friedman", "binary": "two_classes"}
