@@ -1,76 +1,57 @@
-"""Structured channel pruning of the default CNN, with a short fine-tune on server-side data.
+"""Structured channel pruning of any model, with a short fine-tune on server-side data.
 
-Structured pruning removes whole convolution channels, so the result is a smaller *dense*
-model that every runtime (ONNX Runtime, OpenVINO, TFLite) runs faster and stores smaller
-without any sparse-kernel support. Combined with INT8 quantization it is what takes the
-default model below 10% of its FP32 ONNX size.
+Structured pruning removes whole channels (convolution filters, hidden units of linear layers),
+so the result is a smaller *dense* model that every runtime (ONNX Runtime, OpenVINO, TFLite)
+runs faster and stores smaller without any sparse-kernel support. Combined with INT8
+quantization it is what takes the default model below 10% of its FP32 ONNX size.
 
-:func:`prune_structured` ranks the output channels of both convolutions by the L1 norm of
-their filters, keeps the strongest ones, copies their weights into a :class:`PrunedCNN`
-(the same layer layout as :class:`~pollinate.models.SmallCNN`, with fewer channels) and
-fine-tunes it on the data the caller passes. That data must be **server-side** data (in a
-real federation: a small public or server-held set), never the test split the export pipeline
-validates on, or the reported accuracy would be optimistic.
+:func:`prune_structured` traces a copy of the model with torch-pruning's dependency graph
+(DepGraph), which finds the layers whose channels must be removed together (a convolution,
+its GroupNorm, the next layer's inputs, the other branch of a residual sum), ranks the channels
+of each such group by L1 norm, removes the weakest ones, and fine-tunes the smaller model on
+the data the caller passes. That data must be **server-side** data (in a real federation: a
+small public or server-held set), never the test split the export pipeline validates on, or
+the reported accuracy would be optimistic.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pollinate.errors import ConfigError
-from pollinate.models import SmallCNN
 
-__all__ = ["MAX_AMOUNT", "PruneResult", "PrunedCNN", "prune_structured"]
+__all__ = ["MAX_AMOUNT", "PruneResult", "SupervisedLoss", "cross_entropy_loss", "prune_structured"]
 
-#: Largest pruning amount accepted (share of channels removed from each convolution).
+#: Largest pruning amount accepted (share of channels removed from each layer group).
 MAX_AMOUNT = 0.95
-#: Fine-tune batch size and learning rate (Adam).
+#: Fine-tune batch size and learning rate (Adam). 1e-2 suits the tiny pruned default CNN
+#: but scatters a pruned ResNet (MNIST, 75%: -1.7 to +1.1 points of accuracy drop over three
+#: seeds, where 3e-3 gains 2.3 to 3.1 points); with 3e-3 the default CNN drops 0.2-0.5.
 _BATCH = 32
-_LR = 1e-2
+_LR = 3e-3
 #: Distillation temperature and the weight of the distillation term in the fine-tune loss.
 _TEMPERATURE = 4.0
 _DISTILL_WEIGHT = 0.3
+#: Layers whose output channels head a pruning group (torch-pruning's "root" layers).
+_ROOTS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+#: ``loss(outputs, targets)``: the supervised fine-tune loss of a batch (per-sample losses are
+#: averaged). The default, :func:`cross_entropy_loss`, reads integer class labels.
+SupervisedLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class PrunedCNN(nn.Module):
-    """:class:`~pollinate.models.SmallCNN` with ``c1`` / ``c2`` channels and chosen GroupNorms.
-
-    The module names (``features.0`` ... ``head.1``) are those of ``SmallCNN``, so tools that
-    walk its layers see the same structure; it exports with the dynamo ONNX exporter as is.
-    """
-
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        c1: int,
-        c2: int,
-        groups1: int,
-        groups2: int,
-        num_classes: int = 10,
-        pool: int = 4,
-    ) -> None:
-        super().__init__()
-        self.c1, self.c2, self.groups1, self.groups2 = c1, c2, groups1, groups2
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel_size=5, padding=2),
-            nn.GroupNorm(groups1, c1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, kernel_size=5, padding=2),
-            nn.GroupNorm(groups2, c2),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(pool),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * pool * pool, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # type: ignore[no-any-return]
+def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class logits ``(N, K)`` against integer labels ``(N,)``."""
+    return nn.functional.cross_entropy(outputs, targets.long())
 
 
 @dataclass(frozen=True)
@@ -78,15 +59,16 @@ class PruneResult:
     """What :func:`prune_structured` produced.
 
     Attributes:
-        model: The pruned, fine-tuned dense model (a :class:`PrunedCNN`, in eval mode).
-        kept_channels: Output channels kept in ``(conv1, conv2)``.
+        model: The pruned, fine-tuned dense model (a pruned copy of the input, in eval mode).
+        kept_channels: For every convolution and linear layer, by module name,
+            ``(output channels before, output channels after)``.
         params_before: Parameters of the original model.
         params_after: Parameters of the pruned model.
         recipe: One line for the bundle manifest.
     """
 
     model: nn.Module
-    kept_channels: tuple[int, int]
+    kept_channels: dict[str, tuple[int, int]]
     params_before: int
     params_after: int
     recipe: str
@@ -96,15 +78,15 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _kept(channels: int, amount: float) -> int:
-    return max(1, min(channels, round((1.0 - amount) * channels)))
-
-
-def _top_l1(conv: nn.Conv2d, keep: int) -> torch.Tensor:
-    """Indices (ascending) of the ``keep`` output channels with the largest filter L1 norm."""
-    norms = conv.weight.detach().abs().flatten(1).sum(dim=1)
-    order = torch.argsort(norms, descending=True, stable=True)[:keep]
-    return torch.sort(order).values
+def _widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every convolution and linear layer, by module name."""
+    widths: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            widths[name] = module.out_features
+    return widths
 
 
 def _check_inputs(
@@ -114,11 +96,8 @@ def _check_inputs(
     y: np.ndarray | None,
     epochs: int,
 ) -> None:
-    if not isinstance(model, SmallCNN):
-        raise ConfigError(
-            f"structured pruning supports only the default model 'cnn' (SmallCNN), "
-            f"got {type(model).__name__}"
-        )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"structured pruning needs a torch.nn.Module, got {type(model).__name__}")
     if (
         isinstance(amount, bool)
         or not isinstance(amount, int | float)
@@ -140,70 +119,138 @@ def _check_inputs(
             raise ConfigError("finetune_x contains NaN or infinite values")
 
 
-_Layers = tuple[nn.Conv2d, nn.GroupNorm, nn.Conv2d, nn.GroupNorm, nn.AdaptiveAvgPool2d, nn.Linear]
+def _output_layers(graph: Any) -> list[nn.Module]:
+    """The convolution / linear layers whose outputs reach the model's outputs unmixed.
+
+    Walks back from the graph's sinks (nodes nothing else reads) through channel-preserving
+    operations (activations, norms, reshapes, sums) to the first layers that set a width.
+    """
+    stack = [node for node in graph.module2node.values() if not node.outputs]
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, _ROOTS):
+            found.append(node.module)
+        else:
+            stack.extend(node.inputs)
+    return found
 
 
-def _layers(model: SmallCNN | PrunedCNN) -> _Layers:
-    """The weighted layers of a ``SmallCNN``-shaped model, type-checked."""
-    conv1, gn1, conv2 = model.features[0], model.features[1], model.features[4]
-    gn2, pool, linear = model.features[5], model.features[7], model.head[1]
-    if not (
-        isinstance(conv1, nn.Conv2d)
-        and isinstance(gn1, nn.GroupNorm)
-        and isinstance(conv2, nn.Conv2d)
-        and isinstance(gn2, nn.GroupNorm)
-        and isinstance(pool, nn.AdaptiveAvgPool2d)
-        and isinstance(linear, nn.Linear)
-        and conv1.bias is not None
-        and conv2.bias is not None
-        and gn1.affine
-        and gn2.affine
-    ):
-        raise ConfigError("structured pruning needs the unmodified SmallCNN layer layout")
-    return conv1, gn1, conv2, gn2, pool, linear
+def _channel_groups(graph: Any, group: Any) -> tuple[int, bool]:
+    """The equal channel groups ``group``'s layers impose, and whether positions are shared.
+
+    A GroupNorm of ``G`` groups needs every group to lose the same number of channels but may
+    choose different ones in each; a grouped convolution needs the same positions in each group.
+    """
+    count, shared = 1, False
+    for dep, _ in group:
+        module = dep.target.module
+        pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+        if pruner is None:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            if module.groups == module.out_channels:  # depthwise: coupled one to one
+                continue
+            shared = shared or module.groups > 1
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            count = math.lcm(count, int(pruner.get_out_channel_groups(module)))
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            count = math.lcm(count, int(pruner.get_in_channel_groups(module)))
+    return count, shared
 
 
-def _copy(dest: torch.Tensor | None, src: torch.Tensor | None) -> None:
-    assert dest is not None and src is not None  # _layers checked the biases and affines
-    dest.copy_(src)
+def _weakest(importance: torch.Tensor, amount: float, groups: int, shared: bool) -> list[int]:
+    """Indices of the channels to remove: the lowest-scoring ``amount`` of each channel group.
+
+    Each channel group keeps ``round((1 - amount) * size)`` channels, at least one.
+    """
+    if importance.numel() % groups:
+        return []
+    size = importance.numel() // groups
+    keep = max(1, round((1.0 - amount) * size))
+    if keep >= size:
+        return []
+    scores = importance.detach().float().cpu().reshape(groups, size)
+    if shared:
+        scores = scores.mean(dim=0, keepdim=True).expand(groups, size)
+    drop = torch.argsort(scores, dim=1, stable=True)[:, : size - keep]
+    return sorted((drop + torch.arange(groups)[:, None] * size).flatten().tolist())
 
 
-def _transplant(model: SmallCNN, amount: float) -> PrunedCNN:
-    """Build the pruned model and copy the kept weights of ``model`` into it."""
-    conv1, gn1, conv2, gn2, pool, linear = _layers(model)
-    size = pool.output_size
-    first = size[0] if isinstance(size, tuple) else size
-    if first is None or (isinstance(size, tuple) and size[1] != first):
-        raise ConfigError(f"structured pruning needs a square pooled map, got {size!r}")
-    side = int(first)
-    c1, c2 = _kept(conv1.out_channels, amount), _kept(conv2.out_channels, amount)
-    keep1, keep2 = _top_l1(conv1, c1), _top_l1(conv2, c2)
-    pruned = PrunedCNN(
-        in_channels=conv1.in_channels,
-        c1=c1,
-        c2=c2,
-        groups1=math.gcd(c1, gn1.num_groups),
-        groups2=math.gcd(c2, gn2.num_groups),
-        num_classes=linear.out_features,
-        pool=side,
+def _recurrent_layer(model: nn.Module) -> str | None:
+    """``name (Class)`` of the first recurrent layer of ``model`` (torch's or Opacus'), if any."""
+    kinds: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+    try:
+        from opacus.layers.dp_rnn import DPRNNBase
+
+        kinds = (*kinds, DPRNNBase)
+    except ImportError:  # pragma: no cover - opacus is a dependency of pollinate
+        pass
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            return f"{name} ({type(module).__name__})"
+    return None
+
+
+def _unprunable(label: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot prune model {label}: {why}; export without --prune, or use a model of "
+        "convolution and linear layers (e.g. 'cnn', 'mlp', 'resnet')"
     )
-    p_conv1, p_gn1, p_conv2, p_gn2, _, p_linear = _layers(pruned)
-    spatial = side * side
-    # Flatten is channel-major: input column c * spatial + s belongs to channel c.
-    columns = (keep2[:, None] * spatial + torch.arange(spatial)[None, :]).reshape(-1)
-    bias1, bias2 = conv1.bias, conv2.bias
-    assert bias1 is not None and bias2 is not None
-    with torch.no_grad():
-        _copy(p_conv1.weight, conv1.weight[keep1])
-        _copy(p_conv1.bias, bias1[keep1])
-        _copy(p_gn1.weight, gn1.weight[keep1])
-        _copy(p_gn1.bias, gn1.bias[keep1])
-        _copy(p_conv2.weight, conv2.weight[keep2][:, keep1])
-        _copy(p_conv2.bias, bias2[keep2])
-        _copy(p_gn2.weight, gn2.weight[keep2])
-        _copy(p_gn2.bias, gn2.bias[keep2])
-        _copy(p_linear.weight, linear.weight[:, columns])
-        _copy(p_linear.bias, linear.bias)
+
+
+def _prune_copy(model: nn.Module, example: torch.Tensor, amount: float, label: str) -> nn.Module:
+    """A copy of ``model`` with the weakest ``amount`` of each prunable channel group removed."""
+    import torch_pruning as tp  # type: ignore[import-untyped]
+
+    recurrent = _recurrent_layer(model)
+    if recurrent is not None:
+        raise _unprunable(
+            label, f"its recurrent layer {recurrent} cannot be pruned (channel pruning covers "
+            "convolution and linear layers only)",
+        )  # fmt: skip
+    pruned = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            expected = tuple(model(example).shape)
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(
+                pruned, example_inputs=example, verbose=False
+            )
+            score = tp.importance.GroupMagnitudeImportance(p=1)
+            candidates = 0
+            plans: list[tuple[Any, Any, list[int]]] = []
+            for group in graph.get_all_groups(
+                ignored_layers=_output_layers(graph), root_module_types=_ROOTS
+            ):
+                groups, shared = _channel_groups(graph, group)
+                importance = score(group)
+                if importance is None:
+                    continue
+                candidates += 1
+                drop = _weakest(importance, amount, groups, shared)
+                if drop:
+                    plans.append((group[0].dep.target.module, group[0].dep.handler, drop))
+            for module, handler, drop in plans:
+                graph.get_pruning_group(module, handler, drop).prune(record_history=False)
+        with torch.no_grad():
+            got = tuple(pruned(example).shape)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise _unprunable(
+            label, f"torch-pruning cannot trace or cut it ({type(err).__name__}: {reason})"
+        ) from err
+    if candidates == 0 and amount > 0:
+        raise _unprunable(
+            label, "it has no channels that can be removed without changing its outputs"
+        )
+    if got != expected:
+        raise _unprunable(label, f"pruning changed its output shape from {expected} to {got}")
     return pruned
 
 
@@ -215,10 +262,11 @@ def _finetune(
     *,
     epochs: int,
     seed: int,
+    loss_fn: SupervisedLoss = cross_entropy_loss,
 ) -> None:
-    """Adam on (x, y) for ``epochs``; with a teacher, cross-entropy plus distillation."""
+    """Adam on (x, y) for ``epochs`` with ``loss_fn``; with a teacher, plus distillation."""
     xs = torch.tensor(np.asarray(x, dtype=np.float32))
-    ys = torch.tensor(np.asarray(y, dtype=np.int64))
+    ys = torch.as_tensor(np.asarray(y))
     soft: torch.Tensor | None = None
     if teacher is not None:
         teacher.eval()
@@ -235,7 +283,7 @@ def _finetune(
         for start in range(0, len(xs), _BATCH):
             idx = order[start : start + _BATCH]
             logits = student(xs[idx])
-            loss = nn.functional.cross_entropy(logits, ys[idx])
+            loss = loss_fn(logits, ys[idx]).mean()
             if soft is not None:
                 distill = nn.functional.kl_div(
                     torch.log_softmax(logits / _TEMPERATURE, dim=1),
@@ -252,70 +300,80 @@ def _finetune(
 
 
 def prune_structured(
-    model: SmallCNN,
+    model: nn.Module,
     *,
+    input_shape: tuple[int, ...],
     amount: float,
     finetune_x: np.ndarray | None,
     finetune_y: np.ndarray | None,
     epochs: int = 10,
     seed: int = 0,
     distill: bool = True,
+    loss: SupervisedLoss = cross_entropy_loss,
+    name: str | None = None,
 ) -> PruneResult:
-    """Remove the weakest ``amount`` of channels of both convolutions and fine-tune the rest.
+    """Remove the weakest ``amount`` of channels of every layer group and fine-tune the rest.
 
-    Each convolution keeps ``round((1 - amount) * C)`` output channels (at least one): those
-    whose filters have the largest L1 norm. Their weights, GroupNorm affine parameters, the
-    matching input channels of conv2 and the matching columns of the linear head are copied
-    into a :class:`PrunedCNN`; each GroupNorm keeps ``gcd(kept, original groups)`` groups so
-    that it still divides the channels. Removing channels changes the GroupNorm statistics, so
-    the model is then fine-tuned (Adam, cosine schedule, one CPU thread) on
-    ``finetune_x`` / ``finetune_y``; with ``distill`` the loss adds knowledge distillation from
-    the unpruned model's logits on the same samples.
+    torch-pruning traces a copy of ``model`` on a zero batch of ``input_shape`` and groups the
+    layers whose channels are coupled. Every group headed by a convolution or linear layer is
+    ranked by the mean L1 norm of its weights per channel (the layer's filters and the next
+    layers' input weights); each keeps ``round((1 - amount) * C)`` channels, at least one. A
+    GroupNorm keeps its number of groups, so every norm group keeps that share of its channels.
+    The layers that produce the outputs keep their width and the first layer keeps its input
+    channels, so the pruned model takes and returns tensors of the same shapes.
 
+    Removing channels changes the activations, so the model is then fine-tuned (Adam, cosine
+    schedule, one CPU thread) on ``finetune_x`` / ``finetune_y`` with ``loss``; with ``distill``
+    the loss adds knowledge distillation from the unpruned model's logits on the same samples.
     The fine-tune data must be data the server holds (a public or server-side set): never the
     split the exported artifacts are validated on.
 
     Args:
-        model: The trained default model (``SmallCNN``); it is not modified.
-        amount: Share of channels removed from each convolution, in ``[0, 0.95]``.
-        finetune_x: Server-side samples, ``(N, C, H, W)``; ``None`` skips the fine-tune.
-        finetune_y: Their integer labels, ``(N,)``.
+        model: The trained model; it is not modified.
+        input_shape: Shape of one input sample, without the batch dimension.
+        amount: Share of channels removed from each layer group, in ``[0, 0.95]``.
+        finetune_x: Server-side samples ``(N, *input_shape)``; ``None`` skips the fine-tune.
+        finetune_y: Their targets, ``(N,)`` (integer labels for the default loss).
         epochs: Fine-tune epochs (0 skips it).
         seed: Seed of the fine-tune shuffling.
         distill: Distil the unpruned model's logits into the pruned one while fine-tuning.
+        loss: The supervised loss ``loss(outputs, targets)``; cross-entropy by default.
+        name: What error messages call the model (a registry name); its class name if ``None``.
 
     Returns:
         The pruned model (eval mode) and what was done.
 
     Raises:
-        ConfigError: ``model`` is not a ``SmallCNN``, ``amount`` or ``epochs`` is out of range,
-            or the fine-tune data is inconsistent.
+        ConfigError: ``amount`` or ``epochs`` is out of range, the fine-tune data is
+            inconsistent, or torch-pruning cannot prune the model (an LSTM, a graph it cannot
+            trace): the message names the model and the reason.
     """
     _check_inputs(model, amount, finetune_x, finetune_y, epochs)
+    label = f"{name!r} ({type(model).__name__})" if name else type(model).__name__
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    was_training = model.training
     try:
         torch.manual_seed(seed)
-        was_training = model.training
-        pruned = _transplant(model, float(amount))
+        model.eval()
+        pruned = _prune_copy(model, torch.zeros((2, *input_shape)), float(amount), label)
         tuned = finetune_x is not None and finetune_y is not None and epochs > 0
         if finetune_x is not None and finetune_y is not None and epochs > 0:
-            _finetune(
-                pruned,
-                model if distill else None,
-                finetune_x,
-                finetune_y,
-                epochs=epochs,
-                seed=seed,
-            )
-        model.train(was_training)
+            teacher = model if distill else None
+            _finetune(pruned, teacher, finetune_x, finetune_y, epochs=epochs, seed=seed,
+                      loss_fn=loss)  # fmt: skip
     finally:
+        model.train(was_training)
         torch.set_num_threads(threads)
     pruned.eval()
-    conv1, _, conv2, _, _, _ = _layers(model)
+    before, after = _widths(model), _widths(pruned)
+    kept = {layer: (before[layer], after[layer]) for layer in before}
+    cut = [layer for layer, (old, new) in kept.items() if new < old]
+    params_before, params_after = _count(model), _count(pruned)
     recipe = (
-        f"structured L1 channel pruning {conv1.out_channels}->{pruned.c1} / "
-        f"{conv2.out_channels}->{pruned.c2}"
+        f"structured L1 channel pruning (torch-pruning) of {amount:.0%}: {len(cut)} layers, "
+        f"{sum(before[k] for k in cut)}->{sum(after[k] for k in cut)} channels, "
+        f"{params_before}->{params_after} parameters"
     )
     if tuned:
         assert finetune_x is not None
@@ -325,8 +383,8 @@ def prune_structured(
         recipe += ", not fine-tuned"
     return PruneResult(
         model=pruned,
-        kept_channels=(pruned.c1, pruned.c2),
-        params_before=_count(model),
-        params_after=_count(pruned),
+        kept_channels=kept,
+        params_before=params_before,
+        params_after=params_after,
         recipe=recipe,
     )

@@ -18,7 +18,7 @@ import numpy as np
 from pollinate.errors import ConfigError
 from pollinate.export._options import ExportOptions, Format, Precision
 from pollinate.export._source import LoadedRun
-from pollinate.models import SmallCNN
+from pollinate.tasks import TaskKind
 
 __all__ = ["Made", "Step", "plan"]
 
@@ -197,21 +197,20 @@ def _pruned_builder(
         n = min(options.finetune_samples, len(run.data.train))
         x_ft = np.array(run.data.train.x[-n:], dtype=np.float32)
         y_ft = np.array(run.data.train.y[-n:])
-        if not isinstance(run.model, SmallCNN):
-            raise ConfigError(
-                f"--prune supports the default model 'cnn' only, this run used "
-                f"{run.settings.model!r}; export without --prune"
-            )
+        shape = tuple(run.data.input_shape)
+        task = run.task
         pruned = prune_structured(
-            run.model, amount=options.prune, finetune_x=x_ft, finetune_y=y_ft,
-            seed=run.settings.seed,
+            run.model, input_shape=shape, amount=options.prune, finetune_x=x_ft,
+            finetune_y=y_ft, seed=run.settings.seed, name=run.settings.model,
+            loss=task.sample_losses,
+            distill=task.kind == TaskKind.CLASSIFICATION,  # a softmax teacher: classes only
         )  # fmt: skip
         fp32 = tmp / "model.pruned.fp32.onnx"
-        export_onnx(pruned.model, fp32, input_shape=tuple(run.data.input_shape))
+        export_onnx(pruned.model, fp32, input_shape=shape)
         x_test = np.array(run.data.test.x, dtype=np.float32)
         own = measure_parity(
             onnx_session(fp32), x_test, np.asarray(run.data.test.y),
-            torch_logits(pruned.model, x_test),
+            torch_logits(pruned.model, x_test), task=task.kind.value,
         )  # fmt: skip
         check_tolerances("model.pruned.fp32.onnx", own, precision="fp32")
         out = tmp / "model.pruned.int8.onnx"
