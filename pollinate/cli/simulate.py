@@ -12,6 +12,7 @@ from rich.markup import escape
 from pollinate.cli._common import parse_sets, setup_logging, user_code_on_path
 from pollinate.cli.console import make_console
 from pollinate.cli.new import find_app, read_app
+from pollinate.cli.summary import print_summary
 from pollinate.errors import CheckpointError, ConfigError
 
 __all__ = ["report_command", "simulate_command"]
@@ -223,7 +224,7 @@ def simulate_command(
     chosen_engine = _engine(engine)
     settings = RunSettings.from_run_config(config)
     result = _run_with_progress(settings, clients, verbose, chosen_engine)
-    _print_summary(result)
+    print_summary(result)
 
 
 def _default_run_name() -> str:
@@ -273,6 +274,7 @@ def _engine(value: str) -> Any:
 
 
 def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) -> Any:
+    import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pollinate.config import SampleDP
@@ -302,6 +304,14 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     console = make_console(stderr=True)
     how = "detected from the labels" if settings.task.value == "auto" else "as set"
     console.print(f"task: {escape(learning_task.describe())} ({how})")
+    if learning_task.kind.value == "regression":
+        scale = float(np.sqrt(np.mean(np.square(data.train.y, dtype=np.float64))))
+        if scale > 10:
+            console.print(
+                f"[yellow]note:[/] the targets' RMS is {scale:.3g}; SGD trains best on targets "
+                "of order 1 (large squared errors kill ReLU units and make updates exceed "
+                "max-update-norm): divide them by a constant in your loader (MAPE is unchanged)"
+            )
     console.print(
         f"[bold]pollinate[/] {clients} clients, {settings.num_server_rounds} rounds, "
         f"strategy {settings.strategy.value}, dp {settings.dp.value}, "
@@ -318,35 +328,6 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
             return simulate(settings, options)
         finally:
             events.remove_listener(listener)
-
-
-def _print_summary(result: Any) -> None:
-    from pollinate.rundir.report import render_summary_table
-
-    out = make_console(min_width=120)
-    out.print(render_summary_table(result.history, result.privacy))
-    last = result.history[-1] if result.history else None
-    if last is not None and last.accuracy is not None:
-        out.print(f"final accuracy [bold]{last.accuracy:.4f}[/] after round {last.server_round}")
-    elif last is not None and last.metrics:
-        shown = ", ".join(
-            f"{name} [bold]{last.metrics[name]:.4g}[/]"
-            for name in ("rmse", "mae", "mape")
-            if name in last.metrics
-        )
-        out.print(f"final {shown} after round {last.server_round}")
-    sample = result.privacy.get("sample_level", {})
-    if sample.get("enabled") and sample.get("max_epsilon") is not None:
-        out.print(
-            f"sample-level ε (per client, δ={result.privacy.get('delta')}): "
-            f"max {sample['max_epsilon']:.3f}, median {sample['median_epsilon']:.3f}"
-        )
-    client = result.privacy.get("client_level", {})
-    if client.get("enabled") and client.get("epsilon") is not None:
-        out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
-    if result.privacy.get("private") is False:
-        out.print(f"[bold red]{escape(str(result.privacy.get('noise')))}[/]")
-    out.print(f"run directory: {result.run_dir}")
 
 
 def report_command(

@@ -189,3 +189,22 @@ def test_a_regression_target_given_to_a_classifier_is_one_clear_line(folder: Pat
     assert proc.returncode != 0
     assert "a regression target given to a classification task" in proc.stderr
     assert "Traceback" not in proc.stderr and not (folder / "refused").exists()
+
+
+def test_large_regression_targets_get_a_note_and_rejected_updates_a_hint(folder: Path) -> None:
+    """Diabetes' targets (25..346) as they are: SGD's huge squared errors make every update
+    exceed the automatic bound; the run says why and what to do instead of failing quietly."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    np.savez(folder / "diabetes.npz", x=bunch.data, y=bunch.target)
+    proc = simulate(
+        folder, "-n", "4", "--rounds", "1", "--model", "mlp", "--dp", "none",
+        "--data", str(folder / "diabetes.npz"), "--run-dir", str(folder / "diabetes"),
+        cwd=folder,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stderr + proc.stdout
+    assert "task: regression (detected from the labels)" in out
+    assert "the targets' RMS is 172" in out and "divide them by a constant" in out
+    assert "updates were rejected" in out and "--set max-update-norm" in out
