@@ -55,8 +55,11 @@ def _batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-#: the most memory the per-sample gradients of one chunk of the cohort may take
-MEMORY_BUDGET_BYTES = 1 << 30
+#: the most memory the per-sample gradients of one chunk of the cohort may take. Small chunks
+#: cost nothing: 100 clients x 4 samples of the 1.27 M-parameter resnet took 8.9 s a round with
+#: 1 GiB (3.5 GB peak RSS), 6.3-6.8 s with 64-256 MiB (1.2-1.7 GB); a model of 26 k parameters
+#: still trains 160 such clients per chunk
+MEMORY_BUDGET_BYTES = 64 << 20
 
 
 def train_cohort(
