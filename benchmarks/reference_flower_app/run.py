@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--num-supernodes", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
-        "--model", default="opacus-mnist", help="opacus-mnist (default) or pollinate's cnn"
+        "--model",
+        default="opacus-mnist",
+        help="opacus-mnist (default) or a pollinate built-in: cnn, resnet, ...",
     )
     parser.add_argument(
         "--client-cpus",

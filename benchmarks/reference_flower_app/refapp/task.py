@@ -69,7 +69,8 @@ class Net(nn.Module):
 
 
 def make_model(context: Context) -> nn.Module:
-    """``Net`` (model "opacus-mnist", the default) or pollinate's default CNN (model "cnn")."""
+    """``Net`` (model "opacus-mnist", the default) or a pollinate built-in by name: its
+    default CNN (model "cnn"), its GroupNorm ResNet (model "resnet", benchmarks/models.py)."""
     name = str(config_value(context, "model"))
     if name == "opacus-mnist":
         return Net()
