@@ -457,3 +457,45 @@ def test_a_per_partition_loader_gives_each_client_its_own_share(
     # no test sample is anybody's training sample
     train_rows = {tuple(r) for r in split.train.x}
     assert not any(tuple(r) in train_rows for r in split.test.x)
+
+
+def test_a_device_never_imports_a_loss_hook_its_owner_did_not_allow(
+    user_module: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss runs inside the device's training: a server naming ``userloss:evil`` (a module
+    whose import writes a file) is refused before the import, and the device's data stay put."""
+    (user_module / "userloss.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['LOSS_MARKER']).write_text('ran')\n"
+        "def evil(outputs, targets):\n"
+        "    return (outputs[:, 0] * 0).abs()\n"
+    )
+    marker = user_module / "loss-imported.txt"
+    monkeypatch.setenv("LOSS_MARKER", str(marker))
+    rng = np.random.default_rng(0)
+    data = user_module / "mine.npz"
+    np.savez(data, x=rng.integers(0, 16, size=(20, 8, 8)), y=np.arange(20) % 10)
+    msg = _train_message(user_module, "cnn")
+    msg.content.config_records["config"]["loss"] = "userloss:evil"
+    context = Context(
+        run_id=1, node_id=NODE, node_config={"data-path": str(data)}, state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    refused = app(msg, context)
+    reason = str(refused.content.config_records["info"]["refused"])
+    assert refused.content.metric_records["metrics"]["refused"] == 1
+    assert "loss 'userloss:evil'" in reason and "--allow-import userloss:evil" in reason
+    assert not marker.exists() and "userloss" not in sys.modules, "the hook was imported"
+    sys.modules.pop("userloss", None)
+
+
+def test_federated_evaluation_of_a_regression_under_dp_sgd_is_refused_up_front(
+    user_data: Path,
+) -> None:
+    data = load_dataset("userdata:regression", seed=0)
+    assert data.task.kind.value == "regression"
+    private = RunSettings.from_run_config({"fraction-evaluate": 0.5, "dp": "sample"})
+    with pytest.raises(ConfigError, match="no bound to noise it by; set fraction-evaluate = 0"):
+        private.learning_task(data)
+    plain = RunSettings.from_run_config({"fraction-evaluate": 0.5, "dp": "none"})
+    assert plain.learning_task(data).num_outputs == 1
