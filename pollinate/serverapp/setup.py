@@ -48,7 +48,8 @@ RUN_FILE = "run.json"
 
 #: Settings that must not change when a run is resumed (the result would not be the same run).
 FIXED_ON_RESUME = (
-    "seed", "model", "fix-model", "dataset", "partitioner", "strategy", "dp", "client-dp",
+    "seed", "model", "fix-model", "task", "loss", "dataset", "partitioner", "strategy", "dp",
+    "client-dp",
     "noise-multiplier", "max-grad-norm", "target-delta", "fraction-train", "batch-size",
     "local-epochs", "dirichlet-alpha", "shards-per-client", "samples-per-client",
     "test-fraction", "reproducible-noise", "local-eval-fraction", "eval-noise-multiplier",
