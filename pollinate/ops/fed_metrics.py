@@ -17,6 +17,8 @@ counts it. Names (label ``run_id`` on all but the last):
 - ``pollinate_federation_round_duration_seconds``: histogram of every round's duration
 - ``pollinate_federation_accuracy`` / ``pollinate_federation_loss``: central evaluation after
   the last round (round 0: the initial model)
+- ``pollinate_federation_metric{name}``: every central-evaluation metric of the task (macro F1,
+  AUC, MAE, RMSE, MAPE, a user's metrics) after the last round
 - ``pollinate_federation_max_epsilon``: sample-level epsilon, the largest over clients
 - ``pollinate_federation_client_level_epsilon``: client-level epsilon (when enabled)
 - ``pollinate_federation_last_round_timestamp_seconds``: when metrics.json was last written
@@ -226,6 +228,10 @@ def _families(runs: list[_Run]) -> Iterator[Metric]:
     )  # fmt: skip
     accuracy = gauge("accuracy", "Central test accuracy after the last round")
     loss = gauge("loss", "Central test loss after the last round")
+    task_metric = gauge(
+        "metric", "Each central-evaluation metric after the last round (macro F1, AUC, MAE, "
+        "RMSE, MAPE, the user's)", [*run, "name"],
+    )  # fmt: skip
     max_eps = gauge("max_epsilon", "Sample-level epsilon, the largest over clients so far")
     client_eps = gauge("client_level_epsilon", "Client-level epsilon after the last round")
     written = gauge("last_round_timestamp_seconds", "Unix time metrics.json was last written")
@@ -254,8 +260,10 @@ def _families(runs: list[_Run]) -> Iterator[Metric]:
         ):
             if value is not None:
                 family.add_metric(rid, value)
+        for name, number in sorted(((last.metrics if last else None) or {}).items()):
+            task_metric.add_metric([*rid, name], number)
     yield from (rounds, target, last_clients, clients, last_seconds, seconds, accuracy, loss,
-                max_eps, client_eps, written)  # fmt: skip
+                task_metric, max_eps, client_eps, written)  # fmt: skip
 
 
 def serve_federation_metrics(

@@ -268,6 +268,8 @@ def run_status(state_dir: Path, run_id: str | None = None) -> dict[str, Any]:
         report["round"] = last.get("server_round", 0)
         for key in ("sampled", "replied", "declined", "failed", "accuracy"):
             report[key] = last.get(key)
+        if last.get("metrics"):  # the task's (and the user's) central metrics
+            report["metrics"] = last["metrics"]
     privacy_path = run_dir / "privacy.json"
     if privacy_path.is_file():
         summary = json.loads(privacy_path.read_text()).get("summary", {})

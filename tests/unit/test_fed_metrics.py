@@ -251,13 +251,35 @@ def test_every_metric_and_label_of_two_runs(state: Path, url: str) -> None:
     assert got.types == {
         **{f"pollinate_federation_{n}": "gauge" for n in (
             "round", "target_rounds", "last_round_clients", "last_round_duration_seconds",
-            "accuracy", "loss", "max_epsilon", "client_level_epsilon",
+            "accuracy", "loss", "metric", "max_epsilon", "client_level_epsilon",
             "last_round_timestamp_seconds")},
         "pollinate_federation_clients": "counter",
         "pollinate_federation_round_duration_seconds": "histogram",
         "pollinate_federation_scrape_errors": "counter",
     }  # fmt: skip
     assert not any(name.startswith("pollinate_federation_scrape_errors") for name, _ in got.samples)
+
+
+def test_a_tasks_central_metrics_are_exported_by_name(state: Path, url: str) -> None:
+    """A regression run has no accuracy; its MAE, RMSE and MAPE are gauges by name, and
+    `server status` reports them too."""
+    from pollinate.ops.runs import run_status
+
+    run_dir = state / "runs" / "reg"
+    write_run(fresh_run(run_dir))
+    metrics = {"mse": 4.0, "mae": 1.5, "rmse": 2.0, "mape": 7.25}
+    rows = [RoundRecord(server_round=0, accuracy=None, loss=4.0, metrics=metrics).to_dict()]
+    atomic_write_json(run_dir / "metrics.json", rows)
+    write_runs(state, {"7": (run_dir, "2025-05-01T10:00:00+00:00")})
+    got = scrape(url).of_run("7")
+    exported = {
+        dict(labels)["name"]: value
+        for (name, labels), value in got.items()
+        if name == "pollinate_federation_metric"
+    }
+    assert exported == metrics
+    assert not any(name == "pollinate_federation_accuracy" for name, _ in got)
+    assert run_status(state, "7")["metrics"] == metrics
 
 
 def test_values_follow_the_files_between_scrapes(state: Path, url: str) -> None:
