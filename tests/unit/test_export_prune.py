@@ -382,7 +382,9 @@ def test_a_users_model_prunes_and_fine_tunes_with_its_loss() -> None:
         model, input_shape=(1, 8, 8), amount=0.5, finetune_x=x, finetune_y=y, epochs=1,
         distill=False, loss=loss,
     )  # fmt: skip
-    assert calls == [32, 32]  # one epoch of two batches, through the caller's loss
+    # through the caller's loss, once per learning rate tried: one epoch on four fifths of the
+    # 64 samples (batches of 32 and 20), then the held-out fifth (12) that picks the rate
+    assert calls == [32, 20, 12, 32, 20, 12]
     assert result.kept_channels == {
         "wide": (12, 6), "point": (12, 6), "mix": (16, 8), "out": (3, 3),
     }  # fmt: skip
