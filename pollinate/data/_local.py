@@ -52,9 +52,7 @@ def load_local_data(
         DataError: The path is missing, empty, corrupt or in an unsupported format.
     """
     raw = read_source(Path(path))
-    kind = TaskKind(task)
-    if kind == TaskKind.AUTO:
-        kind = detect_task(kind, raw.y, str(path))
+    kind = detect_task(task, raw.y, str(path))  # as given, or read from the labels for auto
     return ArrayDataset(x=raw.x, y=task_targets(kind, raw.y, str(path)))
 
 

@@ -320,7 +320,7 @@ def _own_share(
     """One client's train part from a per-partition loader: only its own share is loaded,
     split exactly as the server splits it (:func:`partition_split`)."""
     raw = read_partition(source, partition_id, num_partitions)
-    kind = detect_task(task, raw.y, source) if task == TaskKind.AUTO else task
+    kind = detect_task(task, raw.y, source)  # as given, or read from the share for auto
     y = task_targets(kind, raw.y, source)
     train = partition_split(len(y), fraction, seed, partition_id)
     return ArrayDataset(x=raw.x[train], y=y[train])
