@@ -14,7 +14,7 @@ from pollinate.edge_runtime._backends import Backend, open_backend
 from pollinate.edge_runtime._bundle import open_bundle, select_artifact, verify_bundle_dir
 from pollinate.edge_runtime._preprocess import InputAdapter
 from pollinate.edge_runtime.errors import BundleError, InputError
-from pollinate.edge_runtime.manifest import Artifact, Manifest, TensorSpec
+from pollinate.edge_runtime.manifest import Artifact, Manifest, TensorSpec, predicted_bins
 
 __all__ = ["BackendName", "EdgeModel", "PrecisionName", "load_bundle"]
 
@@ -102,10 +102,7 @@ class EdgeModel:
         class, or for a binary model class 1 where the logit is above 0."""
         if self.task == "regression":
             raise ValueError("a regression model predicts values, not labels; use predict()")
-        if self.task == "binary":
-            indices = (outputs[:, 0] > 0).astype(np.int64)
-        else:
-            indices = np.argmax(outputs, axis=-1)
+        indices = predicted_bins(outputs, self.task, None)  # the drift monitor's decisions
         labels = self.manifest.labels
         return [labels[i] if i < len(labels) else str(i) for i in indices.tolist()]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pollinate.edge_runtime.manifest import predicted_bins
 from pollinate.errors import ConfigError, ExportError
 
 __all__ = [
@@ -169,18 +170,15 @@ def task_score(outputs: np.ndarray, y: np.ndarray, task: str) -> float:
     """Accuracy of ``outputs`` against ``y`` (regression: R²)."""
     if task == "regression":
         return _r2(outputs[:, 0], np.asarray(y, dtype=np.float64))
-    if task == "binary":
-        return float(np.mean((outputs[:, 0] > 0) == (np.asarray(y) > 0.5)))
-    return float(np.mean(outputs.argmax(axis=1) == y))
+    return float(np.mean(predicted_bins(outputs, task, None) == np.asarray(y).astype(np.int64)))
 
 
 def task_agreement(outputs: np.ndarray, reference: np.ndarray, task: str) -> float:
     """Share of equal decisions (regression: R² of ``outputs`` against ``reference``)."""
     if task == "regression":
         return _r2(outputs[:, 0], reference[:, 0].astype(np.float64))
-    if task == "binary":
-        return float(np.mean((outputs[:, 0] > 0) == (reference[:, 0] > 0)))
-    return float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
+    decide = predicted_bins  # the arg-max class, or the binary decision
+    return float(np.mean(decide(outputs, task, None) == decide(reference, task, None)))
 
 
 def _r2(pred: np.ndarray, target: np.ndarray) -> float:
