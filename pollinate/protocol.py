@@ -145,6 +145,7 @@ class ClientTask:
     fix_model: bool = False
     task: TaskKind = TaskKind.CLASSIFICATION
     loss: str = ""
+    physical_batch_size: int = 0
 
     @property
     def learning_task(self) -> Task:
@@ -192,6 +193,7 @@ class ClientTask:
             fix_model=bool(cfg.get("fix-model", False)),
             task=_task_kind(cfg),
             loss=_str(cfg, "loss", ""),
+            physical_batch_size=_int(cfg, "physical-batch-size", 0),
         )
 
 

@@ -115,13 +115,21 @@ def simulate_command(
     noise: Annotated[float | None, typer.Option(help="DP-SGD noise multiplier.")] = None,
     clip: Annotated[float | None, typer.Option(help="DP-SGD per-sample clipping norm.")] = None,
     target_epsilon: Annotated[
-        float | None, typer.Option(help="Calibrate noise so no client exceeds this epsilon.")
+        float | None,
+        typer.Option(
+            help="Calibrate the noise so no client exceeds this epsilon over the whole run: "
+            "DP-SGD's, or the client-level mechanism's when --dp none."
+        ),
     ] = None,
     epsilon_budget: Annotated[
         float | None, typer.Option(help="Per-client budget: clients decline past it (0 = none).")
     ] = None,
     client_dp: Annotated[
-        str | None, typer.Option(help="Client-level DP: none, server-fixed or client-fixed.")
+        str | None,
+        typer.Option(
+            help="Client-level DP: none, server-fixed, client-fixed, server-adaptive, "
+            "ftrl-tree or ftrl-banded (DP-FTRL, correlated noise)."
+        ),
     ] = None,
     seed: Annotated[
         int | None,
@@ -165,6 +173,8 @@ def simulate_command(
       pollinate simulate --preset demo --run-dir runs/demo
 
       pollinate simulate --target-epsilon 4 --rounds 10
+
+      pollinate simulate --dp none --client-dp ftrl-banded --target-epsilon 2 --strategy fedavgm
 
       pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
 

@@ -131,6 +131,7 @@ class TrainJob:
             max_grad_norm=t.max_grad_norm,
             proximal_mu=t.proximal_mu,
             task=t.learning_task,
+            physical_batch_size=t.physical_batch_size,
         )
 
 

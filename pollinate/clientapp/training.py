@@ -48,6 +48,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
     task: Task = CLASSIFICATION
+    physical_batch_size: int = 0
 
     def kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments of :func:`train` (the task stays a Task)."""
@@ -119,6 +120,7 @@ def train(
     seed: int = 0,
     noise: NoiseSource | None = None,
     task: Task = CLASSIFICATION,
+    physical_batch_size: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on (x, y).
 
@@ -129,6 +131,11 @@ def train(
 
     ``task`` gives the loss (cross-entropy, binary cross-entropy, squared error or the user's
     hook; the mean over the batch) and the targets' type.
+
+    ``physical_batch_size`` (> 0) is gradient accumulation: each (logical, Poisson-sampled)
+    batch goes through forward and backward in pieces of at most that many samples and the
+    optimizer steps once per logical batch, so memory is bounded by the physical size while the
+    sample rate, the clipping and the noise are the logical batch's (0: no splitting).
 
     ``seed`` fixes the non-private randomness only (shuffling without DP). The Poisson
     sampling and the noise of DP-SGD come from ``noise``: a fresh CSPRNG seed before every
@@ -175,7 +182,7 @@ def train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         steps, loss_sum, correct, seen = _epochs(
             train_model, model, optimizer, loader, task, epochs, global_params, proximal_mu,
-            private=dp, learning_rate=learning_rate, noise=source,
+            private=dp, learning_rate=learning_rate, noise=source, physical=physical_batch_size,
         )  # fmt: skip
     if dp:
         # Drop Opacus' hooks so the caller gets back a plain module.
@@ -202,6 +209,7 @@ def _epochs(
     private: bool,
     learning_rate: float,
     noise: NoiseSource,
+    physical: int = 0,
 ) -> tuple[int, float, int, int]:
     """The local epochs; FedProx's proximal term is part of the loss without DP.
 
@@ -232,25 +240,36 @@ def _epochs(
                 if reseed is not None:
                     reseed(steps)
                 continue
-            out = train_model(xb)
-            data_loss = task.sample_losses(out, yb).mean()
-            loss = data_loss
-            if global_params and not private:
-                prox = sum(
-                    ((p - g) ** 2).sum()
-                    for p, g in zip(model.parameters(), global_params, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()  # type: ignore[no-untyped-call]
+            size = physical if 0 < physical < len(yb) else len(yb)
+            for start in range(0, len(yb), size):  # gradient accumulation over the pieces
+                xp, yp = xb[start : start + size], yb[start : start + size]
+                if private and start > 0:
+                    # Opacus clipped and summed the last piece in a skipped step; its
+                    # per-sample gradients go, the running sum stays (BatchMemoryManager's way)
+                    optimizer.zero_grad(set_to_none=True)
+                out = train_model(xp)
+                data_loss = task.sample_losses(out, yp).mean()
+                # the piece's share of the batch mean (Opacus: per-sample grads of each piece)
+                loss = data_loss if private else data_loss * (len(yp) / len(yb))
+                if global_params and not private and start == 0:
+                    prox = sum(
+                        ((p - g) ** 2).sum()
+                        for p, g in zip(model.parameters(), global_params, strict=True)
+                    )
+                    loss = loss + 0.5 * proximal_mu * prox
+                loss.backward()  # type: ignore[no-untyped-call]
+                loss_sum += float(data_loss.detach()) * len(yp)
+                correct += int(task.correct(out.detach(), yp).sum())
+                if private and start + size < len(yb):
+                    optimizer.signal_skip_step(do_skip=True)  # type: ignore[attr-defined]
+                    optimizer.step()
+            seen += len(yb)
             optimizer.step()
             if global_params and private:
                 _proximal_step(model, global_params, learning_rate * proximal_mu)
             steps += 1
             if reseed is not None:
                 reseed(steps)
-            loss_sum += float(data_loss.detach()) * len(yb)
-            correct += int(task.correct(out.detach(), yb).sum())
-            seen += len(yb)
     return steps, loss_sum, correct, seen
 
 

@@ -17,7 +17,7 @@ are in :mod:`~pollinate.privacy.ledger_entries`, its summary statistics in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pollinate.errors import ConfigError
@@ -185,6 +185,13 @@ class PrivacyLedger:
         num_sampled: int,
         population: int,
         accounting: str,
+        mechanism: str = "server-fixed",
+        epsilon_rdp: float | None = None,
+        epsilon_pld: float | None = None,
+        sensitivity: float | None = None,
+        bands: int = 1,
+        horizon: int = 0,
+        clients: Sequence[str] = (),
     ) -> None:
         """Record the server's cumulative client-level epsilon after a round's release.
 
@@ -202,6 +209,13 @@ class PrivacyLedger:
             num_sampled=num_sampled,
             population=population,
             accounting=accounting,
+            mechanism=mechanism,
+            epsilon_rdp=epsilon_rdp,
+            epsilon_pld=epsilon_pld,
+            sensitivity=sensitivity,
+            bands=bands,
+            horizon=horizon,
+            clients=tuple(clients),
         )
         if self._releases:
             previous = self._releases[-1]
@@ -230,6 +244,14 @@ class PrivacyLedger:
             self._latest[entry.client] = entry
 
     # ------------------------------------------------------------ queries
+
+    def client_level_rounds(self) -> dict[str, list[int]]:
+        """The rounds whose client-level release summed each client's update, oldest first."""
+        out: dict[str, list[int]] = {}
+        for release in self._releases:
+            for client in release.clients:
+                out.setdefault(client, []).append(release.server_round)
+        return out
 
     def client_epsilons(self) -> dict[str, float]:
         """The latest cumulative sample-level epsilon of each client that trained."""

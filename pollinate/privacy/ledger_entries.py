@@ -106,7 +106,13 @@ class DeclineEntry:
 
 @dataclass(frozen=True)
 class ClientLevelEntry:
-    """The server's client-level (DP-FedAvg) epsilon after one round, cumulative."""
+    """The server's client-level epsilon after one round's release, cumulative, for the
+    worst-placed client (see :mod:`pollinate.privacy.client_level`).
+
+    ``epsilon`` is the reported one, the tighter of ``epsilon_rdp`` and ``epsilon_pld``;
+    ``sensitivity`` is the worst client's ``||C u||`` so far (in clips); ``clients`` are the
+    keys of the clients whose updates the release summed.
+    """
 
     server_round: int
     epsilon: float
@@ -116,6 +122,13 @@ class ClientLevelEntry:
     num_sampled: int
     population: int
     accounting: str
+    mechanism: str = "server-fixed"
+    epsilon_rdp: float | None = None
+    epsilon_pld: float | None = None
+    sensitivity: float | None = None
+    bands: int = 1
+    horizon: int = 0
+    clients: tuple[str, ...] = ()
 
     @classmethod
     def checked(
@@ -129,12 +142,27 @@ class ClientLevelEntry:
         num_sampled: object,
         population: object,
         accounting: object,
+        mechanism: object = "server-fixed",
+        epsilon_rdp: object = None,
+        epsilon_pld: object = None,
+        sensitivity: object = None,
+        bands: object = 1,
+        horizon: object = 0,
+        clients: object = (),
     ) -> ClientLevelEntry:
         """A validated entry; numbers are normalised to float.
 
         Raises:
             ConfigError: If a field is invalid or more clients were sampled than exist.
         """
+
+        def optional(name: str, value: object) -> float | None:
+            if value is None:
+                return None
+            return check_number(name, value, low=0.0, low_open=False, allow_inf=True)
+
+        if not isinstance(clients, list | tuple):
+            raise ConfigError(f"clients must be a list of client keys, got {clients!r}")
         entry = cls(
             server_round=check_integer("server_round", server_round, low=0),
             epsilon=check_number("epsilon", epsilon, low=0.0, low_open=False, allow_inf=True),
@@ -148,9 +176,20 @@ class ClientLevelEntry:
             num_sampled=check_integer("num_sampled", num_sampled, low=1),
             population=check_integer("population", population, low=1),
             accounting=check_text("accounting", accounting),
+            mechanism=check_text("mechanism", mechanism),
+            epsilon_rdp=optional("epsilon_rdp", epsilon_rdp),
+            epsilon_pld=optional("epsilon_pld", epsilon_pld),
+            sensitivity=optional("sensitivity", sensitivity),
+            bands=check_integer("bands", bands, low=1),
+            horizon=check_integer("horizon", horizon, low=0),
+            clients=tuple(check_text("client", c) for c in clients),
         )
         if entry.num_sampled > entry.population:
             raise ConfigError(
                 f"num_sampled ({entry.num_sampled}) exceeds population ({entry.population})"
+            )
+        if len(entry.clients) > entry.num_sampled:
+            raise ConfigError(
+                f"{len(entry.clients)} clients in a release of a cohort of {entry.num_sampled}"
             )
         return entry

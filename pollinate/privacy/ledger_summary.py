@@ -31,7 +31,8 @@ SECURE_NOISE = (
 ADJACENCY = {
     "sample_level": "add/remove one example of one client's data (Poisson-sampled Gaussian, "
     "RDP); the number of batches per epoch, which sets the sample rate, is public",
-    "client_level": "add/remove one client (Gaussian, fixed clipping, no amplification)",
+    "client_level": "add/remove one client: all its updates in the whole run (Gaussian "
+    "matrix mechanism, no sampling amplification)",
 }
 
 
@@ -84,6 +85,12 @@ def client_level_summary(
         "population": last.population if last else None,
         "releases": len(releases),
         "accounting": last.accounting if last else None,
+        "mechanism": last.mechanism if last else None,
+        "epsilon_rdp": last.epsilon_rdp if last else None,
+        "epsilon_pld": last.epsilon_pld if last else None,
+        "sensitivity": last.sensitivity if last else None,
+        "bands": last.bands if last else None,
+        "clients": len({c for r in releases for c in r.clients}),
     }
 
 

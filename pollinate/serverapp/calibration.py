@@ -109,6 +109,7 @@ def client_config(
             "seed": settings.seed,
             "local-epochs": settings.local_epochs,
             "batch-size": settings.batch_size,
+            "physical-batch-size": settings.physical_batch_size,
             "learning-rate": settings.learning_rate,
             "momentum": settings.momentum,
             "dp": settings.dp.value,

@@ -9,7 +9,7 @@ generator: the same seed and round give the same clients, before and after a res
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -154,9 +154,14 @@ class NodeDirectory:
         """Node id -> client key of every node identified so far."""
         return dict(self._keys)
 
-    def sample(self, size: int, rng: np.random.Generator) -> list[int]:
-        """``size`` node ids chosen uniformly without replacement, in client-key order."""
+    def sample(
+        self, size: int, rng: np.random.Generator, *, allowed: Callable[[str], bool] | None = None
+    ) -> list[int]:
+        """``size`` node ids chosen uniformly without replacement, in client-key order, among
+        the nodes whose client key ``allowed`` accepts (all of them by default)."""
         ordered = sorted(self._keys.items(), key=lambda kv: kv[1])
+        if allowed is not None:
+            ordered = [kv for kv in ordered if allowed(kv[1])]
         size = min(size, len(ordered))
         picks = rng.choice(len(ordered), size=size, replace=False)
         return [ordered[i][0] for i in sorted(picks.tolist())]

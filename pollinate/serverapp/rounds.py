@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from pollinate.clientapp.training import seed_for
 from pollinate.config import SampleDP
 from pollinate.log import logger
 from pollinate.rundir.records import RoundRecord
+from pollinate.serverapp.client_dp import ACCOUNTING, account, eligibility
 from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
 from pollinate.serverapp.nodes import SampledGrid, reply_node
 from pollinate.serverapp.secagg import secure_round
@@ -40,9 +40,6 @@ __all__ = [
     "record_client_level",
     "triage",
 ]
-
-#: How the client-level release is accounted (Flower's fixed-clipping wrappers).
-CLIENT_LEVEL_ACCOUNTING = "Flower RdpAccountant, no amplification"
 
 
 @dataclass
@@ -69,25 +66,34 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
     run.directory.refresh()
     counts = RoundCounts()
     rng = np.random.default_rng(seed_for(run.settings.seed, rnd, 13))
-    chosen = run.directory.sample(run.sample_size, rng)
-    counts.sampled = len(chosen)
-    try:
-        messages = list(
-            run.strategy.configure_train(
-                rnd,
-                to_array_record(run.arrays),
-                ConfigRecord(dict(run.cfg)),
-                SampledGrid(run.grid, chosen),
-            )
-        )
-    except PrivacyBudgetExhausted as err:
-        logger.warning("stopping before round %d: client-level budget spent (%s)", rnd, err)
+    wrapper = run.dp_wrapper
+    allowed = None
+    if wrapper is not None:
+        allowed = eligibility(
+            wrapper.plan, run.ledger.client_level_rounds(), rnd, noise=wrapper.noise_multiplier,
+            delta=run.settings.target_delta, budget=run.settings.client_dp_budget,
+        )  # fmt: skip
+    chosen = run.directory.sample(run.sample_size, rng, allowed=allowed)
+    if not chosen:
+        logger.warning(
+            "stopping before round %d: no client may contribute again within its "
+            "client-level limits (participations, separation, budget)", rnd,
+        )  # fmt: skip
         return None
+    counts.sampled = len(chosen)
+    messages = list(
+        run.strategy.configure_train(
+            rnd,
+            to_array_record(run.arrays),
+            ConfigRecord(dict(run.cfg)),
+            SampledGrid(run.grid, chosen),
+        )
+    )
     replies = _send_train(run, rnd, messages)
     accepted = triage(run, rnd, replies, messages, counts)
     _count_missing(run, rnd, replies, messages, counts)
     train_metrics = _aggregate(run, rnd, accepted)
-    client_eps = record_client_level(run, rnd)
+    client_eps = record_client_level(run, rnd, accepted)
     central = central_eval(run.model, run.arrays, run.data, run.task)
     federated = federated_eval(run, rnd)
     max_eps, median_eps = _sample_level_epsilons(run)
@@ -235,27 +241,44 @@ def _aggregate(run: RunState, rnd: int, accepted: list[Message]) -> dict[str, fl
     return {k: float(v) for k, v in agg_metrics.items() if isinstance(v, int | float)}
 
 
-def record_client_level(run: RunState, rnd: int) -> float | None:
-    """Record the round's client-level release in the ledger; returns the cumulative epsilon.
+def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> float | None:
+    """Record the round's client-level release in the ledger; returns the cumulative epsilon
+    of the worst-placed client (``None``: no client-level DP).
 
-    The noise multiplier recorded is the one the DP wrapper adds. ``None`` (nothing recorded)
-    without client-level DP or without Flower's accountant (robust or non-FedAvg chains).
+    The clients recorded are those whose updates the release summed (none when the round
+    released nothing); every client's whole history is accounted, and the worst one's
+    epsilon (RDP and PLD, the tighter) is the run's.
     """
     wrapper = run.dp_wrapper
-    if wrapper is None or wrapper.accountant is None:
+    if wrapper is None:
         return None
-    spent = wrapper.privacy_spent()
+    plan = wrapper.plan
+    contributors: list[str] = []
+    if wrapper.released_round == rnd:
+        contributors = [run.directory.key_of(m.metadata.src_node_id) for m in accepted]
+    history = run.ledger.client_level_rounds()
+    for key in contributors:
+        history.setdefault(key, []).append(rnd)
+    noise = wrapper.noise_multiplier
+    worst, eps = account(plan, history, noise=noise, delta=run.settings.target_delta)
     run.ledger.record_client_level(
         server_round=rnd,
-        epsilon=float(spent.epsilon),
-        delta=float(spent.delta),
-        noise_multiplier=float(wrapper.noise_multiplier),
-        clipping_norm=run.settings.client_dp_clip,
-        num_sampled=run.sample_size,
+        epsilon=eps.epsilon,
+        delta=run.settings.target_delta,
+        noise_multiplier=noise,
+        clipping_norm=wrapper.last_clip,
+        num_sampled=plan.cohort,
         population=run.population,
-        accounting=CLIENT_LEVEL_ACCOUNTING,
+        accounting=ACCOUNTING,
+        mechanism=plan.mechanism.value,
+        epsilon_rdp=eps.rdp,
+        epsilon_pld=eps.pld,
+        sensitivity=worst,
+        bands=plan.bands,
+        horizon=plan.horizon,
+        clients=contributors,
     )
-    return float(spent.epsilon)
+    return eps.epsilon
 
 
 def ledger_enabled(section: dict[str, Any]) -> bool:

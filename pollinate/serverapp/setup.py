@@ -54,6 +54,25 @@ FIXED_ON_RESUME = (
     "local-epochs", "dirichlet-alpha", "shards-per-client", "samples-per-client",
     "test-fraction", "reproducible-noise", "local-eval-fraction", "eval-noise-multiplier",
 )  # fmt: skip
+#: Also fixed under client-level DP: the noise, which every client's whole history is
+#: accounted with. The rounds too where the noise was calibrated for them or DP-FTRL's strategy
+#: matrix covers them (see :func:`_client_level_fixed`).
+FIXED_ON_RESUME_CLIENT_LEVEL = (
+    "client-dp-noise", "client-dp-clip", "client-dp-target-epsilon", "client-dp-bands",
+    "client-dp-count-noise",
+)  # fmt: skip
+
+
+def _client_level_fixed(saved: dict[str, object]) -> tuple[str, ...]:
+    """What else a run with client-level DP may not change on resume."""
+    if saved.get("client-dp", "none") == "none":
+        return ()
+    calibrated = float(saved.get("client-dp-target-epsilon", 0) or 0) > 0 or (  # type: ignore[arg-type]
+        saved.get("dp") == "none" and float(saved.get("target-epsilon", 0) or 0) > 0  # type: ignore[arg-type]
+    )
+    planned = calibrated or str(saved.get("client-dp", "")).startswith("ftrl")
+    rounds = ("num-server-rounds", "participation-bound", "target-epsilon") if planned else ()
+    return FIXED_ON_RESUME_CLIENT_LEVEL + rounds
 
 
 def start_run(grid: Grid, settings: RunSettings, *, threads: int = 1) -> RunState:
@@ -173,10 +192,6 @@ def _resume(run: RunState, ckpt: Checkpoint) -> None:
     run.history = history_from_rows(ckpt.state.get("history", []))
     run.ledger = PrivacyLedger.from_dict(ckpt.state["ledger"])
     run.ledger.truncate_after(ckpt.server_round)
-    wrapper = run.dp_wrapper
-    acc_state = ckpt.state.get("client_level_accountant")
-    if wrapper is not None and wrapper.accountant is not None and acc_state:
-        wrapper.accountant.load_state_dict(acc_state)
     logger.info("resuming %s after round %d", run.run_dir, ckpt.server_round)
 
 
@@ -187,7 +202,8 @@ def _check_resume(run_dir: Path, settings: RunSettings) -> None:
     except (OSError, ValueError, KeyError):
         return
     now = settings.to_run_config()
-    changed = [k for k in FIXED_ON_RESUME if k in saved and saved[k] != now.get(k)]
+    fixed = FIXED_ON_RESUME + _client_level_fixed(saved)
+    changed = [k for k in fixed if k in saved and saved[k] != now.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(

@@ -27,6 +27,7 @@ from pollinate.data import DatasetSplit
 from pollinate.privacy import PrivacyLedger
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 from pollinate.rundir.records import RoundRecord, history_rows, write_history
+from pollinate.serverapp.client_dp import ClientLevelDP
 from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.strategy import dp_wrapper as find_dp_wrapper
 from pollinate.serverapp.strategy import strategy_state
@@ -93,7 +94,7 @@ class RunState:
         return self.settings.learning_task(self.data)
 
     @property
-    def dp_wrapper(self) -> Any:
+    def dp_wrapper(self) -> ClientLevelDP | None:
         """Flower's client-level DP wrapper of the strategy chain, or ``None``."""
         return find_dp_wrapper(self.strategy)
 
@@ -131,14 +132,9 @@ def write_privacy(run: RunState, *, indent: int | None = 2) -> dict[str, Any]:
 
 def save_round(run: RunState, rnd: int) -> None:
     """Persist the run after round ``rnd``: checkpoint, ``metrics.json``, ``privacy.json``."""
-    wrapper = run.dp_wrapper
-    acc_state = (
-        wrapper.accountant.state_dict() if wrapper is not None and wrapper.accountant else None
-    )
     state = {
         "history": history_rows(run.history),
         "ledger": run.ledger.to_dict(),
-        "client_level_accountant": acc_state,
         "settings": run.settings.to_run_config(),
     }
     save_checkpoint(

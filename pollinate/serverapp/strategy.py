@@ -5,8 +5,9 @@ The chain is ``DP( Robust( Strategy ) )``:
 * ``Strategy`` is one of Flower's own: FedAvg, FedProx, FedAdam, FedYogi;
 * ``Robust`` (optional) replaces the replies by Flower's Krum / trimmed-mean aggregate before
   the strategy's own update rule runs on it, so FedAdam on top of Krum works;
-* ``DP`` (optional) is Flower's DifferentialPrivacy{Server,Client}SideFixedClipping with
-  Flower's RdpAccountant (no amplification, as Flower requires for fixed clipping).
+* ``DP`` (optional) is :class:`~pollinate.serverapp.client_dp.ClientLevelDP`: clip, sum,
+  the mechanism's (possibly correlated) noise from the secure source, the mean handed on.
+  Client-level DP and robust aggregation are not combined (``RunSettings`` refuses it).
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
     FedTrimmedAvg,
     FedYogi,
@@ -32,17 +31,13 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from pollinate.config import ClientDP, RobustAggregation, RunSettings, SampleDP, StrategyName
-from pollinate.errors import ConfigError
 from pollinate.log import logger
-from pollinate.privacy.noise import NoiseSource, gaussian
 from pollinate.protocol import NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY
+from pollinate.serverapp.client_dp import ClientLevelDP, plan_client_dp
 
 __all__ = [
     "RobustAggregator",
-    "SecureClientSideClipping",
-    "SecureServerSideClipping",
     "build_strategy",
-    "client_level_accountant",
     "strategy_state",
     "weight_key_for",
 ]
@@ -111,43 +106,8 @@ def weight_key_for(settings: RunSettings) -> str:
     return WEIGHT_KEY
 
 
-class _SecureNoise:
-    """Client-level noise from the secure source (Flower's wrappers draw it from numpy's
-    global generator, which the run seed would fix)."""
-
-    noise_multiplier: float
-    clipping_norm: float
-    num_sampled_clients: int
-    reproducible_seed: int | None = None
-
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
-        self._releases = getattr(self, "_releases", 0) + 1
-        source = (
-            NoiseSource.for_tests(self.reproducible_seed, self._releases)
-            if self.reproducible_seed is not None
-            else NoiseSource.secure()
-        )
-        out = ArrayRecord()
-        for step, (key, array) in enumerate(aggregated_arrays.items()):
-            value = array.numpy()
-            noise = gaussian(value.shape, std, source.generator(step=step), dtype=torch.float64)
-            out[key] = Array(np.asarray(value + noise.numpy().astype(value.dtype)))
-        logger.info("client-level DP: noise of std %.4g added to the aggregate", std)
-        return out
-
-
-class SecureServerSideClipping(_SecureNoise, DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP-FedAvg with noise from the secure source."""
-
-
-class SecureClientSideClipping(_SecureNoise, DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping DP-FedAvg with noise from the secure source."""
-
-
 def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
     """The strategy chain for ``settings`` with ``population`` clients."""
-    sample_size = settings.sample_size(population)
     weight_key = weight_key_for(settings)
     common: dict[str, Any] = {
         "fraction_train": 1.0,  # the ServerApp samples; the strategy takes whom it is given
@@ -160,12 +120,18 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
     inner: FedAvg
     if settings.strategy == StrategyName.FEDAVG:
         inner = FedAvg(**common)
+    elif settings.strategy == StrategyName.FEDAVGM:
+        inner = FedAvgM(
+            server_learning_rate=settings.server_lr(),
+            server_momentum=settings.server_momentum,
+            **common,
+        )
     elif settings.strategy == StrategyName.FEDPROX:
         inner = FedProx(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == StrategyName.FEDADAM:
-        inner = FedAdam(eta=settings.server_learning_rate, **common)
+        inner = FedAdam(eta=settings.server_lr(), **common)
     else:
-        inner = FedYogi(eta=settings.server_learning_rate, **common)
+        inner = FedYogi(eta=settings.server_lr(), **common)
     strategy: Strategy = inner
     if settings.robust == RobustAggregation.KRUM:
         strategy = RobustAggregator(
@@ -173,81 +139,17 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
         )
     elif settings.robust == RobustAggregation.TRIMMED_MEAN:
         strategy = RobustAggregator(inner, FedTrimmedAvg(beta=settings.trim_beta, **common))
-    if settings.client_dp == ClientDP.NONE:
+    plan = plan_client_dp(settings, population=population)
+    if plan is None:
         return strategy
-    accountant = client_level_accountant(settings, population=population)
-    kwargs: dict[str, Any] = {
-        "noise_multiplier": client_noise(settings, population=population),
-        "clipping_norm": settings.client_dp_clip,
-        "num_sampled_clients": sample_size,
-    }
-    if isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train:
-        kwargs["accountant"] = accountant
-    else:
-        logger.warning(
-            "client-level DP with %s: Flower's accountant needs plain FedAvg aggregation, "
-            "so client-level epsilon is not reported for this combination",
-            settings.strategy.value if settings.robust == RobustAggregation.NONE else "robust",
-        )
-    wrapper: SecureServerSideClipping | SecureClientSideClipping
-    if settings.client_dp == ClientDP.SERVER_FIXED:
-        wrapper = SecureServerSideClipping(strategy, **kwargs)
-    else:
-        wrapper = SecureClientSideClipping(strategy, **kwargs)
-    if settings.reproducible_noise:
-        wrapper.reproducible_seed = settings.seed
-    return wrapper
-
-
-def client_level_accountant(settings: RunSettings, *, population: int) -> Any:
-    """Flower's RdpAccountant for client-level DP (fixed clipping: no amplification)."""
-    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-
-    budget = settings.client_dp_budget if settings.client_dp_budget > 0 else None
-    try:
-        config = PrivacyConfig(
-            target_delta=settings.target_delta,
-            population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=budget,
-        )
-    except ValueError as err:
-        raise ConfigError(f"client-level DP settings: {err}") from err
-    return RdpAccountant(config)
-
-
-def client_noise(settings: RunSettings, *, population: int) -> float:
-    """Client-level noise multiplier: as given, or the smallest that keeps the whole run
-    (``num-server-rounds`` releases) within ``client-dp-target-epsilon`` by Flower's
-    RdpAccountant."""
-    target = settings.client_dp_target_epsilon
-    if target == 0:
-        return settings.client_dp_noise
-    from flwr.serverapp import GaussianPrivacyEvent
-
-    sample = settings.sample_size(population)
-
-    def epsilon(noise: float) -> float:
-        acc = client_level_accountant(settings.replace(client_dp_budget=0.0), population=population)
-        event = GaussianPrivacyEvent(
-            noise_multiplier=noise, sample_size=sample, population_size=population
-        )
-        acc.compose(event, count=settings.num_server_rounds)
-        return float(acc.get_epsilon(settings.target_delta))
-
-    low, high = 0.01, 1.0
-    while epsilon(high) > target:
-        high *= 2
-        if high > 1e4:
-            raise ConfigError(f"client-dp-target-epsilon {target} cannot be reached")
-    for _ in range(40):
-        mid = (low + high) / 2
-        if epsilon(mid) > target:
-            low = mid
-        else:
-            high = mid
-    return high
+    return ClientLevelDP(
+        strategy,
+        plan,
+        weight_key=weight_key,
+        quantile=settings.client_dp_quantile,
+        clip_lr=settings.client_dp_clip_lr,
+        reproducible_seed=settings.seed if settings.reproducible_noise else None,
+    )
 
 
 def _chain(strategy: Strategy) -> list[Strategy]:
@@ -263,6 +165,11 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """Server-optimizer state (FedAdam/FedYogi moments) of the chain, as flat named arrays."""
     state: dict[str, np.ndarray] = {}
     for depth, part in enumerate(_chain(strategy)):
+        if isinstance(part, ClientLevelDP):
+            state.update({f"{depth}/dp/{k}": v for k, v in part.state().items()})
+        momentum = getattr(part, "momentum_vector", None)
+        if isinstance(momentum, list):  # FedAvgM's server momentum
+            state.update({f"{depth}/momentum/{i}": np.asarray(v) for i, v in enumerate(momentum)})
         for attr in ("m_t", "v_t"):
             value = getattr(part, attr, None)
             if isinstance(value, dict):
@@ -274,23 +181,34 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
 def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
     """Put arrays saved by :func:`strategy_state` back into the chain."""
     parts = _chain(strategy)
+    dp: dict[int, dict[str, np.ndarray]] = {}
+    momentum: dict[int, dict[int, np.ndarray]] = {}
     for name, arr in state.items():
         depth_s, attr, key = name.split("/", 2)
         part = parts[int(depth_s)]
+        if attr == "dp":
+            dp.setdefault(int(depth_s), {})[key] = arr
+            continue
+        if attr == "momentum":
+            momentum.setdefault(int(depth_s), {})[int(key)] = arr
+            continue
         current = getattr(part, attr, None)
         if not isinstance(current, dict):
             current = {}
             setattr(part, attr, current)
         current[key] = arr
+    for depth, arrays in dp.items():
+        wrapper = parts[depth]
+        assert isinstance(wrapper, ClientLevelDP)
+        wrapper.load_state(arrays)
+    for depth, vectors in momentum.items():
+        parts[depth].momentum_vector = [vectors[i] for i in sorted(vectors)]  # type: ignore[attr-defined]
 
 
-def dp_wrapper(strategy: Strategy) -> Any:
+def dp_wrapper(strategy: Strategy) -> ClientLevelDP | None:
     """The client-level DP wrapper of the chain, if any."""
     for part in _chain(strategy):
-        if isinstance(
-            part,
-            DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyClientSideFixedClipping,
-        ):
+        if isinstance(part, ClientLevelDP):
             return part
     return None
 

@@ -6,8 +6,11 @@ Recomputation: every epsilon of a ledger (RUN_DIR/privacy.json) is computed agai
 * sample-level: client c after round r is the composition of all of c's rounds up to r, each
   ``steps`` self-compositions of ``PoissonSampledDpEvent(sample_rate,
   GaussianDpEvent(noise_multiplier))``, add/remove-one, at the entry's delta;
-* client-level (Flower's DP-FedAvg with fixed clipping, no amplification): one
-  ``GaussianDpEvent(noise_multiplier)`` per round, composed over the rounds;
+* client-level (a Gaussian matrix mechanism, no amplification): each client's rounds are
+  rebuilt from the releases' ``clients`` lists; its whole run is one
+  ``GaussianDpEvent(noise_multiplier / ||C u||)`` with the strategy matrix ``C`` built by hand
+  (:func:`hand_strategy_matrix`: identity, binary tree or banded square root), and a release's
+  epsilon is the worst client's;
 
 each with ``RdpAccountant`` at Opacus' orders, at dp-accounting's own default orders, and with
 ``PLDAccountant`` (tighter: expect reported >= PLD). An epsilon more than
@@ -31,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # An epsilon this far (relative) below dp-accounting's PLD value counts as an under-report.
 PLD_TOLERANCE = 1e-3
@@ -191,25 +196,95 @@ def recompute_sample_level(ledger: Mapping[str, Any]) -> list[Recomputed]:
     return out
 
 
+def hand_strategy_matrix(mechanism: str, horizon: int, bands: int) -> np.ndarray:
+    """The strategy matrix ``C`` built by hand, independently of pollinate: rows are the
+    released noise vectors, columns the rounds.
+
+    * fixed or adaptive clipping: the identity;
+    * ``ftrl-tree``: one row per node of the binary tree over rounds ``1..horizon`` that some
+      prefix ``1..t`` (t <= horizon) uses: the nodes of length 2^l ending at a multiple ``t``
+      of 2^l whose bit l is set, i.e. intervals ``(t - 2^l, t]``;
+    * ``ftrl-banded``: ``C[i, j] = binom(2(i-j), i-j) / 4^(i-j)`` for ``0 <= i - j < bands``.
+    """
+    if mechanism == "ftrl-tree":
+        intervals = set()
+        for t in range(1, horizon + 1):
+            end, rest = 0, t
+            for level in reversed(range(t.bit_length())):
+                if rest >= 2**level:
+                    intervals.add((end, end + 2**level))
+                    end += 2**level
+                    rest -= 2**level
+        rows = []
+        for start, stop in sorted(intervals):
+            row = np.zeros(horizon)
+            row[start:stop] = 1.0
+            rows.append(row)
+        return np.array(rows)
+    out = np.zeros((horizon, horizon))
+    for i in range(horizon):
+        for j in range(horizon):
+            lag = i - j
+            if mechanism == "ftrl-banded":
+                if 0 <= lag < bands:
+                    out[i, j] = math.comb(2 * lag, lag) / 4**lag
+            elif lag == 0:
+                out[i, j] = 1.0
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def gaussian_epsilons(noise: float, delta: float) -> tuple[float, float, float]:
+    """dp-accounting's epsilons of one Gaussian mechanism of noise multiplier ``noise``."""
+    from dp_accounting import dp_event
+
+    if noise <= 0:
+        return math.inf, math.inf, math.inf
+    return _epsilons(dp_event.GaussianDpEvent(noise), delta)
+
+
 def recompute_client_level(ledger: Mapping[str, Any]) -> list[Recomputed]:
-    """Every client-level epsilon of ``ledger`` (its ``client_level_releases``), recomputed."""
+    """Every client-level epsilon of ``ledger`` (its ``client_level_releases``), recomputed.
+
+    Each client's history is rebuilt from the releases' ``clients`` lists; its whole run is
+    one Gaussian mechanism of sensitivity ``||C u||`` (``u``: the rounds it contributed to,
+    ``C`` from :func:`hand_strategy_matrix`); the release's epsilon is the worst client's.
+    A ledger without ``clients`` (before per-client accounting) composes one Gaussian per
+    release, every release counted against every client.
+    """
     run_delta = _number(ledger, "delta", "ledger")
-    rows = []
-    for i, entry in enumerate(entries(ledger, "client_level_releases")):
-        where = f"ledger['client_level_releases'][{i}]"
-        rows.append(
-            (
-                _integer(entry, "server_round", where),
-                _number(entry, "noise_multiplier", where),
-                _number(entry, "delta", where) if "delta" in entry else run_delta,
-                _number(entry, "epsilon", where),
-            )
-        )
+    releases = sorted(
+        entries(ledger, "client_level_releases"), key=lambda e: int(e.get("server_round", 0))
+    )
     out: list[Recomputed] = []
     noises: list[float] = []
-    for rnd, noise, delta, reported in sorted(rows):
-        noises.append(noise)
-        rdp_o, rdp_d, pld = client_level_epsilons(tuple(noises), delta)
+    history: dict[str, list[int]] = {}
+    for i, entry in enumerate(releases):
+        where = f"ledger['client_level_releases'][{i}]"
+        rnd = _integer(entry, "server_round", where)
+        noise = _number(entry, "noise_multiplier", where)
+        delta = _number(entry, "delta", where) if "delta" in entry else run_delta
+        reported = _number(entry, "epsilon", where)
+        if "clients" not in entry:
+            noises.append(noise)
+            rdp_o, rdp_d, pld = client_level_epsilons(tuple(noises), delta)
+            out.append(Recomputed("client", "server", rnd, reported, rdp_o, rdp_d, pld))
+            continue
+        for client in entry["clients"]:
+            history.setdefault(str(client), []).append(rnd)
+        horizon = _integer(entry, "horizon", where)
+        matrix = hand_strategy_matrix(
+            str(entry.get("mechanism")), horizon, _integer(entry, "bands", where)
+        )
+        worst = 0.0
+        for rounds in history.values():
+            u = np.zeros(horizon)
+            u[[r - 1 for r in rounds]] = 1.0
+            worst = max(worst, float(np.linalg.norm(matrix @ u)))
+        if worst == 0:
+            out.append(Recomputed("client", "server", rnd, reported, 0.0, 0.0, 0.0))
+            continue
+        rdp_o, rdp_d, pld = gaussian_epsilons(noise / worst, delta)
         out.append(Recomputed("client", "server", rnd, reported, rdp_o, rdp_d, pld))
     return out
 

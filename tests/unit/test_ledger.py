@@ -288,6 +288,12 @@ def test_client_level_kept_separate_and_never_added() -> None:
         "population": 100,
         "releases": 3,
         "accounting": "rdp",
+        "mechanism": "server-fixed",
+        "epsilon_rdp": None,
+        "epsilon_pld": None,
+        "sensitivity": None,
+        "bands": 1,
+        "clients": 0,
     }
     assert "never added" in str(summary["note"])
     # No number in the summary is a sum of the two guarantees.

@@ -181,23 +181,25 @@ def test_the_fast_engines_noise_cannot_be_replayed_either(reproducible: bool) ->
 
 
 def test_client_level_noise_is_not_fixed_by_the_seed() -> None:
-    """Flower's wrappers draw from numpy's global generator, which the round loop seeds from
-    the run seed: pollinate's secure wrappers do not, unless the test-only switch is on."""
+    """The server's client-level noise comes from the secure source: seeding numpy and torch
+    (what the round loop does from the run seed) does not fix it, unless the test-only switch
+    is on. Every mechanism; the noise has the std it claims."""
     from pollinate.serverapp.strategy import dp_wrapper
 
-    arrays = ArrayRecord(OrderedDict(w=Array(np.zeros((50,), dtype=np.float32))))
-
-    def noised(reproducible: bool) -> np.ndarray:
-        settings = RunSettings(client_dp=ClientDP.SERVER_FIXED, reproducible_noise=reproducible)
+    def noised(reproducible: bool, mechanism: ClientDP) -> np.ndarray:
+        settings = RunSettings(client_dp=mechanism, reproducible_noise=reproducible)
         wrapper = dp_wrapper(build_strategy(settings, population=10))
+        assert wrapper is not None
         np.random.seed(0)
-        return np.asarray(wrapper._add_noise_to_aggregated_arrays(arrays)["w"].numpy())
+        torch.manual_seed(0)
+        source = wrapper._source(1)
+        return wrapper.stream.next(1, [(2000,)], 1.0, source)[0]
 
-    a, b = noised(False), noised(False)
-    assert float(np.abs(a - b).max()) > 1e-3
-    assert np.array_equal(noised(True), noised(True))
-    std = 1.0 * 1.0 / RunSettings().sample_size(10)  # sigma * clip / clients sampled
-    assert float(np.std(a)) == pytest.approx(std, rel=0.5)
+    for mechanism in (ClientDP.SERVER_FIXED, ClientDP.FTRL_TREE, ClientDP.FTRL_BANDED):
+        a, b = noised(False, mechanism), noised(False, mechanism)
+        assert float(np.abs(a - b).max()) > 1e-3
+        assert np.array_equal(noised(True, mechanism), noised(True, mechanism))
+        assert float(np.std(a)) == pytest.approx(1.0, rel=0.1)
 
 
 def _device(tmp_path: Path, **policy: object) -> dict[str, object]:

@@ -107,3 +107,27 @@ def test_empty_poisson_batches_are_noise_only_steps() -> None:
         assert result.steps == 8
         assert result.sample_rate == 0.25
         assert not torch.equal(before, _params(model))
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_gradient_accumulation_gives_the_same_steps_as_the_whole_batch(dp: bool) -> None:
+    """A logical batch of 24 in physical pieces of 5 (the last one 4) is the same DP-SGD
+    step as the whole batch: same Poisson draw and noise (reproducible source), same
+    per-sample clipping, one optimizer step per logical batch."""
+    x, y = _data(48)
+
+    def run(physical: int) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = build_model("cnn", input_shape=(1, 8, 8))
+        result = train(
+            model, x, y, epochs=2, batch_size=24, learning_rate=0.1, momentum=0.5, dp=dp,
+            noise_multiplier=0.7, max_grad_norm=0.5, seed=3,
+            noise=NoiseSource.for_tests(1, 2, 3), physical_batch_size=physical,
+        )  # fmt: skip
+        return _params(model), result.steps
+
+    whole, steps = run(0)
+    pieces, steps_in_pieces = run(5)
+    assert steps == steps_in_pieces == 4
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-5)
+    assert float(torch.linalg.vector_norm(whole - run(0)[0])) == 0.0

@@ -7,72 +7,31 @@ a mistyped setting fails before any process starts, with a message naming the ke
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pollinate.config.values import (
+    EXPORT_FORMATS,
+    ClientDP,
+    RobustAggregation,
+    SampleDP,
+    StrategyName,
+    coerce,
+    enum_value,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from pollinate.errors import ConfigError
 from pollinate.tasks import Task, TaskKind
 
 if TYPE_CHECKING:
     from pollinate.data import DatasetSplit
 
-__all__ = [
-    "ClientDP",
-    "RobustAggregation",
-    "RunSettings",
-    "SampleDP",
-    "StrategyName",
-    "bundle_dir",
-]
-
-
-class StrategyName(StrEnum):
-    """Flower's own aggregation strategies, by name."""
-
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    FEDADAM = "fedadam"
-    FEDYOGI = "fedyogi"
-
-
-class RobustAggregation(StrEnum):
-    """Byzantine-robust aggregation applied before the strategy's own update rule."""
-
-    NONE = "none"
-    KRUM = "krum"
-    TRIMMED_MEAN = "trimmed-mean"
-
-
-class SampleDP(StrEnum):
-    """Sample-level DP on each client (Opacus DP-SGD) or plain SGD."""
-
-    NONE = "none"
-    DPSGD = "sample"
-
-
-class ClientDP(StrEnum):
-    """Client-level DP (DP-FedAvg) with Flower's fixed-clipping wrappers."""
-
-    NONE = "none"
-    SERVER_FIXED = "server-fixed"
-    CLIENT_FIXED = "client-fixed"
-
-
-def _enum(enum_type: type[Enum], key: str, value: object) -> Any:
-    try:
-        return enum_type(str(value))
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum_type)
-        raise ConfigError(
-            f"setting {key!r}: unknown value {value!r}; choose one of {choices}"
-        ) from None
-
-
-EXPORT_FORMATS = ("onnx", "openvino", "tflite")
+__all__ = ["RunSettings", "bundle_dir"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +47,8 @@ class RunSettings:
     round_timeout: float = 600.0
     strategy: StrategyName = StrategyName.FEDAVG
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
     robust: RobustAggregation = RobustAggregation.NONE
     num_malicious: int = 1
     trim_beta: float = 0.1
@@ -106,6 +66,7 @@ class RunSettings:
     seed: int = 42
     local_epochs: int = 1
     batch_size: int = 32
+    physical_batch_size: int = 0
     learning_rate: float = 0.5
     momentum: float = 0.0
     dp: SampleDP = SampleDP.DPSGD
@@ -120,6 +81,10 @@ class RunSettings:
     client_dp_clip: float = 1.0
     client_dp_budget: float = 0.0
     client_dp_target_epsilon: float = 0.0
+    client_dp_quantile: float = 0.5
+    client_dp_clip_lr: float = 0.2
+    client_dp_count_noise: float = 0.0
+    client_dp_bands: int = 0
     secure_aggregation: bool = False
     secagg_share_fraction: float = 1.0
     secagg_threshold_fraction: float = 0.6
@@ -151,7 +116,7 @@ class RunSettings:
                 close = [k for k in known if k.split("-")[0] == key.split("-")[0]]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(f"unknown setting {key!r}{hint}; see `pollinate simulate --help`")
-            values[fld.name] = _coerce(key, fld, raw)
+            values[fld.name] = coerce(key, fld, raw)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -195,18 +160,18 @@ class RunSettings:
     # ---------------------------------------------------------------- checking
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
-        _positive_int("num-server-rounds", self.num_server_rounds)
-        _positive_int("min-train-nodes", self.min_train_nodes)
-        _positive_int("min-replies", self.min_replies)
-        _positive_int("local-epochs", self.local_epochs)
-        _positive_int("batch-size", self.batch_size)
-        _positive_int("shards-per-client", self.shards_per_client)
+        positive_int("num-server-rounds", self.num_server_rounds)
+        positive_int("min-train-nodes", self.min_train_nodes)
+        positive_int("min-replies", self.min_replies)
+        positive_int("local-epochs", self.local_epochs)
+        positive_int("batch-size", self.batch_size)
+        positive_int("shards-per-client", self.shards_per_client)
         if self.samples_per_client < 0:
             raise ConfigError(
                 f"setting 'samples-per-client' must be >= 0 (0 = training set / clients), "
                 f"got {self.samples_per_client}"
             )
-        _positive_int("keep-checkpoints", self.keep_checkpoints)
+        positive_int("keep-checkpoints", self.keep_checkpoints)
         formats = [f.strip() for f in self.export_formats.split(",") if f.strip()]
         unknown = [f for f in formats if f not in EXPORT_FORMATS]
         if not formats or unknown:
@@ -244,16 +209,16 @@ class RunSettings:
             )
         for key, value in (
             ("learning-rate", self.learning_rate),
-            ("server-learning-rate", self.server_learning_rate),
             ("max-grad-norm", self.max_grad_norm),
             ("dirichlet-alpha", self.dirichlet_alpha),
             ("round-timeout", self.round_timeout),
             ("client-dp-clip", self.client_dp_clip),
         ):
-            _positive_float(key, value)
+            positive_float(key, value)
         for key, value in (
             ("noise-multiplier", self.noise_multiplier),
             ("proximal-mu", self.proximal_mu),
+            ("server-learning-rate", self.server_learning_rate),
             ("momentum", self.momentum),
             ("target-epsilon", self.target_epsilon),
             ("epsilon-budget", self.epsilon_budget),
@@ -262,21 +227,22 @@ class RunSettings:
             ("client-dp-target-epsilon", self.client_dp_target_epsilon),
             ("max-update-norm", self.max_update_norm),
         ):
-            _non_negative_float(key, value)
+            non_negative_float(key, value)
         for key, value in (
             ("secagg-share-fraction", self.secagg_share_fraction),
             ("secagg-threshold-fraction", self.secagg_threshold_fraction),
         ):
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"setting {key!r} must be in (0, 1], got {value}")
-        _positive_float("secagg-clipping-range", self.secagg_clipping_range)
-        _non_negative_float("secagg-max-weight", self.secagg_max_weight)
-        if self.secure_aggregation and self.client_dp == ClientDP.SERVER_FIXED:
+        positive_float("secagg-clipping-range", self.secagg_clipping_range)
+        non_negative_float("secagg-max-weight", self.secagg_max_weight)
+        if self.secure_aggregation and self.client_dp.server_clips:
             raise ConfigError(
-                "secure-aggregation with client-dp='server-fixed': the server cannot clip "
-                "updates it never sees; use client-dp='client-fixed' (clients clip, the server "
-                "adds the noise to the sum)"
+                f"secure-aggregation with client-dp={self.client_dp.value!r}: the server cannot "
+                "clip updates it never sees; use client-dp='client-fixed' (clients clip, the "
+                "server adds the noise to the sum)"
             )
+        self._check_client_dp()
         if self.secure_aggregation and self.robust != RobustAggregation.NONE:
             raise ConfigError(
                 f"secure-aggregation with robust={self.robust.value!r}: robust aggregators "
@@ -298,6 +264,11 @@ class RunSettings:
             )
         if self.min_available_nodes < 0:
             raise ConfigError("setting 'min-available-nodes' must be >= 0")
+        if self.physical_batch_size < 0:
+            raise ConfigError(
+                f"setting 'physical-batch-size' must be >= 0 (0: the whole batch at once), "
+                f"got {self.physical_batch_size}"
+            )
         if self.participation_bound < 0:
             raise ConfigError("setting 'participation-bound' must be >= 0 (0 means every round)")
         if self.robust == RobustAggregation.TRIMMED_MEAN and not 0.0 < self.trim_beta < 0.5:
@@ -314,7 +285,7 @@ class RunSettings:
             )
         from pollinate.data import Partitioner
 
-        _enum(Partitioner, "partitioner", self.partitioner)
+        enum_value(Partitioner, "partitioner", self.partitioner)
         for key, spec in (("loss", self.loss), ("metrics", self.metrics)):
             if spec and not is_import_path(spec):
                 raise ConfigError(
@@ -322,7 +293,46 @@ class RunSettings:
                     "'package.module:function' (or leave it empty for the task's own)"
                 )
 
+    def _check_client_dp(self) -> None:
+        """The client-level DP settings (see :class:`ClientDP`)."""
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"setting 'server-momentum' must be in [0, 1), got {self.server_momentum}"
+            )
+        if not 0.0 < self.client_dp_quantile < 1.0:
+            raise ConfigError(
+                f"setting 'client-dp-quantile' must be in (0, 1), got {self.client_dp_quantile};"
+                " 0.5 adapts the clip to the median update norm"
+            )
+        positive_float("client-dp-clip-lr", self.client_dp_clip_lr)
+        non_negative_float("client-dp-count-noise", self.client_dp_count_noise)
+        if self.client_dp_bands < 0:
+            raise ConfigError(
+                f"setting 'client-dp-bands' must be >= 0 (0: population / cohort), "
+                f"got {self.client_dp_bands}"
+            )
+        if self.client_dp != ClientDP.NONE and self.robust != RobustAggregation.NONE:
+            raise ConfigError(
+                f"client-dp={self.client_dp.value!r} with robust={self.robust.value!r}: the "
+                "noise is calibrated to the mean of the clipped updates, and a robust "
+                "aggregate may follow a single client; choose one of the two"
+            )
+
+    def client_target_epsilon(self) -> float:
+        """The client-level target epsilon: ``client-dp-target-epsilon``, or ``target-epsilon``
+        when it is the only DP in the run (``dp = none``); 0 when the noise is given."""
+        if self.client_dp_target_epsilon > 0 or self.client_dp == ClientDP.NONE:
+            return self.client_dp_target_epsilon
+        return self.target_epsilon if self.dp == SampleDP.NONE else 0.0
+
     # ------------------------------------------------------------- derived
+    def server_lr(self) -> float:
+        """``server-learning-rate``, or (0) the strategy's default: 1.0 for FedAvgM (the
+        mean update, plus momentum), 0.01 for FedAdam and FedYogi."""
+        if self.server_learning_rate > 0:
+            return self.server_learning_rate
+        return 1.0 if self.strategy == StrategyName.FEDAVGM else 0.01
+
     def sample_size(self, population: int) -> int:
         """Clients sampled per round from ``population`` connected nodes."""
         return min(population, max(self.min_train_nodes, int(population * self.fraction_train)))
@@ -338,53 +348,6 @@ class RunSettings:
         if self.fraction_evaluate == 0.0:
             return 0
         return min(population, max(1, int(population * self.fraction_evaluate)))
-
-
-def _coerce(key: str, fld: dataclasses.Field[Any], raw: Any) -> Any:
-    default = fld.default
-    if isinstance(default, Enum):
-        return _enum(type(default), key, raw)
-    if isinstance(default, bool):
-        if isinstance(raw, bool):
-            return raw
-        if str(raw).lower() in {"true", "1", "yes"}:
-            return True
-        if str(raw).lower() in {"false", "0", "no"}:
-            return False
-        raise ConfigError(f"setting {key!r} must be true or false, got {raw!r}")
-    if isinstance(default, int):
-        if isinstance(raw, bool) or not (
-            isinstance(raw, int) or (isinstance(raw, float) and raw.is_integer())
-        ):
-            try:
-                return int(str(raw))
-            except ValueError:
-                raise ConfigError(f"setting {key!r} must be an integer, got {raw!r}") from None
-        return int(raw)
-    if isinstance(default, float):
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"setting {key!r} must be a number, got {raw!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"setting {key!r} must be finite, got {raw!r}")
-        return value
-    return str(raw)
-
-
-def _positive_int(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"setting {key!r} must be a positive integer, got {value}")
-
-
-def _positive_float(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"setting {key!r} must be positive, got {value}")
-
-
-def _non_negative_float(key: str, value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"setting {key!r} must not be negative, got {value}")
 
 
 def bundle_dir(run_dir: Path, export_dir: str, export_triton_repo: str) -> Path | None:
