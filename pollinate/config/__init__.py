@@ -5,10 +5,17 @@ and the coercion of raw run-config values.
 """
 
 from pollinate.config.settings import RunSettings, bundle_dir
-from pollinate.config.values import ClientDP, RobustAggregation, SampleDP, StrategyName
+from pollinate.config.values import (
+    ClientDP,
+    ClientSampling,
+    RobustAggregation,
+    SampleDP,
+    StrategyName,
+)
 
 __all__ = [
     "ClientDP",
+    "ClientSampling",
     "RobustAggregation",
     "RunSettings",
     "SampleDP",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pollinate.config.values import (
     EXPORT_FORMATS,
     ClientDP,
+    ClientSampling,
     RobustAggregation,
     SampleDP,
     StrategyName,
@@ -40,6 +41,7 @@ class RunSettings:
 
     num_server_rounds: int = 5
     fraction_train: float = 0.1
+    client_sampling: ClientSampling = ClientSampling.FIXED
     min_train_nodes: int = 2
     min_replies: int = 1
     min_available_nodes: int = 0
@@ -310,6 +312,23 @@ class RunSettings:
             raise ConfigError(
                 f"setting 'client-dp-bands' must be >= 0 (0: population / cohort), "
                 f"got {self.client_dp_bands}"
+            )
+        if self.client_sampling == ClientSampling.POISSON and self.client_dp.correlation != (
+            "independent"
+        ):
+            raise ConfigError(
+                f"client-sampling='poisson' with client-dp={self.client_dp.value!r}: DP-FTRL is "
+                "accounted without sampling and needs participation limits a Poisson sampler "
+                "cannot keep; use client-sampling='fixed'"
+            )
+        if (
+            self.client_sampling == ClientSampling.POISSON
+            and self.client_dp != ClientDP.NONE
+            and self.participation_bound > 0
+        ):
+            raise ConfigError(
+                "client-sampling='poisson' with a participation-bound: amplification needs every "
+                "client to be drawn independently each round; set participation-bound = 0"
             )
         if self.client_dp != ClientDP.NONE and self.robust != RobustAggregation.NONE:
             raise ConfigError(

@@ -12,6 +12,7 @@ from pollinate.errors import ConfigError
 __all__ = [
     "EXPORT_FORMATS",
     "ClientDP",
+    "ClientSampling",
     "RobustAggregation",
     "SampleDP",
     "StrategyName",
@@ -78,6 +79,19 @@ class ClientDP(StrEnum):
     def server_clips(self) -> bool:
         """Whether the server clips each update (so it must see each one)."""
         return self not in (ClientDP.NONE, ClientDP.CLIENT_FIXED)
+
+
+class ClientSampling(StrEnum):
+    """How each round's cohort is drawn.
+
+    ``fixed``: a fixed-size draw, seeded by the run seed, from the connected clients; no
+    amplification is claimed. ``poisson``: every client independently with probability
+    ``fraction-train``, from coins the run seed does not fix (a trusted sampler: the simulator);
+    client-level DP then accounts amplification by sampling.
+    """
+
+    FIXED = "fixed"
+    POISSON = "poisson"
 
 
 def enum_value(enum_type: type[Enum], key: str, value: object) -> Any:

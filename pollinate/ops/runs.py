@@ -91,7 +91,13 @@ def start_run(
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = Path(config.get("run-dir") or Path(state_dir) / "runs" / stamp).resolve()
     config["run-dir"] = str(run_dir)
-    RunSettings.from_run_config(config)  # one clear ConfigError before anything is sent
+    settings = RunSettings.from_run_config(config)  # one ConfigError before anything is sent
+    if settings.client_sampling.value == "poisson" and settings.client_dp.value != "none":
+        raise ConfigError(
+            "client-sampling='poisson' claims amplification by sampling, which needs coins the "
+            "server never sees; a real federation's ServerApp draws them itself, so use "
+            "client-sampling='fixed' (no amplification claimed) or `pollinate simulate`"
+        )
     answer = _flwr(
         state_dir, "run", str(app_dir), options=("--run-config", toml_run_config(config))
     )

@@ -27,6 +27,7 @@ noise multiplier ``z / ||C u||``: :func:`gaussian_epsilons` gives it by Google's
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "PLD_DISCRETIZATION",
     "Correlation",
     "Epsilons",
+    "amplified_epsilons",
     "calibrate_noise",
     "gaussian_epsilons",
     "sensitivity",
@@ -225,6 +227,36 @@ def gaussian_epsilons(noise_multiplier: float, delta: float) -> Epsilons:
     return _epsilons(float(noise_multiplier), float(delta))
 
 
+@functools.lru_cache(maxsize=4096)
+def _amplified(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> Epsilons:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+        ),
+        rounds,
+    )
+    by_rdp = rdp.RdpAccountant()
+    by_rdp.compose(event)
+    by_pld = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    by_pld.compose(event)
+    return Epsilons(rdp=float(by_rdp.get_epsilon(delta)), pld=float(by_pld.get_epsilon(delta)))
+
+
+def amplified_epsilons(
+    noise_multiplier: float, sample_rate: float, rounds: int, delta: float
+) -> Epsilons:
+    """Epsilon of ``rounds`` releases, each including every client independently with
+    probability ``sample_rate`` from secret coins (Poisson-subsampled Gaussian, add/remove-one),
+    by dp-accounting's RDP and PLD. Every client is charged every round: whether it was drawn
+    is secret."""
+    if rounds <= 0:
+        return Epsilons(rdp=0.0, pld=0.0)
+    if noise_multiplier <= 0 or not math.isfinite(noise_multiplier):
+        return Epsilons(rdp=math.inf, pld=math.inf)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's per-order warnings
+    return _amplified(float(noise_multiplier), float(sample_rate), int(rounds), float(delta))
+
+
 def history_epsilons(
     noise_multiplier: float,
     correlation: Correlation,
@@ -246,9 +278,12 @@ def calibrate_noise(
     *,
     delta: float,
     worst: float,
+    sample_rate: float = 0.0,
+    rounds: int = 1,
 ) -> float:
     """The smallest noise multiplier (within 0.1 %) whose reported epsilon for a client of
-    sensitivity ``worst`` (see :func:`worst_sensitivity`) is at most ``target_epsilon``.
+    sensitivity ``worst`` (see :func:`worst_sensitivity`) is at most ``target_epsilon``; with
+    ``sample_rate`` > 0, of ``rounds`` Poisson-sampled releases (:func:`amplified_epsilons`).
 
     Raises:
         ConfigError: The target is not a positive finite number, or no noise multiplier up to
@@ -260,6 +295,8 @@ def calibrate_noise(
         return 0.0
 
     def spent(z_eff: float) -> float:
+        if sample_rate > 0:
+            return amplified_epsilons(z_eff, sample_rate, rounds, delta).epsilon
         return gaussian_epsilons(z_eff, delta).epsilon
 
     low, high = 1e-3, 1.0

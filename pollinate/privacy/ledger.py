@@ -192,6 +192,7 @@ class PrivacyLedger:
         bands: int = 1,
         horizon: int = 0,
         clients: Sequence[str] = (),
+        sample_rate: float = 0.0,
     ) -> None:
         """Record the server's cumulative client-level epsilon after a round's release.
 
@@ -216,6 +217,7 @@ class PrivacyLedger:
             bands=bands,
             horizon=horizon,
             clients=tuple(clients),
+            sample_rate=sample_rate,
         )
         if self._releases:
             previous = self._releases[-1]

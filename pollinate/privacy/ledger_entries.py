@@ -129,6 +129,7 @@ class ClientLevelEntry:
     bands: int = 1
     horizon: int = 0
     clients: tuple[str, ...] = ()
+    sample_rate: float = 0.0
 
     @classmethod
     def checked(
@@ -149,6 +150,7 @@ class ClientLevelEntry:
         bands: object = 1,
         horizon: object = 0,
         clients: object = (),
+        sample_rate: object = 0.0,
     ) -> ClientLevelEntry:
         """A validated entry; numbers are normalised to float.
 
@@ -183,6 +185,9 @@ class ClientLevelEntry:
             bands=check_integer("bands", bands, low=1),
             horizon=check_integer("horizon", horizon, low=0),
             clients=tuple(check_text("client", c) for c in clients),
+            sample_rate=check_number(
+                "sample_rate", sample_rate, low=0.0, low_open=False, allow_inf=False
+            ),
         )
         if entry.num_sampled > entry.population:
             raise ConfigError(

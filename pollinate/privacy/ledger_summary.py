@@ -90,6 +90,7 @@ def client_level_summary(
         "epsilon_pld": last.epsilon_pld if last else None,
         "sensitivity": last.sensitivity if last else None,
         "bands": last.bands if last else None,
+        "sample_rate": last.sample_rate if last else None,
         "clients": len({c for r in releases for c in r.clients}),
     }
 

@@ -36,12 +36,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from pollinate.config import ClientDP, RunSettings
+from pollinate.config import ClientDP, ClientSampling, RunSettings
 from pollinate.errors import ConfigError
 from pollinate.log import logger
 from pollinate.privacy.client_level import (
     Correlation,
     Epsilons,
+    amplified_epsilons,
     calibrate_noise,
     gaussian_epsilons,
     sensitivity,
@@ -83,6 +84,9 @@ class ClientLevelPlan:
         participations: Most rounds one client contributes to.
         separation: Fewest rounds between two contributions of one client.
         worst_sensitivity: ``||C u||`` of the worst-placed client allowed by the two limits.
+        sample_rate: Poisson sampling rate with secret coins (``client-sampling = poisson``):
+            the accounting is amplified and charges every client every round; 0: a fixed-size
+            cohort, no amplification, each client charged for its own rounds.
     """
 
     mechanism: ClientDP
@@ -96,6 +100,7 @@ class ClientLevelPlan:
     participations: int
     separation: int
     worst_sensitivity: float
+    sample_rate: float = 0.0
 
     @property
     def correlation(self) -> Correlation:
@@ -126,9 +131,16 @@ def plan_client_dp(settings: RunSettings, *, population: int) -> ClientLevelPlan
     worst = worst_sensitivity(
         mechanism.correlation, horizon=horizon, participations=participations, bands=bands
     )
+    rate = 0.0
+    if settings.client_sampling == ClientSampling.POISSON:
+        rate = settings.fraction_train
+        cohort = max(1, round(rate * population))
+        participations, worst = horizon, 1.0
     target = settings.client_target_epsilon()
     if target > 0:
-        noise = calibrate_noise(target, delta=settings.target_delta, worst=worst)
+        noise = calibrate_noise(
+            target, delta=settings.target_delta, worst=worst, sample_rate=rate, rounds=horizon
+        )
     else:
         noise = settings.client_dp_noise
     update_noise, count_noise = noise, 0.0
@@ -153,6 +165,7 @@ def plan_client_dp(settings: RunSettings, *, population: int) -> ClientLevelPlan
         participations=participations,
         separation=separation,
         worst_sensitivity=worst,
+        sample_rate=rate,
     )
 
 
@@ -291,10 +304,18 @@ class ClientLevelDP(Strategy):
 
 
 def account(
-    plan: ClientLevelPlan, history: dict[str, list[int]], *, noise: float, delta: float
-) -> tuple[float, Epsilons]:
+    plan: ClientLevelPlan,
+    history: dict[str, list[int]],
+    *,
+    noise: float,
+    delta: float,
+    releases: int = 0,
+) -> tuple[float | None, Epsilons]:
     """The worst-placed client's sensitivity and epsilon over ``history`` (client -> rounds)
-    under noise multiplier ``noise``."""
+    under noise multiplier ``noise``; under Poisson sampling every client's, over ``releases``
+    amplified rounds (no sensitivity: ``None``)."""
+    if plan.sample_rate > 0:
+        return None, amplified_epsilons(noise, plan.sample_rate, releases, delta)
     worst = max(
         (sensitivity(plan.correlation, r, horizon=plan.horizon, bands=plan.bands)
          for r in history.values()),
@@ -320,6 +341,9 @@ def eligibility(
     limited = plan.participations < plan.horizon or plan.separation > 1 or budget > 0
     if not limited:
         return None
+    if plan.sample_rate > 0:  # every client is charged the same: all or none may go on
+        spent = amplified_epsilons(noise, plan.sample_rate, rnd, delta).epsilon
+        return lambda client: spent <= budget
     # epsilon grows with the sensitivity: the budget is a largest sensitivity, found once
     most = noise / calibrate_noise(budget, delta=delta, worst=1.0) if budget > 0 else math.inf
 

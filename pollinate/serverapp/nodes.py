@@ -154,6 +154,17 @@ class NodeDirectory:
         """Node id -> client key of every node identified so far."""
         return dict(self._keys)
 
+    def sample_poisson(
+        self, rate: float, rng: np.random.Generator, *, allowed: Callable[[str], bool] | None = None
+    ) -> list[int]:
+        """Every node (that ``allowed`` accepts) independently with probability ``rate``, from
+        ``rng``'s coins, in client-key order."""
+        ordered = sorted(self._keys.items(), key=lambda kv: kv[1])
+        if allowed is not None:
+            ordered = [kv for kv in ordered if allowed(kv[1])]
+        coins = rng.random(len(ordered))
+        return [node for (node, _), coin in zip(ordered, coins, strict=True) if coin < rate]
+
     def sample(
         self, size: int, rng: np.random.Generator, *, allowed: Callable[[str], bool] | None = None
     ) -> list[int]:

@@ -21,8 +21,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
 from pollinate.clientapp.training import seed_for
-from pollinate.config import SampleDP
+from pollinate.config import ClientSampling, SampleDP
 from pollinate.log import logger
+from pollinate.privacy.noise import secure_seed
 from pollinate.rundir.records import RoundRecord
 from pollinate.serverapp.client_dp import ACCOUNTING, account, eligibility
 from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
@@ -73,23 +74,32 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
             wrapper.plan, run.ledger.client_level_rounds(), rnd, noise=wrapper.noise_multiplier,
             delta=run.settings.target_delta, budget=run.settings.client_dp_budget,
         )  # fmt: skip
-    chosen = run.directory.sample(run.sample_size, rng, allowed=allowed)
-    if not chosen:
+    poisson = run.settings.client_sampling == ClientSampling.POISSON
+    if poisson:
+        chosen = run.directory.sample_poisson(
+            run.settings.fraction_train, _secret_coins(run, rnd), allowed=allowed
+        )
+    else:
+        chosen = run.directory.sample(run.sample_size, rng, allowed=allowed)
+    spent = poisson and allowed is not None and not allowed("")  # all clients alike
+    if spent or (not chosen and not poisson):
         logger.warning(
             "stopping before round %d: no client may contribute again within its "
             "client-level limits (participations, separation, budget)", rnd,
         )  # fmt: skip
         return None
     counts.sampled = len(chosen)
-    messages = list(
-        run.strategy.configure_train(
-            rnd,
-            to_array_record(run.arrays),
-            ConfigRecord(dict(run.cfg)),
-            SampledGrid(run.grid, chosen),
+    messages: list[Message] = []
+    if chosen:  # a Poisson draw may be empty: the round then releases noise only
+        messages = list(
+            run.strategy.configure_train(
+                rnd,
+                to_array_record(run.arrays),
+                ConfigRecord(dict(run.cfg)),
+                SampledGrid(run.grid, chosen),
+            )
         )
-    )
-    replies = _send_train(run, rnd, messages)
+    replies = _send_train(run, rnd, messages) if messages else []
     accepted = triage(run, rnd, replies, messages, counts)
     _count_missing(run, rnd, replies, messages, counts)
     train_metrics = _aggregate(run, rnd, accepted)
@@ -116,6 +126,14 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         client_level_epsilon=client_eps,
         seconds=time.monotonic() - started,
     )
+
+
+def _secret_coins(run: RunState, rnd: int) -> np.random.Generator:
+    """The Poisson sampler's coins: from the OS CSPRNG (the run seed does not fix them), or,
+    with the test-only reproducible noise, from the seed."""
+    if run.settings.reproducible_noise:
+        return np.random.default_rng(seed_for(run.settings.seed, rnd, 14))
+    return np.random.default_rng(secure_seed())
 
 
 def _seed_globals(seed: int, rnd: int) -> None:
@@ -254,13 +272,17 @@ def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> flo
         return None
     plan = wrapper.plan
     contributors: list[str] = []
-    if wrapper.released_round == rnd:
+    if wrapper.released_round == rnd and plan.sample_rate == 0:
+        # under Poisson sampling who was drawn is secret: not written down, all charged alike
         contributors = [run.directory.key_of(m.metadata.src_node_id) for m in accepted]
     history = run.ledger.client_level_rounds()
     for key in contributors:
         history.setdefault(key, []).append(rnd)
     noise = wrapper.noise_multiplier
-    worst, eps = account(plan, history, noise=noise, delta=run.settings.target_delta)
+    worst, eps = account(
+        plan, history, noise=noise, delta=run.settings.target_delta,
+        releases=len(run.ledger.releases) + 1,
+    )  # fmt: skip
     run.ledger.record_client_level(
         server_round=rnd,
         epsilon=eps.epsilon,
@@ -277,6 +299,7 @@ def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> flo
         bands=plan.bands,
         horizon=plan.horizon,
         clients=contributors,
+        sample_rate=plan.sample_rate,
     )
     return eps.epsilon
 

@@ -243,6 +243,19 @@ def gaussian_epsilons(noise: float, delta: float) -> tuple[float, float, float]:
     return _epsilons(dp_event.GaussianDpEvent(noise), delta)
 
 
+@functools.lru_cache(maxsize=1024)
+def amplified_epsilons(
+    noise: float, rate: float, releases: int, delta: float
+) -> tuple[float, float, float]:
+    """dp-accounting's epsilons of ``releases`` Poisson-subsampled Gaussian releases."""
+    from dp_accounting import dp_event
+
+    event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(noise)), releases
+    )
+    return _epsilons(event, delta)
+
+
 def recompute_client_level(ledger: Mapping[str, Any]) -> list[Recomputed]:
     """Every client-level epsilon of ``ledger`` (its ``client_level_releases``), recomputed.
 
@@ -265,6 +278,11 @@ def recompute_client_level(ledger: Mapping[str, Any]) -> list[Recomputed]:
         noise = _number(entry, "noise_multiplier", where)
         delta = _number(entry, "delta", where) if "delta" in entry else run_delta
         reported = _number(entry, "epsilon", where)
+        rate = float(entry.get("sample_rate", 0.0))
+        if rate > 0:  # Poisson cohorts from secret coins: every client, every release so far
+            rdp_o, rdp_d, pld = amplified_epsilons(noise, rate, i + 1, delta)
+            out.append(Recomputed("client", "server", rnd, reported, rdp_o, rdp_d, pld))
+            continue
         if "clients" not in entry:
             noises.append(noise)
             rdp_o, rdp_d, pld = client_level_epsilons(tuple(noises), delta)

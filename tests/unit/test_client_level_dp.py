@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,61 @@ def test_adaptive_noise_too_small_a_count_noise_is_refused() -> None:
     )
     with pytest.raises(ConfigError, match="client-dp-count-noise"):
         plan_client_dp(settings, population=100)  # cohort 10: count noise 0.5 < 3 / 2
+
+
+def test_poisson_sampling_accounting_is_amplified_and_checked_by_opacus() -> None:
+    """Secret Poisson coins earn amplification: every client is charged every round with the
+    subsampled Gaussian; Opacus' own RDP analysis (another implementation) agrees."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from pollinate.privacy.client_level import amplified_epsilons
+
+    ours = amplified_epsilons(1.2, 0.1, 20, 1e-6)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    curve = opacus_rdp.compute_rdp(q=0.1, noise_multiplier=1.2, steps=20, orders=orders)
+    theirs, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=curve, delta=1e-6)
+    assert ours.rdp == pytest.approx(theirs, rel=0.05)
+    assert ours.pld < ours.rdp and ours.epsilon == ours.pld
+    # far below the same noise without amplification, charged 20 times
+    assert ours.epsilon < gaussian_epsilons(1.2 / math.sqrt(20), 1e-6).epsilon / 3
+    z = calibrate_noise(2.0, delta=1e-6, worst=1.0, sample_rate=0.1, rounds=20)
+    assert 2.0 * 0.99 < amplified_epsilons(z, 0.1, 20, 1e-6).epsilon <= 2.0
+
+
+def test_the_poisson_coins_are_not_fixed_by_the_seed() -> None:
+    """An attacker with the run seed cannot tell who was drawn: two draws with the same seed
+    differ (unless the test-only reproducible switch is on)."""
+    from types import SimpleNamespace
+
+    from pollinate.serverapp.rounds import _secret_coins
+
+    def coins(reproducible: bool) -> np.ndarray:
+        run = SimpleNamespace(settings=RunSettings(seed=5, reproducible_noise=reproducible))
+        return _secret_coins(run, 3).random(1000)  # type: ignore[arg-type]
+
+    assert not np.array_equal(coins(False), coins(False))
+    assert np.array_equal(coins(True), coins(True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"client-dp": "ftrl-banded"}, "DP-FTRL is accounted without sampling"),
+        ({"client-dp": "server-fixed", "participation-bound": 2}, "participation-bound = 0"),
+    ],
+)
+def test_poisson_sampling_refuses_what_it_cannot_account(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_run_config({"dp": "none", "client-sampling": "poisson", **overrides})
+
+
+def test_a_real_federation_refuses_poisson_sampling(tmp_path: Path) -> None:
+    """Its ServerApp draws the coins itself: no amplification may be claimed there."""
+    from pollinate.ops.runs import start_run
+
+    config = {"dp": "none", "client-dp": "server-fixed", "client-sampling": "poisson"}
+    with pytest.raises(ConfigError, match="coins the server never sees"):
+        start_run(tmp_path, tmp_path, config)
+    assert not (tmp_path / "runs.json").exists()

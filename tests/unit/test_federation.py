@@ -147,3 +147,20 @@ def test_every_mechanism_is_accounted_per_client_and_recomputes_independently(
     assert summary["under_reports_vs_pld"] == 0
     assert summary["max_rel_diff_pld"] < 1e-3
     assert all(0 < r.reported <= 4.0 for r in records)
+
+
+def test_poisson_cohorts_are_accounted_amplified_and_never_written_down(tmp_path: Path) -> None:
+    from tests.support.audit import check_run
+
+    run_dir = tmp_path / "run"
+    overrides = {
+        "client-sampling": "poisson", "fraction-train": 0.3, "num-server-rounds": 3,
+        "client-dp-target-epsilon": 3.0,
+    }  # fmt: skip
+    result = run_federation(LocalGrid(POPULATION), _settings(run_dir, **overrides))
+    releases = _privacy(run_dir)["ledger"]["client_level_releases"]
+    assert [r["server_round"] for r in releases] == [1, 2, 3]
+    assert all(r["clients"] == [] and r["sample_rate"] == 0.3 for r in releases)
+    summary, _ = check_run(run_dir, "client")
+    assert summary["under_reports_vs_pld"] == 0 and summary["max_rel_diff_pld"] < 1e-3
+    assert 3.0 * 0.99 < result.privacy["client_level"]["epsilon"] <= 3.0

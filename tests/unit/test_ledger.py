@@ -293,6 +293,7 @@ def test_client_level_kept_separate_and_never_added() -> None:
         "epsilon_pld": None,
         "sensitivity": None,
         "bands": 1,
+        "sample_rate": 0.0,
         "clients": 0,
     }
     assert "never added" in str(summary["note"])
