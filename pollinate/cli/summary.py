@@ -35,7 +35,10 @@ def print_summary(result: Any) -> None:
         )
     client = result.privacy.get("client_level", {})
     if client.get("enabled") and client.get("epsilon") is not None:
-        out.print(f"client-level ε: {client['epsilon']:.3f} (a separate guarantee, not added)")
+        out.print(
+            f"client-level ε ({client.get('mechanism')}, worst client): {client['epsilon']:.3f} "
+            "(a separate guarantee, not added)"
+        )
     if result.privacy.get("private") is False:
         out.print(f"[bold red]{escape(str(result.privacy.get('noise')))}[/]")
     rejected = sum(r.rejected for r in result.history)

@@ -90,9 +90,17 @@ def _client_level_lines(client: Mapping[str, object], delta: object) -> list[str
     """The client-level table of the privacy section."""
     client_delta = client.get("delta", delta)
     rows = [
-        ["epsilon", f"{fmt_eps(client.get('epsilon'))} at delta = {fmt_delta(client_delta)}"],
+        ["mechanism", fmt_value(client.get("mechanism"))],
+        [
+            "epsilon (worst client)",
+            f"{fmt_eps(client.get('epsilon'))} at delta = {fmt_delta(client_delta)}",
+        ],
+        [
+            "epsilon by RDP / by PLD",
+            f"{fmt_eps(client.get('epsilon_rdp'))} / {fmt_eps(client.get('epsilon_pld'))}",
+        ],
         ["noise multiplier", fmt_value(client.get("noise_multiplier"))],
-        ["clipping norm", fmt_value(client.get("clipping_norm"))],
+        ["clipping norm (last)", fmt_value(client.get("clipping_norm"))],
         ["clients sampled per round", fmt_value(client.get("num_sampled"))],
         ["population", fmt_value(client.get("population"))],
         ["releases", fmt_value(client.get("releases"))],
