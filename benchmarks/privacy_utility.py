@@ -4,7 +4,8 @@ measured in one run and written to one JSON.
 W-client: 10,000 clients (``resample`` partitioner, 4 MNIST samples each), a cohort of 1000 per
 round, client-level DP at epsilon 1, 2, 4, 8 (delta 1e-6) with each mechanism (server-fixed,
 server-adaptive, ftrl-tree, ftrl-banded; noise calibrated by ``--target-epsilon`` for the
-worst-placed client, no amplification), the non-private run with the same recipe, and Apple's
+worst-placed client, no amplification; and server-fixed+poisson: secret Poisson cohorts,
+amplified accounting), the non-private run with the same recipe, and Apple's
 pfl as a peer (its own venv, ``benchmarks/pfl_peer``: the same exported client data and model,
 central DP-FedAvg, pfl's own accountant, which assumes Poisson sampling of the cohort).
 
@@ -36,7 +37,10 @@ from benchmarks._measure import RESULTS, run_pollinate, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 PFL_PYTHON = ROOT / ".venv-pfl" / "bin" / "python"
-MECHANISMS = ("server-fixed", "server-adaptive", "ftrl-tree", "ftrl-banded")
+MECHANISMS = (
+    "nonprivate", "server-fixed", "server-adaptive", "ftrl-tree", "ftrl-banded",
+    "server-fixed+poisson",
+)  # fmt: skip
 CLIENT_DELTA, SAMPLE_DELTA = 1e-6, 1e-5
 
 
@@ -62,6 +66,15 @@ def _sample_recipe(args: argparse.Namespace) -> list[str]:
         "--set", f"max-grad-norm={args.sample_clip}",
         "--set", f"participation-bound={args.sample_rounds // 2}",
     ]  # fmt: skip
+
+
+def _mechanism_args(mechanism: str, eps: float) -> list[str]:
+    """``NAME`` or ``NAME+poisson`` (secret Poisson cohorts, amplified accounting, no bound)."""
+    name, _, sampling = mechanism.partition("+")
+    out = ["--dp", "none", "--client-dp", name, "--target-epsilon", str(eps)]
+    if sampling == "poisson":
+        out += ["--set", "client-sampling=poisson", "--set", "participation-bound=0"]
+    return out
 
 
 def _cell(tmp: Path, name: str, args: list[str]) -> dict[str, Any]:
@@ -194,12 +207,16 @@ def main() -> None:
         if "client" in modes:
             recipe = _client_recipe(args)
             workloads["client"] = {"recipe": recipe, "delta": CLIENT_DELTA, "data": "MNIST 5k"}
-            result["client"]["nonprivate"] = _cell(tmp, "client-np", [*recipe, "--dp", "none"])
+            if "nonprivate" in args.mechanisms.split(","):
+                result["client"]["nonprivate"] = _cell(tmp, "client-np", [*recipe, "--dp", "none"])
             for mechanism in args.mechanisms.split(","):
+                if mechanism == "nonprivate":
+                    continue
                 cells = result["client"].setdefault(mechanism, {})
                 for eps in epsilons:
-                    dp = ["--dp", "none", "--client-dp", mechanism, "--target-epsilon", str(eps)]
-                    cells[str(eps)] = _cell(tmp, f"{mechanism}-{eps}", [*recipe, *dp])
+                    cells[str(eps)] = _cell(
+                        tmp, f"{mechanism}-{eps}", [*recipe, *_mechanism_args(mechanism, eps)]
+                    )
         if "pfl" in modes:
             if not PFL_PYTHON.exists():
                 raise SystemExit("the pfl peer is not installed: run benchmarks/pfl_peer/setup.sh")
