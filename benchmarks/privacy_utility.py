@@ -38,8 +38,8 @@ from benchmarks._measure import RESULTS, run_pollinate, write_result
 ROOT = Path(__file__).resolve().parent.parent
 PFL_PYTHON = ROOT / ".venv-pfl" / "bin" / "python"
 MECHANISMS = (
-    "nonprivate", "nonprivate-fedavg", "server-fixed", "server-adaptive", "ftrl-tree", "ftrl-banded",
-    "server-fixed+poisson",
+    "nonprivate", "nonprivate-fedavg", "server-fixed", "server-adaptive", "ftrl-tree",
+    "ftrl-banded", "server-fixed+poisson",
 )  # fmt: skip
 CLIENT_DELTA, SAMPLE_DELTA = 1e-6, 1e-5
 
