@@ -193,6 +193,7 @@ class PrivacyLedger:
         horizon: int = 0,
         clients: Sequence[str] = (),
         sample_rate: float = 0.0,
+        count_noise: float = 0.0,
     ) -> None:
         """Record the server's cumulative client-level epsilon after a round's release.
 
@@ -218,6 +219,7 @@ class PrivacyLedger:
             horizon=horizon,
             clients=tuple(clients),
             sample_rate=sample_rate,
+            count_noise=count_noise,
         )
         if self._releases:
             previous = self._releases[-1]

@@ -111,7 +111,9 @@ class ClientLevelEntry:
 
     ``epsilon`` is the reported one, the tighter of ``epsilon_rdp`` and ``epsilon_pld``;
     ``sensitivity`` is the worst client's ``||C u||`` so far (in clips); ``clients`` are the
-    keys of the clients whose updates the release summed.
+    keys of the clients whose updates the release summed (none under Poisson sampling, whose
+    ``sample_rate`` is then > 0); ``count_noise`` is the std of adaptive clipping's noised
+    count (``noise_multiplier`` is then the joint one of update and count).
     """
 
     server_round: int
@@ -130,6 +132,7 @@ class ClientLevelEntry:
     horizon: int = 0
     clients: tuple[str, ...] = ()
     sample_rate: float = 0.0
+    count_noise: float = 0.0
 
     @classmethod
     def checked(
@@ -151,6 +154,7 @@ class ClientLevelEntry:
         horizon: object = 0,
         clients: object = (),
         sample_rate: object = 0.0,
+        count_noise: object = 0.0,
     ) -> ClientLevelEntry:
         """A validated entry; numbers are normalised to float.
 
@@ -187,6 +191,9 @@ class ClientLevelEntry:
             clients=tuple(check_text("client", c) for c in clients),
             sample_rate=check_number(
                 "sample_rate", sample_rate, low=0.0, low_open=False, allow_inf=False
+            ),
+            count_noise=check_number(
+                "count_noise", count_noise, low=0.0, low_open=False, allow_inf=False
             ),
         )
         if entry.num_sampled > entry.population:

@@ -300,6 +300,7 @@ def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> flo
         horizon=plan.horizon,
         clients=contributors,
         sample_rate=plan.sample_rate,
+        count_noise=plan.count_noise,
     )
     return eps.epsilon
 
