@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,7 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
             wrapper.plan, run.ledger.client_level_rounds(), rnd, noise=wrapper.noise_multiplier,
             delta=run.settings.target_delta, budget=run.settings.client_dp_budget,
         )  # fmt: skip
+    allowed = _both(allowed, _within_participation_bound(run))
     poisson = run.settings.client_sampling == ClientSampling.POISSON
     if poisson:
         chosen = run.directory.sample_poisson(
@@ -84,8 +87,8 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
     spent = poisson and allowed is not None and not allowed("")  # all clients alike
     if spent or (not chosen and not poisson):
         logger.warning(
-            "stopping before round %d: no client may contribute again within its "
-            "client-level limits (participations, separation, budget)", rnd,
+            "stopping before round %d: no client may train again within its limits "
+            "(participation-bound; client-level separation and budget)", rnd,
         )  # fmt: skip
         return None
     counts.sampled = len(chosen)
@@ -126,6 +129,24 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         client_level_epsilon=client_eps,
         seconds=time.monotonic() - started,
     )
+
+
+def _within_participation_bound(run: RunState) -> Callable[[str], bool] | None:
+    """Under DP-SGD with a ``participation-bound`` (what the noise was calibrated for): only
+    clients that trained fewer rounds; the others would decline, wasting their cohort slot."""
+    bound = run.settings.participation_bound
+    if run.settings.dp != SampleDP.DPSGD or bound == 0:
+        return None
+    trained = Counter(e.client for e in run.ledger.entries if e.release == "train")
+    return lambda client: trained[client] < bound
+
+
+def _both(
+    a: Callable[[str], bool] | None, b: Callable[[str], bool] | None
+) -> Callable[[str], bool] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda client: a(client) and b(client)
 
 
 def _secret_coins(run: RunState, rnd: int) -> np.random.Generator:

@@ -164,3 +164,21 @@ def test_poisson_cohorts_are_accounted_amplified_and_never_written_down(tmp_path
     summary, _ = check_run(run_dir, "client")
     assert summary["under_reports_vs_pld"] == 0 and summary["max_rel_diff_pld"] < 1e-3
     assert 3.0 * 0.99 < result.privacy["client_level"]["epsilon"] <= 3.0
+
+
+def test_dp_sgd_samples_only_clients_within_the_participation_bound(tmp_path: Path) -> None:
+    """The noise was calibrated for `participation-bound` rounds: clients past it are not
+    sampled (they would decline and waste the slot); the run ends when none is left."""
+    settings = RunSettings.from_run_config(
+        {
+            "run-dir": str(tmp_path / "run"), "dataset": "digits", "dp": "sample",
+            "target-epsilon": 4.0, "participation-bound": 1, "num-server-rounds": 3,
+            "fraction-train": 0.5, "min-available-nodes": POPULATION,
+        }
+    )  # fmt: skip
+    result = run_federation(LocalGrid(POPULATION), settings)
+    assert [r.server_round for r in result.history] == [0, 1, 2]  # 10 clients, 5 a round
+    assert sum(r.declined for r in result.history) == 0
+    entries = _privacy(result.run_dir)["ledger"]["clients"]
+    clients = [e["client"] for e in entries]
+    assert len(clients) == len(set(clients)) == POPULATION
