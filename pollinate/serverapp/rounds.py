@@ -158,7 +158,8 @@ def _secret_coins(run: RunState, rnd: int) -> np.random.Generator:
 
 
 def _seed_globals(seed: int, rnd: int) -> None:
-    """Flower's DP wrappers and sampling use the global generators: seed them per round."""
+    """Flower's strategies draw from the global generators: seed them per round (DP noise and
+    Poisson coins never come from them)."""
     random.seed(seed_for(seed, rnd, 11))
     np.random.seed(seed_for(seed, rnd, 12) % 2**32)
 
