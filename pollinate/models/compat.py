@@ -8,6 +8,9 @@ traceback in round 1 on every client.
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +29,45 @@ _FIX_HINT = (
 )
 
 
-def dp_problems(model: nn.Module) -> list[str]:
-    """Each layer of ``model`` that DP-SGD cannot train, as ``"name (Type): why"``."""
+#: torch.nn layers none of Opacus' validators covers (a test keeps this true). Opacus registers
+#: validators for torch.nn types only (BatchNorm, InstanceNorm, LSTM, GRU, attention), so a
+#: model built of these layers and of classes from outside torch needs none of them, and its
+#: check skips importing Opacus (``opacus/__init__`` takes seconds: the whole PrivacyEngine).
+PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Bilinear, nn.Embedding,
+        nn.EmbeddingBag, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Sequential,
+        nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout,
+        nn.Dropout1d, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU,
+        nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax,
+        nn.Hardswish, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+        nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+    }
+)  # fmt: skip
+
+
+def _validators(model: nn.Module) -> dict[type, Callable[[nn.Module], list[Any]]]:
+    """Opacus' validators by layer type; none needed (Opacus not imported) for a model of
+    :data:`PLAIN_LAYERS` and non-torch classes, unless Opacus is loaded already (a user may
+    have registered their own)."""
+    if "opacus.validators" not in sys.modules and all(
+        type(m) in PLAIN_LAYERS or not type(m).__module__.startswith("torch.")
+        for m in model.modules()
+    ):
+        return {}
     from opacus.validators import ModuleValidator
 
+    return dict(ModuleValidator.VALIDATORS)
+
+
+def dp_problems(model: nn.Module) -> list[str]:
+    """Each layer of ``model`` that DP-SGD cannot train, as ``"name (Type): why"``."""
+    validators = _validators(model)
     problems: list[str] = []
     for name, module in model.named_modules():
         label = f"{name or '<model>'} ({type(module).__name__})"
-        validator = ModuleValidator.VALIDATORS.get(type(module))
+        validator = validators.get(type(module))
         if validator is not None:
             for err in validator(module):
                 why = str(err).split(". ")[0].rstrip(".")

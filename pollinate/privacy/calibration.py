@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from pollinate.errors import ConfigError
 from pollinate.privacy._checks import check_delta, check_rate, check_steps, is_number
 
@@ -40,6 +38,8 @@ def noise_multiplier_for_budget(
     delta = check_delta(delta)
     sample_rate = check_rate(sample_rate)
     steps = check_steps(steps)
+    from opacus.accountants.utils import get_noise_multiplier  # heavy: only when calibrating
+
     try:
         sigma = get_noise_multiplier(
             target_epsilon=float(target_epsilon),

@@ -33,9 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
 
 from pollinate.errors import ConfigError
 
@@ -211,6 +209,9 @@ def strategy_matrix(correlation: Correlation, horizon: int, bands: int = 1) -> n
 
 @functools.lru_cache(maxsize=4096)
 def _epsilons(noise_multiplier: float, delta: float) -> Epsilons:
+    import dp_accounting  # heavy (scipy.signal, scipy.stats): only for client-level runs
+    from dp_accounting import pld, rdp
+
     event = dp_accounting.GaussianDpEvent(noise_multiplier)
     by_rdp = rdp.RdpAccountant()
     by_rdp.compose(event)
@@ -229,6 +230,9 @@ def gaussian_epsilons(noise_multiplier: float, delta: float) -> Epsilons:
 
 @functools.lru_cache(maxsize=4096)
 def _amplified(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> Epsilons:
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)

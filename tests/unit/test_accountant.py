@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import dp_accounting
@@ -174,6 +176,29 @@ def test_epsilon_is_exactly_opacus_rdp_accountant() -> None:
     opacus_accountant.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in history]
     for delta in (1e-7, 1e-5, 1e-3):
         assert ClientAccountant(history).epsilon(delta) == opacus_accountant.get_epsilon(delta)
+
+
+def test_epsilon_without_the_opacus_package_is_opacus_own() -> None:
+    """In a fresh interpreter pollinate's accountant computes epsilon without importing the
+    ``opacus`` package (its import costs seconds of start-up), with Opacus' orders and
+    Opacus' analysis code: the value is bitwise what RDPAccountant reports."""
+    code = (
+        "import json, sys\n"
+        "from pollinate.privacy import ClientAccountant, MechanismStep\n"
+        "from pollinate.privacy.rdp import _ORDERS\n"
+        "h = [MechanismStep(noise_multiplier=1.1, sample_rate=0.01, steps=300),\n"
+        "     MechanismStep(noise_multiplier=0.9, sample_rate=0.3, steps=7)]\n"
+        "eps = ClientAccountant(h).epsilon(1e-5)\n"
+        "print(json.dumps({'eps': eps, 'orders': _ORDERS,\n"
+        "                  'opacus': sorted(m for m in sys.modules if m.startswith('opacus'))}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["opacus"] == []
+    assert out["orders"] == list(RDPAccountant.DEFAULT_ALPHAS)
+    reference = RDPAccountant()
+    reference.history = [(1.1, 0.01, 300), (0.9, 0.3, 7)]
+    assert out["eps"] == reference.get_epsilon(1e-5)
 
 
 def test_empty_history_has_zero_epsilon() -> None:

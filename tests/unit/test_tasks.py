@@ -115,6 +115,20 @@ def test_classification_metrics_match_a_slow_reference() -> None:
     assert got["macro_f1"] == pytest.approx(_slow_macro_f1(pred, y.tolist(), 4))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_is_scikit_learns_with_absent_and_unpredicted_classes(seed: int) -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(seed)
+    k = 6
+    y = rng.integers(0, k - 1, size=40)  # class 5 never present
+    out = rng.normal(size=(40, k))
+    out[:, 2] -= 10.0  # class 2 never predicted
+    pred = out.argmax(1)
+    expected = f1_score(y, pred, average="macro", labels=np.arange(k), zero_division=0.0)
+    assert Task(num_classes=k).evaluate(out, y)["macro_f1"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_binary_metrics_match_a_slow_reference() -> None:
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, size=150).astype(np.float32)
