@@ -31,6 +31,7 @@ __all__ = [
     "NoiseSource",
     "derive_seed",
     "gaussian",
+    "gaussian_into",
     "secure_seed",
 ]
 
@@ -63,11 +64,18 @@ def gaussian(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """N(0, std^2) noise of ``shape``: four normal draws summed and halved (see module doc)."""
-    out = torch.zeros(tuple(shape), dtype=dtype)
+    return gaussian_into(torch.empty(tuple(shape), dtype=dtype), std, generator)
+
+
+def gaussian_into(out: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """:func:`gaussian` written into ``out`` (contiguous): the same values, no new tensor of
+    ``out``'s size but one scratch buffer."""
     if std == 0:
-        return out
-    for _ in range(4):
-        out.add_(torch.randn(tuple(shape), generator=generator, dtype=dtype))
+        return out.zero_()
+    out.normal_(generator=generator)
+    scratch = torch.empty_like(out)
+    for _ in range(3):
+        out.add_(scratch.normal_(generator=generator))
     return out.mul_(std / 2.0)
 
 

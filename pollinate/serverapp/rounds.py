@@ -33,7 +33,7 @@ from pollinate.serverapp.nodes import SampledGrid, reply_node
 from pollinate.serverapp.secagg import secure_round
 from pollinate.serverapp.state import RunState, from_array_record, to_array_record
 from pollinate.serverapp.strategy import weight_key_for
-from pollinate.serverapp.validation import validate_update
+from pollinate.serverapp.validation import reference_of, validate_update
 
 __all__ = [
     "RoundCounts",
@@ -198,6 +198,8 @@ def triage(
         The accepted replies, in reply order.
     """
     accepted: list[Message] = []
+    reference = reference_of(run.arrays)
+    weight_key = weight_key_for(run.settings)
     for reply in replies:
         key = run.directory.key_of(reply_node(reply, sent))
         if reply.has_error():
@@ -217,7 +219,7 @@ def triage(
         if not _account_sample_level(run, rnd, key, metrics, counts):
             continue
         problem = validate_update(
-            reply, run.arrays, max_update_norm=run.bound, weight_key=weight_key_for(run.settings)
+            reply, run.arrays, max_update_norm=run.bound, weight_key=weight_key, reference=reference
         )
         if problem is not None:
             counts.rejected += 1

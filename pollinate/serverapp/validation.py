@@ -8,12 +8,13 @@ all tensors together), or its ``num-examples`` is not a positive finite number.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-__all__ = ["Rejection", "update_norm", "validate_update"]
+__all__ = ["Rejection", "reference_of", "update_norm", "validate_update"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,26 @@ class Rejection:
     reason: str
 
 
-def update_norm(global_arrays: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> float:
-    """L2 norm of ``update - global`` over all tensors, computed in float64."""
+def reference_of(global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The global model flat in float64: made once a round, shared by every reply's check."""
+    return {k: np.asarray(v, dtype=np.float64).ravel() for k, v in global_arrays.items()}
+
+
+def update_norm(
+    global_arrays: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
+    *,
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> float:
+    """L2 norm of ``update - global`` over all tensors, computed in float64 (``reference``:
+    :func:`reference_of` the global arrays, if already made). NaN or Inf in ``update``
+    gives a non-finite norm."""
+    flat = reference if reference is not None else reference_of(global_arrays)
     total = 0.0
-    for key, ref in global_arrays.items():
-        diff = update[key].astype(np.float64) - ref.astype(np.float64)
+    for key, ref in flat.items():
+        diff = np.asarray(update[key], dtype=np.float64).ravel() - ref
         # einsum, not np.dot: no BLAS call, whose thread pool fights torch's on few cores
-        total += float(np.einsum("i,i->", diff.ravel(), diff.ravel()))
+        total += float(np.einsum("i,i->", diff, diff))
     return math.sqrt(total)
 
 
@@ -40,11 +54,13 @@ def validate_update(
     *,
     max_update_norm: float,
     weight_key: str = "num-examples",
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> str | None:
     """Return the reason ``reply`` must be rejected, or ``None`` if it is acceptable.
 
     ``weight_key``: the metric the strategy weighs by (``num-examples``, or ``client-weight``
-    under DP, where no exact count leaves a device)."""
+    under DP, where no exact count leaves a device); ``reference``: :func:`reference_of`
+    ``global_arrays``, made once for all replies of a round."""
     content = reply.content
     if len(content.array_records) != 1:
         return f"expected one ArrayRecord, got {len(content.array_records)}"
@@ -74,10 +90,11 @@ def validate_update(
             return f"tensor {key!r} has shape {arr.shape}, expected {ref.shape}"
         if arr.dtype != ref.dtype:
             return f"tensor {key!r} has dtype {arr.dtype}, expected {ref.dtype}"
-        if not np.all(np.isfinite(arr)):
-            return f"tensor {key!r} contains NaN or Inf"
         update[key] = arr
-    norm = update_norm(global_arrays, update)
+    norm = update_norm(global_arrays, update, reference=reference)
+    if not math.isfinite(norm):  # one pass finds it; name the tensor
+        bad = next((k for k, a in update.items() if not np.all(np.isfinite(a))), "?")
+        return f"tensor {bad!r} contains NaN or Inf"
     if norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
     return None

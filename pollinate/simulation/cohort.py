@@ -36,7 +36,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pollinate.clientapp.training import TrainResult, TrainSettings, dp_plan
-from pollinate.privacy.noise import gaussian
+from pollinate.log import logger
+from pollinate.privacy.noise import gaussian_into
 from pollinate.simulation._cohort_data import (
     CohortMember,
     Group,
@@ -45,10 +46,17 @@ from pollinate.simulation._cohort_data import (
     make_group,
     pad,
 )
+from pollinate.simulation._per_sample import HookedPerSample, hookable
+from pollinate.simulation._runtime import in_parallel
 
 __all__ = ["CohortMember", "train_cohort"]
 
 Params = dict[str, torch.Tensor]
+
+
+def _rows(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A tensor over all picked samples as (member, slot, ...), laid out like ``idx``."""
+    return flat.reshape(*idx.shape, *flat.shape[1:])
 
 
 def _batches(n: int, batch_size: int) -> int:
@@ -93,7 +101,9 @@ def train_cohort(
     trainer = _Trainer(model, global_params, buffers, settings)
     numel = sum(int(p.numel()) for p in global_params.values())
     for steps_per_epoch, index in sorted(groups.items()):
-        width = chunk_size(members, index, settings, numel, memory_budget)
+        width = chunk_size(
+            members, index, settings, numel, memory_budget, per_sample=trainer.per_sample_memory
+        )
         for start in range(0, len(index), width):
             chunk = index[start : start + width]
             group = make_group(members, chunk, steps_per_epoch, settings.task.target_dtype)
@@ -151,6 +161,23 @@ class _Trainer:
         self.per_client_shared: Callable[..., Any] = vmap(
             grad(batch_loss, has_aux=True), in_dims=(None, 0, 0, 0)
         )
+        #: the shared step by plain autograd where the layers allow (see _per_sample)
+        self.hooked = HookedPerSample(model, task.sample_losses) if hookable(model) else None
+        #: whether a step holds per-sample gradients (DP, or the hooked shared step)
+        self.per_sample_memory = settings.dp or self.hooked is not None
+
+    def shared_per_sample(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        """Per-sample gradients, losses and outputs of samples ``x`` at the global model."""
+        if self.hooked is not None:
+            try:
+                return self.hooked(x, y)
+            except RuntimeError as err:  # a layer used twice: torch.func copes
+                logger.debug("per-sample gradients by torch.func: %s", err)
+                self.hooked = None
+        grads, (losses, logits) = self.per_sample_shared(self.global_params, x, y)
+        return grads, losses, logits
 
     def run(self, group: Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
         s = self.settings
@@ -269,11 +296,9 @@ class _Trainer:
             xb = gather(group.x, idx)
             yb = torch.gather(group.y, 1, idx)
             if shared:
-                flat, (losses, logits) = self.per_sample_shared(
-                    self.global_params, xb.flatten(0, 1), yb.flatten()
-                )
-                per_sample = {k: g.unflatten(0, idx.shape) for k, g in flat.items()}
-                losses, logits = losses.unflatten(0, idx.shape), logits.unflatten(0, idx.shape)
+                flat, losses, logits = self.shared_per_sample(xb.flatten(0, 1), yb.flatten())
+                per_sample = {k: _rows(g, idx) for k, g in flat.items()}
+                losses, logits = _rows(losses, idx), _rows(logits, idx)
             else:
                 per_sample, (losses, logits) = self.per_sample(params, xb, yb)
             norms = torch.zeros(idx.shape, dtype=torch.float32)
@@ -293,11 +318,20 @@ class _Trainer:
         return grads, losses, logits
 
     def _noise(self, group: Group, params: Params, std: float, step: int) -> Params:
-        """Gaussian noise per member from its own secret source, laid out like ``params``."""
+        """Gaussian noise per member from its own secret source, laid out like ``params``.
+
+        Each member's row is drawn from its own generator (so its noise does not depend on
+        who else is in the cohort), rows split over torch's threads: drawing is serial within
+        one generator, and four normal draws per value make it the step's largest cost after
+        the per-sample gradients."""
         numel = sum(int(v[0].numel()) for v in params.values())
-        flat = torch.stack(
-            [gaussian((numel,), std, src.generator(step=step)) for src in group.sources]
-        )
+        flat = torch.empty((len(group.sources), numel), dtype=torch.float32)
+
+        def fill(rows: range) -> None:
+            for row in rows:
+                gaussian_into(flat[row], std, group.sources[row].generator(step=step))
+
+        in_parallel(fill, len(group.sources))
         out: Params = {}
         offset = 0
         for k, v in params.items():
@@ -319,7 +353,14 @@ class _Trainer:
         xb = gather(group.x, idx)
         yb = torch.gather(group.y, 1, idx)
         weights = valid.to(torch.float32)
-        if shared:
+        if shared and self.hooked is not None:  # the masked mean of per-sample gradients
+            flat, losses, logits = self.shared_per_sample(xb.flatten(0, 1), yb.flatten())
+            mean = weights / weights.sum(1, keepdim=True).clamp(min=1.0)
+            grads = {
+                k: torch.einsum("cb,cb...->c...", mean, _rows(g, idx)) for k, g in flat.items()
+            }
+            losses, logits = _rows(losses, idx), _rows(logits, idx)
+        elif shared:
             grads, (losses, logits) = self.per_client_shared(self.global_params, xb, yb, weights)
         else:
             grads, (losses, logits) = self.per_client(params, xb, yb, weights)

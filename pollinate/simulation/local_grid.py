@@ -21,6 +21,8 @@ before the server sees the replies: a resumed run restores every client's full h
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -49,18 +51,25 @@ JOURNAL_NAME = "accountants.jsonl"
 _NODE_BASE = 1 << 32  # node ids: partition id + this (never the SuperLink's id)
 
 
+@functools.cache
+def _dtype_name(dtype: np.dtype[Any]) -> str:
+    """``str(dtype)`` (numpy's is Python code, and a round names 8 arrays per client)."""
+    return str(dtype)
+
+
 class LocalArray(Array):
     """A Flower ``Array`` that keeps its ndarray: nothing is serialized inside the process.
 
     Flower's ``Array`` stores ``np.save`` bytes and decodes them on every ``numpy()`` call;
     a reply that never leaves the process would be encoded once and decoded twice (update
-    validation, aggregation). This one encodes only if something asks for ``data``.
+    validation, aggregation). This one encodes only if something asks for ``data``, and
+    hands out its one read-only copy.
     """
 
     def __init__(self, ndarray: np.ndarray) -> None:
         arr = np.array(ndarray, copy=True, order="C")
         arr.flags.writeable = False
-        self.__dict__.update(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY)
+        self.__dict__.update(dtype=_dtype_name(arr.dtype), shape=arr.shape, stype=SType.NUMPY)
         self.__dict__["_ndarray"] = arr
 
     @property
@@ -78,8 +87,10 @@ class LocalArray(Array):
         self.__dict__["_ndarray"] = Array("", (), SType.NUMPY, value).numpy()
 
     def numpy(self) -> np.ndarray:
-        """A fresh, writable copy of the array (as Flower's decoding gives)."""
-        return np.array(self.__dict__["_ndarray"], copy=True)
+        """The array itself, read-only: no copy per reader (validation, aggregation). A
+        reader that tried to change it in place would get numpy's read-only error, never a
+        silently changed reply; ``np.array(a.numpy())`` gives a writable copy."""
+        return self.__dict__["_ndarray"]  # type: ignore[no-any-return]
 
 
 class LocalGrid(Grid):
@@ -89,13 +100,20 @@ class LocalGrid(Grid):
         num_nodes: Population size.
         client_app: The ClientApp for non-train messages (pollinate's by default).
         threads: torch intra-op threads for cohort training (the server itself uses one).
+        freeze_gc: after the first train round, ``gc.freeze()`` what the process holds (for
+            a process that runs one simulation: see ``simulation.runner``).
     """
 
     #: every node is registered from the start: the server need not wait for nodes to settle
     static_population = True
 
     def __init__(
-        self, num_nodes: int, *, client_app: ClientApp | None = None, threads: int = 1
+        self,
+        num_nodes: int,
+        *,
+        client_app: ClientApp | None = None,
+        threads: int = 1,
+        freeze_gc: bool = False,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -106,6 +124,7 @@ class LocalGrid(Grid):
         self._app: ClientApp = client_app
         self._num_nodes = num_nodes
         self._threads = max(1, threads)
+        self._freeze_gc = freeze_gc
         self._trainer = CohortTrainer(threads=self._threads, array=LocalArray)
         self._contexts: dict[int, Context] = {}
         self._journal_dir: Path | None = None
@@ -212,6 +231,9 @@ class LocalGrid(Grid):
         for cohort in _cohorts(jobs):
             replies.extend(self._trainer.train(cohort))
         self._write_journal([(job, ctx) for job, ctx in jobs if job.task.dp])
+        if self._freeze_gc and jobs:
+            self._freeze_gc = False
+            gc.freeze()  # the first round's imports (torch.func's dynamo) join start-up's
         return replies
 
     # ------------------------------------------------------------ accountant journal

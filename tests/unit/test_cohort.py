@@ -41,13 +41,16 @@ def _max_diff(a: dict[str, np.ndarray], model: nn.Module) -> float:
     )
 
 
+@pytest.mark.parametrize("name", ["cnn", "opacus-mnist"])  # torch.func; plain autograd
 @pytest.mark.parametrize(
     ("epochs", "momentum", "mu"), [(1, 0.0, 0.0), (3, 0.9, 0.0), (2, 0.0, 0.1), (2, 0.5, 0.05)]
 )
-def test_dp_sgd_equals_opacus_when_deterministic(epochs: int, momentum: float, mu: float) -> None:
+def test_dp_sgd_equals_opacus_when_deterministic(
+    epochs: int, momentum: float, mu: float, name: str
+) -> None:
     """With every sample in every batch (n <= B, so q = 1) and no noise, DP-SGD has no
     randomness left: the cohort must reproduce Opacus' clipping, scaling and update."""
-    model = _model()
+    model = _model(name)
     members = _members(4, 200)  # 20 samples each, batch 32 -> q = 1
     settings = TrainSettings(
         epochs=epochs, batch_size=32, learning_rate=0.5, momentum=momentum, dp=True,
@@ -68,8 +71,9 @@ def test_dp_sgd_equals_opacus_when_deterministic(epochs: int, momentum: float, m
         assert result.accuracy == expected.accuracy
 
 
-def test_plain_sgd_equals_torch_for_one_batch_per_epoch() -> None:
-    model = _model()
+@pytest.mark.parametrize("name", ["cnn", "opacus-mnist"])
+def test_plain_sgd_equals_torch_for_one_batch_per_epoch(name: str) -> None:
+    model = _model(name)
     members = _members(3, 200)
     settings = TrainSettings(
         epochs=2, batch_size=32, learning_rate=0.1, momentum=0.9, dp=False, proximal_mu=0.01

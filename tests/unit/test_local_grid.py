@@ -113,9 +113,12 @@ def test_local_array_behaves_like_a_flower_array() -> None:
     local, flower = LocalArray(value), Array(value)
     assert (local.dtype, local.shape, local.stype) == (flower.dtype, flower.shape, flower.stype)
     assert local.data == flower.data
-    copy = local.numpy()
-    copy[0, 0] = 99.0  # a decoded array is the caller's own
-    np.testing.assert_array_equal(local.numpy(), value)
+    value[0, 0] = -1.0  # the sender's array is copied once, at construction
+    shared = local.numpy()
+    with pytest.raises(ValueError, match="read-only"):
+        shared[0, 0] = 99.0  # every reader gets the one copy: nobody may change it in place
+    np.testing.assert_array_equal(local.numpy(), np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.testing.assert_array_equal(local.numpy(), flower.numpy())
     assert json.dumps(list(local.shape)) == "[3, 4]"
 
 

@@ -1,0 +1,105 @@
+"""The fast engine's per-sample gradients by plain autograd against torch.func's vmap(grad)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from pollinate.models import build_model
+from pollinate.simulation._per_sample import HookedPerSample, hookable
+
+pytestmark = pytest.mark.unit
+
+
+class Mixed(nn.Module):
+    """Convolutions with stride, padding, dilation and no bias; a Linear on a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        self.b = nn.Conv2d(3, 4, 3, bias=False)
+        self.seq = nn.Linear(5, 6)
+        self.out = nn.Linear(6 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.b(torch.relu(self.a(x))))  # (N, 4, H, W)
+        h = nn.functional.adaptive_avg_pool2d(h, (4, 5))  # (N, 4, 4, 5): 4 steps of 5
+        h = torch.relu(self.seq(h.flatten(1, 2)))  # a Linear over (N, 16, 5)
+        return self.out(h.reshape(len(h), 4, 4, 6).mean(2).flatten(1))  # type: ignore[no-any-return]
+
+
+def _vmap_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [(Mixed(), (2, 9, 11)), (build_model("opacus-mnist"), (1, 28, 28)),
+     (build_model("mlp", input_shape=(1, 8, 8)), (1, 8, 8))],
+)  # fmt: skip
+def test_hooked_per_sample_gradients_equal_vmap(model: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
+    assert hookable(model)
+    hooked = HookedPerSample(
+        model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
+    )
+    grads, losses, outputs = hooked(x, y)
+    expected = _vmap_reference(model, x, y)
+    assert set(grads) == set(expected)
+    for k, g in expected.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(outputs, model(x).detach())
+    torch.testing.assert_close(losses, nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert all(p.grad is None for p in model.parameters())  # nothing left on the model
+
+
+def test_only_linear_and_plain_conv_layers_are_hooked() -> None:
+    assert not hookable(build_model("cnn"))  # GroupNorm
+    assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, padding="same")))
+    assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, padding_mode="reflect")))
+    assert not hookable(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+
+
+def test_a_layer_called_twice_is_refused_not_miscounted() -> None:
+    layer = nn.Linear(4, 4)
+    twice = nn.Sequential(layer, nn.ReLU(), layer)
+    hooked = HookedPerSample(twice, lambda out, t: out.sum(1))
+    with pytest.raises(RuntimeError, match="called twice"):
+        hooked(torch.randn(3, 4), torch.zeros(3))
+
+
+def test_a_one_step_fast_simulation_of_a_hooked_model_never_loads_dynamo(tmp_path: Path) -> None:
+    """torch.func's first gradient imports dynamo (about a second, 70 MB); a model the
+    hooked path covers, trained one step a round, never needs it."""
+    code = (
+        "import sys\n"
+        "from pollinate.clientapp.training import TrainSettings\n"
+        "from pollinate.data import load_partition\n"
+        "from pollinate.models import build_model\n"
+        "from pollinate.simulation.cohort import CohortMember, train_cohort\n"
+        "model = build_model('opacus-mnist')\n"
+        "members = [CohortMember(p.x, p.y, seed=i) for i, p in\n"
+        "           enumerate(load_partition('mnist', i, 1000, 'iid', seed=1) for i in range(5))]\n"
+        "for dp in (True, False):\n"
+        "    train_cohort(model, members, TrainSettings(epochs=1, batch_size=32,\n"
+        "                 learning_rate=0.1, dp=dp, noise_multiplier=1.0))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert run.stdout.strip().splitlines()[-1] == "[]"
