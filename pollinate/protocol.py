@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pollinate.errors import ConfigError
 from pollinate.tasks import Task, TaskKind
@@ -34,9 +37,23 @@ __all__ = [
     "UNIFORM_WEIGHT_KEY",
     "ClientTask",
     "NodeKey",
+    "record_of",
 ]
 
 # ------------------------------------------------------------------ records of a message
+_Record = TypeVar("_Record", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def record_of(content: RecordDict, key: str, kind: type[_Record]) -> _Record | None:
+    """The record ``key`` of ``content`` if it is a ``kind``, else None.
+
+    Flower's ``content.metric_records`` (and the array and config ones) build and check a new
+    dict of every record of that type on each access; a round reads a dozen per reply, which
+    cost the fast engine tens of milliseconds a round. This reads the one record."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
 ARRAYS = "arrays"  #: the model (ArrayRecord)
 CONFIG = "config"  #: the task (ConfigRecord, parsed by ClientTask)
 METRICS = "metrics"  #: a reply's numbers (MetricRecord)

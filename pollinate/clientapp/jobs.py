@@ -35,7 +35,15 @@ from pollinate.errors import PrivacyBudgetError, PrivacyLedgerError
 from pollinate.log import logger
 from pollinate.privacy import ClientAccountant, MechanismStep
 from pollinate.privacy.noise import NoiseSource
-from pollinate.protocol import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES_KEY, ClientTask
+from pollinate.protocol import (
+    ARRAYS,
+    CONFIG,
+    INFO,
+    METRICS,
+    NUM_EXAMPLES_KEY,
+    ClientTask,
+    record_of,
+)
 
 __all__ = [
     "REFUSALS_KEY",
@@ -224,7 +232,7 @@ def finish_train(
         )
         if not math.isnan(result.accuracy):  # a regression task has none
             metrics["train-accuracy"] = result.accuracy
-    cfg = job.msg.content.config_records.get(CONFIG)
+    cfg = record_of(job.msg.content, CONFIG, ConfigRecord)
     clip = cfg.get(KEY_CLIPPING_NORM) if cfg is not None else None
     if isinstance(clip, int | float):  # client-level DP, client-side clipping (client-fixed)
         state = clip_update(state, job.msg.content.array_records[ARRAYS], float(clip))

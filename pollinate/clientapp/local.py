@@ -23,7 +23,7 @@ from pollinate.device.ledger import DeviceLedger
 from pollinate.errors import PollinateError, PrivacyLedgerError
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
-from pollinate.protocol import ARRAYS, ClientTask, NodeKey
+from pollinate.protocol import ARRAYS, ClientTask, NodeKey, record_of
 
 __all__ = [
     "ACCOUNTANT_KEY",
@@ -106,8 +106,9 @@ def restore_accountant(
     A device's ledger must be there: a missing or corrupt one raises
     :class:`PrivacyLedgerError` unless the operator allowed a new one."""
     from_state = ClientAccountant()
-    if ACCOUNTANT_KEY in context.state.config_records:
-        from_state = ClientAccountant.from_record(context.state.config_records[ACCOUNTANT_KEY])
+    record = record_of(context.state, ACCOUNTANT_KEY, ConfigRecord)
+    if record is not None:
+        from_state = ClientAccountant.from_record(record)
     if ledger is not None:
         ledger.identity()  # a device seen for the first time starts with an empty ledger
         from_disk = ledger.load(allow_new=policy.new_ledger)
@@ -121,7 +122,7 @@ def restore_accountant(
 def save_accountant(
     context: Context, acc: ClientAccountant, state_file: Path | None, ledger: DeviceLedger | None
 ) -> None:
-    context.state.config_records[ACCOUNTANT_KEY] = ConfigRecord(acc.to_record())  # type: ignore[arg-type]
+    context.state[ACCOUNTANT_KEY] = ConfigRecord(acc.to_record())  # type: ignore[arg-type]
     if ledger is not None:
         ledger.save(acc)
     elif state_file is not None:

@@ -345,7 +345,12 @@ def evaluate(
     loss_sum = 0.0
     correct = 0
     outputs: list[np.ndarray] = []
-    for xb, yb in _loader(x, y, batch_size, shuffle=False, task=task):
+    # slices of two tensors, not a DataLoader: its per-sample indexing and collation cost
+    # more than the forward pass of a small model
+    x_all = torch.from_numpy(np.array(x, dtype=np.float32))
+    y_all = torch.from_numpy(np.array(y, dtype=task.target_dtype))
+    for start in range(0, n, batch_size):
+        xb, yb = x_all[start : start + batch_size], y_all[start : start + batch_size]
         if xb.dim() == 4:  # images: as fast or faster channels-last, much for some convs
             xb = xb.contiguous(memory_format=torch.channels_last)
         out = model(xb)

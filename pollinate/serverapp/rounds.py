@@ -26,6 +26,7 @@ from pollinate.clientapp.training import seed_for
 from pollinate.config import ClientSampling, SampleDP
 from pollinate.log import logger
 from pollinate.privacy.noise import secure_seed
+from pollinate.protocol import record_of
 from pollinate.rundir.records import RoundRecord
 from pollinate.serverapp.client_dp import ACCOUNTING, account, eligibility
 from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
@@ -207,8 +208,8 @@ def triage(
             logger.warning("round %d: client %s failed: %s", rnd, key, reply.error.reason)
             continue
         counts.replied += 1
-        metrics = reply.content.metric_records.get("metrics")
-        info = reply.content.config_records.get("info")
+        metrics = record_of(reply.content, "metrics", MetricRecord)
+        info = record_of(reply.content, "info", ConfigRecord)
         if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
             counts.declined += 1
             if int(metrics.get("refused", 0)) == 1:  # type: ignore[arg-type]

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from pollinate.protocol import record_of
 
 __all__ = ["Rejection", "reference_of", "update_norm", "validate_update"]
 
@@ -62,10 +64,11 @@ def validate_update(
     under DP, where no exact count leaves a device); ``reference``: :func:`reference_of`
     ``global_arrays``, made once for all replies of a round."""
     content = reply.content
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
-    record: ArrayRecord = next(iter(content.array_records.values()))
-    metrics = content.metric_records.get("metrics")
+    records = [r for r in content.values() if isinstance(r, ArrayRecord)]
+    if len(records) != 1:
+        return f"expected one ArrayRecord, got {len(records)}"
+    record = records[0]
+    metrics = record_of(content, "metrics", MetricRecord)
     if metrics is None:
         return "no 'metrics' MetricRecord"
     num_examples = metrics.get(weight_key)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.serverapp import Grid
@@ -42,7 +42,7 @@ from pollinate.clientapp.jobs import TrainJob, begin_train
 from pollinate.clientapp.local import ACCOUNTANT_KEY, client_key
 from pollinate.log import logger
 from pollinate.privacy import ClientAccountant
-from pollinate.protocol import ClientTask
+from pollinate.protocol import ClientTask, record_of
 from pollinate.simulation.cohort_jobs import CohortTrainer, error_reply
 
 __all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
@@ -215,7 +215,9 @@ class LocalGrid(Grid):
         parsed: dict[int, ClientTask] = {}  # a strategy sends one config object to all
         for msg, context in batch:
             try:
-                config = msg.content.config_records["config"]
+                config = record_of(msg.content, "config", ConfigRecord)
+                if config is None:
+                    raise ValueError("a train message without its 'config' ConfigRecord")
                 task = parsed.get(id(config))
                 if task is None:
                     task = parsed[id(config)] = ClientTask.from_config(config)
@@ -275,7 +277,7 @@ class LocalGrid(Grid):
             return
         lines = []
         for job, context in jobs:
-            record = context.state.config_records.get(ACCOUNTANT_KEY)
+            record = record_of(context.state, ACCOUNTANT_KEY, ConfigRecord)
             if record is None:
                 continue
             entry = {k: v for k, v in record.items() if isinstance(v, list)}
@@ -308,7 +310,7 @@ def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJ
     for job, context in jobs:
         t = job.task
         config = (t.model, t.fix_model, t.input_shape, t.num_outputs, job.settings)
-        arrays = id(job.msg.content.array_records["arrays"])
+        arrays = id(record_of(job.msg.content, "arrays", ArrayRecord))
         groups.setdefault((arrays, config), []).append((job, context))
     yield from groups.values()
 
