@@ -48,16 +48,11 @@ def chunk_size(
     settings: TrainSettings,
     numel: int,
     budget: int,
-    *,
-    per_sample: bool | None = None,
 ) -> int:
     """Members per chunk: per-sample gradients (float32, ``numel`` each) of a batch of up to
-    twice the batch size (Poisson batches vary), or one gradient per member where a step
-    holds no per-sample gradients (``per_sample``; default: with DP only)."""
+    twice the batch size (Poisson batches vary), or one gradient per member without DP."""
     n_max = max(len(members[i].y) for i in index)
-    if per_sample is None:
-        per_sample = settings.dp
-    per_member = 4 * numel * (min(n_max, 2 * settings.batch_size) if per_sample else 2)
+    per_member = 4 * numel * (min(n_max, 2 * settings.batch_size) if settings.dp else 2)
     return max(1, min(len(index), budget // max(1, per_member)))
 
 

@@ -64,8 +64,16 @@ class HookedPerSample:
         }
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-sample gradients of samples ``x`` (targets ``y``), their losses and outputs.
+
+        With ``weights`` of shape (groups, per group), the samples taken as consecutive groups:
+        each group's weighted sum of its samples' gradients instead (leading dim: groups),
+        made without the per-sample gradients."""
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
 
@@ -86,6 +94,9 @@ class HookedPerSample:
         if len(used) != len(self._layers):
             raise RuntimeError("a layer with parameters is not called in the forward pass")
         grads_out = torch.autograd.grad(losses.sum(), [outputs[id(m)] for m in used])
+        n = len(x)
+        groups = n if weights is None else weights.shape[0]
+        scale = None if weights is None else weights.reshape(n, 1, 1)
         grads: dict[str, torch.Tensor] = {}
         for layer, g in zip(used, grads_out, strict=True):
             a = inputs[id(layer)]
@@ -93,16 +104,25 @@ class HookedPerSample:
             if isinstance(layer, nn.Conv2d):
                 padding = cast(tuple[int, ...], layer.padding)  # numbers: see hookable
                 cols = functional.unfold(
-                    a, layer.kernel_size, dilation=layer.dilation, padding=padding,
+                    a,
+                    layer.kernel_size,
+                    dilation=layer.dilation,
+                    padding=padding,
                     stride=layer.stride,
-                )  # fmt: skip
-                g = g.flatten(2)  # (B, out, L) against cols (B, in * k * k, L)
-                grads[weight] = torch.bmm(g, cols.transpose(1, 2)).view(len(a), *layer.weight.shape)
-                if bias is not None:
-                    grads[bias] = g.sum(2)
-            else:  # Linear, on (B, in) or (B, ..., in)
-                g3, a3 = g.reshape(len(g), -1, g.shape[-1]), a.reshape(len(a), -1, a.shape[-1])
-                grads[weight] = torch.bmm(g3.transpose(1, 2), a3)
-                if bias is not None:
-                    grads[bias] = g3.sum(1)
+                )  # fmt: skip  (n, in * k * k, L)
+                g = g.flatten(2)  # (n, out, L)
+                g_rows, a_rows = g.transpose(1, 2), cols.transpose(1, 2)  # (n, L, out / in*k*k)
+            else:  # Linear, on (n, in) or (n, ..., in)
+                g_rows = g.reshape(n, -1, g.shape[-1])
+                a_rows = a.reshape(n, -1, a.shape[-1])
+            if scale is not None:
+                g_rows = g_rows * scale
+            # one group's rows (its samples' positions) side by side: (groups, rows, features)
+            g_group = g_rows.reshape(groups, -1, g_rows.shape[-1])
+            a_group = a_rows.reshape(groups, -1, a_rows.shape[-1])
+            grads[weight] = torch.bmm(g_group.transpose(1, 2), a_group).view(
+                groups, *layer.weight.shape
+            )
+            if bias is not None:
+                grads[bias] = g_group.sum(1)
         return grads, losses.detach(), out.detach()

@@ -101,9 +101,7 @@ def train_cohort(
     trainer = _Trainer(model, global_params, buffers, settings)
     numel = sum(int(p.numel()) for p in global_params.values())
     for steps_per_epoch, index in sorted(groups.items()):
-        width = chunk_size(
-            members, index, settings, numel, memory_budget, per_sample=trainer.per_sample_memory
-        )
+        width = chunk_size(members, index, settings, numel, memory_budget)
         for start in range(0, len(index), width):
             chunk = index[start : start + width]
             group = make_group(members, chunk, steps_per_epoch, settings.task.target_dtype)
@@ -163,8 +161,6 @@ class _Trainer:
         )
         #: the shared step by plain autograd where the layers allow (see _per_sample)
         self.hooked = HookedPerSample(model, task.sample_losses) if hookable(model) else None
-        #: whether a step holds per-sample gradients (DP, or the hooked shared step)
-        self.per_sample_memory = settings.dp or self.hooked is not None
 
     def shared_per_sample(
         self, x: torch.Tensor, y: torch.Tensor
@@ -353,12 +349,9 @@ class _Trainer:
         xb = gather(group.x, idx)
         yb = torch.gather(group.y, 1, idx)
         weights = valid.to(torch.float32)
-        if shared and self.hooked is not None:  # the masked mean of per-sample gradients
-            flat, losses, logits = self.shared_per_sample(xb.flatten(0, 1), yb.flatten())
+        if shared and self.hooked is not None:  # each member's masked mean, in one pass
             mean = weights / weights.sum(1, keepdim=True).clamp(min=1.0)
-            grads = {
-                k: torch.einsum("cb,cb...->c...", mean, _rows(g, idx)) for k, g in flat.items()
-            }
+            grads, losses, logits = self.hooked(xb.flatten(0, 1), yb.flatten(), mean)
             losses, logits = _rows(losses, idx), _rows(logits, idx)
         elif shared:
             grads, (losses, logits) = self.per_client_shared(self.global_params, xb, yb, weights)

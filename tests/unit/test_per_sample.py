@@ -66,6 +66,23 @@ def test_hooked_per_sample_gradients_equal_vmap(model: nn.Module, shape: tuple[i
     assert all(p.grad is None for p in model.parameters())  # nothing left on the model
 
 
+def test_weighted_group_sums_equal_the_sums_of_per_sample_gradients() -> None:
+    torch.manual_seed(2)
+    model = Mixed()
+    x, y = torch.randn(12, 2, 9, 11), torch.randint(0, 3, (12,))
+    hooked = HookedPerSample(
+        model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
+    )
+    weights = torch.rand(4, 3)  # 4 members of 3 samples, as a cohort's masked means
+    weights[1, 2] = 0.0  # a padded slot
+    per_sample, losses, _ = hooked(x, y)
+    grouped, grouped_losses, _ = hooked(x, y, weights)
+    for k, g in per_sample.items():
+        expected = torch.einsum("cb,cb...->c...", weights, g.reshape(4, 3, *g.shape[1:]))
+        torch.testing.assert_close(grouped[k], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grouped_losses, losses)
+
+
 def test_only_linear_and_plain_conv_layers_are_hooked() -> None:
     assert not hookable(build_model("cnn"))  # GroupNorm
     assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
