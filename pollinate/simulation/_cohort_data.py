@@ -16,7 +16,7 @@ import torch
 from pollinate.clientapp.training import TrainSettings
 from pollinate.privacy.noise import NoiseSource
 
-__all__ = ["CohortMember", "Group", "chunk_size", "gather", "make_group", "pad"]
+__all__ = ["CohortMember", "Group", "by_slot", "chunk_size", "gather", "make_group", "pad"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,8 @@ def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[c, idx[c, b]]`` for every member ``c`` and slot ``b``."""
     rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(idx)
     return x[rows, idx]
+
+
+def by_slot(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A tensor over all picked samples as (member, slot, ...), laid out like ``idx``."""
+    return flat.reshape(*idx.shape, *flat.shape[1:])

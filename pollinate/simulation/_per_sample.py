@@ -25,6 +25,8 @@ from torch.nn import functional
 
 __all__ = ["HookedPerSample", "hookable"]
 
+Formed = tuple[torch.Tensor, torch.Tensor]  # per-sample weight and bias gradients
+
 
 def _conv_ok(layer: nn.Conv2d) -> bool:
     return (
@@ -63,17 +65,12 @@ class HookedPerSample:
             for m in self._layers
         }
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        weights: torch.Tensor | None = None,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Per-sample gradients of samples ``x`` (targets ``y``), their losses and outputs.
-
-        With ``weights`` of shape (groups, per group), the samples taken as consecutive groups:
-        each group's weighted sum of its samples' gradients instead (leading dim: groups),
-        made without the per-sample gradients."""
+    def _capture(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[tuple[nn.Module, torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """One forward and one backward (to the layers' outputs): per layer its (samples,
+        positions, out) output gradients and (samples, positions, in) inputs, unfolded for a
+        convolution; the per-sample losses and the outputs."""
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
 
@@ -95,12 +92,9 @@ class HookedPerSample:
             raise RuntimeError("a layer with parameters is not called in the forward pass")
         grads_out = torch.autograd.grad(losses.sum(), [outputs[id(m)] for m in used])
         n = len(x)
-        groups = n if weights is None else weights.shape[0]
-        scale = None if weights is None else weights.reshape(n, 1, 1)
-        grads: dict[str, torch.Tensor] = {}
+        rows: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         for layer, g in zip(used, grads_out, strict=True):
             a = inputs[id(layer)]
-            weight, bias = self._names[id(layer)]
             if isinstance(layer, nn.Conv2d):
                 padding = cast(tuple[int, ...], layer.padding)  # numbers: see hookable
                 cols = functional.unfold(
@@ -110,19 +104,87 @@ class HookedPerSample:
                     padding=padding,
                     stride=layer.stride,
                 )  # fmt: skip  (n, in * k * k, L)
-                g = g.flatten(2)  # (n, out, L)
-                g_rows, a_rows = g.transpose(1, 2), cols.transpose(1, 2)  # (n, L, out / in*k*k)
+                rows.append((layer, g.flatten(2).transpose(1, 2), cols.transpose(1, 2)))
             else:  # Linear, on (n, in) or (n, ..., in)
-                g_rows = g.reshape(n, -1, g.shape[-1])
-                a_rows = a.reshape(n, -1, a.shape[-1])
-            if scale is not None:
-                g_rows = g_rows * scale
+                rows.append((layer, g.reshape(n, -1, g.shape[-1]), a.reshape(n, -1, a.shape[-1])))
+        return rows, losses.detach(), cast(torch.Tensor, out).detach()
+
+    def _put(
+        self, grads: dict[str, torch.Tensor], layer: nn.Module, weight: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> None:  # fmt: skip
+        weight_name, bias_name = self._names[id(layer)]
+        grads[weight_name] = weight.reshape(len(weight), *cast(nn.Linear, layer).weight.shape)
+        if bias_name is not None:
+            grads[bias_name] = bias
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-sample gradients of samples ``x`` (targets ``y``), their losses and outputs.
+
+        With ``weights`` of shape (groups, per group), the samples taken as consecutive groups:
+        each group's weighted sum of its samples' gradients instead (leading dim: groups),
+        made without the per-sample gradients."""
+        rows, losses, out = self._capture(x, y)
+        n = len(x)
+        groups = n if weights is None else weights.shape[0]
+        grads: dict[str, torch.Tensor] = {}
+        for layer, g_rows, a_rows in rows:
+            if weights is not None:
+                g_rows = g_rows * weights.reshape(n, 1, 1)
             # one group's rows (its samples' positions) side by side: (groups, rows, features)
             g_group = g_rows.reshape(groups, -1, g_rows.shape[-1])
             a_group = a_rows.reshape(groups, -1, a_rows.shape[-1])
-            grads[weight] = torch.bmm(g_group.transpose(1, 2), a_group).view(
-                groups, *layer.weight.shape
-            )
-            if bias is not None:
-                grads[bias] = g_group.sum(1)
-        return grads, losses.detach(), out.detach()
+            self._put(grads, layer, torch.bmm(g_group.transpose(1, 2), a_group), g_group.sum(1))
+        return grads, losses, out
+
+    def clipped_sums(
+        self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, max_norm: float
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """DP-SGD's clipped sums: samples ``x`` taken as consecutive groups of ``valid``'s
+        shape (groups, per group; False: a padded slot, left out), each sample's gradient
+        clipped to ``max_norm`` with Opacus' factor ``min(1, C / (norm + 1e-6))``, summed per
+        group. A Linear layer on flat inputs never forms per-sample gradients: a sample's is
+        the outer product of its output gradient and input, whose norm is the product of
+        theirs, and the clipped sum is one batched product; other layers form them."""
+        rows, losses, out = self._capture(x, y)
+        n = len(x)
+        squares = torch.zeros(n, dtype=torch.float32)
+        parts: list[tuple[nn.Module, torch.Tensor, torch.Tensor, Formed | None]] = []
+        for layer, g_rows, a_rows in rows:
+            has_bias = self._names[id(layer)][1] is not None
+            if g_rows.shape[1] == 1:  # one position: an outer product per sample
+                g_sq = g_rows.square().sum((1, 2))
+                squares += g_sq * a_rows.square().sum((1, 2)) + (g_sq if has_bias else 0.0)
+                parts.append((layer, g_rows, a_rows, None))
+                continue
+            weight = torch.bmm(g_rows.transpose(1, 2), a_rows)  # (n, out, in)
+            bias = g_rows.sum(1)
+            squares += weight.flatten(1).square().sum(1)
+            if has_bias:
+                squares += bias.square().sum(1)
+            parts.append((layer, g_rows, a_rows, (weight, bias)))
+        factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0) * valid.flatten()
+        groups = valid.shape[0]
+        per_group = factor.reshape(valid.shape)
+        grads: dict[str, torch.Tensor] = {}
+        for layer, g_rows, a_rows, formed in parts:
+            if formed is None:
+                g_group = (g_rows * factor.reshape(n, 1, 1)).reshape(groups, -1, g_rows.shape[-1])
+                a_group = a_rows.reshape(groups, -1, a_rows.shape[-1])
+                summed_weight = torch.bmm(g_group.transpose(1, 2), a_group)
+                summed_bias = g_group.sum(1)
+            else:
+                weight, bias = formed
+                summed_weight = torch.einsum("cb,cb...->c...", per_group, _by_group(weight, valid))
+                summed_bias = torch.einsum("cb,cb...->c...", per_group, _by_group(bias, valid))
+            self._put(grads, layer, summed_weight, summed_bias)
+        return grads, losses, out
+
+
+def _by_group(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return flat.reshape(*valid.shape, *flat.shape[1:])

@@ -41,6 +41,7 @@ from pollinate.privacy.noise import gaussian_into
 from pollinate.simulation._cohort_data import (
     CohortMember,
     Group,
+    by_slot,
     chunk_size,
     gather,
     make_group,
@@ -52,11 +53,6 @@ from pollinate.simulation._runtime import in_parallel
 __all__ = ["CohortMember", "train_cohort"]
 
 Params = dict[str, torch.Tensor]
-
-
-def _rows(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """A tensor over all picked samples as (member, slot, ...), laid out like ``idx``."""
-    return flat.reshape(*idx.shape, *flat.shape[1:])
 
 
 def _batches(n: int, batch_size: int) -> int:
@@ -161,19 +157,6 @@ class _Trainer:
         )
         #: the shared step by plain autograd where the layers allow (see _per_sample)
         self.hooked = HookedPerSample(model, task.sample_losses) if hookable(model) else None
-
-    def shared_per_sample(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        """Per-sample gradients, losses and outputs of samples ``x`` at the global model."""
-        if self.hooked is not None:
-            try:
-                return self.hooked(x, y)
-            except RuntimeError as err:  # a layer used twice: torch.func copes
-                logger.debug("per-sample gradients by torch.func: %s", err)
-                self.hooked = None
-        grads, (losses, logits) = self.per_sample_shared(self.global_params, x, y)
-        return grads, losses, logits
 
     def run(self, group: Group) -> list[tuple[TrainResult, dict[str, np.ndarray]]]:
         s = self.settings
@@ -291,17 +274,29 @@ class _Trainer:
         if idx.shape[1]:
             xb = gather(group.x, idx)
             yb = torch.gather(group.y, 1, idx)
-            if shared:
-                flat, losses, logits = self.shared_per_sample(xb.flatten(0, 1), yb.flatten())
-                per_sample = {k: _rows(g, idx) for k, g in flat.items()}
-                losses, logits = _rows(losses, idx), _rows(logits, idx)
+            x_all, y_all, clip = xb.flatten(0, 1), yb.flatten(), s.max_grad_norm
+            hooked = None
+            if shared and self.hooked is not None:  # clipped sums, in one pass
+                hooked = self._hooked(lambda h: h.clipped_sums(x_all, y_all, valid, clip))
+            if hooked is not None:
+                summed = hooked[0]
+                losses, logits = by_slot(hooked[1], idx), by_slot(hooked[2], idx)
             else:
-                per_sample, (losses, logits) = self.per_sample(params, xb, yb)
-            norms = torch.zeros(idx.shape, dtype=torch.float32)
-            for g in per_sample.values():
-                norms += torch.linalg.vector_norm(g.reshape(*idx.shape, -1), dim=-1).square()
-            factor = (s.max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0) * valid
-            summed = {k: torch.einsum("cb,cb...->c...", factor, g) for k, g in per_sample.items()}
+                if shared:
+                    flat, (losses, logits) = self.per_sample_shared(
+                        self.global_params, x_all, y_all
+                    )
+                    per_sample = {k: by_slot(g, idx) for k, g in flat.items()}
+                    losses, logits = by_slot(losses, idx), by_slot(logits, idx)
+                else:
+                    per_sample, (losses, logits) = self.per_sample(params, xb, yb)
+                norms = torch.zeros(idx.shape, dtype=torch.float32)
+                for g in per_sample.values():
+                    norms += torch.linalg.vector_norm(g.reshape(*idx.shape, -1), dim=-1).square()
+                factor = (s.max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0) * valid
+                summed = {
+                    k: torch.einsum("cb,cb...->c...", factor, g) for k, g in per_sample.items()
+                }
         else:  # every member drew an empty batch: noise only
             summed = {k: torch.zeros_like(v) for k, v in params.items()}
             losses = logits = torch.zeros(0)
@@ -312,6 +307,19 @@ class _Trainer:
             for k, total in summed.items()
         }
         return grads, losses, logits
+
+    def _hooked(
+        self, call: Callable[[HookedPerSample], tuple[Params, torch.Tensor, torch.Tensor]]
+    ) -> tuple[Params, torch.Tensor, torch.Tensor] | None:
+        """``call`` on the plain-autograd path; None (and torch.func from now on) where the
+        model defeats it (a layer called twice)."""
+        assert self.hooked is not None
+        try:
+            return call(self.hooked)
+        except RuntimeError as err:
+            logger.debug("per-sample gradients by torch.func: %s", err)
+            self.hooked = None
+            return None
 
     def _noise(self, group: Group, params: Params, std: float, step: int) -> Params:
         """Gaussian noise per member from its own secret source, laid out like ``params``.
@@ -349,10 +357,12 @@ class _Trainer:
         xb = gather(group.x, idx)
         yb = torch.gather(group.y, 1, idx)
         weights = valid.to(torch.float32)
+        hooked = None
         if shared and self.hooked is not None:  # each member's masked mean, in one pass
             mean = weights / weights.sum(1, keepdim=True).clamp(min=1.0)
-            grads, losses, logits = self.hooked(xb.flatten(0, 1), yb.flatten(), mean)
-            losses, logits = _rows(losses, idx), _rows(logits, idx)
+            hooked = self._hooked(lambda h: h(xb.flatten(0, 1), yb.flatten(), mean))
+        if hooked is not None:
+            grads, losses, logits = hooked[0], by_slot(hooked[1], idx), by_slot(hooked[2], idx)
         elif shared:
             grads, (losses, logits) = self.per_client_shared(self.global_params, xb, yb, weights)
         else:

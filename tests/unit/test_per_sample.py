@@ -83,6 +83,26 @@ def test_weighted_group_sums_equal_the_sums_of_per_sample_gradients() -> None:
     torch.testing.assert_close(grouped_losses, losses)
 
 
+def test_clipped_sums_equal_clipping_the_per_sample_gradients() -> None:
+    torch.manual_seed(3)
+    model = Mixed()
+    x, y = torch.randn(12, 2, 9, 11), torch.randint(0, 3, (12,))
+    hooked = HookedPerSample(
+        model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
+    )
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    valid[2, 1:] = False  # a member with one sample, padded
+    per_sample, _, _ = hooked(x, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())  # some samples clipped, some not
+    factor = ((clip / (norms + 1e-6)).clamp(max=1.0) * valid.flatten()).reshape(4, 3)
+    assert (factor[valid] < 1).any() and (factor[valid] == 1).any()
+    clipped, _, _ = hooked.clipped_sums(x, y, valid, clip)
+    for k, g in per_sample.items():
+        expected = torch.einsum("cb,cb...->c...", factor, g.reshape(4, 3, *g.shape[1:]))
+        torch.testing.assert_close(clipped[k], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_only_linear_and_plain_conv_layers_are_hooked() -> None:
     assert not hookable(build_model("cnn"))  # GroupNorm
     assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
