@@ -6,6 +6,9 @@ members' samples are those of one batch through one model. For a Linear or Conv2
 sample's weight gradient is the product of the gradient at the layer's output and the layer's
 input (unfolded for a convolution), the way Opacus' grad samplers compute it: one forward and
 one backward of the batch, to the layers' outputs only, then one batched product per layer.
+For DP-SGD the clipped sums per member come out of the same pass (:meth:`clipped_sums`), and
+without DP each member's mean gradient (``weights``), neither forming more per-sample
+gradients than the norms need.
 
 No ``torch.func``: its first gradient imports torch's compiler stack (dynamo, sympy; about a
 second and 70 MB here), which a model of these layers never needs. On the Opacus MNIST CNN
