@@ -80,7 +80,11 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         assert all(m["replied"] >= 3 for m in metrics[1:]), metrics
         # every sampled client either replied or counts as failed (error reply or none in time)
         assert all(m["sampled"] == m["replied"] + m["failed"] for m in metrics[1:]), metrics
-        assert metrics[2]["failed"] >= 2, metrics
+        # Round 2 waited out its 60 s timeout for the killed SuperNodes. The SuperLink lets a
+        # restarted one back in about 50 s after the kill, and it may still pull round 2's
+        # message (within its TTL), train and reply in time (seen: one of the two, ~10 s to
+        # train), so at least one fails.
+        assert metrics[2]["failed"] >= 1 and metrics[2]["seconds"] >= 55, metrics
         assert metrics[1]["replied"] == DEVICES
         assert metrics[-1]["accuracy"] is not None
 
