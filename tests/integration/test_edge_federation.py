@@ -5,9 +5,10 @@ by their local inference servers. The run is started the way the serving tier's 
 starts one (`server run --trigger-dir`), and it publishes the retrained model to a serving
 repository as a new version.
 
-Two SuperNodes are killed after round 1: round 2 completes with the others when its timeout
-passes, the daemons start the killed SuperNodes again, and they train in round 3. Each device
-keeps its accountant in its own state directory; SIGTERM stops every daemon cleanly.
+Two SuperNodes are killed after round 1: round 2 completes with the others (when its timeout
+passes or the SuperLink marks the killed ones offline), the daemons start the killed
+SuperNodes again, and they train in round 3. Each device keeps its accountant in its own
+state directory; SIGTERM stops every daemon cleanly.
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         assert all(m["replied"] >= 3 for m in metrics[1:]), metrics
         # every sampled client either replied or counts as failed (error reply or none in time)
         assert all(m["sampled"] == m["replied"] + m["failed"] for m in metrics[1:]), metrics
-        # Round 2 waited out its 60 s timeout for the killed SuperNodes. The SuperLink lets a
-        # restarted one back in about 50 s after the kill, and it may still pull round 2's
+        # Round 2 went on without the killed SuperNodes: it ends when its 60 s timeout passes
+        # or when the SuperLink, having marked them offline (about 50 s after the kill),
+        # answers their messages with errors. A restarted one may still pull round 2's
         # message (within its TTL), train and reply in time (seen: one of the two, ~10 s to
-        # train), so at least one fails.
-        assert metrics[2]["failed"] >= 1 and metrics[2]["seconds"] >= 55, metrics
+        # train), so at least one fails; how long the round took depends on which came first.
+        assert metrics[2]["failed"] >= 1 and metrics[2]["replied"] >= 3, metrics
         assert metrics[1]["replied"] == DEVICES
         assert metrics[-1]["accuracy"] is not None
 

@@ -72,10 +72,13 @@ def test_a_model_from_the_working_directory_is_checked_then_trains_on_both_engin
         assert run["settings"]["model"] == "mine:Net" and run["settings"]["fix-model"]
         assert run["settings"]["dataset"] == "mine:load"
 
-    # export rebuilds the (fixed) model from the run's settings, from the same folder
+    # export rebuilds the (fixed) model from the run's settings, from the same folder. FP32
+    # only: the INT8 accuracy gate is tested on its own, and three DP clients on two rounds
+    # leave a model whose INT8 drop wanders around the 1-point tolerance from run to run
     bundle = tmp_path / "bundle"
     exported = subprocess.run(
-        [*POLLINATE, "export", str(tmp_path / "fast"), "--out", str(bundle), "--format", "onnx"],
+        [*POLLINATE, "export", str(tmp_path / "fast"), "--out", str(bundle), "--format", "onnx",
+         "--precision", "fp32"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=simulate_env(tmp_path),
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr[-3000:]
