@@ -37,6 +37,7 @@ __all__ = [
     "UNIFORM_WEIGHT_KEY",
     "ClientTask",
     "NodeKey",
+    "partition_key",
     "record_of",
 ]
 
@@ -94,6 +95,13 @@ class NodeKey:
     EPSILON_BUDGET = "epsilon-budget"
     NEW_LEDGER = "new-ledger"
     ALLOWED_IMPORTS = "allowed-imports"
+
+
+def partition_key(partition: int) -> str:
+    """The client key of a simulated node that holds partition ``partition`` (and no
+    ``client-id``): what its ClientApp answers, and what the fast engine's directory knows
+    without asking."""
+    return f"p{partition:06d}"
 
 
 #: node-config keys of the device's own privacy policy (``pollinate edge run`` sets them)

@@ -288,7 +288,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pollinate.config import SampleDP
-    from pollinate.data import load_dataset, partition_indices
+    from pollinate.data import load_dataset, partition_sizes
     from pollinate.models import checked_model
     from pollinate.serverapp import events
     from pollinate.simulation.runner import SimulationOptions, simulate
@@ -301,7 +301,7 @@ def _run_with_progress(settings: Any, clients: int, verbose: bool, engine: Any) 
     )  # fmt: skip
     learning_task = settings.learning_task(data)
     if data.partitions is None:  # a per-partition loader made its own shares
-        partition_indices(
+        partition_sizes(
             data.train.y, clients, settings.partitioner, seed=settings.seed,
             alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
             samples_per_partition=settings.samples_per_client,

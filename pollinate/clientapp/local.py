@@ -23,7 +23,7 @@ from pollinate.device.ledger import DeviceLedger
 from pollinate.errors import PollinateError, PrivacyLedgerError
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
-from pollinate.protocol import ARRAYS, ClientTask, NodeKey, record_of
+from pollinate.protocol import ARRAYS, ClientTask, NodeKey, partition_key, record_of
 
 __all__ = [
     "ACCOUNTANT_KEY",
@@ -54,7 +54,7 @@ def client_key(context: Context) -> str:
         except PrivacyLedgerError:
             pass  # an unreadable identity: the train/evaluate handlers refuse with the reason
     if NodeKey.PARTITION_ID in cfg:
-        return f"p{int(cfg[NodeKey.PARTITION_ID]):06d}"
+        return partition_key(int(cfg[NodeKey.PARTITION_ID]))
     return f"n{context.node_id}"
 
 

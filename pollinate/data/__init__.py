@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pollinate.data._datasets import BUILTIN_DATASETS, load_dataset
 from pollinate.data._local import load_local_data
-from pollinate.data._partition import Partitioner, load_partition, partition_indices
+from pollinate.data._partition import Partitioner, partition_indices, partition_sizes
+from pollinate.data._share import load_partition
 from pollinate.data._types import ArrayDataset, DatasetSplit
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_local_data",
     "load_partition",
     "partition_indices",
+    "partition_sizes",
 ]

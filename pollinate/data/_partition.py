@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
 import warnings
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-from pollinate._imports import is_import_path
 from pollinate.data._datasets import (
     check_seed,
-    check_test_fraction,
-    load_dataset,
-    partition_split,
 )
-from pollinate.data._plugin import is_partition_loader, read_partition
-from pollinate.data._types import ArrayDataset
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
-from pollinate.tasks import TaskKind, detect_task, task_targets
 
 
 class Partitioner(StrEnum):
@@ -134,12 +126,7 @@ def partition_indices(
         if num_partitions < 1:
             raise ConfigError(f"num_partitions must be at least 1, got {num_partitions}.")
         return _resample(n, num_partitions, seed, samples_per_partition)
-    if not 1 <= num_partitions <= n:
-        raise ConfigError(
-            f"num_partitions must be between 1 and the number of samples ({n}), "
-            f"got {num_partitions}; for more clients than samples use the 'resample' "
-            "partitioner (each client draws its own samples)."
-        )
+    _check_iid_count(n, num_partitions)
     alpha, shards_per_partition = _check_options(alpha, shards_per_partition)
     if mode is Partitioner.SHARDS and num_partitions * shards_per_partition > n:
         raise ConfigError(
@@ -161,33 +148,92 @@ def partition_indices(
     return result
 
 
+def _check_iid_count(n: int, num_partitions: int) -> None:
+    if not 1 <= num_partitions <= n:
+        raise ConfigError(
+            f"num_partitions must be between 1 and the number of samples ({n}), "
+            f"got {num_partitions}; for more clients than samples use the 'resample' "
+            "partitioner (each client draws its own samples)."
+        )
+
+
 def _iid(n: int, num_partitions: int, seed: int) -> list[list[int]]:
     """flwr-datasets' IID partitions of a dataset shuffled with ``seed``, without the datasets.
 
     ``Dataset.shuffle(seed)`` permutes with ``np.random.default_rng(seed).permutation(n)``;
     ``IidPartitioner`` then takes contiguous shards, the first ``n % k`` one sample longer.
     """
+    order = _iid_order(n, seed)
+    return [order[_iid_slice(n, num_partitions, i)].tolist() for i in range(num_partitions)]
+
+
+@functools.lru_cache(maxsize=4)
+def _iid_order(n: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(n)
+    order.flags.writeable = False
+    return order
+
+
+def _iid_slice(n: int, num_partitions: int, i: int) -> slice:
     size, extra = divmod(n, num_partitions)
-    parts = []
-    for i in range(num_partitions):
-        start = size * i + min(i, extra)
-        parts.append(order[start : start + size + (1 if i < extra else 0)].tolist())
-    return parts
+    start = size * i + min(i, extra)
+    return slice(start, start + size + (1 if i < extra else 0))
+
+
+def _resample_size(n: int, num_partitions: int, size: int) -> int:
+    if size < 0:
+        raise ConfigError(f"samples_per_partition must be >= 0, got {size}.")
+    return min(n, size or max(1, n // num_partitions))
 
 
 def _resample(n: int, num_partitions: int, seed: int, size: int) -> list[np.ndarray]:
     """Each partition draws ``size`` distinct samples with its own generator (may overlap)."""
-    if size < 0:
-        raise ConfigError(f"samples_per_partition must be >= 0, got {size}.")
-    size = min(n, size or max(1, n // num_partitions))
-    parts = []
-    for i in range(num_partitions):
-        rng = np.random.default_rng([seed, i])
-        part = np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
-        part.flags.writeable = False
-        parts.append(part)
-    return parts
+    size = _resample_size(n, num_partitions, size)
+    return [_resample_one(n, seed, i, size) for i in range(num_partitions)]
+
+
+def _resample_one(n: int, seed: int, i: int, size: int) -> np.ndarray:
+    """Partition ``i`` of ``"resample"``: its own seeded draw, made without the others."""
+    rng = np.random.default_rng([seed, i])
+    part = np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+    part.flags.writeable = False
+    return part
+
+
+def partition_sizes(
+    labels: np.ndarray,
+    num_partitions: int,
+    partitioner: Partitioner | str,
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    shards_per_partition: int = 2,
+    samples_per_partition: int = 0,
+) -> set[int]:
+    """The distinct partition sizes :func:`partition_indices` would make, with the same
+    checks and errors; for ``"iid"`` and ``"resample"`` without making a partition (cheap
+    for any population)."""
+    mode = _as_partitioner(partitioner)
+    if mode not in (Partitioner.IID, Partitioner.RESAMPLE):
+        return {
+            len(p)
+            for p in partition_indices(
+                labels, num_partitions, mode, seed=seed, alpha=alpha,
+                shards_per_partition=shards_per_partition,
+                samples_per_partition=samples_per_partition,
+            )
+        }  # fmt: skip
+    n = int(_check_labels(labels, mode).shape[0])
+    num_partitions = _as_int(num_partitions, "num_partitions")
+    check_seed(seed)
+    if mode is Partitioner.RESAMPLE:
+        if num_partitions < 1:
+            raise ConfigError(f"num_partitions must be at least 1, got {num_partitions}.")
+        return {_resample_size(n, num_partitions, samples_per_partition)}
+    _check_iid_count(n, num_partitions)
+    _check_options(alpha, shards_per_partition)
+    size, extra = divmod(n, num_partitions)
+    return {size, size + 1} if extra else {size}
 
 
 def _run_flwr_partitioner(
@@ -256,97 +302,3 @@ def _fill_empty_partitions(parts: list[list[int]]) -> None:
     for i in empty:
         largest = max(range(len(parts)), key=lambda j: len(parts[j]))
         parts[i].append(parts[largest].pop())
-
-
-def load_partition(
-    source: str | os.PathLike[str],
-    partition_id: int,
-    num_partitions: int,
-    partitioner: Partitioner | str,
-    *,
-    seed: int = 0,
-    alpha: float = 0.5,
-    shards_per_partition: int = 2,
-    samples_per_partition: int = 0,
-    test_fraction: float = 0.2,
-    task: TaskKind | str = TaskKind.AUTO,
-) -> ArrayDataset:
-    """Return one client's share of the training part of ``source``.
-
-    Equivalent to ``load_dataset(source, test_fraction=test_fraction, seed=seed).train.subset(
-    partition_indices(train.y, num_partitions, partitioner, ...)[partition_id])``, with the
-    partition list cached per process so that calling it for every client is cheap. A loader
-    of one share at a time (``load(partition_id, num_partitions)``) is called for this client
-    only, and the share's train part is returned (``partitioner`` and its options are not
-    used: the loader partitions).
-
-    Raises:
-        ConfigError: An argument is out of range (including ``partition_id``).
-        DataError: The source cannot be read.
-    """
-    mode = _as_partitioner(partitioner)
-    partition_id = _as_int(partition_id, "partition_id")
-    num_partitions = _as_int(num_partitions, "num_partitions")
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition_id must be between 0 and {num_partitions - 1}, got {partition_id}."
-        )
-    fraction = check_test_fraction(test_fraction)
-    seed = check_seed(seed)
-    name = os.fspath(source)
-    if is_import_path(name) and is_partition_loader(name):
-        return _own_share(name, partition_id, num_partitions, fraction, seed, TaskKind(task))
-    alpha_value, shards = _check_options(alpha, shards_per_partition)
-    # Settings a mode ignores are normalised so that they do not split the cache.
-    if mode is not Partitioner.DIRICHLET:
-        alpha_value = 0.5
-    if mode is not Partitioner.SHARDS:
-        shards = 2
-    samples = _as_int(samples_per_partition, "samples_per_partition")
-    if mode is not Partitioner.RESAMPLE:
-        samples = 0
-    kind = TaskKind(task)
-    partitions = _partitions_cached(
-        os.fspath(source), num_partitions, mode, seed, alpha_value, shards, samples, fraction, kind
-    )
-    train = load_dataset(source, test_fraction=fraction, seed=seed, task=kind).train
-    return train.subset(partitions[partition_id])
-
-
-@functools.lru_cache(maxsize=64)
-def _own_share(
-    source: str, partition_id: int, num_partitions: int, fraction: float, seed: int, task: TaskKind
-) -> ArrayDataset:
-    """One client's train part from a per-partition loader: only its own share is loaded,
-    split exactly as the server splits it (:func:`partition_split`)."""
-    raw = read_partition(source, partition_id, num_partitions)
-    kind = detect_task(task, raw.y, source)  # as given, or read from the share for auto
-    y = task_targets(kind, raw.y, source)
-    train = partition_split(len(y), fraction, seed, partition_id)
-    return ArrayDataset(x=raw.x[train], y=y[train])
-
-
-@functools.lru_cache(maxsize=16)
-def _partitions_cached(
-    source: str,
-    num_partitions: int,
-    mode: Partitioner,
-    seed: int,
-    alpha: float,
-    shards_per_partition: int,
-    samples_per_partition: int,
-    test_fraction: float,
-    task: TaskKind,
-) -> tuple[np.ndarray, ...]:
-    train = load_dataset(source, test_fraction=test_fraction, seed=seed, task=task).train
-    return tuple(
-        partition_indices(
-            train.y,
-            num_partitions,
-            mode,
-            seed=seed,
-            alpha=alpha,
-            shards_per_partition=shards_per_partition,
-            samples_per_partition=samples_per_partition,
-        )
-    )

@@ -20,6 +20,7 @@ from pollinate._atomic import atomic_dir, atomic_write_text
 from pollinate.config import bundle_dir
 from pollinate.errors import ConfigError
 from pollinate.ops.superlink import CONNECTION, SuperLinkError, _flwr, flwr_env
+from pollinate.privacy.ledger_store import LEDGER_FILE, LedgerStore
 
 __all__ = [
     "active_run",
@@ -211,7 +212,7 @@ def run_logs(state_dir: Path, run_id: str | None = None, *, follow: bool = False
 
 def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
     """Copy a run's results to ``dest/run-ID``: run.json, metrics.json, privacy.json, the
-    summary, the newest checkpoint and the exported bundle (``bundle/`` and
+    ledger database, the summary, the newest checkpoint and the exported bundle (``bundle/`` and
     ``bundle.tar.gz``, when the run exported one).
 
     The copy is assembled in a hidden folder beside the target and renamed into place, so
@@ -226,7 +227,9 @@ def pull_run(state_dir: Path, dest: Path, run_id: str | None = None) -> Path:
     target = dest / f"run-{run_id}"
     with atomic_dir(target, replace=True) as partial:
         for item in sorted(run_dir.iterdir()):
-            if item.is_file() and not item.name.startswith("."):
+            if item.name == LEDGER_FILE:  # the round being written is not half-copied
+                LedgerStore(item).copy_to(partial / item.name)
+            elif item.is_file() and not item.name.startswith(".") and "sqlite-" not in item.name:
                 shutil.copy2(item, partial / item.name)
         pointer = run_dir / "LATEST"
         if pointer.is_file():

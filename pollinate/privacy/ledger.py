@@ -11,14 +11,16 @@ by side. They are never added.
 
 :class:`PrivacyLedger` keeps the history and checks that it is consistent; the records it holds
 are in :mod:`~pollinate.privacy.ledger_entries`, its summary statistics in
-:mod:`~pollinate.privacy.ledger_summary` and its file format in
-:mod:`~pollinate.privacy.ledger_io`.
+:mod:`~pollinate.privacy.ledger_summary`, its document format in
+:mod:`~pollinate.privacy.ledger_io` and its append-only database in
+:mod:`~pollinate.privacy.ledger_store` (:meth:`PrivacyLedger.flush` writes what is new).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pollinate.errors import ConfigError
 from pollinate.log import logger
@@ -32,6 +34,7 @@ from pollinate.privacy.ledger_io import (
     to_json,
     write_json,
 )
+from pollinate.privacy.ledger_store import LedgerRows, LedgerStore
 from pollinate.privacy.ledger_summary import (
     client_level_summary,
     ledger_summary,
@@ -71,6 +74,8 @@ class PrivacyLedger:
         self._declines: list[DeclineEntry] = []
         self._releases: list[ClientLevelEntry] = []
         self._latest: dict[str, ClientRoundEntry] = {}
+        self._released_to: set[str] = set()  # clients in any client-level release
+        self._flushed: tuple[int, int, int] = (0, 0, 0)  # entries already in the database
 
     def __repr__(self) -> str:
         """Short description."""
@@ -236,6 +241,7 @@ class PrivacyLedger:
         if not self._client_level:
             logger.warning("recording client-level epsilon although client-level DP is off")
         self._releases.append(entry)
+        self._released_to.update(entry.clients)
 
     def truncate_after(self, server_round: int) -> None:
         """Drop every entry of a round later than ``server_round`` (used when resuming)."""
@@ -246,6 +252,13 @@ class PrivacyLedger:
         self._latest = {}
         for entry in self._clients:
             self._latest[entry.client] = entry
+        self._released_to = {c for release in self._releases for c in release.clients}
+        clients, declines, releases = self._flushed
+        self._flushed = (
+            min(clients, len(self._clients)),
+            min(declines, len(self._declines)),
+            min(releases, len(self._releases)),
+        )
 
     # ------------------------------------------------------------ queries
 
@@ -256,6 +269,11 @@ class PrivacyLedger:
             for client in release.clients:
                 out.setdefault(client, []).append(release.server_round)
         return out
+
+    def clients_seen(self) -> frozenset[str]:
+        """Every client with a history here: it trained, evaluated under DP, or its update
+        was in a client-level release (a client never seen has spent nothing)."""
+        return frozenset(self._latest) | self._released_to
 
     def client_epsilons(self) -> dict[str, float]:
         """The latest cumulative sample-level epsilon of each client that trained."""
@@ -305,25 +323,58 @@ class PrivacyLedger:
             ConfigError: If the data is malformed or inconsistent.
         """
         check_document(d)
+        keys = ("clients", "declines", "client_level_releases")
+        return cls._replay(d, (document_entries(d, key) for key in keys), "privacy ledger")
+
+    @classmethod
+    def from_store(cls, store: LedgerStore) -> PrivacyLedger:
+        """Rebuild a ledger from its database, as :meth:`from_dict` (a ``ConfigError`` if
+        the database is missing, unreadable or inconsistent)."""
+        meta = store.settings()
+        rows: LedgerRows = store.load()
+        entries = ((vars(entry) for entry in kind) for kind in rows)
+        ledger = cls._replay(meta, entries, f"privacy ledger database {store.path}")
+        ledger._flushed = (len(rows[0]), len(rows[1]), len(rows[2]))
+        return ledger
+
+    @classmethod
+    def _replay(
+        cls, settings: Mapping[str, Any], rows: Iterable[Iterable[Mapping[str, Any]]], what: str
+    ) -> PrivacyLedger:
+        """A ledger of ``settings`` with the client, decline and release ``rows`` recorded."""
         try:
             ledger = cls(
-                delta=d["delta"],  # type: ignore[arg-type]
-                sample_level=d["sample_level"],  # type: ignore[arg-type]
-                client_level=d["client_level"],  # type: ignore[arg-type]
-                reproducible_noise=bool(d.get("reproducible_noise", False)),
+                delta=settings["delta"],
+                sample_level=settings["sample_level"],
+                client_level=settings["client_level"],
+                reproducible_noise=bool(settings.get("reproducible_noise", False)),
             )
-            for key, record in (
-                ("clients", ledger.record_client),
-                ("declines", ledger.record_decline),
-                ("client_level_releases", ledger.record_client_level),
-            ):
-                for item in document_entries(d, key):
+            records: list[Callable[..., None]] = [ledger.record_client, ledger.record_decline]
+            records.append(ledger.record_client_level)
+            for items, record in zip(rows, records, strict=True):
+                for item in items:
                     record(**item)
         except KeyError as exc:
-            raise ConfigError(f"privacy ledger is missing the key {exc}") from exc
+            raise ConfigError(f"{what} is missing the key {exc}") from exc
         except ValueError as exc:
-            raise ConfigError(f"inconsistent privacy ledger: {exc}") from exc
+            raise ConfigError(f"inconsistent {what}: {exc}") from exc
         return ledger
+
+    def settings(self) -> dict[str, object]:
+        """What the ledger was created with (the database's ``meta``)."""
+        return {
+            "delta": self._delta,
+            "sample_level": self._sample_level,
+            "client_level": self._client_level,
+            "reproducible_noise": self._reproducible_noise,
+        }
+
+    def flush(self, store: LedgerStore) -> None:
+        """Append the entries recorded since the last flush to ``store``, in one transaction
+        (what is written follows the entries that are new, not the history)."""
+        clients, declines, releases = self._flushed
+        store.append(self._clients[clients:], self._declines[declines:], self._releases[releases:])
+        self._flushed = (len(self._clients), len(self._declines), len(self._releases))
 
     def to_json(self) -> str:
         """The ledger as readable JSON (indent 2, sorted keys)."""

@@ -9,7 +9,8 @@ Layout of a run directory::
         state.json                round, history, node->client map, client-level accountant
     LATEST                        name of the newest complete checkpoint folder
     metrics.json                  per-round history (also in the checkpoint)
-    privacy.json                  the privacy ledger
+    ledger.sqlite                 the privacy ledger (privacy.ledger_store: rows appended per round)
+    privacy.json                  the ledger's summary (the whole ledger at the end of the run)
     clients/                      simulated clients' accountants (one JSON file each)
 
 A checkpoint folder is written under a temporary name, fsynced and renamed when complete

@@ -58,25 +58,21 @@ def resolve_noise(settings: RunSettings, data: DatasetSplit, population: int) ->
 def _train_sizes(settings: RunSettings, data: DatasetSplit, population: int) -> list[int]:
     """How many samples each client trains on (after its held-out split), as far as the server
     can know: the partitions of its own data set, or the average where they cannot be made."""
-    from pollinate.data import partition_indices
+    from pollinate.data import partition_sizes
 
     try:
         if data.partitions is not None:  # the user's loader made the shares
-            sizes = [len(p) for p in data.partitions]
+            sizes = {len(p) for p in data.partitions}
         else:
-            sizes = [
-                len(p)
-                for p in partition_indices(
-                    data.train.y, population, settings.partitioner, seed=settings.seed,
-                    alpha=settings.dirichlet_alpha,
-                    shards_per_partition=settings.shards_per_client,
-                    samples_per_partition=settings.samples_per_client,
-                )
-            ]  # fmt: skip
+            sizes = partition_sizes(
+                data.train.y, population, settings.partitioner, seed=settings.seed,
+                alpha=settings.dirichlet_alpha, shards_per_partition=settings.shards_per_client,
+                samples_per_partition=settings.samples_per_client,
+            )  # fmt: skip
     except (PollinateError, ValueError):
-        sizes = [max(1, len(data.train) // population)]
+        sizes = {max(1, len(data.train) // population)}
     fraction = local_eval_fraction(settings)
-    return [n - (math.floor(n * fraction) if n >= 2 else 0) for n in sizes]
+    return [n - (math.floor(n * fraction) if n >= 2 else 0) for n in sorted(sizes)]
 
 
 def local_eval_fraction(settings: RunSettings) -> float:

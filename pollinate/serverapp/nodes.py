@@ -4,12 +4,16 @@ Flower's node ids are random per launch (simulation registers fresh ones every t
 run sampled by node id could not be resumed reproducibly. The ServerApp asks each new node
 once for its stable client key (``query`` message) and samples in key order with a seeded
 generator: the same seed and round give the same clients, before and after a restart.
+
+A grid whose nodes are partitions by construction (the fast engine's, ``partition_nodes``)
+is not asked: its keys follow from the node ids (:mod:`pollinate.serverapp.population`), so
+the directory's cost is in the clients sampled, not in the population.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,7 @@ from flwr.serverapp import Grid
 
 from pollinate.errors import PollinateError
 from pollinate.log import logger
+from pollinate.serverapp.population import PartitionRange
 
 __all__ = ["NodeDirectory", "SampledGrid", "reply_node"]
 
@@ -83,16 +88,29 @@ class NodeDirectory:
         self._grid = grid
         self._timeout = timeout
         self._keys: dict[int, str] = {}
+        span: tuple[int, int] | None = getattr(grid, "partition_nodes", None)
+        self._range = PartitionRange(*span) if span else None
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._range) if self._range is not None else len(self._keys)
 
     def key_of(self, node_id: int) -> str:
         """The client key of a known node (its node id as text if it never answered)."""
+        if self._range is not None:
+            key = self._range.key_of(node_id)
+            if key is not None:
+                return key
         return self._keys.get(node_id, f"n{node_id}")
 
     def wait_for(self, minimum: int) -> None:
         """Block until at least ``minimum`` nodes are connected (bounded by the timeout)."""
+        if self._range is not None:
+            if len(self._range) < minimum:
+                raise PollinateError(
+                    f"the simulation has {len(self._range)} clients but {minimum} are needed; "
+                    "simulate more clients or lower min-train-nodes"
+                )
+            return
         deadline = time.monotonic() + self._timeout
         while len(list(self._grid.get_node_ids())) < minimum:
             if time.monotonic() > deadline:
@@ -109,6 +127,8 @@ class NodeDirectory:
         Nodes register over a moment (a simulation registers 1000 of them while the ServerApp
         starts); sampling before they are all there would shrink every round's sample.
         """
+        if self._range is not None:
+            return len(self._range)
         count = len(list(self._grid.get_node_ids()))
         if getattr(self._grid, "static_population", False):
             return count  # every node registered up front (the in-process engine)
@@ -125,6 +145,8 @@ class NodeDirectory:
 
     def refresh(self) -> None:
         """Ask nodes not seen before for their client key; forget nodes that left."""
+        if self._range is not None:
+            return  # every node's key is known without asking
         connected = set(self._grid.get_node_ids())
         for gone in set(self._keys) - connected:
             del self._keys[gone]
@@ -152,13 +174,25 @@ class NodeDirectory:
 
     def nodes(self) -> dict[int, str]:
         """Node id -> client key of every node identified so far."""
+        if self._range is not None:
+            return self._range.nodes()
         return dict(self._keys)
 
     def sample_poisson(
-        self, rate: float, rng: np.random.Generator, *, allowed: Callable[[str], bool] | None = None
+        self,
+        rate: float,
+        rng: np.random.Generator,
+        *,
+        allowed: Callable[[str], bool] | None = None,
+        known: Collection[str] = (),
     ) -> list[int]:
         """Every node (that ``allowed`` accepts) independently with probability ``rate``, from
-        ``rng``'s coins, in client-key order."""
+        ``rng``'s coins, in client-key order.
+
+        ``known``: the clients with a history; ``allowed`` must answer alike for all others
+        (a partition population asks it once for them: see :mod:`.population`)."""
+        if self._range is not None:
+            return self._range.sample_poisson(rate, rng, allowed=allowed, known=known)
         ordered = sorted(self._keys.items(), key=lambda kv: kv[1])
         if allowed is not None:
             ordered = [kv for kv in ordered if allowed(kv[1])]
@@ -166,10 +200,18 @@ class NodeDirectory:
         return [node for (node, _), coin in zip(ordered, coins, strict=True) if coin < rate]
 
     def sample(
-        self, size: int, rng: np.random.Generator, *, allowed: Callable[[str], bool] | None = None
+        self,
+        size: int,
+        rng: np.random.Generator,
+        *,
+        allowed: Callable[[str], bool] | None = None,
+        known: Collection[str] = (),
     ) -> list[int]:
         """``size`` node ids chosen uniformly without replacement, in client-key order, among
-        the nodes whose client key ``allowed`` accepts (all of them by default)."""
+        the nodes whose client key ``allowed`` accepts (all of them by default); ``known`` as
+        for :meth:`sample_poisson`."""
+        if self._range is not None:
+            return self._range.sample(size, rng, allowed=allowed, known=known)
         ordered = sorted(self._keys.items(), key=lambda kv: kv[1])
         if allowed is not None:
             ordered = [kv for kv in ordered if allowed(kv[1])]

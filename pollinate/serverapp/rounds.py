@@ -31,6 +31,7 @@ from pollinate.rundir.records import RoundRecord
 from pollinate.serverapp.client_dp import ACCOUNTING, account, eligibility
 from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
 from pollinate.serverapp.nodes import SampledGrid, reply_node
+from pollinate.serverapp.population import FRESH
 from pollinate.serverapp.secagg import secure_round
 from pollinate.serverapp.state import RunState, from_array_record, to_array_record
 from pollinate.serverapp.strategy import weight_key_for
@@ -79,13 +80,14 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         )  # fmt: skip
     allowed = _both(allowed, _within_participation_bound(run))
     poisson = run.settings.client_sampling == ClientSampling.POISSON
+    known = run.ledger.clients_seen() if allowed is not None else frozenset()
     if poisson:
         chosen = run.directory.sample_poisson(
-            run.settings.fraction_train, _secret_coins(run, rnd), allowed=allowed
+            run.settings.fraction_train, _secret_coins(run, rnd), allowed=allowed, known=known
         )
     else:
-        chosen = run.directory.sample(run.sample_size, rng, allowed=allowed)
-    spent = poisson and allowed is not None and not allowed("")  # all clients alike
+        chosen = run.directory.sample(run.sample_size, rng, allowed=allowed, known=known)
+    spent = poisson and allowed is not None and not allowed(FRESH)  # all clients alike
     if spent or (not chosen and not poisson):
         logger.warning(
             "stopping before round %d: no client may train again within its limits "

@@ -38,7 +38,7 @@ from pollinate.serverapp.calibration import (
 )
 from pollinate.serverapp.evaluation import accuracy_of, central_eval, describe_eval
 from pollinate.serverapp.nodes import NodeDirectory
-from pollinate.serverapp.state import RunState
+from pollinate.serverapp.state import RunState, ledger_store
 from pollinate.serverapp.strategy import build_strategy, load_strategy_state
 
 __all__ = ["FIXED_ON_RESUME", "RUN_FILE", "start_run"]
@@ -162,6 +162,7 @@ def _new_ledger(settings: RunSettings) -> PrivacyLedger:
 def _begin(run: RunState) -> None:
     """Start afresh: write ``run.json`` and evaluate the initial model as round 0."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    ledger_store(run.run_dir).create(run.ledger.settings())
     atomic_write_json(
         run.run_dir / RUN_FILE,
         {
@@ -190,9 +191,24 @@ def _resume(run: RunState, ckpt: Checkpoint) -> None:
     run.arrays = {**{k: ckpt.model[k] for k in run.arrays if k in ckpt.model}, **ckpt.model}
     load_strategy_state(run.strategy, ckpt.strategy)
     run.history = history_from_rows(ckpt.state.get("history", []))
-    run.ledger = PrivacyLedger.from_dict(ckpt.state["ledger"])
-    run.ledger.truncate_after(ckpt.server_round)
+    run.ledger = _resumed_ledger(run.run_dir, ckpt)
     logger.info("resuming %s after round %d", run.run_dir, ckpt.server_round)
+
+
+def _resumed_ledger(run_dir: Path, ckpt: Checkpoint) -> PrivacyLedger:
+    """The ledger up to ``ckpt``'s round: from ``ledger.sqlite``, its later rows deleted (a
+    crash after the rows of a round and before its checkpoint). A run directory from before
+    the database keeps its ledger in the checkpoint: it moves into a new database."""
+    store = ledger_store(run_dir)
+    if "ledger" in ckpt.state:
+        ledger = PrivacyLedger.from_dict(ckpt.state["ledger"])
+        ledger.truncate_after(ckpt.server_round)
+        store.create(ledger.settings())
+        ledger.flush(store)
+        logger.info("moved the privacy ledger of %s into %s", run_dir, store.path.name)
+        return ledger
+    store.truncate_after(ckpt.server_round)
+    return PrivacyLedger.from_store(store)
 
 
 def _check_resume(run_dir: Path, settings: RunSettings) -> None:

@@ -4,8 +4,10 @@
 -- settings, grid, run directory, data, the server's evaluation model, node directory,
 strategy chain, the task config sent to clients, sample size, update bound -- and what the
 rounds (:mod:`pollinate.serverapp.rounds`) change: the global model's arrays, the history and
-the privacy ledger. :func:`save_round` persists it after each round (checkpoint folder,
-``metrics.json``, a compact ``privacy.json``); :func:`write_privacy` writes ``privacy.json``.
+the privacy ledger. :func:`save_round` persists it after each round: the round's ledger rows
+appended to ``ledger.sqlite`` (first: a checkpoint never points past the ledger), the
+checkpoint folder, ``metrics.json`` and ``privacy.json`` (the summary);
+:func:`write_privacy` writes ``privacy.json``, with the whole history at the end of a run.
 Also here: the conversions between the global model's arrays and Flower's ``ArrayRecord``.
 """
 
@@ -25,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from pollinate.config import RunSettings
 from pollinate.data import DatasetSplit
 from pollinate.privacy import PrivacyLedger
+from pollinate.privacy.ledger_store import LEDGER_FILE, LedgerStore
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
 from pollinate.rundir.records import RoundRecord, history_rows, write_history
 from pollinate.serverapp.client_dp import ClientLevelDP
@@ -37,6 +40,7 @@ __all__ = [
     "PRIVACY_FILE",
     "RunState",
     "from_array_record",
+    "ledger_store",
     "save_round",
     "to_array_record",
     "write_privacy",
@@ -115,26 +119,32 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: np.asarray(a.numpy()) for k, a in record.items()}
 
 
-def write_privacy(run: RunState, *, indent: int | None = 2) -> dict[str, Any]:
-    """Write ``privacy.json`` (the ledger's summary and the full ledger); return the summary.
+def ledger_store(run_dir: Path) -> LedgerStore:
+    """The run directory's ledger database."""
+    return LedgerStore(run_dir / LEDGER_FILE)
 
-    ``indent=None`` writes it compact (several times faster; used after every round, since the
-    ledger grows every round); the end of the run writes it indented.
+
+def write_privacy(run: RunState, *, full: bool = True) -> dict[str, Any]:
+    """Write ``privacy.json`` and return the ledger's summary.
+
+    ``full``: the whole history too, indented (the end of a run). Otherwise (after every
+    round) only the summary and where the history is, so the write does not grow with it.
     """
     summary = run.ledger.summary()
-    atomic_write_json(
-        run.run_dir / PRIVACY_FILE,
-        {"summary": summary, "ledger": run.ledger.to_dict()},
-        indent=indent,
-    )
+    document: dict[str, Any] = {"summary": summary, "ledger_file": LEDGER_FILE}
+    if full:
+        document["ledger"] = run.ledger.to_dict()
+    atomic_write_json(run.run_dir / PRIVACY_FILE, document, indent=2 if full else None)
     return summary
 
 
 def save_round(run: RunState, rnd: int) -> None:
-    """Persist the run after round ``rnd``: checkpoint, ``metrics.json``, ``privacy.json``."""
+    """Persist the run after round ``rnd``: ledger rows, checkpoint, ``metrics.json``,
+    ``privacy.json``."""
+    run.ledger.flush(ledger_store(run.run_dir))
     state = {
         "history": history_rows(run.history),
-        "ledger": run.ledger.to_dict(),
+        "ledger_file": LEDGER_FILE,
         "settings": run.settings.to_run_config(),
     }
     save_checkpoint(
@@ -148,4 +158,4 @@ def save_round(run: RunState, rnd: int) -> None:
         keep=run.settings.keep_checkpoints,
     )
     write_history(run.run_dir, run.history)
-    write_privacy(run, indent=None)
+    write_privacy(run, full=False)

@@ -117,10 +117,14 @@ class LocalGrid(Grid):
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+        #: node ``first + i`` is partition ``i``, with the key pollinate's ClientApp gives it:
+        #: the server's directory knows every key without a ``query`` (None: another app)
+        self.partition_nodes: tuple[int, int] | None = None
         if client_app is None:
             from pollinate.clientapp.app import app as default_app
 
             client_app = default_app
+            self.partition_nodes = (_NODE_BASE, num_nodes)
         self._app: ClientApp = client_app
         self._num_nodes = num_nodes
         self._threads = max(1, threads)

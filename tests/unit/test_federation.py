@@ -182,3 +182,27 @@ def test_dp_sgd_samples_only_clients_within_the_participation_bound(tmp_path: Pa
     entries = _privacy(result.run_dir)["ledger"]["clients"]
     clients = [e["client"] for e in entries]
     assert len(clients) == len(set(clients)) == POPULATION
+
+
+def test_a_run_directory_from_before_the_ledger_database_resumes_into_one(
+    tmp_path: Path,
+) -> None:
+    """Older run directories kept the whole ledger in each checkpoint's state.json: a resume
+    moves it into ledger.sqlite and goes on appending there."""
+    run_dir = tmp_path / "run"
+    given = {"client-dp-target-epsilon": 0.0, "client-dp-noise": 2.0}
+    run_federation(LocalGrid(POPULATION), _settings(run_dir, **{"num-server-rounds": 1}, **given))
+    state_file = run_dir / "checkpoints" / "round-0001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("ledger_file") == "ledger.sqlite" and "ledger" not in state
+    state["ledger"] = _privacy(run_dir)["ledger"]  # the old layout
+    state_file.write_text(json.dumps(state))
+    (run_dir / "ledger.sqlite").unlink()
+
+    run_federation(LocalGrid(POPULATION), _settings(run_dir, resume=True, **given))
+    from pollinate.privacy import PrivacyLedger
+    from pollinate.privacy.ledger_store import LedgerStore
+
+    ledger = PrivacyLedger.from_store(LedgerStore(run_dir / "ledger.sqlite"))
+    assert [r.server_round for r in ledger.releases] == [1, 2]
+    assert json.loads(json.dumps(ledger.to_dict())) == _privacy(run_dir)["ledger"]

@@ -12,7 +12,7 @@ EXPECTED = {
     },
     "pollinate.data": {
         "ArrayDataset", "BUILTIN_DATASETS", "DatasetSplit", "Partitioner", "load_dataset",
-        "load_local_data", "load_partition", "partition_indices",
+        "load_local_data", "load_partition", "partition_indices", "partition_sizes",
     },
     "pollinate.privacy": {
         "ClientAccountant", "MechanismStep", "PrivacyLedger", "noise_multiplier_for_budget",
