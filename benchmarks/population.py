@@ -5,7 +5,8 @@ Per population: ``peak_rss_mb`` (the process tree), ``time_to_first_round_s`` (p
 to round 1's checkpoint), ``warm_s_per_round`` (median of rounds 2-5) and
 ``ledger_bytes_written_per_round``: what the run's ledger writes after each round, measured by
 replaying the run's own ledger, round by round, into a fresh database (the rows a round
-appends, through the same code) plus the per-round ``privacy.json`` (its summary). The
+appends, through the same code; the bytes passed to write(2), log and checkpoint included)
+plus the per-round ``privacy.json`` (its summary). The
 baseline is this 1,000-client run (``warm_ratio_1m_over_1k``, goal <= 1.5) and, for the ledger,
 the format before the database: the whole ledger as JSON, written twice each round
 (``privacy.json`` and the checkpoint's ``state.json``), which grows with the history.
@@ -52,11 +53,20 @@ def ledger_writes(run_dir: Path) -> dict[str, list[int]]:
             for release in ledger.releases:
                 if release.server_round == rnd:
                     replay.record_client_level(**vars(release))
-            size = store.size()
+            written = _bytes_written()
             replay.flush(store)
-            now.append(store.size() - size + summary)
+            now.append(_bytes_written() - written + summary)
             before.append(2 * len(to_json(replay.to_dict())))
     return {"now": now, "before": before}
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write(2) so far (Linux' /proc/self/io ``wchar``):
+    the database's pages, its write-ahead log and the log's checkpoint alike."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no wchar in /proc/self/io")
 
 
 def measure(population: int, work: Path) -> dict[str, Any]:

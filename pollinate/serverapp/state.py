@@ -23,9 +23,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from safetensors import SafetensorError
 
 from pollinate.config import RunSettings
 from pollinate.data import DatasetSplit
+from pollinate.errors import CheckpointError
 from pollinate.privacy import PrivacyLedger
 from pollinate.privacy.ledger_store import LEDGER_FILE, LedgerStore
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
@@ -140,7 +142,23 @@ def write_privacy(run: RunState, *, full: bool = True) -> dict[str, Any]:
 
 def save_round(run: RunState, rnd: int) -> None:
     """Persist the run after round ``rnd``: ledger rows, checkpoint, ``metrics.json``,
-    ``privacy.json``."""
+    ``privacy.json``.
+
+    Raises:
+        CheckpointError: If the run directory cannot take them (a full disk, permissions):
+            nothing is half-written, and the run resumes from the round before.
+    """
+    try:
+        _save_round(run, rnd)
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(
+            f"cannot save round {rnd} in {run.run_dir} ({err}); free space there or fix its "
+            f"permissions, then resume with --resume {run.run_dir} (it goes on after the last "
+            "round saved)"
+        ) from err
+
+
+def _save_round(run: RunState, rnd: int) -> None:
     run.ledger.flush(ledger_store(run.run_dir))
     state = {
         "history": history_rows(run.history),
