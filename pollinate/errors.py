@@ -21,6 +21,7 @@ __all__ = [
     "PollinateError",
     "PrivacyBudgetError",
     "PrivacyLedgerError",
+    "RegistryError",
     "RepositoryError",
     "exit_code_of",
 ]
@@ -41,6 +42,7 @@ class ExitCode(IntEnum):
     REPOSITORY = 9
     SUPERLINK = 10
     LEDGER = 11
+    REGISTRY = 12
     INTERRUPTED = 130
 
 
@@ -58,6 +60,7 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.REPOSITORY: "a serving model repository is missing or malformed",
     ExitCode.SUPERLINK: "the SuperLink could not be started or reached",
     ExitCode.LEDGER: "a device's privacy ledger is missing or corrupt (start a new one explicitly)",
+    ExitCode.REGISTRY: "the model registry (MLflow) was unreachable or refused the change",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -122,3 +125,10 @@ class RepositoryError(PollinateError):
     """A serving model repository (or one model in it) is missing or malformed."""
 
     exit_code = ExitCode.REPOSITORY
+
+
+class RegistryError(PollinateError):
+    """The model registry (MLflow) cannot be reached, or refuses a change (a promotion of a
+    version whose export validation failed, a rollback with nothing to roll back to)."""
+
+    exit_code = ExitCode.REGISTRY

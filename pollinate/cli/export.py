@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pollinate.cli._common import user_code_on_path
 from pollinate.cli.console import is_plain, make_console
-from pollinate.errors import ConfigError, PollinateError
+from pollinate.errors import ConfigError, ExportError, PollinateError
 
 __all__ = ["export_command", "keygen_command"]
 
@@ -49,6 +51,15 @@ def export_command(
     name: Annotated[
         str | None, typer.Option(help="Model name in the manifest (default: the model).")
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            help="Register the bundle in this MLflow registry as a 'candidate' version "
+            "[$MLFLOW_TRACKING_URI, else the run's tracking-uri].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Export the newest checkpoint of a run as a validated bundle.
 
@@ -67,6 +78,8 @@ def export_command(
       pollinate export runs/demo --out bundles/demo-onnx --format onnx --precision int8
 
       pollinate export runs/demo --out bundles/demo-small --format onnx --prune 0.75
+
+      pollinate export runs/demo --tracking-uri http://127.0.0.1:5000   # + a registry version
     """
     from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 
@@ -87,9 +100,16 @@ def export_command(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, disable=is_plain(sys.stderr)) as progress:  # fmt: skip
         task = progress.add_task("export", total=None)
-        result = export_run(
-            run_dir, options, on_step=lambda msg: progress.update(task, description=msg)
-        )
+        try:
+            result = export_run(
+                run_dir, options, on_step=lambda msg: progress.update(task, description=msg)
+            )
+        except ExportError as err:
+            try:
+                _register_failed(run_dir, tracking_uri, name, str(err))
+            except PollinateError as problem:  # the export's own error is the one to report
+                console.print(f"warning: the failed model is unregistered: {escape(str(problem))}")
+            raise
     score = "R²" if result.task == "regression" else "accuracy"
     table = Table(title=f"bundle {result.bundle} (torch {score} {result.torch_accuracy:.4f})")
     for col in (
@@ -114,6 +134,43 @@ def export_command(
         console.print(f"published version {result.triton_version} to {triton_repo}")
     if result.archive is not None:
         make_console().print(f"archive: {result.archive}")
+        uri = _tracking_uri(run_dir, tracking_uri)
+        if uri:
+            from pollinate.rundir.model_registry import bundle_lineage, register_bundle
+
+            model, lineage = bundle_lineage(run_dir, result.archive)
+            version = register_bundle(uri, run_dir, model, [result.archive], lineage)
+            make_console().print(f"registered {model} version {version} (candidate) at {uri}")
+
+
+def _tracking_uri(run_dir: Path, given: str | None) -> str:
+    """The registry to register in: the flag (or $MLFLOW_TRACKING_URI), else the run's own."""
+    if given is not None:
+        return given
+    try:
+        settings = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["settings"]
+        return str(settings.get("tracking-uri", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+
+
+def _register_failed(run_dir: Path, given: str | None, name: str | None, reason: str) -> None:
+    """Register the model whose export failed validation, tagged so it is never promoted."""
+    uri = _tracking_uri(run_dir, given)
+    if not uri:
+        return
+    from pollinate.export.pipeline import load_run
+    from pollinate.rundir.model_registry import lineage_of, model_name, register_bundle
+
+    run = load_run(run_dir)
+    lineage = lineage_of(
+        run_dir, None, server_round=run.server_round, accuracy=None,
+        validation="failed", reason=reason,
+    )  # fmt: skip
+    model = model_name(name or run.settings.model)
+    ckpt = run_dir / "checkpoints" / f"round-{run.server_round:04d}" / "model.safetensors"
+    version = register_bundle(uri, run_dir, model, [ckpt] if ckpt.is_file() else [], lineage)
+    make_console(stderr=True).print(f"registered {model} version {version} as failed at {uri}")
 
 
 def _parse(enum_type: Any, values: list[str], flag: str) -> list[Any]:

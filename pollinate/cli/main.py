@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pollinate.cli import edge, edge_status, export, new, runs, serve, server, simulate
+from pollinate.cli import edge, edge_status, export, new, registry, runs, serve, server, simulate
 from pollinate.cli._common import CommandGroup
 from pollinate.cli.console import is_plain, make_console, print_click_error, print_error
 from pollinate.errors import EXIT_MEANINGS
@@ -26,7 +26,8 @@ app.command("simulate")(simulate.simulate_command)
 app.command("report")(simulate.report_command)
 app.command("export")(export.export_command)
 app.command("keygen")(export.keygen_command)
-app.command("serve")(serve.serve_command)
+app.add_typer(serve.serve_app, name="serve")
+app.add_typer(registry.registry_app, name="registry")
 app.command("certs")(server.certs_command)
 app.add_typer(server.server_app, name="server")
 runs.register(server.server_app)

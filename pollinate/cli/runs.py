@@ -53,6 +53,14 @@ def run_command(
         typer.Option("--set", help="Any run-config key=value (see `pollinate simulate --help`)."),
     ] = None,
     app: Annotated[Path | None, typer.Option(help="pollinate's project folder (the App).")] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            show_default=False,
+            help="Log the run to MLflow (as the ServerApp sees it) [$MLFLOW_TRACKING_URI].",
+        ),
+    ] = None,
     trigger_dir: Annotated[
         Path | None,
         typer.Option(help="Start only for the retrain events `pollinate serve` wrote here."),
@@ -91,7 +99,8 @@ def run_command(
 
     flags = {"num-server-rounds": rounds, "strategy": strategy, "epsilon-budget": epsilon_budget,
              "round-timeout": round_timeout, "min-train-nodes": min_train_nodes,
-             "run-dir": str(run_dir.resolve()) if run_dir else None}  # fmt: skip
+             "run-dir": str(run_dir.resolve()) if run_dir else None,
+             "tracking-uri": tracking_uri}  # fmt: skip
     err_console = make_console(stderr=True, soft_wrap=True)
     try:
         if wait and trigger_dir is None:

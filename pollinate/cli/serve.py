@@ -1,4 +1,5 @@
-"""``pollinate serve``: the KServe v2 serving tier, from flags and/or a TOML config file."""
+"""``pollinate serve``: the KServe v2 serving tier, from flags and/or a TOML config file;
+``pollinate serve ab status``: the A/B experiments' statistics, from their saved state."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["serve_command"]
+from pollinate.cli._common import CommandGroup, reports_errors
+
+__all__ = ["ab_status_command", "serve_app", "serve_command"]
 
 
 class LogFormat(StrEnum):
@@ -18,6 +21,7 @@ class LogFormat(StrEnum):
 
 
 def serve_command(
+    ctx: typer.Context,
     repository: Annotated[Path | None, typer.Option(help="Triton-layout model repository.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with the same settings.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
@@ -74,6 +78,13 @@ def serve_command(
     port_file: Annotated[
         Path | None, typer.Option(help="Write {http, grpc, metrics} ports here when ready.")
     ] = None,
+    trace_endpoint: Annotated[
+        str | None,
+        typer.Option(help="OTLP/HTTP collector URL; turns tracing on ('env': OTEL_* vars)."),
+    ] = None,
+    trace_sample_rate: Annotated[
+        float | None, typer.Option(help="Share of requests traced, with --trace-endpoint [0.01].")
+    ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = False,
     log_format: Annotated[LogFormat, typer.Option(help="json | text.")] = LogFormat.json,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -98,7 +109,13 @@ def serve_command(
       pollinate serve --repository models --device cuda --workers 4   # 4 processes, 1 port
 
       curl -s localhost:8000/v2/models/cnn
+
+      pollinate serve --repository models --trace-endpoint http://localhost:4318
+
+      pollinate serve ab status --config serve.toml   # A/B experiments (\\[ab] in the file)
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from pollinate.errors import ConfigError
     from pollinate.log import log_to_stderr
     from pollinate.serving.config import _read_token, load_serve_settings
@@ -120,6 +137,7 @@ def serve_command(
         "drift.threshold": drift_threshold, "drift.trigger_dir": trigger_dir,
         "drift.webhook": webhook, "tls_cert": tls_cert, "tls_key": tls_key,
         "max_request_bytes": max_request_bytes, "port_file": port_file,
+        "tracing.endpoint": trace_endpoint, "tracing.sample_rate": trace_sample_rate,
     }  # fmt: skip
     overrides = {k: v for k, v in flags.items() if v is not None}
     if access_log:
@@ -137,3 +155,75 @@ def serve_command(
         )
     except OSError as err:
         raise ConfigError(f"cannot start the server: {err}") from None
+
+
+def ab_status_command(
+    config: Annotated[
+        Path | None, typer.Option(help="The server's TOML file (its \\[ab] state-dir).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="The \\[ab] state-dir itself \\[./ab-state].")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show each A/B experiment's variants: n, metric, interval, p-value and decision.
+
+    Reads the state the server saves (at most \\[ab] save-interval-s behind, in full when it
+    stops), so it works whether or not the server runs. The interval is the always-valid
+    interval of the difference to the control; the p-value is always valid, Holm-adjusted.
+
+    Examples:
+
+      pollinate serve ab status --config serve.toml
+
+      pollinate serve ab status --state-dir ab-state --json
+    """
+    import json
+    import tomllib
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from pollinate.cli.console import make_console
+    from pollinate.errors import ConfigError
+    from pollinate.serving.ab_config import parse_ab_table
+    from pollinate.serving.ab_routing import read_status
+
+    if state_dir is None and config is not None:
+        try:
+            raw = tomllib.loads(config.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read config file {config}: {err}") from None
+        state_dir = parse_ab_table(raw.get("ab", {}), config.resolve().parent).state_dir
+    experiments = read_status(state_dir or Path("ab-state"))
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in experiments], indent=2))
+        return
+    console = make_console(min_width=100)
+    for e in experiments:
+        table = Table(
+            title=f"A/B experiment {e.name} on {e.model}: {e.metric}, alpha {e.alpha:g}, "
+            f"margin +-{e.margin:g} (saved {e.saved})"
+        )
+        for col in ("variant", "target", "weight", "n", e.metric, "difference CI", "p-value",
+                    "decision"):  # fmt: skip
+            table.add_column(col, justify="left" if col in ("variant", "target") else "right")
+        for r in e.reports:
+            ci = "-" if r.ci is None else f"[{r.ci[0]:+.4f}, {r.ci[1]:+.4f}]"
+            table.add_row(
+                r.name, e.targets[r.name], f"{e.weights[r.name]:g}", str(r.n),
+                "-" if r.metric is None else f"{r.metric:.4f}", ci,
+                "-" if r.p_value is None else f"{r.p_value:.4g}", r.decision,
+            )  # fmt: skip
+        console.print(table)
+
+
+serve_app = CommandGroup(
+    name="serve",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+serve_app.callback()(reports_errors(serve_command))
+ab_app = CommandGroup(name="ab", help="A/B/n experiments of the serving tier (\\[ab] config).")
+ab_app.command("status")(ab_status_command)
+serve_app.add_typer(ab_app, name="ab")

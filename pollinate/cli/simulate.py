@@ -148,6 +148,15 @@ def simulate_command(
         list[str] | None,
         typer.Option("--set", help="Any run-config key, e.g. --set learning-rate=0.05."),
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            show_default=False,
+            help="Log the run to MLflow: a server (http://HOST:5000) or a local store "
+            "(sqlite:///mlflow.db) [$MLFLOW_TRACKING_URI; else not tracked].",
+        ),
+    ] = None,
     app: Annotated[
         Path | None,
         typer.Option(
@@ -201,7 +210,7 @@ def simulate_command(
         "task": task, "loss": loss, "metrics": metrics,
         "partitioner": partitioner, "dp": dp, "noise-multiplier": noise, "max-grad-norm": clip,
         "target-epsilon": target_epsilon, "epsilon-budget": epsilon_budget,
-        "client-dp": client_dp, "seed": seed,
+        "client-dp": client_dp, "seed": seed, "tracking-uri": tracking_uri,
     }  # fmt: skip
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_sets(set_ or []))

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pollinate._tracing import TracingSettings
 from pollinate.config.values import (
     EXPORT_FORMATS,
     ClientDP,
@@ -104,6 +105,8 @@ class RunSettings:
     local_eval_fraction: float = 0.2
     eval_noise_multiplier: float = 5.0
     reproducible_noise: bool = False
+    trace_endpoint: str = ""  # OTLP/HTTP collector of the rounds' spans; empty: no tracing
+    tracking_uri: str = ""  # MLflow (pollinate.rundir.tracking); empty: not tracked
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
@@ -174,6 +177,8 @@ class RunSettings:
                 f"got {self.samples_per_client}"
             )
         positive_int("keep-checkpoints", self.keep_checkpoints)
+        if self.trace_endpoint:
+            TracingSettings(endpoint=self.trace_endpoint)  # raises ConfigError naming it
         formats = [f.strip() for f in self.export_formats.split(",") if f.strip()]
         unknown = [f for f in formats if f not in EXPORT_FORMATS]
         if not formats or unknown:

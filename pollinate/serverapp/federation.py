@@ -19,11 +19,13 @@ from flwr.serverapp import Grid
 
 from pollinate.config import RunSettings
 from pollinate.rundir.records import RoundRecord
+from pollinate.rundir.tracking import open_tracker
 from pollinate.serverapp import events
 from pollinate.serverapp.finish import finish_run
 from pollinate.serverapp.rounds import log_round, play_round
 from pollinate.serverapp.setup import start_run
 from pollinate.serverapp.state import save_round
+from pollinate.serverapp.tracing import RoundTracing
 
 __all__ = ["RunResult", "run_federation"]
 
@@ -45,14 +47,20 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     clients run beside the server on the same cores; more for the in-process engine.
     """
     run = start_run(grid, settings, threads=threads)
+    tracker = open_tracker(run.run_dir, settings.tracking_uri, settings.to_run_config())
     events.emit_start(run.first_round, settings.num_server_rounds)
-    for rnd in range(run.first_round, settings.num_server_rounds + 1):
-        record = play_round(run, rnd)
-        if record is None:  # the client-level privacy budget is spent
-            break
-        run.history.append(record)
-        save_round(run, rnd)
-        log_round(record)
-        events.emit_round(record)
-    privacy = finish_run(run)
+    with RoundTracing(settings) as tracing:  # each round's spans, with a trace-endpoint
+        for rnd in range(run.first_round, settings.num_server_rounds + 1):
+            with tracing.round(rnd) as span:
+                record = play_round(run, rnd)
+                span.record(record)
+            if record is None:  # the client-level privacy budget is spent
+                break
+            run.history.append(record)
+            save_round(run, rnd)
+            tracker.log_round(record)
+            log_round(record)
+            events.emit_round(record)
+    privacy = finish_run(run, tracker)
+    tracker.finish(run.run_dir)
     return RunResult(run_dir=run.run_dir, history=run.history, privacy=privacy, model=run.arrays)

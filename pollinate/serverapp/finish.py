@@ -4,6 +4,8 @@
 then, when the settings ask for an export, exports the final global model to a bundle
 (:mod:`pollinate.export`) and delivers it to the connected devices
 (:mod:`pollinate.serverapp.delivery`). A failed export is logged and never loses the run.
+With tracking on, the exported bundle is registered in MLflow's model registry as a new
+``candidate`` version (:mod:`pollinate.rundir.model_registry`, on the tracking thread).
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ from pollinate.config import RunSettings
 from pollinate.errors import PollinateError
 from pollinate.log import logger
 from pollinate.rundir.report import write_report
+from pollinate.rundir.tracking import NullTracker, Tracker
 from pollinate.serverapp.delivery import deliver_bundle, delivers_to_devices
 from pollinate.serverapp.state import RunState, write_privacy
 
 __all__ = ["finish_run"]
 
 
-def finish_run(run: RunState) -> dict[str, Any]:
-    """Write the run's final files, export and deliver its model; returns the privacy summary."""
+def finish_run(run: RunState, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Write the run's final files, export and deliver its model (registered with
+    ``tracker``); returns the privacy summary."""
     settings = run.settings
     privacy = write_privacy(run)
     write_report(run.run_dir, run.history, privacy=privacy, settings=settings.to_run_config())
     bundle_dir = settings.bundle_dir(run.run_dir)
     if bundle_dir is not None:
         archive = _export_at_end(run.run_dir, bundle_dir, settings)
+        if archive is not None:
+            _register(run, archive, tracker or NullTracker())
         if archive is not None and settings.deliver_bundle and delivers_to_devices(run.grid):
             deliver_bundle(
                 run.grid, run.directory, archive, run.run_dir, timeout=settings.round_timeout
@@ -68,3 +74,13 @@ def _export_at_end(run_dir: Path, out: Path, settings: RunSettings) -> Path | No
             "published it as version %d to %s", result.triton_version, settings.export_triton_repo
         )
     return result.archive
+
+
+def _register(run: RunState, archive: Path, tracker: Tracker) -> None:
+    """Queue the registration of the exported bundle as a ``candidate`` version."""
+    if tracker.run_id is None and not run.settings.tracking_uri:
+        return
+    from pollinate.rundir.model_registry import bundle_lineage, register_job
+
+    model, lineage = bundle_lineage(run.run_dir, archive)
+    tracker.submit(register_job(model, [archive], lineage, run.run_dir))

@@ -35,6 +35,7 @@ from pollinate.serverapp.population import FRESH
 from pollinate.serverapp.secagg import secure_round
 from pollinate.serverapp.state import RunState, from_array_record, to_array_record
 from pollinate.serverapp.strategy import weight_key_for
+from pollinate.serverapp.tracing import phase
 from pollinate.serverapp.validation import reference_of, validate_update
 
 __all__ = [
@@ -71,22 +72,24 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
     run.directory.refresh()
     counts = RoundCounts()
     rng = np.random.default_rng(seed_for(run.settings.seed, rnd, 13))
-    wrapper = run.dp_wrapper
-    allowed = None
-    if wrapper is not None:
-        allowed = eligibility(
-            wrapper.plan, run.ledger.client_level_rounds(), rnd, noise=wrapper.noise_multiplier,
-            delta=run.settings.target_delta, budget=run.settings.client_dp_budget,
-        )  # fmt: skip
-    allowed = _both(allowed, _within_participation_bound(run))
-    poisson = run.settings.client_sampling == ClientSampling.POISSON
-    known = run.ledger.clients_seen() if allowed is not None else frozenset()
-    if poisson:
-        chosen = run.directory.sample_poisson(
-            run.settings.fraction_train, _secret_coins(run, rnd), allowed=allowed, known=known
-        )
-    else:
-        chosen = run.directory.sample(run.sample_size, rng, allowed=allowed, known=known)
+    with phase("sampling"):
+        wrapper = run.dp_wrapper
+        allowed = None
+        if wrapper is not None:
+            allowed = eligibility(
+                wrapper.plan, run.ledger.client_level_rounds(), rnd,
+                noise=wrapper.noise_multiplier, delta=run.settings.target_delta,
+                budget=run.settings.client_dp_budget,
+            )  # fmt: skip
+        allowed = _both(allowed, _within_participation_bound(run))
+        poisson = run.settings.client_sampling == ClientSampling.POISSON
+        known = run.ledger.clients_seen() if allowed is not None else frozenset()
+        if poisson:
+            chosen = run.directory.sample_poisson(
+                run.settings.fraction_train, _secret_coins(run, rnd), allowed=allowed, known=known
+            )
+        else:
+            chosen = run.directory.sample(run.sample_size, rng, allowed=allowed, known=known)
     spent = poisson and allowed is not None and not allowed(FRESH)  # all clients alike
     if spent or (not chosen and not poisson):
         logger.warning(
@@ -105,13 +108,16 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
                 SampledGrid(run.grid, chosen),
             )
         )
-    replies = _send_train(run, rnd, messages) if messages else []
-    accepted = triage(run, rnd, replies, messages, counts)
-    _count_missing(run, rnd, replies, messages, counts)
-    train_metrics = _aggregate(run, rnd, accepted)
-    client_eps = record_client_level(run, rnd, accepted)
-    central = central_eval(run.model, run.arrays, run.data, run.task)
-    federated = federated_eval(run, rnd)
+    with phase("training"):
+        replies = _send_train(run, rnd, messages) if messages else []
+    with phase("aggregation"):
+        accepted = triage(run, rnd, replies, messages, counts)
+        _count_missing(run, rnd, replies, messages, counts)
+        train_metrics = _aggregate(run, rnd, accepted)
+        client_eps = record_client_level(run, rnd, accepted)
+    with phase("evaluation"):
+        central = central_eval(run.model, run.arrays, run.data, run.task)
+        federated = federated_eval(run, rnd)
     max_eps, median_eps = _sample_level_epsilons(run)
     return RoundRecord(
         server_round=rnd,

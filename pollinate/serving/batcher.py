@@ -12,6 +12,10 @@ Admission is decided at once: a request that would push the queue past ``max_que
 rows raises :class:`OverloadedError` without waiting, so overload costs a refusal, never a
 queue that grows without bound. A request still queued when its timeout expires is dropped
 from the queue and fails with :class:`RequestTimeoutError`.
+
+A request submitted with a trace (a sampled request, ``tracing.py``) is told, once its batch
+has answered, when it was queued and when the batch and its model call ran; the spans are
+made there, never here.
 """
 
 from __future__ import annotations
@@ -23,14 +27,37 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["BatchResult", "Batcher", "BatcherClosedError", "OverloadedError", "RequestTimeoutError"]
+__all__ = [
+    "BatchResult",
+    "Batcher",
+    "BatcherClosedError",
+    "OverloadedError",
+    "RequestTimeoutError",
+    "TracedRequest",
+]
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # Called on the worker thread after each batch: (batch rows, inputs, outputs, model seconds).
 BatchHook = Callable[[int, dict[str, np.ndarray], dict[str, np.ndarray], float], None]
+
+
+class TracedRequest(Protocol):
+    """A request being traced (``tracing.py``): after a batch, the batch's first traced
+    request is told of all of them with their queueing times, the batch's start, the model
+    call's start and end, and the batch's end (``perf_counter`` seconds), on the loop."""
+
+    def batch_ran(
+        self,
+        members: list[tuple[Any, float]],
+        started: float,
+        model: tuple[float, float],
+        ended: float,
+        rows: int,
+    ) -> None: ...
 
 
 class OverloadedError(Exception):
@@ -62,6 +89,7 @@ class _Item:
     enqueued: float
     dropped: bool = False
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    trace: TracedRequest | None = field(default=None, repr=False)
 
 
 class Batcher:
@@ -123,12 +151,17 @@ class Batcher:
         return self._queued_rows + rows <= self.max_queue_size
 
     def submit(
-        self, inputs: dict[str, np.ndarray], rows: int, timeout_s: float
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        timeout_s: float,
+        trace: TracedRequest | None = None,
     ) -> asyncio.Future[BatchResult]:
         """Queue a request of ``rows`` samples; raises :class:`OverloadedError` when full.
 
         Returns a future with the request's :class:`BatchResult`; it fails with
         :class:`RequestTimeoutError` if the request is still queued after ``timeout_s``.
+        ``trace``: a sampled request's spans, told how its batch ran.
         """
         loop = self._loop
         if self._closed or loop is None:
@@ -140,7 +173,7 @@ class Batcher:
                 f"the queue holds {self._queued_rows} of {self.max_queue_size} samples; "
                 f"this request of {rows} does not fit"
             )
-        item = _Item(inputs, rows, loop.create_future(), time.perf_counter())
+        item = _Item(inputs, rows, loop.create_future(), time.perf_counter(), trace=trace)
         item.timer = loop.call_later(timeout_s, self._expire, item)
         self._queue.append(item)
         self._queued_rows += rows
@@ -214,12 +247,13 @@ class Batcher:
     def _work(self, loop: asyncio.AbstractEventLoop, runner: Runner, batch: list[_Item]) -> None:
         """On the instance's thread: run the batch, pass the outcome back to the loop."""
         started = time.perf_counter()
+        model = [started, started]  # the model call's start and end
         try:
-            outputs: dict[str, np.ndarray] | BaseException = self._run(runner, batch)
+            outputs: dict[str, np.ndarray] | BaseException = self._run(runner, batch, model)
         except Exception as err:  # the model failed: every request of the batch fails
             outputs = err
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answers
-            loop.call_soon_threadsafe(self._deliver, runner, batch, outputs, started)
+            loop.call_soon_threadsafe(self._deliver, runner, batch, outputs, started, model)
 
     def _deliver(
         self,
@@ -227,6 +261,7 @@ class Batcher:
         batch: list[_Item],
         outputs: dict[str, np.ndarray] | BaseException,
         started: float,
+        model: list[float],
     ) -> None:
         self._inflight -= len(batch)
         self._idle.append(runner)
@@ -247,8 +282,13 @@ class Batcher:
                     )  # fmt: skip
                     item.future.set_result(BatchResult(part, started - item.enqueued, total))
             start += item.rows
+        traced = [(item.trace, item.enqueued) for item in batch if item.trace is not None]
+        if traced:
+            traced[0][0].batch_ran(
+                traced, started, (model[0], model[1]), time.perf_counter(), total
+            )
 
-    def _run(self, runner: Runner, batch: list[_Item]) -> dict[str, np.ndarray]:
+    def _run(self, runner: Runner, batch: list[_Item], model: list[float]) -> dict[str, np.ndarray]:
         if len(batch) == 1:
             inputs = batch[0].inputs
         else:
@@ -256,11 +296,12 @@ class Batcher:
                 name: np.concatenate([item.inputs[name] for item in batch])
                 for name in batch[0].inputs
             }
-        started = time.perf_counter()
+        model[0] = time.perf_counter()
         outputs = runner(inputs)
+        model[1] = time.perf_counter()
         if self._on_batch is not None:
             rows = sum(item.rows for item in batch)
-            self._on_batch(rows, inputs, outputs, time.perf_counter() - started)
+            self._on_batch(rows, inputs, outputs, model[1] - model[0])
         return outputs
 
     async def close(self, *, drain: bool = True) -> None:

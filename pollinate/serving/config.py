@@ -40,6 +40,28 @@ line wins over the file::
     tls-cert = "server.pem"
     tls-key = "server.key"
     max-request-bytes = 16777216
+
+    [ab]                           # A/B/n experiments (``--workers 1`` only)
+    state-dir = "ab-state"         # counts kept across restarts, one JSON file per experiment
+    memory = 100000                # recent request ids remembered for feedback
+    user-header = "x-user-id"      # the same user always gets the same variant
+
+    [ab.new-cnn]                   # one experiment: its name salts the user hash
+    model = "cnn"                  # splits requests to /v2/models/cnn/infer (no version)
+    metric = "accuracy"            # accuracy (feedback: label) | reward (feedback: reward)
+    variants = [                   # 2 to 5; the first is the control; weights sum to 1
+      { name = "control", version = 3, weight = 0.5 },
+      { name = "v4", version = 4, weight = 0.25 },       # model: the experiment's by default
+      { name = "small", model = "cnn-small", weight = 0.25 },   # no version: its current one
+    ]
+    alpha = 0.05                   # family-wise error rate (Holm over the challengers)
+    margin = 0.01                  # "no difference" once the interval is inside +-margin
+    mixture-sd = 0.02              # the effect the always-valid test detects fastest
+    min-samples = 100              # outcomes per arm before the first look
+
+    [tracing]                      # OpenTelemetry; off unless an endpoint is given
+    endpoint = "http://localhost:4318"   # OTLP/HTTP collector ("env": OTEL_EXPORTER_OTLP_*)
+    sample-rate = 0.01             # share of requests traced (a sampled traceparent always is)
 """
 
 from __future__ import annotations
@@ -50,7 +72,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
+from pollinate._tracing import TracingSettings
 from pollinate.errors import ConfigError
+from pollinate.serving.ab_config import ABSettings, ab_settings_from_dict, parse_ab_table
 from pollinate.serving.backends import BackendName, Device
 from pollinate.serving.drift import DriftSettings
 
@@ -128,6 +152,8 @@ class ServeSettings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
+    ab: ABSettings = field(default_factory=ABSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -157,6 +183,11 @@ class ServeSettings:
                 raise ConfigError(f"TLS file {path} does not exist")
         if self.token is not None and len(self.token) < 16:
             raise ConfigError("the bearer token must be at least 16 characters long")
+        if self.ab.experiments and self.workers > 1:
+            raise ConfigError(
+                f"[ab] experiments need workers = 1 (feedback must reach the process that "
+                f"answered the request); got workers = {self.workers}"
+            )
 
 
 def _positive(name: str, value: float) -> None:
@@ -164,7 +195,12 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be positive, got {value}")
 
 
-_TABLES = {"batching": BatchingSettings, "rollout": RolloutSettings, "drift": DriftSettings}
+_TABLES = {
+    "batching": BatchingSettings,
+    "rollout": RolloutSettings,
+    "drift": DriftSettings,
+    "tracing": TracingSettings,
+}
 _PATHS = {"repository", "tls_cert", "tls_key", "port_file", "trigger_dir"}
 
 
@@ -185,7 +221,8 @@ def _convert(cls: type, table: str, raw: dict[str, Any], base: Path) -> dict[str
 def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> ServeSettings:
     """Settings from ``config_file`` (TOML) with ``overrides`` (flags that were given) on top.
 
-    ``overrides`` keys are field names; ``batching.``, ``rollout.`` and ``drift.`` prefixes
+    ``overrides`` keys are field names; ``batching.``, ``rollout.``, ``drift.`` and ``tracing.``
+    prefixes
     address the nested tables (``"batching.max_batch_size"``). Relative paths in the file
     are relative to the file.
     """
@@ -203,9 +240,11 @@ def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> 
             if not isinstance(values, dict):
                 raise ConfigError(
                     f"{config_file}: {table!r} must be a table ([server], [batching], "
-                    "[rollout], [drift] or [security])"
+                    "[rollout], [drift], [security], [ab] or [tracing])"
                 )
-            if table in _TABLES:
+            if table == "ab":
+                top["ab"] = parse_ab_table(values, base)
+            elif table in _TABLES:
                 nested[table] = _convert(_TABLES[table], table, values, base)
             elif table in ("server", "security"):
                 if table == "security" and "token-file" in values:
@@ -216,7 +255,7 @@ def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> 
             else:
                 raise ConfigError(
                     f"{config_file}: unknown table [{table}]; valid: server, batching, "
-                    "rollout, drift, security"
+                    "rollout, drift, security, ab, tracing"
                 )
     for key, value in overrides.items():
         table, _, name = key.rpartition(".")
@@ -255,7 +294,8 @@ def settings_from_json(text: str) -> ServeSettings:
     """The settings :func:`settings_to_json` wrote, validated again."""
     raw = json.loads(text)
     nested = {name: cls(**raw.pop(name)) for name, cls in _TABLES.items()}
+    ab = ab_settings_from_dict(raw.pop("ab"))
     for name in _PATHS & set(raw):
         if raw[name] is not None:
             raw[name] = Path(raw[name])
-    return ServeSettings(**raw, **nested)
+    return ServeSettings(**raw, **nested, ab=ab)

@@ -5,6 +5,8 @@ Implements ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``,
 always as ``raw_output_contents``, as Triton does). Status codes: ``INVALID_ARGUMENT`` (bad
 request), ``NOT_FOUND`` (model/version), ``UNAUTHENTICATED`` (token), ``RESOURCE_EXHAUSTED``
 (overloaded), ``DEADLINE_EXCEEDED`` (timed out), ``UNAVAILABLE`` (version unloading).
+With tracing on (``tracing.py``) ``ModelInfer`` follows the ``traceparent`` metadata and
+answers with its own in the trailing metadata.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pollinate.serving.models import ModelManager
 from pollinate.serving.proto import kserve_v2_pb2 as pb
 from pollinate.serving.repository import KSERVE_DTYPES, kserve_datatype
 from pollinate.serving.rest import SERVER_EXTENSIONS, metadata
+from pollinate.serving.tracing import RequestTrace, ServingTracer
 from pollinate.serving.versions import ModelNotFoundError
 
 __all__ = ["InferenceServicer", "add_servicer"]
@@ -132,8 +135,9 @@ def _decode(request: Any) -> dict[str, np.ndarray]:
 class InferenceServicer:
     """The service, backed by the same :class:`ModelManager` as REST."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, tracer: ServingTracer | None = None) -> None:
         self._manager = manager
+        self._tracer = tracer
         token = manager.settings.token
         self._expected = f"Bearer {token}".encode() if token is not None else None
 
@@ -195,6 +199,7 @@ class InferenceServicer:
         await self._check_auth(context)
         code: grpc.StatusCode | None = None
         message = ""
+        trace = None if self._tracer is None else self._start_trace(started, request, context)
         try:
             version = _version(request.model_version)
             if self._manager.full(request.model_name, version, "grpc"):
@@ -202,8 +207,12 @@ class InferenceServicer:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "overloaded: the model's queue is full; retry later",
                 )
+            decoding = time.perf_counter()
             tensors = _decode(request)
-            outcome = await self._manager.infer(request.model_name, version, tensors, "grpc")
+            if trace is not None:
+                trace.phase("decode", decoding, time.perf_counter())
+            outcome = await self._manager.infer(request.model_name, version, tensors, "grpc", trace)
+            encoding = time.perf_counter()
             wanted = [o.name for o in request.outputs] or list(outcome.outputs)
             unknown = [n for n in wanted if n not in outcome.outputs]
             if unknown:
@@ -221,6 +230,8 @@ class InferenceServicer:
                 response.raw_output_contents.append(
                     np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
                 )
+            if trace is not None:
+                trace.phase("encode", encoding, time.perf_counter())
         except _AbortError as err:
             code, message = err.code, str(err)
         except (InvalidInputError, ValueError) as err:
@@ -247,9 +258,24 @@ class InferenceServicer:
                        "status": code.name if code is not None else "OK",
                        "ms": round(1e3 * (time.perf_counter() - started), 3)},
             )  # fmt: skip
+        if trace is not None:
+            name = code.name if code is not None else "OK"
+            trace.finish(time.perf_counter(), name, error=failed, request_id=request_id)
+            context.set_trailing_metadata((("traceparent", trace.traceparent),))
         if code is not None:
             await context.abort(code, message)
         return response
+
+    def _start_trace(
+        self, started: float, request: Any, context: grpc.aio.ServicerContext
+    ) -> RequestTrace | None:
+        assert self._tracer is not None
+        parent = state = None
+        for key, value in context.invocation_metadata() or ():
+            if key in ("traceparent", "tracestate"):
+                text = value if isinstance(value, str) else value.decode("latin-1")
+                parent, state = (text, state) if key == "traceparent" else (parent, text)
+        return self._tracer.start(started, parent, state, model=request.model_name, protocol="grpc")
 
 
 _METHODS = {
@@ -262,14 +288,16 @@ _METHODS = {
 }
 
 
-def add_servicer(server: grpc.aio.Server, manager: ModelManager) -> None:
+def add_servicer(
+    server: grpc.aio.Server, manager: ModelManager, tracer: ServingTracer | None = None
+) -> None:
     """Register the service; request bytes are parsed here, so garbage is INVALID_ARGUMENT.
 
     (With generated handlers, a body protobuf cannot parse ends as INTERNAL inside grpc.)
     """
     from google.protobuf.message import DecodeError
 
-    servicer = InferenceServicer(manager)
+    servicer = InferenceServicer(manager, tracer)
 
     def handler(name: str, message: Any) -> Any:
         method = getattr(servicer, name)

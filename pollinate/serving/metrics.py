@@ -15,6 +15,10 @@ summed over the workers (gauges: the largest value among live workers). Names:
 - ``pollinate_serving_retrain_triggers_total{model}``: drift triggers emitted
 - ``pollinate_serving_version_role{model,version,role}``: 1 while a version is current/canary
 - ``pollinate_serving_rollouts_total{model,outcome}``: promoted, rolled_back, failed_validation
+- ``pollinate_serving_ab_requests_total{experiment,variant}``: requests an A/B variant answered
+- ``pollinate_serving_ab_feedback_total{experiment,variant}``: outcomes recorded per variant
+- ``pollinate_serving_ab_feedback_rejected_total{model,reason}``: feedback refused
+  (``reason``: ``unknown_id``, ``duplicate``, ``invalid``, ``no_experiment``)
 """
 
 from __future__ import annotations
@@ -78,3 +82,14 @@ class ServingMetrics:
         self.rollouts = Counter(
             "pollinate_serving_rollouts", "Roll-out outcomes", ["model", "outcome"], registry=r
         )
+        ev = ["experiment", "variant"]
+        self.ab_requests = Counter(
+            "pollinate_serving_ab_requests", "Requests answered by an A/B variant", ev, registry=r
+        )
+        self.ab_feedback = Counter(
+            "pollinate_serving_ab_feedback", "A/B outcomes recorded", ev, registry=r
+        )
+        self.ab_rejected = Counter(
+            "pollinate_serving_ab_feedback_rejected", "A/B feedback refused",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip

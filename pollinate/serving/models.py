@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pollinate.log import logger
-from pollinate.serving.batcher import BatchResult
+from pollinate.serving.batcher import BatchResult, TracedRequest
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.inputs import check_inputs
 from pollinate.serving.ledger import RolloutLedger
@@ -109,16 +109,21 @@ class ModelManager:
 
     # ------------------------------------------------------------------ inference
     async def infer(
-        self, model: str, version: int | None, tensors: dict[str, np.ndarray], protocol: str
+        self,
+        model: str,
+        version: int | None,
+        tensors: dict[str, np.ndarray],
+        protocol: str,
+        trace: TracedRequest | None = None,
     ) -> InferOutcome:
-        """Route, check and run one request. Raises the batcher's, ``inputs.py``'s and
-        ``versions.py``'s errors."""
+        """Route, check and run one request (``trace``: a sampled request's spans). Raises
+        the batcher's, ``inputs.py``'s and ``versions.py``'s errors."""
         started = time.perf_counter()
         loaded = self.route(model, version)
         try:
             inputs, rows = check_inputs(loaded.spec, tensors, max_batch=loaded.max_batch)
             result: BatchResult = await loaded.batcher.submit(
-                inputs, rows, self.settings.batching.request_timeout_s
+                inputs, rows, self.settings.batching.request_timeout_s, trace
             )
         except Exception as err:
             reason = failure_reason(err)

@@ -1,14 +1,21 @@
 """KServe v2 REST (Open Inference Protocol), with Triton's binary tensor data extension.
 
 Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
-``GET /v2/models/{name}[/versions/{v}]``, ``GET .../ready``, ``POST .../infer``.
+``GET /v2/models/{name}[/versions/{v}]``, ``GET .../ready``, ``POST .../infer``, and
+``POST /v2/models/{name}/feedback`` (an A/B experiment's outcomes, ``ab_routing.py``).
 Errors are ``{"error": "..."}`` with 400 (bad request), 401 (token), 404 (model/version),
 413 (too large), 503 (overloaded or not ready) or 504 (timed out).
+
+Under an A/B experiment a request that names no version is answered by the variant its
+user header (``x-user-id``; without it, a random draw) picks; the reply's ``x-ab-experiment``
+and ``x-ab-variant`` headers say which, and its ``id`` is what feedback refers to.
 
 Binary tensor data: the body is a JSON header of ``Inference-Header-Content-Length`` bytes,
 then each input whose ``parameters.binary_data_size`` is set, in order. Outputs are sent the
 same way when the request asks (``binary_data`` on an output or ``binary_data_output``).
 This module routes, authorises and answers; the body's wire format is ``rest_codec.py``.
+With tracing on (``tracing.py``) an inference request's W3C ``traceparent`` header is
+followed and its reply carries a ``traceparent`` header naming the server's span.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import time
 from typing import Any
 
 from pollinate.log import logger
+from pollinate.serving.ab_config import ABSettings
+from pollinate.serving.ab_routing import Experiments
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
 from pollinate.serving.inputs import InvalidInputError
 from pollinate.serving.models import ModelManager
@@ -32,6 +41,7 @@ from pollinate.serving.rest_codec import (
     encode_infer,
     parse_infer,
 )
+from pollinate.serving.tracing import RequestTrace, ServingTracer
 from pollinate.serving.versions import ModelNotFoundError
 
 __all__ = ["SERVER_EXTENSIONS", "RestApp", "build_rest_app", "metadata"]
@@ -89,10 +99,18 @@ class RestApp:
     the per-request cost low enough for thousands of requests a second on one core.
     """
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        experiments: Experiments | None = None,
+        tracer: ServingTracer | None = None,
+    ) -> None:
         from pollinate import __version__
 
         self.manager = manager
+        self._tracer = tracer
+        self._ab = experiments or Experiments(ABSettings(), manager.metrics)
+        self._user_header = manager.settings.ab.user_header.encode()
         self._limit = manager.settings.max_request_bytes
         self._access_log = manager.settings.access_log
         token = manager.settings.token
@@ -134,6 +152,10 @@ class RestApp:
             version_raw: str | None = None
             if len(tail) >= 2 and tail[0] == "versions":
                 version_raw, tail = tail[1], tail[2:]
+            if tail == ["feedback"] and version_raw is None:
+                if method != "POST":
+                    return _error(405, f"{method} is not allowed on {path}")
+                return await self._feedback(model, headers, receive)
             if tail in ([], ["ready"], ["infer"]):
                 action = tail[0] if tail else "metadata"
                 wanted = "POST" if action == "infer" else "GET"
@@ -185,6 +207,15 @@ class RestApp:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _feedback(self, model: str, headers: dict[bytes, bytes], receive: Any) -> Reply:
+        if not self._authorized(headers):
+            return _error(401, _NO_TOKEN)
+        try:
+            body = await self._body(headers, receive)
+        except BadRequestError as err:
+            return _error(err.status, str(err))
+        return _json(*self._ab.feedback(model, body))
+
     async def _infer(
         self, model: str, version_raw: str | None, headers: dict[bytes, bytes], receive: Any
     ) -> Reply:
@@ -194,12 +225,27 @@ class RestApp:
             given_id.decode("latin-1") if given_id else f"{self._id_prefix}-{next(self._ids)}"
         )
         status = 200
+        trace = None
+        if self._tracer is not None:
+            parent, state = headers.get(b"traceparent"), headers.get(b"tracestate")
+            trace = self._tracer.start(
+                started, parent.decode("latin-1") if parent else None,
+                state.decode("latin-1") if state else None, model=model, protocol="http",
+            )  # fmt: skip
         try:
             if not self._authorized(headers):
                 raise BadRequestError(401, _NO_TOKEN)
             version = _version(version_raw)
-            if self.manager.full(model, version, "http"):
-                return _OVERLOADED
+            ab = None  # a request that names a version is not part of an experiment
+            if version is None:
+                user = headers.get(self._user_header)
+                ab = self._ab.route(model, user.decode("latin-1") if user else None)
+            target, target_version = (ab.model, ab.version) if ab is not None else (model, version)
+            if self.manager.full(target, target_version, "http"):
+                return (
+                    _OVERLOADED if trace is None else _traced(trace, 503, _OVERLOADED, request_id)
+                )
+            decoding = time.perf_counter()
             body = await self._body(headers, receive)
             header_length = headers.get(HEADER_LENGTH.encode())
             parsed, tensors = parse_infer(
@@ -207,10 +253,19 @@ class RestApp:
             )
             if isinstance(parsed.get("id"), str):
                 request_id = parsed["id"]
-            outcome = await self.manager.infer(model, version, tensors, "http")
+            if trace is not None:
+                trace.phase("decode", decoding, time.perf_counter())
+            outcome = await self.manager.infer(target, target_version, tensors, "http", trace)
+            encoding = time.perf_counter()
             reply = encode_infer(
                 parsed, outcome.model, outcome.version, outcome.outputs, request_id
             )
+            if trace is not None:
+                trace.phase("encode", encoding, time.perf_counter())
+            if ab is not None:
+                self._ab.answered(ab, request_id, outcome.outputs)
+                reply[3].append((b"x-ab-experiment", ab.experiment.encode()))
+                reply[3].append((b"x-ab-variant", ab.variant.encode()))
         except BadRequestError as err:
             status, reply = err.status, _error(err.status, str(err), request_id)
         except (InvalidInputError, ValueError) as err:
@@ -232,9 +287,20 @@ class RestApp:
                 extra={"request_id": request_id, "model": model, "status": status,
                        "protocol": "http", "ms": round(1e3 * (time.perf_counter() - started), 3)},
             )  # fmt: skip
-        return reply
+        return reply if trace is None else _traced(trace, status, reply, request_id)
 
 
-def build_rest_app(manager: ModelManager) -> RestApp:
-    """The ASGI app of the KServe v2 REST API over ``manager``."""
-    return RestApp(manager)
+def _traced(trace: RequestTrace, status: int, reply: Reply, request_id: str) -> Reply:
+    """End the request's span; the reply carries its ``traceparent``."""
+    trace.finish(time.perf_counter(), str(status), error=status >= 500, request_id=request_id)
+    return (*reply[:3], [*reply[3], (b"traceparent", trace.traceparent.encode())])
+
+
+def build_rest_app(
+    manager: ModelManager,
+    experiments: Experiments | None = None,
+    tracer: ServingTracer | None = None,
+) -> RestApp:
+    """The ASGI app of the KServe v2 REST API over ``manager`` (and its A/B experiments),
+    tracing requests with ``tracer`` when given."""
+    return RestApp(manager, experiments, tracer)

@@ -9,6 +9,10 @@ and p95 latency are compared with the current version's over the same period
 rolled back (it drains and unloads; that version is not tried again until its files change).
 Requests are routed when they arrive and never moved, so a swap fails none of them.
 
+A version an A/B experiment pins (``[ab]``, ``ab_routing.py``) is loaded at start beside the
+current one, and stays loaded when a newer version replaces it; only requests naming it
+(the experiment routes them) reach it.
+
 With ``--workers N`` a :class:`RolloutLedger` carries the decisions: worker 0 judges and
 records them; the other workers apply worker 0's decision to the same files instead of judging.
 """
@@ -77,6 +81,11 @@ class RolloutPolicy:
         self._rng = random.Random()
         self._watcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._pins: dict[str, set[int]] = {}  # model -> versions A/B experiments pin
+        for experiment in settings.ab.experiments:
+            for variant in experiment.variants:
+                if variant.version is not None:
+                    self._pins.setdefault(variant.model, set()).add(variant.version)
 
     # ------------------------------------------------------------------ routing
     def split(self, current: LoadedVersion, canary: LoadedVersion | None) -> LoadedVersion:
@@ -100,6 +109,10 @@ class RolloutPolicy:
         entry.current = loaded
         if ledger is not None and ledger.leader and ledger.outcome(name, newest) is None:
             ledger.record(name, newest, "promoted")
+        for number in sorted(self._pins.get(name, set()) & set(versions) - {newest.version}):
+            pinned = await self._loader.load(spec, versions[number])
+            self._set_role(pinned, "pinned")
+            entry.pinned[number] = pinned
 
     def watch(self) -> None:
         """Start watching the repository for new versions (on the running event loop)."""
@@ -232,7 +245,12 @@ class RolloutPolicy:
             loaded.role = role
 
     def _retire(self, loaded: LoadedVersion) -> None:
-        """Drain and unload ``loaded`` in the background."""
+        """Drain and unload ``loaded`` in the background (an A/B experiment's pinned version
+        stays loaded, for the requests the experiment sends it)."""
+        if loaded.version in self._pins.get(loaded.spec.name, set()):
+            loaded.role = "pinned"
+            self._versions.entry(loaded.spec.name).pinned[loaded.version] = loaded
+            return
         loaded.role = "draining"
         task = asyncio.get_running_loop().create_task(loaded.batcher.close(drain=True))
         self._background.add(task)

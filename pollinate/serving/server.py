@@ -24,6 +24,7 @@ import grpc
 from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError
 from pollinate.log import logger
+from pollinate.serving.ab_routing import Experiments
 from pollinate.serving.config import ServeSettings
 from pollinate.serving.grpc_service import add_servicer
 from pollinate.serving.ledger import RolloutLedger
@@ -31,6 +32,7 @@ from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.models import ModelManager
 from pollinate.serving.ports import bind_listener, start_metrics_server
 from pollinate.serving.rest import build_rest_app
+from pollinate.serving.tracing import ServingTracer, serving_tracer
 
 __all__ = ["Ports", "WorkerContext", "serve"]
 
@@ -64,8 +66,13 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     worker: WorkerContext | None = None,
+    tracer: ServingTracer | None = None,
 ) -> None:
-    """Run the server until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Run the server until ``stop`` is set (or SIGTERM/SIGINT).
+
+    Requests are traced as ``settings.tracing`` says, or with ``tracer`` when given (its
+    owner shuts it down).
+    """
     import uvicorn
 
     tls = settings.tls_cert is not None and settings.tls_key is not None
@@ -73,10 +80,16 @@ async def serve(
     sock = bind_listener(settings.host, settings.http_port, reuse_port=worker is not None)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(sock.close)
+        if tracer is None and (tracer := serving_tracer(settings.tracing)) is not None:
+            cleanup.callback(tracer.shutdown)  # last out: flushes the spans of the drain
         metrics = ServingMetrics()
+        experiments = Experiments(settings.ab, metrics)  # their saved state, or a clear error
         manager = ModelManager(settings, metrics, ledger=worker.ledger if worker else None)
         await manager.start()
         cleanup.push_async_callback(manager.close)
+        experiments.check(manager.get)
+        experiments.start()
+        cleanup.push_async_callback(experiments.close)
         metrics_port = (
             _start_metrics(settings, metrics, cleanup) if worker is None else settings.metrics_port
         )
@@ -89,7 +102,7 @@ async def serve(
                 ("grpc.so_reuseport", int(worker is not None)),
             ]
         )
-        add_servicer(server, manager)
+        add_servicer(server, manager, tracer)
         address = f"{settings.host}:{settings.grpc_port}"
         try:
             if tls:
@@ -109,7 +122,7 @@ async def serve(
 
         http_port = int(sock.getsockname()[1])
         config = uvicorn.Config(
-            build_rest_app(manager),
+            build_rest_app(manager, experiments, tracer),
             http="httptools",
             loop="none",
             lifespan="off",
@@ -174,6 +187,7 @@ def _start_metrics(
     def stop() -> None:
         httpd.shutdown()
         thread.join(timeout=5)
+        httpd.server_close()
 
     cleanup.callback(stop)
     return int(httpd.server_port)

@@ -3,7 +3,8 @@
 * :class:`LoadedVersion`: one version in service: its batcher, metric children, drift
   monitor, the traffic it answered since the last canary started (:class:`TrafficWindow`)
   and its role;
-* :class:`ModelVersions`: one model's current version, its canary, and the versions refused;
+* :class:`ModelVersions`: one model's current version, its canary, the versions an A/B
+  experiment pins, and the versions refused;
 * :class:`VersionSet`: every served model's, with the look-ups the protocol layers need
   (:class:`ModelNotFoundError` when there is no such model or version).
 
@@ -33,7 +34,7 @@ __all__ = [
     "VersionSet",
 ]
 
-Role = Literal["current", "canary", "draining"]
+Role = Literal["current", "canary", "pinned", "draining"]
 
 
 class ModelNotFoundError(LookupError):
@@ -89,15 +90,17 @@ class LoadedVersion:
 
 @dataclass
 class ModelVersions:
-    """One model's versions: the current one, the canary, and those refused (by fingerprint)."""
+    """One model's versions: the current one, the canary, those an A/B experiment pins (only
+    requests naming them reach them), and those refused (by fingerprint)."""
 
     current: LoadedVersion | None = None
     canary: LoadedVersion | None = None
     rejected: dict[int, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
+    pinned: dict[int, LoadedVersion] = field(default_factory=dict)
 
     def loaded(self) -> list[LoadedVersion]:
         """The versions taking traffic, current first."""
-        return [v for v in (self.current, self.canary) if v is not None]
+        return [v for v in (self.current, self.canary, *self.pinned.values()) if v is not None]
 
 
 class VersionSet:
@@ -139,8 +142,8 @@ class VersionSet:
             raise ModelNotFoundError(f"model {model!r} is not served (served models: {known})")
         if version is None:
             return entry.current
-        for loaded in (entry.current, entry.canary):
-            if loaded is not None and loaded.version == version:
+        for loaded in entry.loaded():
+            if loaded.version == version:
                 return loaded
         have = ", ".join(str(v) for v in self.models()[model])
         raise ModelNotFoundError(

@@ -19,6 +19,8 @@ Modules (import them by name; this package itself imports nothing heavy):
 * :mod:`tests.support.models`: the default CNN, trained the same way for every test.
 * :mod:`tests.support.audit`: the privacy ledger recomputed with dp-accounting, and the
   one-run audit's epsilon lower bound.
+* :mod:`tests.support.otlp`: an OTLP/HTTP trace collector on loopback (the spans it got,
+  decoded) and a tiny model repository, for the tracing tests and benchmark.
 """
 
 from __future__ import annotations

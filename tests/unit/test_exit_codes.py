@@ -38,6 +38,12 @@ CASES: list[tuple[str, tuple[str, ...], ExitCode]] = [
     ("keygen", ("{file}", "{tmp}/key.pub"), E.CONFIG),
     ("certs", ("{file}",), E.CONFIG),
     ("serve", ("--repository", "{tmp}/missing"), E.REPOSITORY),
+    ("serve ab status", ("--state-dir", "{tmp}/missing"), E.CONFIG),
+    ("serve ab status", ("--state-dir", "{tmp}"), E.CONFIG),  # no experiment saved there
+    ("registry list", ("cnn", "--tracking-uri", ""), E.CONFIG),  # no tracking URI
+    ("registry promote", ("cnn", "--to", "prod", "--tracking-uri", "http://127.0.0.1:1"), E.CONFIG),
+    ("registry rollback", ("cnn", "--tracking-uri", "http://127.0.0.1:1"), E.REGISTRY),
+    ("registry sync", ("cnn", "--repository", "{tmp}/m", "--tracking-uri", ""), E.CONFIG),
     ("edge predict", ("{tmp}/missing", "{file}"), E.BUNDLE),
     ("edge predict", ("{tmp}", "{file}"), E.BUNDLE),  # the edge bundle case: exit 7, not 1
     ("edge bench", ("{tmp}/missing",), E.BUNDLE),
@@ -108,6 +114,8 @@ def _leaf_commands(group: click.Group, prefix: str = "") -> set[str]:
     for name, cmd in group.commands.items():
         path = f"{prefix}{name}"
         if isinstance(cmd, click.Group):
+            if cmd.invoke_without_command:  # a command with subcommands (`serve`)
+                out.add(path)
             out |= _leaf_commands(cmd, path + " ")
         else:
             out.add(path)

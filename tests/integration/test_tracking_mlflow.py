@@ -1,0 +1,257 @@
+"""MLflow tracking and the model registry against a real ``mlflow server`` on loopback.
+
+One server for the module (SQLite backend, local artifacts); one small tracked simulation and
+one export of it, shared by the tests that read what they logged and registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pollinate.cli.main import app
+from pollinate.errors import ExitCode, ExportError
+from pollinate.rundir.model_registry import lineage_of, register_bundle
+from pollinate.rundir.tracking import TRACKING_FILE
+from tests.support.mlflow_server import MlflowServer, start_mlflow
+from tests.support.processes import POLLINATE, free_port
+from tests.support.simulation import simulate, simulate_env
+
+pytest.importorskip("mlflow")
+
+# reproducible-noise (test-only, NOT PRIVATE): the untracked run must equal the tracked one
+RUN = ("--preset", "quick", "--num-clients", "20", "--rounds", "2",
+       "--set", "reproducible-noise=true")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    mlflow = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield mlflow
+    finally:
+        mlflow.stop()
+
+
+@pytest.fixture(scope="module")
+def tracked_run(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("tracked")
+    run_dir = tmp / "run"
+    proc = simulate(
+        tmp, *RUN, "--run-dir", str(run_dir), "--tracking-uri", server.uri,
+        "--set", f"export-dir={tmp / 'end-bundle'}", "--set", "export-formats=onnx",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tracking:" not in proc.stderr, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(server: MlflowServer, tracked_run: Path) -> Path:
+    """The tracked run exported (ONNX FP32 only) and registered through `pollinate export`."""
+    proc = subprocess.run(
+        [*POLLINATE, "export", str(tracked_run), "--format", "onnx", "--precision", "fp32",
+         "--tracking-uri", server.uri],
+        capture_output=True, text=True, timeout=300, env=simulate_env(tracked_run.parent),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered cnn version" in proc.stdout, proc.stdout[-2000:]
+    return tracked_run.parent / "run" / "bundle.tar.gz"
+
+
+def _client(server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+
+
+def _mlflow_run_id(run_dir: Path) -> str:
+    return str(json.loads((run_dir / TRACKING_FILE).read_text())["run_id"])
+
+
+def _registry(*args: str, server: MlflowServer) -> Any:
+    return CliRunner().invoke(app, ["registry", *args, "--tracking-uri", server.uri])
+
+
+def test_a_tracked_simulation_logs_params_round_metrics_and_files(
+    server: MlflowServer, tracked_run: Path
+) -> None:
+    client = _client(server)
+    run = client.get_run(_mlflow_run_id(tracked_run))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num-server-rounds"] == "2"
+    assert run.data.params["tracking-uri"] == server.uri
+    assert run.data.tags["pollinate.run"] == "run"
+    metrics = json.loads((tracked_run / "metrics.json").read_text())
+    for name, key in (("accuracy", "accuracy"), ("max_epsilon", "max_epsilon"),
+                      ("sampled", "sampled"), ("replied", "replied")):  # fmt: skip
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [1, 2], name
+        by_step = {m.step: m.value for m in history}
+        assert by_step == pytest.approx({r["server_round"]: r[key] for r in metrics[1:]}), name
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
+    assert {"run/summary.md", "run/privacy.json", "run/metrics.json", "run/plots"} <= files
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "run/plots")}
+    assert "run/plots/accuracy.png" in plots
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert model == {"model/model.safetensors"}
+
+
+def test_an_unreachable_tracking_uri_is_one_warning_and_the_same_run(
+    tracked_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = simulate(tmp_path, *RUN, "--run-dir", str(run_dir), "--tracking-uri", dead)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "tracking:" in line]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert not (run_dir / TRACKING_FILE).exists()
+
+    def rows(folder: Path) -> list[dict[str, Any]]:
+        found = json.loads((folder / "metrics.json").read_text())
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in found]
+
+    assert rows(run_dir) == rows(tracked_run)
+
+
+def test_export_registers_a_candidate_version_with_its_lineage(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    client = _client(server)
+    version = client.get_model_version_by_alias("cnn", "candidate")
+    tags = version.tags
+    metrics = json.loads((tracked_run / "metrics.json").read_text())
+    assert tags["pollinate.run"] == "run"
+    assert tags["mlflow.run_id"] == _mlflow_run_id(tracked_run) == version.run_id
+    assert tags["pollinate.round"] == "2"
+    assert float(tags["pollinate.epsilon"]) == pytest.approx(metrics[-1]["max_epsilon"])
+    assert float(tags["pollinate.accuracy"]) == pytest.approx(metrics[-1]["accuracy"])
+    manifest = json.loads((tracked_run / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["source_round"] == 2
+
+    assert tags["pollinate.sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
+    assert version.version == "2"  # 1: the run's own end-of-run export
+    assert tags["pollinate.validation"] == "passed"
+
+
+def test_the_end_of_run_export_is_registered_too(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    client = _client(server)
+    first = client.get_model_version("cnn", "1")  # registered before `pollinate export` ran
+    assert first.tags["pollinate.validation"] == "passed"
+    assert first.tags["mlflow.run_id"] == _mlflow_run_id(tracked_run)
+    archive = tracked_run.parent / "end-bundle.tar.gz"
+
+    assert first.tags["pollinate.sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert client.get_model_version_by_alias("cnn", "candidate").version == "2"  # the newest
+
+
+def test_promote_and_rollback_move_the_aliases(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    client = _client(server)
+    first = client.get_model_version_by_alias("cnn", "candidate").version
+    assert _registry("promote", "cnn", server=server).exit_code == 0  # candidate -> staging
+    assert client.get_model_version_by_alias("cnn", "staging").version == first
+    result = _registry("promote", "cnn", "--to", "production", server=server)
+    assert result.exit_code == 0, result.output
+    lineage = lineage_of(tracked_run, exported, server_round=2, accuracy=0.5)
+    second = register_bundle(server.uri, tracked_run, "cnn", [exported], lineage)
+    assert client.get_model_version_by_alias("cnn", "candidate").version == second != first
+    result = _registry("promote", "cnn", second, "--to", "production", server=server)
+    assert result.exit_code == 0, result.output
+    assert client.get_model_version_by_alias("cnn", "production").version == second
+    result = _registry("rollback", "cnn", server=server)
+    assert result.exit_code == 0, result.output
+    assert client.get_model_version_by_alias("cnn", "production").version == first
+    listing = _registry("list", "cnn", server=server)
+    assert listing.exit_code == 0 and "production" in listing.output, listing.output
+
+
+def test_a_version_that_failed_export_validation_is_registered_but_never_promoted(
+    server: MlflowServer, tracked_run: Path, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(name: str, *_args: Any, **_kwargs: Any) -> None:
+        raise ExportError(f"{name}: accuracy dropped by 3 points (at most 1 allowed)")
+
+    monkeypatch.setattr("pollinate.export.pipeline.check_tolerances", fail)
+    out = tracked_run.parent / "failed-bundle"
+    argv = ["export", str(tracked_run), "--out", str(out), "--format", "onnx",
+            "--precision", "fp32", "--tracking-uri", server.uri]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == ExitCode.EXPORT, result.output
+    client = _client(server)
+    versions = client.search_model_versions("name = 'cnn'")
+    failed = max(versions, key=lambda v: int(v.version))
+    assert failed.tags["pollinate.validation"] == "failed"
+    assert "accuracy dropped" in failed.tags["pollinate.validation_error"]
+    result = _registry("promote", "cnn", str(failed.version), "--to", "production", server=server)
+    assert result.exit_code == ExitCode.REGISTRY, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "failed its export validation" in lines[0], result.output
+    staged = client.get_model_version_by_alias("cnn", "production").version
+    assert staged != failed.version
+
+
+def test_sync_writes_production_and_a_newer_staging_into_a_serving_repository(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    from pollinate.serving.repository import scan_model
+
+    client = _client(server)
+    production = int(client.get_model_version_by_alias("cnn", "production").version)
+    newest_passed = max(
+        int(v.version)
+        for v in client.search_model_versions("name = 'cnn'")
+        if v.tags.get("pollinate.validation") == "passed"
+    )
+    assert newest_passed > production  # the promote test rolled production back
+    assert _registry("promote", "cnn", str(newest_passed), server=server).exit_code == 0
+    repo = tracked_run.parent / "models"
+    result = _registry("sync", "cnn", "--repository", str(repo), server=server)
+    assert result.exit_code == 0, result.output
+    spec, versions = scan_model(repo / "cnn")
+    assert spec.name == "cnn"
+    assert sorted(versions) == [production, newest_passed]  # current, and the canary
+    again = _registry("sync", "cnn", "--repository", str(repo), server=server)
+    assert again.exit_code == 0 and "version" not in again.output, again.output
+
+
+def test_a_resumed_run_logs_into_the_same_mlflow_run(
+    server: MlflowServer, tracked_run: Path
+) -> None:
+    # last in this module: the tests above read rounds 1..2 of this MLflow run
+    before = _mlflow_run_id(tracked_run)
+    tmp = tracked_run.parent
+    proc = simulate(tmp, "--resume", str(tracked_run), "--rounds", "3",
+                    "--tracking-uri", server.uri, "--set", "export-dir=")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tracking:" not in proc.stderr, proc.stderr[-3000:]
+    assert _mlflow_run_id(tracked_run) == before
+    history = _client(server).get_metric_history(before, "accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_no_tracking_uri_imports_no_mlflow() -> None:
+    code = (
+        "import sys\n"
+        "from pollinate.rundir.tracking import open_tracker\n"
+        "import pollinate.cli.main, pollinate.serverapp.federation\n"
+        "open_tracker(__import__('pathlib').Path('.'), '', {}).finish(None)\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [POLLINATE[0], "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
