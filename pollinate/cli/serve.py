@@ -14,6 +14,9 @@ from pollinate.cli._common import CommandGroup, reports_errors
 
 __all__ = ["ab_status_command", "serve_app", "serve_command"]
 
+#: seconds between looks at the registry's aliases (`serve --registry`)
+REGISTRY_POLL_S = 10.0
+
 
 class LogFormat(StrEnum):
     json = "json"
@@ -85,6 +88,17 @@ def serve_command(
     trace_sample_rate: Annotated[
         float | None, typer.Option(help="Share of requests traced, with --trace-endpoint [0.01].")
     ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            help="Follow this MLflow registered model: its production version serves, a newer "
+            "staging one is the canary (written into --repository; needs --tracking-uri)."
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI for --registry."),
+    ] = "",
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = False,
     log_format: Annotated[LogFormat, typer.Option(help="json | text.")] = LogFormat.json,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -107,6 +121,8 @@ def serve_command(
       pollinate serve --config serve.toml --http-port 9000
 
       pollinate serve --repository models --device cuda --workers 4   # 4 processes, 1 port
+
+      pollinate serve --repository models --registry cnn --tracking-uri http://mlflow:5000
 
       curl -s localhost:8000/v2/models/cnn
 
@@ -145,7 +161,11 @@ def serve_command(
     try:
         if token_file is not None:
             overrides["token"] = _read_token(token_file)
+        if registry is not None and repository is not None:
+            repository.mkdir(parents=True, exist_ok=True)  # the registry fills it
         settings = load_serve_settings(config, overrides)
+        if registry is not None:
+            _follow_registry(registry, tracking_uri, settings.repository)
         from pollinate.serving.launch import run_server
 
         run_server(
@@ -155,6 +175,30 @@ def serve_command(
         )
     except OSError as err:
         raise ConfigError(f"cannot start the server: {err}") from None
+
+
+def _follow_registry(model: str, uri: str, repository: Path) -> None:
+    """Bring ``repository`` up to the registry's aliases now (an unreachable registry stops
+    the start), then keep it so from a thread; the server's own roll-out loads, validates,
+    canaries and promotes or rolls back what appears there."""
+    import threading
+    import time
+
+    from pollinate.errors import ConfigError
+    from pollinate.ops.registry_sync import sync_once, watch
+
+    if not uri:
+        raise ConfigError(
+            "--registry needs an MLflow tracking URI: pass --tracking-uri URI or set "
+            "MLFLOW_TRACKING_URI"
+        )
+    sync_once(uri, model, repository, production_only=True)  # current; staging: a canary
+
+    def follow() -> None:
+        time.sleep(REGISTRY_POLL_S)  # the server has loaded production as its current version
+        watch(uri, model, repository, interval=REGISTRY_POLL_S)
+
+    threading.Thread(target=follow, daemon=True, name="registry-sync").start()
 
 
 def ab_status_command(

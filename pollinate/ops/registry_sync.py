@@ -99,13 +99,24 @@ def _artifact_path(version: Any) -> str:
     return source[len(prefix) :]
 
 
-def sync_once(uri: str, model: str, repository: Path, name: str | None = None) -> list[int]:
-    """Write the aliased versions the repository lacks; returns the versions written."""
+def sync_once(
+    uri: str,
+    model: str,
+    repository: Path,
+    name: str | None = None,
+    *,
+    production_only: bool = False,
+) -> list[int]:
+    """Write the aliased versions the repository lacks; returns the versions written.
+
+    ``production_only``: before a server starts (it serves the newest version it finds, so
+    a staging version written now would serve as current instead of as a canary)."""
     name = name or model
     try:
         client = mlflow_client(uri)
         written = []
-        for version in _wanted(_aliased(client, model)):
+        wanted = _wanted(_aliased(client, model))
+        for version in wanted[:1] if production_only else wanted:
             if (repository / name / str(version.version) / "model.onnx").is_file():
                 continue
             _publish(client, version, repository, name)

@@ -22,7 +22,7 @@ from pollinate.errors import ExitCode, ExportError
 from pollinate.rundir.model_registry import lineage_of, register_bundle
 from pollinate.rundir.tracking import TRACKING_FILE
 from tests.support.mlflow_server import MlflowServer, start_mlflow
-from tests.support.processes import POLLINATE, free_port
+from tests.support.processes import POLLINATE, free_port, wait_until
 from tests.support.simulation import simulate, simulate_env
 
 pytest.importorskip("mlflow")
@@ -225,6 +225,32 @@ def test_sync_writes_production_and_a_newer_staging_into_a_serving_repository(
     assert sorted(versions) == [production, newest_passed]  # current, and the canary
     again = _registry("sync", "cnn", "--repository", str(repo), server=server)
     assert again.exit_code == 0 and "version" not in again.output, again.output
+
+
+def test_serve_follows_the_registry_aliases(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    """`pollinate serve --registry cnn`: the registry's production and (newer) staging
+    versions are written into a repository that did not exist, and production serves."""
+    import urllib.request
+
+    from tests.support.serving import serve
+
+    client = _client(server)
+    aliases = {a: int(client.get_model_version_by_alias("cnn", a).version)
+               for a in ("production", "staging")}  # fmt: skip
+    repo = tracked_run.parent / "followed"
+    with serve(repo, tracked_run.parent, "--registry", "cnn", "--tracking-uri", server.uri,
+               "--log-format", "text") as running:  # fmt: skip
+        with urllib.request.urlopen(
+            f"http://{running.http_url}/v2/models/cnn", timeout=30
+        ) as reply:
+            metadata = json.loads(reply.read())
+        # production is the current version; the newer staging one comes after the start,
+        # so the server's roll-out takes it as a canary
+        assert metadata["versions"] == [str(aliases["production"])], metadata
+        staging = repo / "cnn" / str(aliases["staging"]) / "model.onnx"
+        wait_until("the staging version", staging.is_file, 60)
 
 
 def test_a_resumed_run_logs_into_the_same_mlflow_run(

@@ -38,6 +38,7 @@ CASES: list[tuple[str, tuple[str, ...], ExitCode]] = [
     ("keygen", ("{file}", "{tmp}/key.pub"), E.CONFIG),
     ("certs", ("{file}",), E.CONFIG),
     ("serve", ("--repository", "{tmp}/missing"), E.REPOSITORY),
+    ("serve", ("--repository", "{tmp}", "--registry", "cnn", "--tracking-uri", ""), E.CONFIG),
     ("serve ab status", ("--state-dir", "{tmp}/missing"), E.CONFIG),
     ("serve ab status", ("--state-dir", "{tmp}"), E.CONFIG),  # no experiment saved there
     ("registry list", ("cnn", "--tracking-uri", ""), E.CONFIG),  # no tracking URI
