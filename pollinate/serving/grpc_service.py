@@ -6,7 +6,10 @@ always as ``raw_output_contents``, as Triton does). Status codes: ``INVALID_ARGU
 request), ``NOT_FOUND`` (model/version), ``UNAUTHENTICATED`` (token), ``RESOURCE_EXHAUSTED``
 (overloaded), ``DEADLINE_EXCEEDED`` (timed out), ``UNAVAILABLE`` (version unloading).
 With tracing on (``tracing.py``) ``ModelInfer`` follows the ``traceparent`` metadata and
-answers with its own in the trailing metadata.
+answers with its own in the trailing metadata. Under an A/B experiment (``ab_routing.py``) a
+request that names no version goes to the variant its user metadata key (``x-user-id``)
+picks, as over REST; the trailing metadata names it (``x-ab-experiment``, ``x-ab-variant``),
+and REST's feedback endpoint takes the request's id.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import grpc
 import numpy as np
 
 from pollinate.log import logger
+from pollinate.serving.ab_config import ABSettings
+from pollinate.serving.ab_routing import Experiments
 from pollinate.serving.batcher import BatcherClosedError, OverloadedError, RequestTimeoutError
 from pollinate.serving.inputs import InvalidInputError
 from pollinate.serving.models import ModelManager
@@ -135,9 +140,16 @@ def _decode(request: Any) -> dict[str, np.ndarray]:
 class InferenceServicer:
     """The service, backed by the same :class:`ModelManager` as REST."""
 
-    def __init__(self, manager: ModelManager, tracer: ServingTracer | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        tracer: ServingTracer | None = None,
+        experiments: Experiments | None = None,
+    ) -> None:
         self._manager = manager
         self._tracer = tracer
+        self._ab = experiments or Experiments(ABSettings(), manager.metrics)
+        self._user_key = manager.settings.ab.user_header.lower()
         token = manager.settings.token
         self._expected = f"Bearer {token}".encode() if token is not None else None
 
@@ -200,9 +212,16 @@ class InferenceServicer:
         code: grpc.StatusCode | None = None
         message = ""
         trace = None if self._tracer is None else self._start_trace(started, request, context)
+        trailing: list[tuple[str, str]] = []
         try:
             version = _version(request.model_version)
-            if self._manager.full(request.model_name, version, "grpc"):
+            ab = None  # a request that names a version is not part of an experiment
+            if version is None:
+                ab = self._ab.route(request.model_name, self._metadata(context, self._user_key))
+            target, version = (
+                (ab.model, ab.version) if ab is not None else (request.model_name, version)
+            )
+            if self._manager.full(target, version, "grpc"):
                 raise _AbortError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "overloaded: the model's queue is full; retry later",
@@ -211,7 +230,7 @@ class InferenceServicer:
             tensors = _decode(request)
             if trace is not None:
                 trace.phase("decode", decoding, time.perf_counter())
-            outcome = await self._manager.infer(request.model_name, version, tensors, "grpc", trace)
+            outcome = await self._manager.infer(target, version, tensors, "grpc", trace)
             encoding = time.perf_counter()
             wanted = [o.name for o in request.outputs] or list(outcome.outputs)
             unknown = [n for n in wanted if n not in outcome.outputs]
@@ -232,6 +251,9 @@ class InferenceServicer:
                 )
             if trace is not None:
                 trace.phase("encode", encoding, time.perf_counter())
+            if ab is not None:
+                self._ab.answered(ab, request_id, outcome.outputs)
+                trailing += [("x-ab-experiment", ab.experiment), ("x-ab-variant", ab.variant)]
         except _AbortError as err:
             code, message = err.code, str(err)
         except (InvalidInputError, ValueError) as err:
@@ -261,10 +283,20 @@ class InferenceServicer:
         if trace is not None:
             name = code.name if code is not None else "OK"
             trace.finish(time.perf_counter(), name, error=failed, request_id=request_id)
-            context.set_trailing_metadata((("traceparent", trace.traceparent),))
+            trailing.append(("traceparent", trace.traceparent))
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
         if code is not None:
             await context.abort(code, message)
         return response
+
+    @staticmethod
+    def _metadata(context: grpc.aio.ServicerContext, wanted: str) -> str | None:
+        """The value of the request's metadata key ``wanted`` (lower case), or None."""
+        for key, value in context.invocation_metadata() or ():
+            if key == wanted:
+                return value if isinstance(value, str) else value.decode("latin-1")
+        return None
 
     def _start_trace(
         self, started: float, request: Any, context: grpc.aio.ServicerContext
@@ -289,7 +321,10 @@ _METHODS = {
 
 
 def add_servicer(
-    server: grpc.aio.Server, manager: ModelManager, tracer: ServingTracer | None = None
+    server: grpc.aio.Server,
+    manager: ModelManager,
+    tracer: ServingTracer | None = None,
+    experiments: Experiments | None = None,
 ) -> None:
     """Register the service; request bytes are parsed here, so garbage is INVALID_ARGUMENT.
 
@@ -297,7 +332,7 @@ def add_servicer(
     """
     from google.protobuf.message import DecodeError
 
-    servicer = InferenceServicer(manager, tracer)
+    servicer = InferenceServicer(manager, tracer, experiments)
 
     def handler(name: str, message: Any) -> Any:
         method = getattr(servicer, name)

@@ -102,7 +102,7 @@ async def serve(
                 ("grpc.so_reuseport", int(worker is not None)),
             ]
         )
-        add_servicer(server, manager, tracer)
+        add_servicer(server, manager, tracer, experiments)
         address = f"{settings.host}:{settings.grpc_port}"
         try:
             if tls:

@@ -1,6 +1,6 @@
-"""An A/B/n experiment in a real `pollinate serve` on loopback: the sticky split, feedback,
-unknown ids refused, a pinned version kept through a roll-out, the state kept across a
-restart, and `pollinate serve ab status`.
+"""An A/B/n experiment in a real `pollinate serve` on loopback: the sticky split (REST and
+gRPC), feedback, unknown ids refused, a pinned version kept through a roll-out, the state kept
+across a restart, and `pollinate serve ab status`.
 
 The variants are constant classifiers (each always answers one class), so every outcome is
 known: labelled 0, the control (class 0) is always right and the challengers always wrong.
@@ -188,6 +188,21 @@ def test_an_experiment_splits_traffic_takes_feedback_and_keeps_its_counts(tmp_pa
             server, "/v2/models/clf/feedback", {"id": "after-restart", "label": 0}
         )
         assert status == 200 and answer["n"] == per_variant[served["user-1"]] + 1
+        # over gRPC the same user gets the same variant, and REST takes its feedback
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+        result = client.infer("clf", [x], request_id="over-grpc", headers={"x-user-id": "user-1"})
+        response = result.get_response()
+        assert (response.model_name, response.model_version) == targets[served["user-1"]]
+        status, _, answer = _post(
+            server, "/v2/models/clf/feedback", {"id": "over-grpc", "label": 0}
+        )
+        assert status == 200 and answer["variant"] == served["user-1"], answer
+        assert answer["n"] == per_variant[served["user-1"]] + 2
+        client.close()
     text = subprocess.run(
         [*POLLINATE, "serve", "ab", "status", "--config", str(config)],
         capture_output=True, text=True, timeout=60, check=True,
