@@ -177,6 +177,13 @@ def run_command(
         float | None, typer.Option(help="This device's own epsilon budget (the stricter wins).")
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads training may use.")] = 1,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="warm: each task runs in a fork of one process that loaded torch and the app "
+            "once; cold: a fresh process per message (Flower's)."
+        ),
+    ] = "warm",
     window: Annotated[
         str | None, typer.Option(help="Train only between HH:MM-HH:MM (local time).")
     ] = None,
@@ -261,7 +268,7 @@ def run_command(
         bundle_public_key=bundle_public_key, serve_port=serve_port, serve_host=serve_host,
         dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
         max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
-        allowed_imports=tuple(allow_import or ()),
+        allowed_imports=tuple(allow_import or ()), executor=executor,
     )  # fmt: skip
     code = EdgeDaemon(settings).run()
     raise typer.Exit(code=code)

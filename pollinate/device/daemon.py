@@ -30,6 +30,7 @@ Bundles the server delivers are installed by the ClientApp into ``STATE_DIR/bund
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -107,6 +108,9 @@ class DaemonSettings:
     max_local_epochs: int | None = None
     start_new_ledger: bool = False
     allowed_imports: tuple[str, ...] = ()
+    #: warm: ClientApp tasks run in forks of one process that imported torch and the app once
+    #: (``device/warm_executor.py``); cold: Flower's fresh ``flwr-clientapp`` per message
+    executor: str = "warm"
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:
@@ -131,6 +135,8 @@ class DaemonSettings:
             raise ConfigError(f"--serve-port must be 1..65535, got {self.serve_port}")
         if self.epsilon_budget is not None and self.epsilon_budget <= 0:
             raise ConfigError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
+        if self.executor not in ("warm", "cold"):
+            raise ConfigError(f"--executor must be warm or cold, got {self.executor!r}")
         if self.dp not in ("sample", "none"):
             raise ConfigError(f"--dp must be sample or none, got {self.dp!r}")
         if not self.min_noise_multiplier >= 0:
@@ -202,17 +208,24 @@ class EdgeDaemon:
         self.stop = threading.Event()
         self.restarts = 0
         self._status: dict[str, Any] = {}
+        self._port = _free_port()  # the SuperNode's runtime (ClientAppIo) API
 
     def command(self) -> list[str]:
         s = self.settings
+        isolation = ["--isolation", "process"] if s.executor == "warm" else []
         return [
             str(Path(sys.executable).parent / "flower-supernode"),
             "--superlink", s.superlink,
             "--root-certificates", str(Path(s.root_certificates).resolve()),
             "--auth-supernode-private-key", str(Path(s.key).resolve()),
             "--node-config", s.node_config(),
-            "--port", str(_free_port()),
+            "--port", str(self._port), *isolation,
         ]  # fmt: skip
+
+    def executor_command(self) -> list[str]:
+        """The warm executor, polling the SuperNode's runtime API for tasks."""
+        return [sys.executable, "-m", "pollinate.device.warm_executor",
+                "--runtime-api-address", f"127.0.0.1:{self._port}"]  # fmt: skip
 
     def _env(self) -> dict[str, str]:
         threads = str(self.settings.threads)
@@ -239,14 +252,16 @@ class EdgeDaemon:
         logger.info(message, extra={"event": message, **fields})
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
+        """Stop ``process``'s group (a SuperNode, or the warm executor and its forks)."""
         try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
     def check_ledger(self) -> float:
         """The epsilon this device has spent (at delta 1e-5), from its own ledger.
@@ -292,38 +307,54 @@ class EdgeDaemon:
                 while not self.stop.is_set() and not _in_window(s.window, dt.datetime.now()):
                     self.stop.wait(5.0)
                 continue
+            self._port = _free_port()
+            executor = None
             with (state / "supernode.log").open("ab") as log_file:
                 process = subprocess.Popen(
                     self.command(), stdout=log_file, stderr=subprocess.STDOUT,
                     env=self._env(), start_new_session=True,
                 )  # fmt: skip
+                if s.executor == "warm":  # stopped and restarted with the SuperNode
+                    executor = subprocess.Popen(
+                        self.executor_command(), stdout=log_file, stderr=subprocess.STDOUT,
+                        env={**self._env(), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
+                        start_new_session=True,
+                    )  # fmt: skip
             started = time.monotonic()
             self._write_status(
                 state="running",
                 supernode_pid=process.pid,
+                executor_pid=executor.pid if executor is not None else None,
                 started=dt.datetime.now(dt.UTC).isoformat(),
             )
             self._event("supernode started", pid=process.pid, superlink=s.superlink)
             while process.poll() is None and not self.stop.is_set():
                 if not _in_window(s.window, dt.datetime.now()):
                     self._event("the training window closed; stopping the supernode")
-                    self._terminate(process)
+                    break
+                if executor is not None and executor.poll() is not None:
+                    self._event("the warm executor exited; restarting the supernode with it",
+                                exit_code=executor.returncode)  # fmt: skip
                     break
                 self.stop.wait(0.5)
+            self._terminate(process)  # and whatever of its group is left
+            if executor is not None:
+                self._terminate(executor)  # with its forks
             if self.stop.is_set():
-                self._terminate(process)
                 break
             code = process.returncode
             if time.monotonic() - started >= s.stable_s:
                 delay = s.backoff_initial_s
             self.restarts += 1
-            self._write_status(state="restarting", supernode_pid=None, last_exit=code)
+            self._write_status(
+                state="restarting", supernode_pid=None, executor_pid=None, last_exit=code
+            )
             self._event("supernode exited; restarting", exit_code=code, restart_in_s=delay)
             self.stop.wait(delay)
             delay = min(delay * 2, s.backoff_max_s)
         if serving is not None:
             serving.close()
-        self._write_status(state="stopped", supernode_pid=None)
+        self._write_status(state="stopped", supernode_pid=None, executor_pid=None)
         self._event("stopped")
         return 0
 

@@ -1,0 +1,143 @@
+"""A warm ClientApp executor for a device's SuperNode: ``python -m pollinate.device.warm_executor``.
+
+Flower's SuperNode (``--isolation process``) hands each message to whatever SuperExec pulls
+its task from the ClientAppIo (runtime) API; Flower's own executor then starts a fresh
+``flwr-clientapp`` process, which imports Python, torch, Flower and the app again for every
+message. This process is Flower's SuperExec loop (``run_superexec``: the same task API,
+tokens and TLS) with one executor swapped in: torch, Flower and pollinate's ClientApp are
+imported once, and each task runs in a ``fork`` of this warm process, through Flower's own
+``run_clientapp`` (pull the message, run the app, push the reply).
+
+A task that crashes or leaks takes only its fork down: Flower's task expiry reports it to the
+server as a failed reply, and the next task gets a fresh fork of the clean parent. The parent
+never runs torch itself (no OpenMP threads to inherit) and holds no thread of its own when it
+forks. The daemon (``device/daemon.py``, ``--executor warm``) starts it in the SuperNode's
+process group, so stopping or killing the SuperNode stops it too.
+
+The ClientApp a fork runs is the one installed on the device (already imported here), not a
+copy from the run's FAB: a device runs its own pollinate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+__all__ = ["ForkExecutor", "main"]
+
+#: what is imported once, before the first task (the cost a cold start pays per message)
+WARM_MODULES = ("torch", "opacus", "flwr.clientapp", "pollinate.clientapp.app")
+
+
+class ForkExecutor:
+    """Flower's executor protocol (``flwr.supercore.superexec.executor.types.Executor``):
+    ClientApp tasks in forks of this process; other task kinds as Flower's subprocesses."""
+
+    def __init__(self) -> None:
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+        self._fallback = SubprocessExecutor()
+        self._children: set[int] = set()
+
+    def get_eligible_capacity(
+        self, supported_task_types: set[Any], **_: Any
+    ) -> tuple[set[Any], set[str]]:
+        """Every task type, at once (a fork needs no capacity wait)."""
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type: Any = None, **_: Any) -> None:
+        """Nothing to wait for."""
+
+    def launch(self, spec: Any) -> Any:
+        """Run the task in a fork (a ClientApp), or as Flower would (anything else)."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
+        self.reconcile()
+        pid = os.fork()
+        if pid == 0:  # the task: Flower's ClientApp process, minus its imports
+            _run_task(spec)
+        self._children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap the forks that finished (a crashed one is the server's failed reply)."""
+        for pid in list(self._children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._children.discard(pid)
+
+    def close(self) -> None:
+        """Stop the forks still running."""
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self._children.clear()
+
+
+def _run_task(spec: Any) -> None:
+    """In the fork: Flower's ``run_clientapp`` for one token, then leave at once."""
+    code = 0
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(
+                spec.root_certificates_path, spec.insecure
+            ),
+            parent_pid=None,
+            runtime_dependency_install=spec.runtime_dependency_install,
+        )
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Import what every task needs, then run Flower's SuperExec loop with forks."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pollinate.device.warm_executor",
+        description="A SuperExec whose ClientApp tasks run in forks of one warm process.",
+    )
+    parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's API.")
+    parser.add_argument("--parent-pid", type=int, default=None, help="Exit with this process.")
+    args = parser.parse_args(argv)
+    import importlib
+
+    for module in WARM_MODULES:
+        importlib.import_module(module)
+    from flwr.supercore.superexec import run_superexec as flower
+
+    executor = ForkExecutor()
+    # Flower's loop, our executor
+    flower.get_executor = lambda *_a, **_k: executor  # type: ignore[attr-defined]
+    flower.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=True,  # the SuperNode's runtime API listens on loopback only
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

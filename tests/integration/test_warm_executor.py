@@ -1,0 +1,66 @@
+"""The warm ClientApp executor on a real federation (SuperLink with TLS and node
+authentication, two `pollinate edge run` daemons): a device whose task forks are SIGKILLed in
+round 2 costs that round one reply, while the daemon, its SuperNode and the warm executor
+itself go on, and the device trains again in round 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support.federation import Federation, rounds_done
+from tests.support.processes import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROUNDS = 3
+
+
+def test_a_killed_fork_costs_one_reply_and_the_device_trains_on(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, 2)  # --executor warm: the daemon's default
+    with fed:
+        fed.start()
+        run_dir = tmp_path / "run"
+        fed.start_run(run_dir, [
+            "--rounds", str(ROUNDS), "--round-timeout", "40", "--min-train-nodes", "1",
+            "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
+            "--set", "partitioner=resample", "--set", "samples-per-client=96",
+        ])  # fmt: skip
+        status = fed.daemon_status(0)
+        executor, supernode = int(status["executor_pid"]), int(status["supernode_pid"])
+        wait_until("round 1", lambda: rounds_done(run_dir) >= 1, 300)
+
+        # every fork device 0's executor makes for round 2 is SIGKILLed (Flower offers an
+        # unfinished task again, so once is not enough to lose it) until the round is over
+        killed: list[int] = []
+        parent = psutil.Process(executor)
+        while rounds_done(run_dir) < 2:
+            for fork in parent.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    os.kill(fork.pid, signal.SIGKILL)
+                    killed.append(fork.pid)
+            time.sleep(0.01)
+        assert killed, "device 0 never took round 2's message"
+
+        final = fed.wait_finished("the run", 400)
+        assert final["status"] == "finished:completed" and final["round"] == ROUNDS, final
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics[1]["replied"] == 2, metrics
+        # the killed task: one reply short in round 2 (an error reply, or none in time)
+        assert metrics[2]["replied"] == 1, metrics
+        assert metrics[3]["replied"] == 2, metrics  # device 0 trained again
+        after = fed.daemon_status(0)
+        assert (after["executor_pid"], after["supernode_pid"]) == (executor, supernode)
+        assert after["restarts"] == 0 and psutil.pid_exists(executor)
+        privacy = json.loads((run_dir / "privacy.json").read_text())["ledger"]["clients"]
+        rounds_of = {}
+        for entry in privacy:
+            rounds_of.setdefault(entry["client"], []).append(entry["server_round"])
+        assert sorted(map(len, rounds_of.values())) == [2, 3], rounds_of
