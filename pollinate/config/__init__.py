@@ -10,6 +10,7 @@ from pollinate.config.values import (
     ClientSampling,
     RobustAggregation,
     SampleDP,
+    StalenessWeighting,
     StrategyName,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "RobustAggregation",
     "RunSettings",
     "SampleDP",
+    "StalenessWeighting",
     "StrategyName",
     "bundle_dir",
 ]

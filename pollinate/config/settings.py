@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollinate._tracing import TracingSettings
+from pollinate.config._checks import check_buffered, check_client_dp
 from pollinate.config.values import (
     EXPORT_FORMATS,
     ClientDP,
     ClientSampling,
     RobustAggregation,
     SampleDP,
+    StalenessWeighting,
     StrategyName,
     coerce,
     enum_value,
@@ -49,6 +51,9 @@ class RunSettings:
     fraction_evaluate: float = 0.0
     round_timeout: float = 600.0
     strategy: StrategyName = StrategyName.FEDAVG
+    buffer_size: int = 10  # fedbuff: replies per server update
+    max_staleness: int = 10  # fedbuff: updates from a model more versions old are dropped
+    staleness_weighting: StalenessWeighting = StalenessWeighting.POLYNOMIAL
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.0
     server_momentum: float = 0.9
@@ -107,6 +112,12 @@ class RunSettings:
     reproducible_noise: bool = False
     trace_endpoint: str = ""  # OTLP/HTTP collector of the rounds' spans; empty: no tracing
     tracking_uri: str = ""  # MLflow (pollinate.rundir.tracking); empty: not tracked
+    # the fast engine's latency model (simulation.latency); latency-median-s = 0: replies at once
+    latency_median_s: float = 0.0
+    latency_sigma: float = 0.5
+    slow_fraction: float = 0.0
+    slow_factor: float = 10.0
+    dropout: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
@@ -249,7 +260,8 @@ class RunSettings:
                 "clip updates it never sees; use client-dp='client-fixed' (clients clip, the "
                 "server adds the noise to the sum)"
             )
-        self._check_client_dp()
+        check_client_dp(self)
+        check_buffered(self)
         if self.secure_aggregation and self.robust != RobustAggregation.NONE:
             raise ConfigError(
                 f"secure-aggregation with robust={self.robust.value!r}: robust aggregators "
@@ -300,48 +312,6 @@ class RunSettings:
                     "'package.module:function' (or leave it empty for the task's own)"
                 )
 
-    def _check_client_dp(self) -> None:
-        """The client-level DP settings (see :class:`ClientDP`)."""
-        if not 0.0 <= self.server_momentum < 1.0:
-            raise ConfigError(
-                f"setting 'server-momentum' must be in [0, 1), got {self.server_momentum}"
-            )
-        if not 0.0 < self.client_dp_quantile < 1.0:
-            raise ConfigError(
-                f"setting 'client-dp-quantile' must be in (0, 1), got {self.client_dp_quantile};"
-                " 0.5 adapts the clip to the median update norm"
-            )
-        positive_float("client-dp-clip-lr", self.client_dp_clip_lr)
-        non_negative_float("client-dp-count-noise", self.client_dp_count_noise)
-        if self.client_dp_bands < 0:
-            raise ConfigError(
-                f"setting 'client-dp-bands' must be >= 0 (0: population / cohort), "
-                f"got {self.client_dp_bands}"
-            )
-        if self.client_sampling == ClientSampling.POISSON and self.client_dp.correlation != (
-            "independent"
-        ):
-            raise ConfigError(
-                f"client-sampling='poisson' with client-dp={self.client_dp.value!r}: DP-FTRL is "
-                "accounted without sampling and needs participation limits a Poisson sampler "
-                "cannot keep; use client-sampling='fixed'"
-            )
-        if (
-            self.client_sampling == ClientSampling.POISSON
-            and self.client_dp != ClientDP.NONE
-            and self.participation_bound > 0
-        ):
-            raise ConfigError(
-                "client-sampling='poisson' with a participation-bound: amplification needs every "
-                "client to be drawn independently each round; set participation-bound = 0"
-            )
-        if self.client_dp != ClientDP.NONE and self.robust != RobustAggregation.NONE:
-            raise ConfigError(
-                f"client-dp={self.client_dp.value!r} with robust={self.robust.value!r}: the "
-                "noise is calibrated to the mean of the clipped updates, and a robust "
-                "aggregate may follow a single client; choose one of the two"
-            )
-
     def client_target_epsilon(self) -> float:
         """The client-level target epsilon: ``client-dp-target-epsilon``, or ``target-epsilon``
         when it is the only DP in the run (``dp = none``); 0 when the noise is given."""
@@ -351,11 +321,11 @@ class RunSettings:
 
     # ------------------------------------------------------------- derived
     def server_lr(self) -> float:
-        """``server-learning-rate``, or (0) the strategy's default: 1.0 for FedAvgM (the
-        mean update, plus momentum), 0.01 for FedAdam and FedYogi."""
+        """``server-learning-rate``, or (0) the strategy's default: 1.0 for FedAvgM and
+        FedBuff (the mean update, plus momentum for FedAvgM), 0.01 for FedAdam and FedYogi."""
         if self.server_learning_rate > 0:
             return self.server_learning_rate
-        return 1.0 if self.strategy == StrategyName.FEDAVGM else 0.01
+        return 1.0 if self.strategy in (StrategyName.FEDAVGM, StrategyName.FEDBUFF) else 0.01
 
     def sample_size(self, population: int) -> int:
         """Clients sampled per round from ``population`` connected nodes."""

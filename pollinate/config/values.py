@@ -15,6 +15,7 @@ __all__ = [
     "ClientSampling",
     "RobustAggregation",
     "SampleDP",
+    "StalenessWeighting",
     "StrategyName",
     "coerce",
     "non_negative_float",
@@ -24,13 +25,29 @@ __all__ = [
 
 
 class StrategyName(StrEnum):
-    """Flower's own aggregation strategies, by name."""
+    """Flower's own aggregation strategies, by name, and ``fedbuff``: buffered asynchronous
+    aggregation (Nguyen et al. 2022), the server updating every ``buffer-size`` replies."""
 
     FEDAVG = "fedavg"
     FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
+    FEDBUFF = "fedbuff"
+
+
+class StalenessWeighting(StrEnum):
+    """How ``fedbuff`` weighs an update computed from a model ``s`` versions old:
+    ``polynomial`` by ``1 / sqrt(1 + s)`` (FedBuff's choice), ``constant`` by 1."""
+
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+
+    def weight(self, staleness: int) -> float:
+        """The weight of an update ``staleness`` versions old (at most 1)."""
+        if self == StalenessWeighting.CONSTANT:
+            return 1.0
+        return float(1.0 / math.sqrt(1.0 + staleness))
 
 
 class RobustAggregation(StrEnum):

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -79,7 +80,9 @@ def _composed_epsilon(history: tuple[MechanismStep, ...], delta: float) -> float
     rdp = sum(
         [_unit_rdp(entry.noise_multiplier, entry.sample_rate) * entry.steps for entry in history]
     )
-    epsilon, _ = _analysis().get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
+    with warnings.catch_warnings():  # the bound at the smallest order is loose, not wrong:
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        epsilon, _ = _analysis().get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
     epsilon = float(epsilon)
     if math.isnan(epsilon):
         return math.inf

@@ -32,7 +32,7 @@ __all__ = [
 METRICS_FILE = "metrics.json"
 
 _INT_FIELDS = (
-    "server_round", "sampled", "replied", "declined", "rejected", "failed", "refused",
+    "server_round", "sampled", "replied", "declined", "rejected", "failed", "refused", "stale",
 )  # fmt: skip
 
 
@@ -60,6 +60,10 @@ class RoundRecord:
         federated_accuracy: Mean accuracy of federated evaluation on clients' data, if run.
         metrics: Every metric of central evaluation by name (the task's own: accuracy and
             macro F1, accuracy and AUC, or MAE, RMSE and MAPE; and the user's), if run.
+        stale: ``fedbuff``: updates dropped for coming from a model more than
+            ``max-staleness`` versions old (their clients' epsilons are still recorded).
+        elapsed_s: Seconds since the run began, at the end of this round: simulated time
+            when the fast engine runs a latency model, wall-clock time otherwise.
     """
 
     server_round: int
@@ -79,6 +83,8 @@ class RoundRecord:
     federated_accuracy: float | None = None
     refused: int = 0
     metrics: dict[str, float] | None = None
+    stale: int = 0
+    elapsed_s: float | None = None
 
     def __post_init__(self) -> None:
         """Reject negative round numbers and counts.

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from pollinate.config import ClientDP, ClientSampling, RunSettings
+from pollinate.config import ClientDP, ClientSampling, RunSettings, StrategyName
 from pollinate.errors import ConfigError
 from pollinate.log import logger
 from pollinate.privacy.client_level import (
@@ -119,6 +119,8 @@ def plan_client_dp(settings: RunSettings, *, population: int) -> ClientLevelPlan
     if mechanism == ClientDP.NONE:
         return None
     cohort = settings.sample_size(population)
+    if settings.strategy == StrategyName.FEDBUFF:  # each release sums one buffer
+        cohort = settings.buffer_size
     horizon = settings.num_server_rounds
     bands = 1
     if mechanism == ClientDP.FTRL_BANDED:

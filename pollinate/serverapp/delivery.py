@@ -31,6 +31,7 @@ def delivers_to_devices(grid: Grid) -> bool:
     """True for a grid of real SuperNodes (not Flower's or pollinate's simulation grids)."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+    grid = getattr(grid, "inner", grid)  # through transport.PollingGrid
     return not isinstance(grid, InMemoryGrid) and not getattr(grid, "static_population", False)
 
 

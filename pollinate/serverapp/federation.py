@@ -10,22 +10,24 @@ persistence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
 
-from pollinate.config import RunSettings
+from pollinate.config import RunSettings, StrategyName
 from pollinate.rundir.records import RoundRecord
 from pollinate.rundir.tracking import open_tracker
 from pollinate.serverapp import events
+from pollinate.serverapp.fedbuff import BufferedRounds
 from pollinate.serverapp.finish import finish_run
 from pollinate.serverapp.rounds import log_round, play_round
 from pollinate.serverapp.setup import start_run
 from pollinate.serverapp.state import save_round
 from pollinate.serverapp.tracing import RoundTracing
+from pollinate.serverapp.transport import PollingGrid, now_of
 
 __all__ = ["RunResult", "run_federation"]
 
@@ -46,18 +48,25 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     ``threads``: torch threads for the server's own work (central evaluation). One where
     clients run beside the server on the same cores; more for the in-process engine.
     """
+    grid = PollingGrid.wrap(grid)  # replies seen within 0.5 s, not Flower's 3 s
     run = start_run(grid, settings, threads=threads)
     tracker = open_tracker(run.run_dir, settings.tracking_uri, settings.to_run_config())
+    buffered = BufferedRounds(run) if settings.strategy == StrategyName.FEDBUFF else None
     events.emit_start(run.first_round, settings.num_server_rounds)
     with RoundTracing(settings) as tracing:  # each round's spans, with a trace-endpoint
         for rnd in range(run.first_round, settings.num_server_rounds + 1):
+            began = now_of(run.grid)
             with tracing.round(rnd) as span:
-                record = play_round(run, rnd)
+                record = buffered.play(rnd) if buffered else play_round(run, rnd)
                 span.record(record)
             if record is None:  # the client-level privacy budget is spent
                 break
+            before = run.history[-1].elapsed_s if run.history else None
+            record = replace(record, elapsed_s=(before or 0.0) + now_of(run.grid) - began)
             run.history.append(record)
             save_round(run, rnd)
+            if buffered:
+                buffered.saved(rnd)
             tracker.log_round(record)
             log_round(record)
             events.emit_round(record)

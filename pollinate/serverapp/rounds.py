@@ -40,11 +40,16 @@ from pollinate.serverapp.validation import reference_of, validate_update
 
 __all__ = [
     "RoundCounts",
+    "account_reply",
+    "aggregate_sorted",
     "ledger_enabled",
     "log_round",
     "play_round",
     "record_client_level",
+    "sample_level_epsilons",
+    "seed_globals",
     "triage",
+    "who_may_train",
 ]
 
 
@@ -58,6 +63,7 @@ class RoundCounts:
     rejected: int = 0
     failed: int = 0
     refused: int = 0
+    stale: int = 0
 
 
 def play_round(run: RunState, rnd: int) -> RoundRecord | None:
@@ -68,20 +74,12 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         the run stops before this round.
     """
     started = time.monotonic()
-    _seed_globals(run.settings.seed, rnd)
+    seed_globals(run.settings.seed, rnd)
     run.directory.refresh()
     counts = RoundCounts()
     rng = np.random.default_rng(seed_for(run.settings.seed, rnd, 13))
     with phase("sampling"):
-        wrapper = run.dp_wrapper
-        allowed = None
-        if wrapper is not None:
-            allowed = eligibility(
-                wrapper.plan, run.ledger.client_level_rounds(), rnd,
-                noise=wrapper.noise_multiplier, delta=run.settings.target_delta,
-                budget=run.settings.client_dp_budget,
-            )  # fmt: skip
-        allowed = _both(allowed, _within_participation_bound(run))
+        allowed = who_may_train(run, rnd)
         poisson = run.settings.client_sampling == ClientSampling.POISSON
         known = run.ledger.clients_seen() if allowed is not None else frozenset()
         if poisson:
@@ -114,11 +112,12 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         accepted = triage(run, rnd, replies, messages, counts)
         _count_missing(run, rnd, replies, messages, counts)
         train_metrics = _aggregate(run, rnd, accepted)
-        client_eps = record_client_level(run, rnd, accepted)
+        keys = [run.directory.key_of(m.metadata.src_node_id) for m in accepted]
+        client_eps = record_client_level(run, rnd, keys)
     with phase("evaluation"):
         central = central_eval(run.model, run.arrays, run.data, run.task)
         federated = federated_eval(run, rnd)
-    max_eps, median_eps = _sample_level_epsilons(run)
+    max_eps, median_eps = sample_level_epsilons(run)
     return RoundRecord(
         server_round=rnd,
         accuracy=accuracy_of(central),
@@ -138,6 +137,20 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         client_level_epsilon=client_eps,
         seconds=time.monotonic() - started,
     )
+
+
+def who_may_train(run: RunState, rnd: int) -> Callable[[str], bool] | None:
+    """Which clients may train in round ``rnd`` (``None``: all): client-level DP's limits
+    (participation, DP-FTRL's separation, budget) and DP-SGD's ``participation-bound``."""
+    wrapper = run.dp_wrapper
+    allowed = None
+    if wrapper is not None:
+        allowed = eligibility(
+            wrapper.plan, run.ledger.client_level_rounds(), rnd,
+            noise=wrapper.noise_multiplier, delta=run.settings.target_delta,
+            budget=run.settings.client_dp_budget,
+        )  # fmt: skip
+    return _both(allowed, _within_participation_bound(run))
 
 
 def _within_participation_bound(run: RunState) -> Callable[[str], bool] | None:
@@ -166,7 +179,7 @@ def _secret_coins(run: RunState, rnd: int) -> np.random.Generator:
     return np.random.default_rng(secure_seed())
 
 
-def _seed_globals(seed: int, rnd: int) -> None:
+def seed_globals(seed: int, rnd: int) -> None:
     """Flower's strategies draw from the global generators: seed them per round (DP noise and
     Poisson coins never come from them)."""
     random.seed(seed_for(seed, rnd, 11))
@@ -215,17 +228,9 @@ def triage(
             counts.failed += 1
             logger.warning("round %d: client %s failed: %s", rnd, key, reply.error.reason)
             continue
-        counts.replied += 1
         metrics = record_of(reply.content, "metrics", MetricRecord)
         info = record_of(reply.content, "info", ConfigRecord)
-        if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
-            counts.declined += 1
-            if int(metrics.get("refused", 0)) == 1:  # type: ignore[arg-type]
-                counts.refused += 1
-            reason = str(info["declined"]) if info and "declined" in info else "declined"
-            run.ledger.record_decline(server_round=rnd, client=key, reason=reason)
-            continue
-        if not _account_sample_level(run, rnd, key, metrics, counts):
+        if not account_reply(run, rnd, key, metrics, info, counts):
             continue
         problem = validate_update(
             reply, run.arrays, max_update_norm=run.bound, weight_key=weight_key, reference=reference
@@ -236,6 +241,27 @@ def triage(
             continue
         accepted.append(reply)
     return accepted
+
+
+def account_reply(
+    run: RunState,
+    rnd: int,
+    key: str,
+    metrics: MetricRecord | None,
+    info: ConfigRecord | None,
+    counts: RoundCounts,
+) -> bool:
+    """Count a reply that is not an error and record what the ledger keeps of it: a decline,
+    or (under DP-SGD) the client's cumulative epsilon. False: nothing of it is aggregated."""
+    counts.replied += 1
+    if metrics is not None and int(metrics.get("declined", 0)) == 1:  # type: ignore[arg-type]
+        counts.declined += 1
+        if int(metrics.get("refused", 0)) == 1:  # type: ignore[arg-type]
+            counts.refused += 1
+        reason = str(info["declined"]) if info and "declined" in info else "declined"
+        run.ledger.record_decline(server_round=rnd, client=key, reason=reason)
+        return False
+    return _account_sample_level(run, rnd, key, metrics, counts)
 
 
 def _account_sample_level(
@@ -280,6 +306,12 @@ def _aggregate(run: RunState, rnd: int, accepted: list[Message]) -> dict[str, fl
         logger.warning("round %d: no acceptable update; the global model is unchanged", rnd)
         return {}
     accepted.sort(key=lambda m: run.directory.key_of(m.metadata.src_node_id))
+    return aggregate_sorted(run, rnd, accepted)
+
+
+def aggregate_sorted(run: RunState, rnd: int, accepted: list[Message]) -> dict[str, float]:
+    """The strategy chain's aggregate of ``accepted`` (in the order given) becomes the global
+    model unless it is not finite; returns the train metrics."""
     new_arrays, agg_metrics = run.strategy.aggregate_train(rnd, accepted)
     if new_arrays is not None:
         candidate = from_array_record(new_arrays)
@@ -292,13 +324,13 @@ def _aggregate(run: RunState, rnd: int, accepted: list[Message]) -> dict[str, fl
     return {k: float(v) for k, v in agg_metrics.items() if isinstance(v, int | float)}
 
 
-def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> float | None:
+def record_client_level(run: RunState, rnd: int, keys: list[str]) -> float | None:
     """Record the round's client-level release in the ledger; returns the cumulative epsilon
     of the worst-placed client (``None``: no client-level DP).
 
-    The clients recorded are those whose updates the release summed (none when the round
-    released nothing); every client's whole history is accounted, and the worst one's
-    epsilon (RDP and PLD, the tighter) is the run's.
+    ``keys``: the clients whose updates the release summed (none are recorded when the
+    round released nothing); every client's whole history is accounted, and the worst
+    one's epsilon (RDP and PLD, the tighter) is the run's.
     """
     wrapper = run.dp_wrapper
     if wrapper is None:
@@ -307,7 +339,7 @@ def record_client_level(run: RunState, rnd: int, accepted: list[Message]) -> flo
     contributors: list[str] = []
     if wrapper.released_round == rnd and plan.sample_rate == 0:
         # under Poisson sampling who was drawn is secret: not written down, all charged alike
-        contributors = [run.directory.key_of(m.metadata.src_node_id) for m in accepted]
+        contributors = list(keys)
     history = run.ledger.client_level_rounds()
     for key in contributors:
         history.setdefault(key, []).append(rnd)
@@ -343,7 +375,7 @@ def ledger_enabled(section: dict[str, Any]) -> bool:
     return bool(section.get("enabled")) and section.get("max_epsilon") is not None
 
 
-def _sample_level_epsilons(run: RunState) -> tuple[float | None, float | None]:
+def sample_level_epsilons(run: RunState) -> tuple[float | None, float | None]:
     """Maximum and median sample-level epsilon so far (``None`` without DP-SGD data)."""
     sample_level = run.ledger.summary().get("sample_level", {})
     assert isinstance(sample_level, dict)

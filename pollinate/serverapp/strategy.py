@@ -2,7 +2,9 @@
 
 The chain is ``DP( Robust( Strategy ) )``:
 
-* ``Strategy`` is one of Flower's own: FedAvg, FedProx, FedAdam, FedYogi;
+* ``Strategy`` is one of Flower's own: FedAvg, FedAvgM, FedProx, FedAdam, FedYogi; for
+  ``fedbuff``, FedAvgM without momentum (``current + lr * mean``) on the buffer's replies,
+  each rewritten as ``current + weight * delta`` (:mod:`pollinate.serverapp.fedbuff`);
 * ``Robust`` (optional) replaces the replies by Flower's Krum / trimmed-mean aggregate before
   the strategy's own update rule runs on it, so FedAdam on top of Krum works;
 * ``DP`` (optional) is :class:`~pollinate.serverapp.client_dp.ClientLevelDP`: clip, sum,
@@ -38,6 +40,7 @@ from pollinate.serverapp.client_dp import ClientLevelDP, plan_client_dp
 __all__ = [
     "RobustAggregator",
     "build_strategy",
+    "set_current_model",
     "strategy_state",
     "weight_key_for",
 ]
@@ -126,6 +129,8 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
             server_momentum=settings.server_momentum,
             **common,
         )
+    elif settings.strategy == StrategyName.FEDBUFF:  # x + lr * (mean of the weighted deltas)
+        inner = FedAvgM(server_learning_rate=settings.server_lr(), server_momentum=0.0, **common)
     elif settings.strategy == StrategyName.FEDPROX:
         inner = FedProx(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == StrategyName.FEDADAM:
@@ -203,6 +208,15 @@ def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> Non
         wrapper.load_state(arrays)
     for depth, vectors in momentum.items():
         parts[depth].momentum_vector = [vectors[i] for i in sorted(vectors)]  # type: ignore[attr-defined]
+
+
+def set_current_model(strategy: Strategy, arrays: ArrayRecord) -> None:
+    """Tell the chain which model updates are measured from: the client-level DP wrapper and
+    FedAvgM learn it in ``configure_train``, and buffered rounds may release a buffer with no
+    send since the last release (or, resumed, before any)."""
+    for part in _chain(strategy):
+        if isinstance(part, ClientLevelDP | FedAvgM):
+            part.current_arrays = arrays
 
 
 def dp_wrapper(strategy: Strategy) -> ClientLevelDP | None:

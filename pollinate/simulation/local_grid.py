@@ -44,6 +44,7 @@ from pollinate.log import logger
 from pollinate.privacy import ClientAccountant
 from pollinate.protocol import ClientTask, record_of
 from pollinate.simulation.cohort_jobs import CohortTrainer, error_reply
+from pollinate.simulation.latency import LatencyModel, SimulatedNetwork
 
 __all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
 
@@ -102,10 +103,14 @@ class LocalGrid(Grid):
         threads: torch intra-op threads for cohort training (the server itself uses one).
         freeze_gc: after the first train round, ``gc.freeze()`` what the process holds (for
             a process that runs one simulation: see ``simulation.runner``).
+        latency: Simulated reply times and drop-outs of train messages
+            (:mod:`~pollinate.simulation.latency`); none by default.
     """
 
     #: every node is registered from the start: the server need not wait for nodes to settle
     static_population = True
+    #: replies are made in ``send_and_receive`` itself: no polling (serverapp.transport)
+    delivers_in_process = True
 
     def __init__(
         self,
@@ -114,6 +119,7 @@ class LocalGrid(Grid):
         client_app: ClientApp | None = None,
         threads: int = 1,
         freeze_gc: bool = False,
+        latency: LatencyModel | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
@@ -135,6 +141,8 @@ class LocalGrid(Grid):
         self._journal: dict[str, dict[str, Any]] = {}
         self._restored: set[int] = set()
         self._next_id = 0
+        self.network = SimulatedNetwork(latency or LatencyModel())
+        self._queued: dict[str, tuple[Message, float]] = {}  # pushed train messages, arrival
         self._run = Run.create_empty(run_id=1)
         _ensure_identity(self._run.run_id)
 
@@ -161,25 +169,80 @@ class LocalGrid(Grid):
         return range(_NODE_BASE, _NODE_BASE + self._num_nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError(
-            "LocalGrid delivers synchronously: use send_and_receive (pollinate's server does)"
-        )
+        """Queue ``messages``: each reply waits in the simulated network until the clock
+        passes its arrival (at once without a latency model; never for a drop-out).
+
+        Train messages are trained lazily, all queued ones as one cohort, when a reply the
+        server pulls is due: a reply does not depend on when it is computed (its model is in
+        its message; a client has one task at a time), and one cohort of many clients costs
+        about what one client costs."""
+        messages = list(messages)
+        delays = self._delays(messages)
+        now = [(m, d) for m, d in zip(messages, delays, strict=True) if d is not None]
+        for msg, delay in now:
+            if _is_train(msg):
+                self._queued[msg.metadata.message_id] = (msg, self.network.clock + delay)
+        for reply in self._deliver([m for m, _ in now if not _is_train(m)]):
+            self.network.send(reply.metadata.reply_to_message_id, reply, 0.0)
+        return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError(
-            "LocalGrid delivers synchronously: use send_and_receive (pollinate's server does)"
-        )
+        message_ids = list(message_ids)
+        clock = self.network.clock
+        if any(q[1] <= clock for mid in message_ids if (q := self._queued.get(mid))):
+            queued, self._queued = self._queued, {}
+            arrival = {mid: at for mid, (_, at) in queued.items()}
+            for reply in self._deliver([m for m, _ in queued.values()]):
+                mid = reply.metadata.reply_to_message_id
+                self.network.send(mid, reply, arrival[mid] - clock)
+        return self.network.pull(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies: list[Message] = []
-        train: list[tuple[Message, Context]] = []
+        """Handle ``messages`` and return the replies; with a latency model, drop-outs get
+        none and the clock moves on by the round's slowest reply (or ``timeout``)."""
+        messages = list(messages)
+        delays = self._delays(messages)
+        self.network.wait_round([d for m, d in zip(messages, delays, strict=True)
+                                 if _is_train(m)], timeout)  # fmt: skip
+        return self._deliver([m for m, d in zip(messages, delays, strict=True) if d is not None])
+
+    # ------------------------------------------------------------ simulated time
+
+    @property
+    def simulates_time(self) -> bool:
+        """Whether a latency model runs (the clock then means something)."""
+        return self.network.model.enabled
+
+    def now(self) -> float:
+        """Simulated seconds since the grid was made."""
+        return self.network.clock
+
+    def advance(self, deadline: float) -> None:
+        """Move the clock to the next reply's arrival, or to ``deadline`` if that is sooner."""
+        clock = self.network.clock
+        first_queued = min((at for _, at in self._queued.values() if at > clock), default=deadline)
+        self.network.advance(min(deadline, first_queued))
+
+    def _delays(self, messages: list[Message]) -> list[float | None]:
+        """Each message's reply time (``None``: a drop-out), with ids given on the way."""
+        delays: list[float | None] = []
         for msg in messages:
             self._next_id += 1
             msg.metadata.__dict__["_message_id"] = f"local-{self._next_id}"
+            delay: float | None = 0.0
+            if self.simulates_time and _is_train(msg):
+                delay = self.network.latency(msg.metadata.dst_node_id - _NODE_BASE)
+            delays.append(delay)
+        return delays
+
+    def _deliver(self, messages: list[Message]) -> list[Message]:
+        replies: list[Message] = []
+        train: list[tuple[Message, Context]] = []
+        for msg in messages:
             context = self._context(msg.metadata.dst_node_id)
-            if msg.metadata.message_type.split(".")[0] == "train":
+            if _is_train(msg):
                 train.append((msg, context))
             else:
                 replies.append(self._call_app(msg, context))
@@ -317,6 +380,10 @@ def _cohorts(jobs: list[tuple[TrainJob, Context]]) -> Iterator[list[tuple[TrainJ
         arrays = id(record_of(job.msg.content, "arrays", ArrayRecord))
         groups.setdefault((arrays, config), []).append((job, context))
     yield from groups.values()
+
+
+def _is_train(msg: Message) -> bool:
+    return msg.metadata.message_type.split(".")[0] == "train"
 
 
 def _ensure_identity(run_id: int) -> None:

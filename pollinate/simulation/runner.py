@@ -23,7 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import RunSettings
-from pollinate.errors import PollinateError
+from pollinate.errors import ConfigError, PollinateError
 from pollinate.serverapp.federation import RunResult, run_federation
 
 __all__ = ["Engine", "SimulationOptions", "simulate"]
@@ -93,11 +93,13 @@ def simulate(settings: RunSettings, options: SimulationOptions) -> RunResult:
 
 def _simulate_fast(settings: RunSettings, options: SimulationOptions) -> RunResult:
     from pollinate.simulation._runtime import keep_freed_memory
+    from pollinate.simulation.latency import LatencyModel
     from pollinate.simulation.local_grid import LocalGrid
 
     keep_freed_memory()
     threads = options.num_cpus or os.cpu_count() or 1
-    grid = LocalGrid(options.num_clients, threads=threads, freeze_gc=True)
+    latency = LatencyModel.from_settings(settings)
+    grid = LocalGrid(options.num_clients, threads=threads, freeze_gc=True, latency=latency)
     # What start-up made (torch, Flower, the data: hundreds of thousands of objects) is never
     # cyclic garbage; frozen, the cyclic collector stops walking it in every full collection
     # (up to 160 ms each, every few rounds, measured). The grid freezes again after its first
@@ -113,7 +115,13 @@ def _simulate_ray(settings: RunSettings, options: SimulationOptions) -> RunResul
     from flwr.simulation import run_simulation
 
     from pollinate.clientapp.app import app as client_app
+    from pollinate.simulation.latency import LatencyModel
 
+    if LatencyModel.from_settings(settings).enabled:
+        raise ConfigError(
+            "the latency model (latency-median-s, dropout) runs on the fast engine only; "
+            "drop --engine ray or set latency-median-s = 0 and dropout = 0"
+        )
     if settings.resume and settings.run_dir:
         _journal_to_files(Path(settings.run_dir) / "clients")
 

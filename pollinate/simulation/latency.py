@@ -1,0 +1,125 @@
+"""Simulated time for the fast engine: how long each device takes, and who never answers.
+
+A fleet is not ten equal machines: compute times spread log-normally, some devices (old
+phones, busy ones) are an order of magnitude slower, and some go offline mid-task. The
+:class:`LatencyModel` draws, for each message a device is sent, the seconds until its reply
+(``latency-median-s`` times ``exp(latency-sigma * N(0, 1))``, times ``slow-factor`` for the
+``slow-fraction`` of devices that are slow, the same ones all run) or ``None`` for a
+drop-out (probability ``dropout``). Draws follow from the run seed, the device and how many
+messages it was sent before, so a run is repeatable and its engine's batching does not
+matter. These are simulated conditions, not DP randomness: nothing private follows from them.
+
+:class:`SimulatedNetwork` holds the clock and the replies still on their way:
+:class:`~pollinate.simulation.local_grid.LocalGrid` puts a reply there with its arrival time
+and hands it out once the clock has passed it (``pull_messages``); the round loop moves the
+clock (``advance``) when it waits (:mod:`pollinate.serverapp.transport`). Synchronous rounds
+advance it by their slowest reply, or by the round timeout when a device dropped out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Message
+
+from pollinate.config import RunSettings
+
+__all__ = ["LatencyModel", "SimulatedNetwork"]
+
+_SLOW, _DRAW = 0x510, 0x1A7  # streams of the seed: who is slow, each message's latency
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Per-message reply times of a simulated fleet (see the module docstring)."""
+
+    median_s: float = 0.0
+    sigma: float = 0.5
+    slow_fraction: float = 0.0
+    slow_factor: float = 10.0
+    dropout: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> LatencyModel:
+        """The run's model (``latency-*``, ``slow-*``, ``dropout`` and ``seed``)."""
+        return cls(
+            median_s=settings.latency_median_s,
+            sigma=settings.latency_sigma,
+            slow_fraction=settings.slow_fraction,
+            slow_factor=settings.slow_factor,
+            dropout=settings.dropout,
+            seed=settings.seed,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether replies take any time or ever go missing."""
+        return self.median_s > 0 or self.dropout > 0
+
+    def is_slow(self, device: int) -> bool:
+        """Whether ``device`` is one of the slow ones (fixed for the run)."""
+        if self.slow_fraction <= 0:
+            return False
+        return bool(np.random.default_rng([self.seed, device, _SLOW]).random() < self.slow_fraction)
+
+    def draw(self, device: int, nth: int) -> float | None:
+        """Seconds until ``device`` answers its ``nth`` message (from 0); ``None``: never."""
+        rng = np.random.default_rng([self.seed, device, nth, _DRAW])
+        dropped = rng.random() < self.dropout
+        seconds = self.median_s * math.exp(self.sigma * float(rng.standard_normal()))
+        if dropped:
+            return None
+        return seconds * (self.slow_factor if self.is_slow(device) else 1.0)
+
+
+class SimulatedNetwork:
+    """The clock of a simulated fleet and the replies on their way (see the module docstring)."""
+
+    def __init__(self, model: LatencyModel) -> None:
+        self.model = model
+        self.clock = 0.0
+        self._sent: Counter[int] = Counter()
+        self._pending: dict[str, tuple[float, Message]] = {}  # message id -> arrival, reply
+
+    def latency(self, device: int) -> float | None:
+        """The reply time of the next message to ``device`` (``None``: it drops out)."""
+        nth = self._sent[device]
+        self._sent[device] += 1
+        return self.model.draw(device, nth)
+
+    def send(self, message_id: str, reply: Message, after: float) -> None:
+        """``reply`` (to ``message_id``) arrives ``after`` seconds from now."""
+        self._pending[message_id] = (self.clock + after, reply)
+
+    def pull(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to ``message_ids`` that have arrived, in order of arrival."""
+        ready = [
+            (arrival, mid) for mid in message_ids
+            if (entry := self._pending.get(mid)) is not None and (arrival := entry[0]) <= self.clock
+        ]  # fmt: skip
+        return [self._pending.pop(mid)[1] for _, mid in sorted(ready)]
+
+    def advance(self, deadline: float) -> None:
+        """The clock moves to the next arrival, or to ``deadline`` if that comes first."""
+        self.clock = max(self.clock, min(self.next_arrival(), deadline))
+
+    def next_arrival(self) -> float:
+        """When the next reply still to come arrives (replies already due but not pulled,
+        such as those the server gave up on, are not waited for)."""
+        return min((t for t, _ in self._pending.values() if t > self.clock), default=math.inf)
+
+    def wait_round(self, latencies: list[float | None], timeout: float | None) -> None:
+        """A synchronous round: the clock moves by its slowest reply, or by ``timeout`` when
+        a device dropped out (the server waits that long for it)."""
+        if not latencies:
+            return
+        if any(t is None for t in latencies):
+            done = [t for t in latencies if t is not None]
+            self.clock += timeout if timeout is not None else max(done, default=0.0)
+        else:
+            self.clock += max(t for t in latencies if t is not None)
