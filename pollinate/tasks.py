@@ -23,11 +23,12 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where it is used: a device's daemon reads the task
+    import torch  # kinds without loading it
 
 from pollinate._imports import import_object
 from pollinate.errors import ConfigError, DataError
@@ -54,7 +55,7 @@ class TaskKind(StrEnum):
     REGRESSION = "regression"
 
 
-LossHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossHook = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 MetricsHook = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
 
 
@@ -124,11 +125,13 @@ class Task:
         """One loss per sample, shape ``(N,)`` (works under ``vmap`` with ``N = 1``)."""
         if self.loss:
             return _loss_hook(self.loss)(outputs, targets)
+        import torch.nn.functional as F  # noqa: N812 - torch's own spelling
+
         if self.kind == TaskKind.CLASSIFICATION:
-            return nn.functional.cross_entropy(outputs, targets, reduction="none")
+            return F.cross_entropy(outputs, targets, reduction="none")
         values = outputs.squeeze(-1)
         if self.kind == TaskKind.BINARY:
-            return nn.functional.binary_cross_entropy_with_logits(values, targets, reduction="none")
+            return F.binary_cross_entropy_with_logits(values, targets, reduction="none")
         return (values - targets).square()
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,6 +141,8 @@ class Task:
             return outputs.argmax(-1) == targets
         if self.kind == TaskKind.BINARY:
             return (outputs.squeeze(-1) > 0) == (targets > 0.5)
+        import torch
+
         return torch.zeros(targets.shape, dtype=torch.bool)
 
     @property
@@ -226,6 +231,8 @@ def _user_metrics(spec: str, outputs: np.ndarray, targets: np.ndarray) -> dict[s
 
 def check_loss_hook(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> None:
     """ConfigError unless the task's loss gives one finite number per sample on a probe."""
+    import torch
+
     try:
         losses = task.sample_losses(outputs, targets)
     except ConfigError:
