@@ -12,11 +12,11 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 from pollinate.privacy.ledger_entries import ClientLevelEntry, ClientRoundEntry
-from pollinate.privacy.noise import NOT_PRIVATE
 
 __all__ = [
     "ADJACENCY",
     "NOTE",
+    "NOT_PRIVATE",
     "SECURE_NOISE",
     "client_level_summary",
     "ledger_summary",
@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 NOTE = "sample-level and client-level epsilon are separate guarantees and are never added"
+#: What the ledger says of a run whose DP noise came from the seed (tests only).
+NOT_PRIVATE = "NOT PRIVATE: reproducible test noise (anyone with the seed can remove it)"
 SECURE_NOISE = (
     "secure: DP sampling and noise from the operating system's CSPRNG (os.urandom), "
     "floating-point-safe Gaussian sampler; the run seed does not fix them"

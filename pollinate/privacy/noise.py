@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pollinate.privacy.ledger_summary import NOT_PRIVATE  # the words; here for its users
+
 __all__ = [
     "NOT_PRIVATE",
     "NoiseSource",
@@ -36,7 +38,6 @@ __all__ = [
 ]
 
 #: What every artefact of a run with reproducible noise says about its epsilons.
-NOT_PRIVATE = "NOT PRIVATE: reproducible test noise (anyone with the seed can remove it)"
 
 _SAMPLING, _NOISE = 1, 2
 

@@ -109,3 +109,17 @@ def test_signature_check_imports_cryptography_only_then(bundle: dict[str, Path])
     modules = set(result["modules"])
     assert "cryptography" in modules
     assert "torch" not in modules and "flwr" not in modules
+
+
+def test_the_device_daemon_and_its_ledger_load_without_torch() -> None:
+    """The daemon is one of three processes a device keeps running: it must not pay for
+    torch (about 180 MB), which only its ClientApp's executor needs."""
+    code = (
+        "import sys\n"
+        "import pollinate.cli.edge, pollinate.device.daemon, pollinate.device.ledger\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
