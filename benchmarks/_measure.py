@@ -135,6 +135,7 @@ def run_pollinate(args: Sequence[str], run_dir: Path, *, timeout: float = 1800) 
             "FLWR_HOME": str(run_dir.parent / ".flwr"),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "OMP_NUM_THREADS": "1",
+            "POLLINATE_TRACKING": "off",  # the engine is measured, not MLflow (on by default)
         },
         timeout=timeout,
         on_poll=watch,

@@ -15,6 +15,10 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# tracking is on by default (an embedded MLflow store in the working folder); the suite runs
+# many simulations, so it is off here except where a test turns it back on (the default's own
+# tests, in tests/integration/test_tracking_mlflow.py); an explicit --tracking-uri still tracks
+os.environ["POLLINATE_TRACKING"] = "off"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -145,13 +145,13 @@ def export_command(
 
 def _tracking_uri(run_dir: Path, given: str | None) -> str:
     """The registry to register in: the flag (or $MLFLOW_TRACKING_URI), else the run's own."""
-    if given is not None:
-        return given
-    try:
-        settings = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["settings"]
-        return str(settings.get("tracking-uri", ""))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ""
+    if given is None:
+        try:
+            settings = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["settings"]
+            given = str(settings.get("tracking-uri", ""))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return ""
+    return "" if given.strip().lower() == "off" else given
 
 
 def _register_failed(run_dir: Path, given: str | None, name: str | None, reason: str) -> None:

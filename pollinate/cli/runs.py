@@ -58,7 +58,8 @@ def run_command(
         typer.Option(
             envvar="MLFLOW_TRACKING_URI",
             show_default=False,
-            help="Log the run to MLflow (as the ServerApp sees it) [$MLFLOW_TRACKING_URI].",
+            help="Log the run to MLflow (as the ServerApp sees it), or 'off' "
+            "[$MLFLOW_TRACKING_URI; else ./mlflow.db of the ServerApp when mlflow is installed].",
         ),
     ] = None,
     trigger_dir: Annotated[

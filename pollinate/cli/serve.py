@@ -14,9 +14,6 @@ from pollinate.cli._common import CommandGroup, reports_errors
 
 __all__ = ["ab_status_command", "serve_app", "serve_command"]
 
-#: seconds between looks at the registry's aliases (`serve --registry`)
-REGISTRY_POLL_S = 10.0
-
 
 class LogFormat(StrEnum):
     json = "json"
@@ -99,6 +96,9 @@ def serve_command(
         str,
         typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI for --registry."),
     ] = "",
+    registry_interval: Annotated[
+        float, typer.Option(help="Seconds between looks at the registry's aliases.", min=0.5)
+    ] = 10.0,
     access_log: Annotated[bool, typer.Option(help="Log every request (JSON).")] = False,
     log_format: Annotated[LogFormat, typer.Option(help="json | text.")] = LogFormat.json,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -106,7 +106,9 @@ def serve_command(
     """Serve a model repository over KServe v2 REST and gRPC, with dynamic batching.
 
     A newer version directory in the repository is loaded, warmed, validated, served to
-    --canary-percent of the traffic, then promoted or rolled back automatically. Input drift
+    --canary-percent of the traffic, then promoted or rolled back automatically. With
+    --registry, a move of the registry's production alias (`pollinate registry rollback`)
+    swaps the served version to it, validated first, without a restart. Input drift
     over --drift-threshold (PSI) writes a retraining event to --trigger-dir and/or POSTs it
     to --webhook. Metrics: http://HOST:METRICS_PORT/metrics. See docs/serving.md.
 
@@ -165,7 +167,7 @@ def serve_command(
             repository.mkdir(parents=True, exist_ok=True)  # the registry fills it
         settings = load_serve_settings(config, overrides)
         if registry is not None:
-            _follow_registry(registry, tracking_uri, settings.repository)
+            _follow_registry(registry, tracking_uri, settings.repository, registry_interval)
         from pollinate.serving.launch import run_server
 
         run_server(
@@ -177,10 +179,11 @@ def serve_command(
         raise ConfigError(f"cannot start the server: {err}") from None
 
 
-def _follow_registry(model: str, uri: str, repository: Path) -> None:
+def _follow_registry(model: str, uri: str, repository: Path, interval: float) -> None:
     """Bring ``repository`` up to the registry's aliases now (an unreachable registry stops
-    the start), then keep it so from a thread; the server's own roll-out loads, validates,
-    canaries and promotes or rolls back what appears there."""
+    the start), then keep it so from a thread every ``interval`` s; the server's own roll-out
+    loads, validates, canaries and promotes or rolls back what appears there, and swaps to
+    the version ``production`` moves to (``registry.json``)."""
     import threading
     import time
 
@@ -195,8 +198,8 @@ def _follow_registry(model: str, uri: str, repository: Path) -> None:
     sync_once(uri, model, repository, production_only=True)  # current; staging: a canary
 
     def follow() -> None:
-        time.sleep(REGISTRY_POLL_S)  # the server has loaded production as its current version
-        watch(uri, model, repository, interval=REGISTRY_POLL_S)
+        time.sleep(interval)  # the server has loaded production as its current version
+        watch(uri, model, repository, interval=interval)
 
     threading.Thread(target=follow, daemon=True, name="registry-sync").start()
 
@@ -231,7 +234,7 @@ def ab_status_command(
     from pollinate.cli.console import make_console
     from pollinate.errors import ConfigError
     from pollinate.serving.ab_config import parse_ab_table
-    from pollinate.serving.ab_routing import read_status
+    from pollinate.serving.ab_store import read_status
 
     if state_dir is None and config is not None:
         try:

@@ -153,8 +153,9 @@ def simulate_command(
         typer.Option(
             envvar="MLFLOW_TRACKING_URI",
             show_default=False,
-            help="Log the run to MLflow: a server (http://HOST:5000) or a local store "
-            "(sqlite:///mlflow.db) [$MLFLOW_TRACKING_URI; else not tracked].",
+            help="Log the run to MLflow: a server (http://HOST:5000), a local store "
+            "(sqlite:///mlflow.db), or 'off' [$MLFLOW_TRACKING_URI; else ./mlflow.db when "
+            "mlflow is installed, unless POLLINATE_TRACKING=off].",
         ),
     ] = None,
     app: Annotated[

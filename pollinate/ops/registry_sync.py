@@ -7,14 +7,15 @@ and writes each aliased version that the local Triton-layout repository lacks as
 the version is downloaded, its sha256 checked against the version's ``pollinate.sha256`` tag,
 and its FP32 ONNX model published. ``pollinate serve --repository REPO`` then serves the
 newest version it has as current and takes a newer one as a canary; so ``production`` is
-written first and ``staging`` only when it is newer than ``production``. The serving tier only
-rolls forward: a registry rollback to an older version is not followed by a running server
-(restart it on a repository that holds that version as its newest).
+written first and ``staging`` only when it is newer than ``production``. The aliases then go
+to ``REPO/NAME/registry.json`` (after the versions they name): a running server follows a
+``production`` that moves to another version (a rollback) by swapping to it, no canary.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 import tempfile
 import time
@@ -22,11 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pollinate._atomic import atomic_write_text
 from pollinate.edge_runtime.manifest import MANIFEST_NAME, Manifest
 from pollinate.errors import RegistryError
 from pollinate.export._triton import write_triton_entry
 from pollinate.log import logger
 from pollinate.rundir.tracking import mlflow_client
+from pollinate.serving.repository import REGISTRY_FILE
 
 __all__ = ["sync_once", "watch"]
 
@@ -83,6 +86,22 @@ def _publish(client: Any, version: Any, repository: Path, name: str) -> None:
         )
 
 
+def _write_aliases(model_dir: Path, found: dict[str, Any]) -> None:
+    """``registry.json``: the versions of the aliases, rewritten only when they change."""
+    versions = {
+        alias: int(found[alias].version) if alias in found else None
+        for alias in ("production", "staging")
+    }
+    text = json.dumps(versions) + "\n"
+    path = model_dir / REGISTRY_FILE
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -115,12 +134,15 @@ def sync_once(
     try:
         client = mlflow_client(uri)
         written = []
-        wanted = _wanted(_aliased(client, model))
+        found = _aliased(client, model)
+        wanted = _wanted(found)
         for version in wanted[:1] if production_only else wanted:
             if (repository / name / str(version.version) / "model.onnx").is_file():
                 continue
             _publish(client, version, repository, name)
             written.append(int(version.version))
+        if wanted and wanted[0] is found.get("production"):
+            _write_aliases(repository / name, found)
         return written
     except RegistryError:
         raise

@@ -1,8 +1,14 @@
 """A run's mirror in MLflow: settings, per-round metrics and the final files, never in the way.
 
-:func:`open_tracker` returns a :class:`Tracker` for a run directory: a :class:`NullTracker`
-when no tracking URI is set (mlflow is not even imported), else an :class:`MlflowTracker`
-whose calls only put work on a bounded queue. One background thread takes the work in order,
+:func:`open_tracker` returns a :class:`Tracker` for a run directory. Tracking is on by
+default when mlflow is installed: a run that names no tracking URI logs into the embedded
+store ``sqlite:///CWD/mlflow.db`` (no server; ``mlflow ui --backend-store-uri
+sqlite:///mlflow.db`` shows it). ``tracking-uri = "off"`` (``--tracking-uri off``) or
+``POLLINATE_TRACKING=off`` in the environment turns it off (:func:`resolve_uri`); then it is a
+:class:`NullTracker` and mlflow is not even imported. Otherwise an :class:`MlflowTracker`,
+whose calls only put work on a bounded queue. One background thread, started with the first
+round's metrics (so mlflow, 1-2 s to import, is never imported before the first round has
+run, and never on the run's own thread), takes the work in order,
 retries each call with back-off and, when the tracking server cannot be reached or keeps
 failing, logs one warning on the ``pollinate`` logger and drops what is left: tracking never
 fails or slows a training run. The MLflow run id is kept in ``RUN_DIR/mlflow.json`` (written
@@ -32,7 +38,9 @@ from pollinate.log import logger
 from pollinate.rundir.records import RoundRecord
 
 __all__ = [
+    "DEFAULT_STORE",
     "EXPERIMENT",
+    "TRACKING_ENV",
     "TRACKING_FILE",
     "MlflowTracker",
     "NullTracker",
@@ -40,11 +48,17 @@ __all__ = [
     "mlflow_client",
     "open_tracker",
     "read_tracking_file",
+    "resolve_uri",
     "round_metrics",
 ]
 
 #: The run directory's link to its MLflow run: ``{"tracking_uri": ..., "run_id": ...}``.
 TRACKING_FILE = "mlflow.json"
+#: The embedded store a run without a tracking URI logs into, in the working folder.
+DEFAULT_STORE = "mlflow.db"
+#: ``off`` here turns the default off (an explicit tracking URI still tracks).
+TRACKING_ENV = "POLLINATE_TRACKING"
+_OFF = frozenset({"off", "none", "false", "no", "0"})
 #: The MLflow experiment every pollinate run is logged under.
 EXPERIMENT = "pollinate"
 #: Attempts per call, and the first back-off (doubled after each failure).
@@ -70,9 +84,26 @@ def mlflow_client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines on the run's stderr
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_uri(uri: str) -> str:
+    """The tracking URI a run logs to (empty: not tracked): ``uri`` itself; none for ``off``;
+    for an empty one, the embedded store ``sqlite:///CWD/mlflow.db`` when mlflow is installed
+    and ``$POLLINATE_TRACKING`` is not ``off``."""
+    value = uri.strip()
+    if value.lower() in _OFF:
+        return ""
+    if value:
+        return value
+    if os.environ.get(TRACKING_ENV, "").strip().lower() in _OFF:
+        return ""
+    if importlib.util.find_spec("mlflow") is None:  # not installed: quietly untracked
+        return ""
+    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_STORE}"
 
 
 def read_tracking_file(run_dir: Path) -> dict[str, str]:
@@ -132,8 +163,7 @@ class MlflowTracker(Tracker):
         self._dropped = False
         self._failures = 0
         self._thread = threading.Thread(target=self._work, name="pollinate-tracking", daemon=True)
-        self._queue.put(lambda: self._start(dict(params)))
-        self._thread.start()
+        self._queue.put(lambda: self._start(dict(params)))  # on the thread, once it starts
 
     @property
     def run_id(self) -> str | None:
@@ -167,6 +197,8 @@ class MlflowTracker(Tracker):
     def _put(self, job: Callable[[], object] | None) -> None:
         if self._dead:
             return
+        if self._thread.ident is None:
+            self._thread.start()  # the first round's metrics (or the end): mlflow loads now
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -217,9 +249,9 @@ class MlflowTracker(Tracker):
         return self._run_id
 
     def _start(self, params: dict[str, Any]) -> None:
+        self._client = mlflow_client(self._uri)  # imports mlflow, its settings first
         from mlflow.entities import Param
 
-        self._client = mlflow_client(self._uri)
         linked = read_tracking_file(self._run_dir)
         if linked.get("run_id") and linked.get("tracking_uri") == self._uri:
             run_id = linked["run_id"]
@@ -271,9 +303,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def open_tracker(run_dir: Path, uri: str, params: Mapping[str, Any]) -> Tracker:
-    """A :class:`Tracker` for ``run_dir``: MLflow at ``uri`` (a new MLflow run, or the one
-    ``mlflow.json`` names after a resume), or no tracking when ``uri`` is empty. A missing
-    mlflow package is one warning and no tracking."""
+    """A :class:`Tracker` for ``run_dir``: MLflow at :func:`resolve_uri` of ``uri`` (a new
+    MLflow run, or the one ``mlflow.json`` names after a resume), or no tracking when that is
+    empty. A tracking URI given while mlflow is missing is one warning and no tracking."""
+    uri = resolve_uri(uri)
     if not uri:
         return NullTracker()
     if importlib.util.find_spec("mlflow") is None:  # imported on the tracking thread

@@ -7,17 +7,23 @@
   users afresh); without it, a random draw per request. The variant is a model of the
   repository at its current version (canary roll-out included) or at a version the roll-out
   policy keeps loaded for it (``rollout.py``); :class:`~pollinate.serving.models.ModelManager`
-  routes and runs the request as if it had named that model and version. REST only: gRPC
-  requests are served as if no experiment ran.
-* **Answers**: request id -> (variant, predicted classes), the latest ``memory`` of them.
-  A class is the arg-max of the model's first output (one column: logit > 0).
+  routes and runs the request as if it had named that model and version (gRPC too, by a
+  metadata key).
+* **Answers**: request id -> (variant, predicted classes), about the latest ``memory`` of
+  them, in the experiment's outcome store (``ab_store.py``, ``STATE_DIR/NAME.sqlite``) that
+  every worker of ``--workers N`` shares. A class is the arg-max of the model's first output
+  (one column: logit > 0).
 * **Feedback**: ``{"id", "label"}`` scores the answer 1 or 0 (a request of several rows: the
   fraction right; ``label`` is then a list), ``{"id", "reward"}`` records the number; each
-  answer takes one outcome. :class:`~pollinate.serving.abtest.SequentialTest` updates at once.
-* **State**: each experiment's test in ``STATE_DIR/NAME.json``, written atomically at most
-  every ``save-interval-s`` and when the server stops, and read back at start (only for the
-  same variants and test settings: otherwise a :class:`ConfigError`; rename the experiment
-  to start over). ``pollinate serve ab status`` reads these files (:func:`read_status`).
+  answer takes one outcome, whichever worker answered it and whichever gets the feedback.
+  Each worker replays the store's outcomes into its
+  :class:`~pollinate.serving.abtest.SequentialTest` in the store's order (at each feedback
+  it takes and every ``save-interval-s``), so all workers hold the same test.
+* **State**: each experiment's test in ``STATE_DIR/NAME.json`` with the number of the last
+  outcome it counts, written atomically at most every ``save-interval-s`` and when the server
+  stops, and read back at start (only for the same variants and test settings: otherwise a
+  :class:`ConfigError`; rename the experiment to start over); the outcomes after it are
+  replayed from the store. ``pollinate serve ab status`` does the same (:func:`read_status`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import json
 import math
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,13 +48,12 @@ from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError, DataError
 from pollinate.log import logger
 from pollinate.serving.ab_config import ABSettings, ExperimentSettings
-from pollinate.serving.abtest import SequentialTest, VariantReport
+from pollinate.serving.ab_store import STATE_FORMAT, OutcomeStore, Recorded, identity, read_state
+from pollinate.serving.abtest import SequentialTest
 from pollinate.serving.metrics import ServingMetrics
 from pollinate.serving.versions import LoadedVersion, ModelNotFoundError
 
-__all__ = ["Assignment", "ExperimentStatus", "Experiments", "read_status"]
-
-STATE_FORMAT = "pollinate.ab/1"
+__all__ = ["Assignment", "Experiments", "check_state"]
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,6 @@ class FeedbackError(Exception):
         self.status, self.reason = status, reason
 
 
-@dataclass
-class _Answer:
-    arm: int
-    classes: np.ndarray | None
-    settled: bool = False
-
-
 def bucket(salt: str, user: str) -> float:
     """``sha256(salt, 0 byte, user)`` as a number in [0, 1): the same user, the same number."""
     digest = hashlib.sha256(f"{salt}\0{user}".encode()).digest()
@@ -89,7 +86,7 @@ def _classes(output: np.ndarray) -> np.ndarray:
     return flat.argmax(axis=1) if flat.shape[1] > 1 else (flat[:, 0] > 0).astype(np.int64)
 
 
-def _outcome(answer: _Answer, body: dict[str, Any]) -> float:
+def _outcome(classes: list[int] | None, body: dict[str, Any]) -> float:
     """The outcome the feedback gives ``answer``: 1/0 (the fraction right) or the reward."""
     if "reward" in body:
         reward = body["reward"]
@@ -98,24 +95,30 @@ def _outcome(answer: _Answer, body: dict[str, Any]) -> float:
         if not math.isfinite(reward):
             raise FeedbackError(400, "invalid", f"reward must be finite, got {reward!r}")
         return float(reward)
-    assert answer.classes is not None
-    label, rows = body["label"], len(answer.classes)
+    assert classes is not None
+    label, rows = body["label"], len(classes)
     labels = label if isinstance(label, list) else [label]
     if any(isinstance(x, bool) or not isinstance(x, int) for x in labels) or len(labels) != rows:
         raise FeedbackError(
             400, "invalid", f"label must be a class number (a list of {rows} for a request of "
             f"{rows} rows), got {label!r}",
         )  # fmt: skip
-    return float(np.mean(answer.classes == np.asarray(labels)))
+    return float(np.mean(np.asarray(classes) == np.asarray(labels)))
 
 
 class _Experiment:
-    def __init__(self, settings: ExperimentSettings, test: SequentialTest, memory: int) -> None:
+    """``test`` counts the outcomes of ``store`` up to number ``seq``."""
+
+    def __init__(
+        self, settings: ExperimentSettings, test: SequentialTest, store: OutcomeStore | None,
+        memory: int, seq: int = 0,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.test = test
+        self.store = store
+        self.seq = seq
         self._cumulative = list(itertools.accumulate(v.weight for v in settings.variants))
         self._memory = memory
-        self._answers: OrderedDict[str, _Answer] = OrderedDict()
         self._rng = random.Random()
         self.outputs = [""] * len(settings.variants)  # each variant's first output
         self.dirty = False
@@ -127,30 +130,38 @@ class _Experiment:
         return Assignment(self.settings.name, arm, v.name, v.model, v.version)
 
     def remember(self, request_id: str, arm: int, outputs: dict[str, np.ndarray]) -> None:
+        assert self.store is not None
         accuracy = self.settings.metric == "accuracy"
-        classes = _classes(outputs[self.outputs[arm]]) if accuracy else None
-        self._answers[request_id] = _Answer(arm, classes)
-        self._answers.move_to_end(request_id)
-        if len(self._answers) > self._memory:
-            self._answers.popitem(last=False)
+        classes = _classes(outputs[self.outputs[arm]]).tolist() if accuracy else None
+        self.store.remember(request_id, arm, classes)
+
+    def catch_up(self, outcomes: list[Recorded]) -> None:
+        """Count the outcomes numbered after ``seq``, in order."""
+        for seq, arm, value in outcomes:
+            if seq > self.seq:
+                self.test.observe(arm, value)
+                self.seq, self.dirty = seq, True
 
     def record(self, body: dict[str, Any]) -> tuple[int, float]:
         """Score the answer ``body["id"]``; its arm and outcome."""
         request_id, s = body["id"], self.settings
-        answer = self._answers.get(request_id)
+        assert self.store is not None
+        answer = self.store.answer(request_id)
         if answer is None:
             raise FeedbackError(
                 404, "unknown_id", f"A/B experiment {s.name!r} remembers no answer with id "
                 f"{request_id!r} (never answered by it, or older than the last "
                 f"{self._memory} answers)",
             )  # fmt: skip
-        if answer.settled:
-            raise FeedbackError(409, "duplicate", f"request {request_id!r} has feedback already")
-        value = _outcome(answer, body)
-        answer.settled = True
-        self.test.observe(answer.arm, value)
-        self.dirty = True
-        return answer.arm, value
+        arm, classes, settled = answer
+        duplicate = FeedbackError(409, "duplicate", f"request {request_id!r} has feedback already")
+        if settled:
+            raise duplicate
+        value = _outcome(classes, body)
+        if not self.store.settle(request_id, arm, value):  # another worker was quicker
+            raise duplicate
+        self.catch_up(self.store.outcomes(self.seq))
+        return arm, value
 
     def state(self) -> dict[str, Any]:
         s = self.settings
@@ -158,27 +169,50 @@ class _Experiment:
             "format": STATE_FORMAT, "experiment": s.name, "model": s.model, "metric": s.metric,
             "margin": s.margin, "variants": [asdict(v) for v in s.variants],
             "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "test": self.test.to_dict(),
+            "seq": self.seq, "test": self.test.to_dict(),
         }  # fmt: skip
 
 
-def _identity(state: dict[str, Any]) -> tuple[Any, ...]:
-    """What must not change while an experiment runs: its arms, metric and test settings."""
-    test = state["test"]
-    arms = [(v["name"], v["model"], v["version"]) for v in state["variants"]]
-    return state["metric"], arms, test["alpha"], test["mixture_sd"]
+def _open(settings: ABSettings, s: ExperimentSettings) -> _Experiment:
+    """The experiment's test as saved, with the outcomes recorded since replayed."""
+    test = SequentialTest(
+        len(s.variants), alpha=s.alpha, mixture_sd=s.mixture_sd, min_samples=s.min_samples
+    )
+    path, seq = settings.state_dir / f"{s.name}.json", 0
+    store = OutcomeStore(path.with_suffix(".sqlite"), memory=settings.memory)
+    claimed = json.dumps(identity(_Experiment(s, test, None, 1).state()))
+    saved = read_state(path) if path.exists() else None
+    if store.claim(claimed) != claimed or (
+        saved is not None and json.dumps(identity(saved)) != claimed
+    ):
+        store.close()
+        raise ConfigError(
+            f"[ab.{s.name}] differs from the experiment saved in {path.parent} (variants, "
+            "metric, alpha or mixture-sd); rename the experiment to start a new one"
+        )
+    if saved is not None:
+        test = SequentialTest.from_dict(saved["test"])
+        test.min_samples = s.min_samples
+        seq = int(saved.get("seq", 0))
+    experiment = _Experiment(s, test, store, settings.memory, seq)
+    if seq > store.last_seq():
+        store.close()
+        raise DataError(
+            f"A/B state file {path} counts outcomes up to number {seq}, but "
+            f"{store.path} holds fewer; restore that file or rename the experiment"
+        )
+    experiment.catch_up(store.outcomes(seq))
+    return experiment
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"format {state.get('format')!r}, not {STATE_FORMAT!r}")
-        SequentialTest.from_dict(state["test"])
-        _identity(state)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DataError(f"A/B state file {path} is unreadable: {err}") from err
-    return dict(state)
+def check_state(settings: ABSettings) -> None:
+    """Open each experiment's records once and check them against its settings (ConfigError
+    or DataError): the supervisor of ``--workers`` does, for one error instead of one per
+    worker."""
+    for s in settings.experiments:
+        store = _open(settings, s).store
+        assert store is not None
+        store.close()
 
 
 class Experiments:
@@ -190,21 +224,7 @@ class Experiments:
         self._metrics = metrics
         self._by_model: dict[str, _Experiment] = {}
         for s in settings.experiments:
-            test = SequentialTest(
-                len(s.variants), alpha=s.alpha, mixture_sd=s.mixture_sd, min_samples=s.min_samples
-            )
-            path = self._path(s.name)
-            if path.exists():
-                saved = _read_state(path)
-                fresh = _Experiment(s, test, 1).state()
-                if _identity(saved) != _identity(fresh):
-                    raise ConfigError(
-                        f"[ab.{s.name}] differs from the experiment saved in {path} (variants, "
-                        "metric, alpha or mixture-sd); rename the experiment to start a new one"
-                    )
-                test = SequentialTest.from_dict(saved["test"])
-                test.min_samples = s.min_samples
-            self._by_model[s.model] = _Experiment(s, test, settings.memory)
+            self._by_model[s.model] = _open(settings, s)
         self._by_name = {exp.settings.name: exp for exp in self._by_model.values()}
         self._stop = asyncio.Event()
         self._saver: asyncio.Task[None] | None = None
@@ -301,6 +321,9 @@ class Experiments:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.save_interval_s)
             stopping = self._stop.is_set()  # then this is the last save
+            for exp in self._by_model.values():  # what the other workers took
+                assert exp.store is not None
+                exp.catch_up(exp.store.outcomes(exp.seq))
             texts = self._snapshot()
             if texts:
                 await asyncio.to_thread(self._write, texts)
@@ -326,46 +349,6 @@ class Experiments:
         self._stop.set()
         if self._saver is not None:
             await self._saver
-
-
-@dataclass(frozen=True)
-class ExperimentStatus:
-    """One saved experiment, as ``pollinate serve ab status`` shows it."""
-
-    name: str
-    model: str
-    metric: str
-    alpha: float
-    margin: float
-    saved: str
-    targets: dict[str, str]  # variant -> model or model/version
-    weights: dict[str, float]
-    reports: list[VariantReport]
-
-
-def read_status(state_dir: Path) -> list[ExperimentStatus]:
-    """Every experiment saved in ``state_dir``, with the test's report now."""
-    if not Path(state_dir).is_dir():
-        raise ConfigError(
-            f"A/B state directory {state_dir} does not exist; pass the server's [ab] state-dir "
-            "(or its --config file)"
-        )
-    out = []
-    for path in sorted(Path(state_dir).glob("*.json")):
-        state = _read_state(path)
-        test = SequentialTest.from_dict(state["test"])
-        variants = state["variants"]
-        names = [v["name"] for v in variants]
-        out.append(
-            ExperimentStatus(
-                name=state["experiment"], model=state["model"], metric=state["metric"],
-                alpha=test.alpha, margin=float(state["margin"]), saved=str(state["saved"]),
-                targets={v["name"]: v["model"] + (f"/{v['version']}" if v["version"] else "")
-                         for v in variants},
-                weights={v["name"]: float(v["weight"]) for v in variants},
-                reports=test.report(names, float(state["margin"])),
-            )
-        )  # fmt: skip
-    if not out:
-        raise ConfigError(f"A/B state directory {state_dir} holds no experiment (*.json) yet")
-    return out
+        for exp in self._by_model.values():
+            if exp.store is not None:
+                exp.store.close()

@@ -41,8 +41,8 @@ line wins over the file::
     tls-key = "server.key"
     max-request-bytes = 16777216
 
-    [ab]                           # A/B/n experiments (``--workers 1`` only)
-    state-dir = "ab-state"         # counts kept across restarts, one JSON file per experiment
+    [ab]                           # A/B/n experiments (the workers share the records)
+    state-dir = "ab-state"         # NAME.sqlite (answers, outcomes) + NAME.json per experiment
     memory = 100000                # recent request ids remembered for feedback
     user-header = "x-user-id"      # the same user always gets the same variant
 
@@ -183,11 +183,6 @@ class ServeSettings:
                 raise ConfigError(f"TLS file {path} does not exist")
         if self.token is not None and len(self.token) < 16:
             raise ConfigError("the bearer token must be at least 16 characters long")
-        if self.ab.experiments and self.workers > 1:
-            raise ConfigError(
-                f"[ab] experiments need workers = 1 (feedback must reach the process that "
-                f"answered the request); got workers = {self.workers}"
-            )
 
 
 def _positive(name: str, value: float) -> None:

@@ -14,7 +14,8 @@ summed over the workers (gauges: the largest value among live workers). Names:
 - ``pollinate_serving_drift_psi{model,version,kind}``: PSI of inputs / outputs vs the reference
 - ``pollinate_serving_retrain_triggers_total{model}``: drift triggers emitted
 - ``pollinate_serving_version_role{model,version,role}``: 1 while a version is current/canary
-- ``pollinate_serving_rollouts_total{model,outcome}``: promoted, rolled_back, failed_validation
+- ``pollinate_serving_rollouts_total{model,outcome}``: promoted, rolled_back, failed_validation,
+  registry (a swap to the registry's production version)
 - ``pollinate_serving_ab_requests_total{experiment,variant}``: requests an A/B variant answered
 - ``pollinate_serving_ab_feedback_total{experiment,variant}``: outcomes recorded per variant
 - ``pollinate_serving_ab_feedback_rejected_total{model,reason}``: feedback refused

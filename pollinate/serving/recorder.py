@@ -118,7 +118,8 @@ class MetricsRecorder:
             self.metrics.role.labels(model, str(version), r).set(1.0 if r == role else 0.0)
 
     def rollout(self, model: str, outcome: str) -> None:
-        """Count a roll-out outcome: ``promoted``, ``rolled_back`` or ``failed_validation``."""
+        """Count a roll-out outcome: ``promoted``, ``rolled_back``, ``failed_validation`` or
+        ``registry`` (a swap to the registry's production version)."""
         self.metrics.rollouts.labels(model, outcome).inc()
 
     def trigger_sink(self, settings: DriftSettings, model: str) -> TriggerSink | None:

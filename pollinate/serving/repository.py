@@ -6,11 +6,15 @@ repo/<model>/<version>/model.onnx         the ONNX Runtime model (what Triton se
 repo/<model>/<version>/model.safetensors  optional: weights for the torch backend
 repo/<model>/<version>/torch.json         optional: {"architecture", "input_shape", "num_classes"}
 repo/<model>/<version>/manifest.json      optional: the bundle manifest (drift reference)
+repo/<model>/registry.json                optional: the registry's aliases ({"production": 3})
 ```
 
 ``pollinate export --triton-repo DIR`` writes all of these; Triton ignores the extra files.
 ``config.pbtxt`` is parsed with protobuf's text format against the fields pollinate reads
 (unknown Triton fields are skipped). Versions are positive integer directory names.
+``registry.json`` is written by ``pollinate registry sync`` (and ``serve --registry``): the
+version the registry's ``production`` alias names, which the roll-out follows back
+(:func:`read_production`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from pollinate.errors import RepositoryError
 
 __all__ = [
     "KSERVE_DTYPES",
+    "REGISTRY_FILE",
     "ModelSpec",
     "TensorMeta",
     "VersionFiles",
     "kserve_datatype",
     "model_dirs",
     "read_model_config",
+    "read_production",
     "scan_model",
     "scan_repository",
 ]
@@ -67,6 +73,9 @@ KSERVE_DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
 }
 
+
+#: in a model directory: the registry's aliases, ``{"production": N, "staging": M | null}``
+REGISTRY_FILE = "registry.json"
 
 _KSERVE_NAMES = {dtype: name for name, dtype in KSERVE_DTYPES.items()}
 
@@ -263,3 +272,17 @@ def scan_repository(repo: Path) -> dict[str, tuple[ModelSpec, dict[int, VersionF
         spec, versions = scan_model(model_dir)
         found[spec.name] = (spec, versions)
     return found
+
+
+def read_production(model_dir: Path) -> int | None:
+    """The version ``registry.json`` names as ``production`` (None: no such file or version)."""
+    data = _read_json(model_dir / REGISTRY_FILE)
+    production = (data or {}).get("production")
+    if production is None:
+        return None
+    if not isinstance(production, int) or isinstance(production, bool) or production < 1:
+        raise RepositoryError(
+            f"{model_dir / REGISTRY_FILE}: production is {production!r}; expected a version "
+            'number like {"production": 3}'
+        )
+    return production

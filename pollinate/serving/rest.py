@@ -214,7 +214,11 @@ class RestApp:
             body = await self._body(headers, receive)
         except BadRequestError as err:
             return _error(err.status, str(err))
-        return _json(*self._ab.feedback(model, body))
+        status, reply = self._ab.feedback(model, body)
+        if self._access_log:
+            logger.info("feedback", extra={"request_id": reply.get("id"), "model": model,
+                                           "status": status, "protocol": "http"})  # fmt: skip
+        return _json(status, reply)
 
     async def _infer(
         self, model: str, version_raw: str | None, headers: dict[bytes, bytes], receive: Any

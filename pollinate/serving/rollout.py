@@ -13,6 +13,13 @@ A version an A/B experiment pins (``[ab]``, ``ab_routing.py``) is loaded at star
 current one, and stays loaded when a newer version replaces it; only requests naming it
 (the experiment routes them) reach it.
 
+A model directory with a ``registry.json`` (``pollinate serve --registry``, ``registry sync``)
+also follows the registry's ``production`` alias: when it moves to a version other than the
+current one (``pollinate registry rollback``, or a promotion), that version is loaded, warmed
+and validated, then swapped in as current with no canary; the versions newer than it that were
+serving retire and are not tried again until their files change. One that fails validation
+leaves the current version serving. The starting version is ``production`` when it is there.
+
 With ``--workers N`` a :class:`RolloutLedger` carries the decisions: worker 0 judges and
 records them; the other workers apply worker 0's decision to the same files instead of judging.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 from pollinate.errors import PollinateError, RepositoryError
 from pollinate.log import logger
@@ -28,7 +36,13 @@ from pollinate.serving.config import RolloutSettings, ServeSettings
 from pollinate.serving.ledger import RolloutLedger
 from pollinate.serving.loading import VersionLoader
 from pollinate.serving.recorder import MetricsRecorder
-from pollinate.serving.repository import ModelSpec, VersionFiles, model_dirs, scan_model
+from pollinate.serving.repository import (
+    ModelSpec,
+    VersionFiles,
+    model_dirs,
+    read_production,
+    scan_model,
+)
 from pollinate.serving.versions import (
     LoadedVersion,
     ModelVersions,
@@ -104,6 +118,10 @@ class RolloutPolicy:
             return
         ledger = self._ledger
         newest = ledger.starting_version(name, versions) if ledger else versions[max(versions)]
+        production = await self._production(newest.path.parent)
+        if production in versions:
+            newest = versions[production]
+            entry.production = production
         loaded = await self._loader.load(spec, newest)
         self._set_role(loaded, "current")
         entry.current = loaded
@@ -148,6 +166,8 @@ class RolloutPolicy:
             return
         for model_dir in found:  # each model read once; a bad one is skipped, not fatal
             known = self._versions.lookup(model_dir.name)
+            if known is not None and known.current is not None:
+                await self._follow_production(model_dir, known)
             if known is not None and known.canary is not None:
                 continue
             try:
@@ -165,6 +185,58 @@ class RolloutPolicy:
             if entry.rejected.get(newest) == files.fingerprint:
                 continue
             await self._introduce(name, entry, spec, files)
+
+    async def _production(self, model_dir: Path) -> int | None:
+        """The version ``registry.json`` names as production (None: none, or unreadable)."""
+        try:
+            return await asyncio.to_thread(read_production, model_dir)
+        except RepositoryError as err:
+            logger.warning("ignoring the registry's aliases of %s: %s", model_dir.name, err)
+            return None
+
+    async def _follow_production(self, model_dir: Path, entry: ModelVersions) -> None:
+        """Swap to the registry's production version when that alias has moved to a version
+        that is not current: load, warm, validate, then swap (no canary)."""
+        production = await self._production(model_dir)
+        current = entry.current
+        if production is None or production == entry.production or current is None:
+            return
+        try:
+            spec, versions = await asyncio.to_thread(scan_model, model_dir)
+        except RepositoryError as err:
+            logger.warning("skipping model %s: %s", model_dir.name, err)
+            return
+        files = versions.get(production)
+        if files is None:  # the sync writes the version before the alias; not there yet
+            return
+        entry.production = production
+        entry.rejected.pop(production, None)
+        if production == current.version:
+            return
+        name, canary = spec.name, entry.canary
+        if canary is not None and canary.version == production:
+            self._decide(name, entry, True, "the registry's production alias moved to it")
+            return
+        try:  # a version an A/B experiment pins is loaded already
+            loaded = entry.pinned.pop(production, None) or await self._loader.load(spec, files)
+        except (PollinateError, OSError) as err:
+            entry.rejected[production] = files.fingerprint
+            self._recorder.rollout(name, "failed_validation")
+            logger.error("%s version %d (registry production) refused, version %d still "
+                         "serving: %s", name, production, current.version, err)  # fmt: skip
+            return
+        entry.current, entry.canary = loaded, None
+        self._set_role(loaded, "current")
+        self._recorder.rollout(name, "registry")
+        for old in (current, canary):
+            if old is None:
+                continue
+            if old.version > production:  # rolled back: not canaried again
+                entry.rejected[old.version] = old.files.fingerprint
+            self._set_role(old, None)
+            self._retire(old)
+        logger.info("%s version %d is now current, following the registry's production alias "
+                    "(was %d)", name, production, current.version)  # fmt: skip
 
     async def _introduce(
         self, name: str, entry: ModelVersions, spec: ModelSpec, files: VersionFiles

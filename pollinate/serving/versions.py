@@ -91,12 +91,14 @@ class LoadedVersion:
 @dataclass
 class ModelVersions:
     """One model's versions: the current one, the canary, those an A/B experiment pins (only
-    requests naming them reach them), and those refused (by fingerprint)."""
+    requests naming them reach them), those refused (by fingerprint), and the registry's
+    production version last followed (``registry.json``)."""
 
     current: LoadedVersion | None = None
     canary: LoadedVersion | None = None
     rejected: dict[int, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
     pinned: dict[int, LoadedVersion] = field(default_factory=dict)
+    production: int | None = None
 
     def loaded(self) -> list[LoadedVersion]:
         """The versions taking traffic, current first."""

@@ -42,6 +42,7 @@ from typing import IO
 from pollinate._atomic import atomic_write_text
 from pollinate.errors import ConfigError, ExitCode, PollinateError
 from pollinate.log import log_to_stderr, logger
+from pollinate.serving.ab_routing import check_state
 from pollinate.serving.config import ServeSettings, settings_from_json, settings_to_json
 from pollinate.serving.ledger import RolloutLedger
 from pollinate.serving.ports import hold_port, start_metrics_server
@@ -169,6 +170,7 @@ def run_workers(
     from prometheus_client.multiprocess import MultiProcessCollector
 
     scan_repository(settings.repository)  # one clear error here, not one per worker
+    check_state(settings.ab)  # the A/B records the workers will share, likewise
     host = settings.host
     holds = [hold_port(host, settings.http_port, "REST")]
     runtime = Path(tempfile.mkdtemp(prefix="pollinate-serve-"))

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -343,3 +344,45 @@ def test_drifted_inputs_fire_the_retraining_trigger(
     assert len(events) == 1
     assert events[0]["event"] == "pollinate.retrain" and events[0]["model"] == MODEL
     assert events[0]["psi"]["input"] > 0.2 and events[0]["version"] == 3
+
+
+def test_a_move_of_the_registry_production_alias_swaps_the_served_version(
+    repo: Path, tmp_path: Path, images: np.ndarray
+) -> None:
+    """`registry.json` (written by `registry sync`) names production: moving it back swaps
+    the served version with no canary and no restart; one that fails validation is refused."""
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work)
+    copy_version(work, 3, 4)
+    aliases = work / MODEL / "registry.json"
+    aliases.write_text('{"production": 4, "staging": null}\n')
+    args = ("--poll-interval", "0.2", "--canary-percent", "50", "--canary-min-requests", "10")
+    with serve(work, tmp_path, *args) as server:
+        grpc = tgrpc.InferenceServerClient(server.grpc_url)
+
+        def answered() -> set[str]:
+            return {_grpc_infer(grpc, images[:1]).get_response().model_version for _ in range(20)}
+
+        assert answered() == {"4"}
+        aliases.write_text('{"production": 3, "staging": null}\n')  # `registry rollback`
+        deadline = time.monotonic() + 30
+        while server.metric("pollinate_serving_rollouts_total", outcome="registry") < 1:
+            assert time.monotonic() < deadline, "the server did not follow the rollback"
+            time.sleep(0.1)
+        assert answered() == {"3"}
+        time.sleep(1.0)  # five scans: version 4, newer but rolled back, is no canary
+        assert answered() == {"3"}
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{MODEL}") as reply:
+            assert json.loads(reply.read())["versions"] == ["3"]
+
+        copy_version(work, 3, 2, onnx_model=nan_model())
+        aliases.write_text('{"production": 2, "staging": null}\n')
+        deadline = time.monotonic() + 30
+        while server.metric("pollinate_serving_rollouts_total", outcome="failed_validation") < 1:
+            assert time.monotonic() < deadline, "the broken production version was not refused"
+            time.sleep(0.1)
+        assert answered() == {"3"}
+        assert server.metric("pollinate_serving_rollouts_total", outcome="registry") == 1
+        messages = [str(line["message"]) for line in server.log_lines()]
+        refused = [m for m in messages if "(registry production) refused" in m]
+        assert len(refused) == 1 and "version 3 still serving" in refused[0], messages

@@ -208,3 +208,47 @@ def test_an_experiment_splits_traffic_takes_feedback_and_keeps_its_counts(tmp_pa
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "A/B experiment first-try on clf" in text and "clf-alt" in text, text
+
+
+def test_two_workers_share_one_experiment(tmp_path: Path) -> None:
+    """`--workers 2`: answers and feedback land on both workers (each on a new connection),
+    feedback finds an answer the other worker gave, an answer takes one outcome whichever
+    worker hears it, and `serve ab status` counts every outcome while the server runs."""
+    repo = _repository(tmp_path)
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[server]\nrepository = "{repo}"\n{CONFIG}')
+    served: dict[str, str] = {}
+    args = ("--config", str(config), "--workers", "2", "--access-log")
+    with serve(repo, tmp_path, *args) as server:
+        for i in range(80):
+            headers, _ = _infer(server, f"req-{i}", f"user-{i % 20}")
+            variant = headers["x-ab-variant"]
+            assert served.setdefault(f"user-{i % 20}", variant) == variant, "not sticky"
+            status, _, answer = _post(
+                server, "/v2/models/clf/feedback", {"id": f"req-{i}", "label": 0}
+            )
+            assert status == 200 and answer["variant"] == variant, answer
+        for i in range(0, 80, 8):  # a second outcome, on any worker: refused
+            status, _, _ = _post(server, "/v2/models/clf/feedback", {"id": f"req-{i}", "label": 0})
+            assert status == 409
+        status, _, answer = _post(server, "/v2/models/clf/feedback", {"id": "nope", "label": 0})
+        assert status == 404 and "remembers no answer with id 'nope'" in answer["error"]
+        lines = server.log_lines()
+        answered = {ln["request_id"]: ln["worker"] for ln in lines if ln["message"] == "infer"}
+        told = {
+            ln["request_id"]: ln["worker"]
+            for ln in lines
+            if ln["message"] == "feedback" and ln["status"] == 200
+        }
+        assert set(answered.values()) == set(told.values()) == {0, 1}, "one worker took all"
+        assert any(answered[i] != told[i] for i in told), "no feedback crossed workers"
+        (running,) = _status(config)  # read while both workers run, before any stop
+        assert sum(r["n"] for r in running["reports"]) == 80
+        rejected = "pollinate_serving_ab_feedback_rejected_total"
+        assert server.metric(rejected, model="clf", reason="unknown_id") == 1
+        assert server.metric(rejected, model="clf", reason="duplicate") == 10
+        assert server.metric("pollinate_serving_ab_feedback_total") == 80
+    per_variant = {v: sum(1 for i in range(80) if served[f"user-{i % 20}"] == v)
+                   for v in set(served.values())}  # fmt: skip
+    (stopped,) = _status(config)
+    assert {r["name"]: r["n"] for r in stopped["reports"] if r["n"]} == per_variant

@@ -109,3 +109,25 @@ def test_two_workers_share_ports_metrics_and_rollout(tmp_path: Path) -> None:
     assert server.process.returncode == 0
     assert not any(psutil.pid_exists(pid) for pid in (*workers, *restarted))
     shutil.rmtree(tmp_path / "built", ignore_errors=True)
+
+
+def test_both_workers_follow_the_registry_production_alias(tmp_path: Path) -> None:
+    """`registry.json` moved back from 4 to 3: every worker swaps, so requests on fresh
+    connections (spread over both by the kernel) are all answered by version 3."""
+    repo = default_repository(tmp_path / "built")
+    copy_version(repo, 3, 4)
+    aliases = repo / MODEL / "registry.json"
+    aliases.write_text('{"production": 4, "staging": null}\n')
+    images = mnist_images(1)
+    args = ("--workers", "2", "--access-log", "--poll-interval", "0.2")
+    with serve(repo, tmp_path, *args) as server:
+        assert {_infer(server.http_url, images)[1] for _ in range(20)} == {"4"}
+        aliases.write_text('{"production": 3, "staging": null}\n')
+        wait_until(
+            "both workers on version 3",
+            lambda: server.metric("pollinate_serving_rollouts_total", outcome="registry") == 2,
+            30,
+        )
+        assert {_infer(server.http_url, images)[1] for _ in range(40)} == {"3"}
+        served_by = {line.get("worker") for line in server.log_lines() if _says(line, "infer")}
+        assert served_by == {0, 1}, "connections should land on both workers"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ from typer.testing import CliRunner
 from pollinate.cli.main import app
 from pollinate.errors import ExitCode, ExportError
 from pollinate.rundir.model_registry import lineage_of, register_bundle
-from pollinate.rundir.tracking import TRACKING_FILE
+from pollinate.rundir.tracking import DEFAULT_STORE, TRACKING_ENV, TRACKING_FILE
 from tests.support.mlflow_server import MlflowServer, start_mlflow
 from tests.support.processes import POLLINATE, free_port, wait_until
-from tests.support.simulation import simulate, simulate_env
+from tests.support.simulation import simulate, simulate_command, simulate_env
 
 pytest.importorskip("mlflow")
 
@@ -118,7 +119,8 @@ def test_an_unreachable_tracking_uri_is_one_warning_and_the_same_run(
 
     def rows(folder: Path) -> list[dict[str, Any]]:
         found = json.loads((folder / "metrics.json").read_text())
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in found]
+        clocks = ("seconds", "elapsed_s")  # wall-clock times differ from run to run
+        return [{k: v for k, v in r.items() if k not in clocks} for r in found]
 
     assert rows(run_dir) == rows(tracked_run)
 
@@ -253,6 +255,52 @@ def test_serve_follows_the_registry_aliases(
         wait_until("the staging version", staging.is_file, 60)
 
 
+def _served_version(url: str) -> str:
+    """The version that answers one unversioned KServe v2 REST request (a fresh connection)."""
+    import urllib.request
+
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                        "data": [0.0] * 784}]}  # fmt: skip
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/cnn/infer", data=json.dumps(body).encode(), method="POST",
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return str(json.loads(reply.read())["model_version"])
+
+
+def test_a_registry_rollback_reaches_the_running_server(
+    server: MlflowServer, tracked_run: Path, exported: Path
+) -> None:
+    """`pollinate registry rollback` (a real process) while `pollinate serve --registry` runs:
+    the server swaps to the production version it is told, with no canary and no restart."""
+    from tests.support.serving import serve
+
+    client = _client(server)
+    before = client.get_model_version_by_alias("cnn", "production").version
+    newer = client.get_model_version_by_alias("cnn", "staging").version  # the sync test's
+    assert int(newer) > int(before)
+    assert _registry("promote", "cnn", newer, "--to", "production", server=server).exit_code == 0
+    repo = tracked_run.parent / "rolled-back"
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    with serve(repo, tracked_run.parent, "--registry", "cnn", "--registry-interval", "1",
+               "--poll-interval", "0.2", "--log-format", "text", env=env) as running:  # fmt: skip
+        assert {_served_version(running.http_url) for _ in range(10)} == {newer}
+        rollback = subprocess.run(
+            [*POLLINATE, "registry", "rollback", "cnn"], capture_output=True, text=True,
+            timeout=120, env={**os.environ, **env},
+        )  # fmt: skip
+        assert rollback.returncode == 0, rollback.stderr[-2000:]
+        assert f"production -> version {before}" in rollback.stdout, rollback.stdout
+        wait_until("the rolled-back version", lambda: _served_version(running.http_url) == before,
+                   60)  # fmt: skip
+        time.sleep(2.0)  # registry looks and repository scans: no canary of the newer one
+        assert {_served_version(running.http_url) for _ in range(20)} == {before}
+        log = running.log.read_text()
+        assert f"cnn version {before} is now current, following the registry" in log, log[-3000:]
+        assert "canary" not in log, log[-3000:]
+
+
 def test_a_resumed_run_logs_into_the_same_mlflow_run(
     server: MlflowServer, tracked_run: Path
 ) -> None:
@@ -268,16 +316,53 @@ def test_a_resumed_run_logs_into_the_same_mlflow_run(
     assert sorted(m.step for m in history) == [1, 2, 3]
 
 
-def test_no_tracking_uri_imports_no_mlflow() -> None:
+def _untracked_env(tmp: Path) -> dict[str, str]:
+    """A simulation's environment with tracking at its default (the suite turns it off)."""
+    drop = (TRACKING_ENV, "MLFLOW_TRACKING_URI")
+    return {k: v for k, v in simulate_env(tmp).items() if k not in drop}
+
+
+def test_tracking_is_on_by_default_in_an_embedded_store(tmp_path: Path) -> None:
+    """No tracking URI, no server: the run logs into ./mlflow.db of its working folder."""
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.run(
+        simulate_command(*RUN, "--run-dir", str(tmp_path / "run"), "--set", "export-dir="),
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_untracked_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tracking:" not in proc.stderr and "INFO mlflow" not in proc.stderr, proc.stderr
+    store = f"sqlite:///{tmp_path.resolve() / DEFAULT_STORE}"
+    linked = json.loads((tmp_path / "run" / TRACKING_FILE).read_text())
+    assert linked["tracking_uri"] == store
+    history = MlflowClient(tracking_uri=store).get_metric_history(linked["run_id"], "accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("uri", "env", "tracked"),
+    [("", {}, True), ("off", {}, False), ("", {TRACKING_ENV: "off"}, False),
+     ("OFF", {TRACKING_ENV: "off"}, False)],
+)  # fmt: skip
+def test_mlflow_is_imported_only_after_the_first_round_and_never_when_off(
+    tmp_path: Path, uri: str, env: dict[str, str], tracked: bool
+) -> None:
     code = (
-        "import sys\n"
+        "import sys, pathlib\n"
+        "from pollinate.rundir.records import RoundRecord\n"
         "from pollinate.rundir.tracking import open_tracker\n"
         "import pollinate.cli.main, pollinate.serverapp.federation\n"
-        "open_tracker(__import__('pathlib').Path('.'), '', {}).finish(None)\n"
-        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"
+        f"tracker = open_tracker(pathlib.Path('.'), {uri!r}, {{}})\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported before the first round'\n"
+        "tracker.log_round(RoundRecord(1, 0.5, 1.0))\n"
+        "tracker.finish(pathlib.Path('.'))\n"
+        "print(type(tracker).__name__, 'mlflow' in sys.modules)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
-        [POLLINATE[0], "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
+        [POLLINATE[0], "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**_untracked_env(tmp_path), **env},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = "MlflowTracker True" if tracked else "NullTracker False"
+    assert proc.stdout.split("\n")[-2] == expected, proc.stdout
+    assert (tmp_path / DEFAULT_STORE).exists() == tracked

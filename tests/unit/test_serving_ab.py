@@ -18,9 +18,10 @@ from scipy import integrate, optimize, stats
 from typer.testing import CliRunner
 
 from pollinate.cli.main import app
-from pollinate.errors import ConfigError
+from pollinate.errors import ConfigError, DataError
 from pollinate.serving.ab_config import ABSettings, ExperimentSettings, VariantSettings
-from pollinate.serving.ab_routing import Experiments, bucket, read_status
+from pollinate.serving.ab_routing import Experiments, bucket
+from pollinate.serving.ab_store import read_status
 from pollinate.serving.abtest import (
     SequentialTest,
     diff_and_variance,
@@ -252,17 +253,20 @@ def test_bad_experiments_name_the_field(
         _load(tmp_path, AB_TOML.replace(*change))
 
 
-def test_five_variants_at_most_and_one_worker(tmp_path: Path) -> None:
+def test_five_variants_at_most(tmp_path: Path) -> None:
     six = [VariantSettings(f"v{i}", "cnn", i + 1, 1 / 6) for i in range(6)]
     with pytest.raises(ConfigError, match=r"\[ab.x\] variants: 6 given; .* 2 to 5"):
         ExperimentSettings("x", "cnn", tuple(six))
-    with pytest.raises(ConfigError, match="experiments need workers = 1"):
-        _load(tmp_path, AB_TOML, workers=2)
+    assert _load(tmp_path, AB_TOML, workers=2).workers == 2  # the workers share the records
 
 
 # --------------------------------------------------------------------------- the split
 def _experiments(
-    tmp_path: Path, metric: str = "accuracy", metrics: ServingMetrics | None = None, **kw: Any
+    tmp_path: Path,
+    metric: str = "accuracy",
+    metrics: ServingMetrics | None = None,
+    memory: int = 100_000,
+    **kw: Any,
 ) -> Experiments:
     variants = (
         VariantSettings("control", "cnn", 3, 0.5),
@@ -270,7 +274,7 @@ def _experiments(
         VariantSettings("small", "small", None, 0.2),
     )
     exp = ExperimentSettings("exp", "cnn", variants, metric=metric, min_samples=5, **kw)  # type: ignore[arg-type]
-    ab = ABSettings((exp,), state_dir=tmp_path / "state")
+    ab = ABSettings((exp,), state_dir=tmp_path / "state", memory=memory)
     experiments = Experiments(ab, metrics or ServingMetrics())
     spec = ModelSpec("cnn", "onnxruntime_onnx", 8, (TensorMeta("x", "FP32", (-1, 4)),),
                      (TensorMeta("logits", "FP32", (-1, 3)),))  # fmt: skip
@@ -342,8 +346,7 @@ def test_feedback_scores_the_remembered_answer_once(tmp_path: Path) -> None:
 
 
 def test_the_memory_is_bounded(tmp_path: Path) -> None:
-    experiments = _experiments(tmp_path)
-    experiments._by_model["cnn"]._memory = 3
+    experiments = _experiments(tmp_path, memory=3)
     a = experiments.route("cnn", "bob")
     assert a is not None
     for i in range(5):
@@ -382,3 +385,55 @@ def test_the_counts_survive_a_restart_and_ab_status_shows_them(tmp_path: Path) -
     )
     reports = json.loads(result.output)[0]["reports"]
     assert [r["n"] for r in reports] == [a.n for a in again._by_model["cnn"].test.arms]
+
+
+def test_two_workers_share_the_answers_and_the_outcomes_in_one_order(tmp_path: Path) -> None:
+    """Two Experiments on one state dir, as two `--workers` processes hold them: feedback
+    reaches either, an answer takes one outcome whichever worker gets it, and both tests (and
+    `ab status`, before any save) count every outcome in the store's order."""
+    first, second = _experiments(tmp_path, metric="reward"), _experiments(tmp_path, metric="reward")
+    logits = {"logits": np.zeros((1, 3), np.float32)}
+    for i in range(40):
+        answering, told = (first, second) if i % 2 else (second, first)
+        a = answering.route("cnn", f"u{i}")
+        assert a is not None
+        answering.answered(a, f"r{i}", logits)
+        status, reply = told.feedback("cnn", f'{{"id": "r{i}", "reward": {i % 7}}}'.encode())
+        assert status == 200 and reply["variant"] == a.variant, reply
+        assert answering.feedback("cnn", f'{{"id": "r{i}", "reward": 1}}'.encode())[0] == 409
+    assert second.feedback("cnn", b'{"id": "never", "reward": 1}')[0] == 404
+    for exp in (first, second):
+        held = exp._by_model["cnn"]
+        assert held.store is not None
+        held.catch_up(held.store.outcomes(held.seq))
+    one, two = (e._by_model["cnn"].test.to_dict() for e in (first, second))
+    assert one == two and sum(arm["n"] for arm in one["arms"]) == 40
+
+    async def save() -> None:  # the first worker saves; the second goes on alone
+        first.start()
+        await first.close()
+
+    asyncio.run(save())
+    a = second.route("cnn", "late")
+    assert a is not None
+    second.answered(a, "late", logits)
+    assert second.feedback("cnn", b'{"id": "late", "reward": 3}')[0] == 200
+    (status,) = read_status(tmp_path / "state")  # the saved 40 and the one after
+    assert sum(r.n for r in status.reports) == 41
+
+
+def test_a_state_file_ahead_of_its_outcome_store_is_refused(tmp_path: Path) -> None:
+    experiments = _experiments(tmp_path, metric="reward")
+    a = experiments.route("cnn", "u")
+    assert a is not None
+    experiments.answered(a, "r", {"logits": np.zeros((1, 3), np.float32)})
+    assert experiments.feedback("cnn", b'{"id": "r", "reward": 1}')[0] == 200
+    asyncio.run(_start_and_close(experiments))
+    (tmp_path / "state" / "exp.sqlite").unlink()
+    with pytest.raises(DataError, match=r"counts outcomes up to number 1, but .* holds fewer"):
+        _experiments(tmp_path, metric="reward")
+
+
+async def _start_and_close(experiments: Experiments) -> None:
+    experiments.start()
+    await experiments.close()

@@ -98,8 +98,8 @@ def test_a_stuck_server_never_blocks_the_run(
     tracker.finish(tmp_path)
 
 
-def test_no_uri_is_no_tracking(tmp_path: Path) -> None:
-    tracker = tracking.open_tracker(tmp_path, "", {"seed": 1})
+def test_off_is_no_tracking(tmp_path: Path) -> None:
+    tracker = tracking.open_tracker(tmp_path, "off", {"seed": 1})
     tracker.log_round(_record(1))
     tracker.finish(tmp_path)
     assert tracker.run_id is None
