@@ -34,7 +34,8 @@ def run_command(
     state_dir: Annotated[Path, typer.Option(help="The --state-dir of `pollinate server start`.")],
     rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Server rounds.")] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
+        str | None,
+        typer.Option(help="fedavg, fedavgm, fedprox, fedadam, fedyogi or fedbuff (async)."),
     ] = None,
     epsilon_budget: Annotated[
         float | None, typer.Option(help="Per-client sample-level epsilon budget.")

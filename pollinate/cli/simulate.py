@@ -59,7 +59,8 @@ def simulate_command(
         float | None, typer.Option(help="Fraction of clients sampled per round.")
     ] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")
+        str | None,
+        typer.Option(help="fedavg, fedavgm, fedprox, fedadam, fedyogi or fedbuff (async)."),
     ] = None,
     robust: Annotated[str | None, typer.Option(help="none, krum or trimmed-mean.")] = None,
     model: Annotated[
@@ -187,6 +188,8 @@ def simulate_command(
       pollinate simulate --dp none --client-dp ftrl-banded --target-epsilon 2 --strategy fedavgm
 
       pollinate simulate --strategy fedadam --partitioner dirichlet --set dirichlet-alpha=0.3
+
+      pollinate simulate --strategy fedbuff --set buffer-size=10 --set latency-median-s=10
 
       pollinate simulate --resume runs/demo
 
