@@ -26,7 +26,13 @@ from pollinate.errors import PollinateError
 from pollinate.log import logger
 from pollinate.serverapp.population import PartitionRange
 
-__all__ = ["NodeDirectory", "SampledGrid", "reply_node"]
+__all__ = ["QUERY_TIMEOUT_S", "NodeDirectory", "SampledGrid", "reply_node"]
+
+#: How long a node has to tell its client key. A reply lost on the way (a busy SuperLink's
+#: SQLite state says "database is locked") must not hold the round for its whole timeout.
+QUERY_TIMEOUT_S = 60.0
+#: ... plus this per node asked (Flower's simulation answers one query in about 14 ms)
+QUERY_S_PER_NODE = 0.05
 
 
 def reply_node(reply: Message, sent: Iterable[Message]) -> int:
@@ -162,15 +168,20 @@ class NodeDirectory:
             )
             for n in new
         ]
-        for reply in self._grid.send_and_receive(messages, timeout=self._timeout):
+        timeout = min(self._timeout, QUERY_TIMEOUT_S + QUERY_S_PER_NODE * len(new))
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
             src = reply_node(reply, messages)
             if reply.has_error():
                 logger.warning("node %d did not identify itself: %s", src, reply.error.reason)
                 continue
             info = reply.content.config_records.get("info")
             self._keys[src] = str(info["client"]) if info and "client" in info else f"n{src}"
-        for n in new:
-            self._keys.setdefault(n, f"n{n}")
+        missing = [n for n in new if n not in self._keys]
+        if missing:  # not sampled until they answer: asked again at the next refresh
+            logger.warning(
+                "%d node(s) did not identify themselves within %.0f s; they are asked again "
+                "next round", len(missing), timeout,
+            )  # fmt: skip
 
     def nodes(self) -> dict[int, str]:
         """Node id -> client key of every node identified so far."""

@@ -258,3 +258,26 @@ def test_a_model_torch_func_cannot_vectorise_trains_client_by_client_with_the_sa
         for key, value in vectorised[node].items():
             np.testing.assert_allclose(alone[node][key], value, rtol=1e-5, atol=1e-5)
             assert np.abs(value - start[key]).max() > 1e-3  # and both did train
+
+
+def test_a_node_that_does_not_identify_itself_is_not_sampled_until_it_does() -> None:
+    """A lost or failed ``query`` reply leaves the node unknown (never a made-up key) and it
+    is asked again at the next refresh."""
+    from pollinate.clientapp.app import app as pollinate_app
+
+    failing = {"left": 1}
+
+    def flaky(msg: Message, context: object) -> Message:
+        if msg.metadata.dst_node_id == first and failing["left"] > 0:
+            failing["left"] -= 1
+            raise RuntimeError("lost on the way")
+        return pollinate_app(msg, context)  # type: ignore[arg-type]
+
+    grid = LocalGrid(4, client_app=flaky)  # type: ignore[arg-type]
+    first = next(iter(grid.get_node_ids()))
+    directory = NodeDirectory(grid, timeout=5)
+    directory.refresh()
+    assert first not in directory.nodes() and len(directory.nodes()) == 3
+    assert first not in directory.sample(4, np.random.default_rng(0))
+    directory.refresh()
+    assert directory.nodes()[first] == "p000000" and len(directory.nodes()) == 4
