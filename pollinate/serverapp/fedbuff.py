@@ -42,14 +42,13 @@ from pollinate.log import logger
 from pollinate.protocol import record_of
 from pollinate.rundir.records import RoundRecord
 from pollinate.serverapp.buffer_journal import BufferEntry, BufferJournal
-from pollinate.serverapp.evaluation import accuracy_of, central_eval, federated_eval
 from pollinate.serverapp.nodes import SampledGrid
 from pollinate.serverapp.rounds import (
     RoundCounts,
     account_reply,
     aggregate_sorted,
+    evaluate_round,
     record_client_level,
-    sample_level_epsilons,
     seed_globals,
     who_may_train,
 )
@@ -145,20 +144,7 @@ class BufferedRounds:
         with phase("aggregation"):
             train_metrics, keys = self._release(rnd, entries)
             client_eps = record_client_level(run, rnd, keys)
-        with phase("evaluation"):
-            central = central_eval(run.model, run.arrays, run.data, run.task)
-            federated = federated_eval(run, rnd)
-        max_eps, median_eps = sample_level_epsilons(run)
-        return RoundRecord(
-            server_round=rnd, accuracy=accuracy_of(central), loss=central.loss,
-            metrics=central.metrics, sampled=counts.sampled, replied=counts.replied,
-            declined=counts.declined, rejected=counts.rejected, failed=counts.failed,
-            refused=counts.refused, stale=counts.stale,
-            train_loss=train_metrics.get("train-loss"),
-            train_accuracy=train_metrics.get("train-accuracy"), federated_accuracy=federated,
-            max_epsilon=max_eps, median_epsilon=median_eps, client_level_epsilon=client_eps,
-            seconds=time.monotonic() - started,
-        )  # fmt: skip
+        return evaluate_round(run, rnd, counts, train_metrics, client_eps, started=started)
 
     # ------------------------------------------------------------------ sending
     def _refill(self, rnd: int, replied: set[str], counts: RoundCounts, refill: int) -> int:

@@ -10,6 +10,7 @@ persistence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,18 +19,19 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from pollinate.config import RunSettings, StrategyName
+from pollinate.log import logger
 from pollinate.rundir.records import RoundRecord
 from pollinate.rundir.tracking import open_tracker
 from pollinate.serverapp import events
 from pollinate.serverapp.fedbuff import BufferedRounds
 from pollinate.serverapp.finish import finish_run
-from pollinate.serverapp.rounds import log_round, play_round
+from pollinate.serverapp.rounds import play_round
 from pollinate.serverapp.setup import start_run
 from pollinate.serverapp.state import save_round
 from pollinate.serverapp.tracing import RoundTracing
 from pollinate.serverapp.transport import PollingGrid, now_of
 
-__all__ = ["RunResult", "run_federation"]
+__all__ = ["RunResult", "log_round", "run_federation"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,17 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     privacy = finish_run(run, tracker)
     tracker.finish(run.run_dir)
     return RunResult(run_dir=run.run_dir, history=run.history, privacy=privacy, model=run.arrays)
+
+
+def log_round(record: RoundRecord) -> None:
+    """One log line for a completed round."""
+    logger.info(
+        "round %d: accuracy %.4f loss %.4f | sampled %d replied %d declined %d rejected %d "
+        "failed %d | %.1f s",
+        record.server_round, _or_nan(record.accuracy), _or_nan(record.loss), record.sampled,
+        record.replied, record.declined, record.rejected, record.failed, record.seconds or 0.0,
+    )  # fmt: skip
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -11,7 +11,6 @@ federated evaluation -> the round's :class:`~pollinate.rundir.records.RoundRecor
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import Counter
@@ -42,8 +41,8 @@ __all__ = [
     "RoundCounts",
     "account_reply",
     "aggregate_sorted",
+    "evaluate_round",
     "ledger_enabled",
-    "log_round",
     "play_round",
     "record_client_level",
     "sample_level_epsilons",
@@ -114,6 +113,20 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         train_metrics = _aggregate(run, rnd, accepted)
         keys = [run.directory.key_of(m.metadata.src_node_id) for m in accepted]
         client_eps = record_client_level(run, rnd, keys)
+    return evaluate_round(run, rnd, counts, train_metrics, client_eps, started=started)
+
+
+def evaluate_round(
+    run: RunState,
+    rnd: int,
+    counts: RoundCounts,
+    train_metrics: dict[str, float],
+    client_eps: float | None,
+    *,
+    started: float,
+) -> RoundRecord:
+    """Central and federated evaluation after round ``rnd``'s aggregate; its record
+    (``started``: the round's ``time.monotonic()`` at its start)."""
     with phase("evaluation"):
         central = central_eval(run.model, run.arrays, run.data, run.task)
         federated = federated_eval(run, rnd)
@@ -123,12 +136,7 @@ def play_round(run: RunState, rnd: int) -> RoundRecord | None:
         accuracy=accuracy_of(central),
         loss=central.loss,
         metrics=central.metrics,
-        sampled=counts.sampled,
-        replied=counts.replied,
-        declined=counts.declined,
-        rejected=counts.rejected,
-        failed=counts.failed,
-        refused=counts.refused,
+        **vars(counts),  # sampled, replied, declined, rejected, failed, refused, stale
         train_loss=train_metrics.get("train-loss"),
         train_accuracy=train_metrics.get("train-accuracy"),
         federated_accuracy=federated,
@@ -382,17 +390,3 @@ def sample_level_epsilons(run: RunState) -> tuple[float | None, float | None]:
     if not ledger_enabled(sample_level):
         return None, None
     return sample_level.get("max_epsilon"), sample_level.get("median_epsilon")
-
-
-def log_round(record: RoundRecord) -> None:
-    """One log line for a completed round."""
-    logger.info(
-        "round %d: accuracy %.4f loss %.4f | sampled %d replied %d declined %d rejected %d "
-        "failed %d | %.1f s",
-        record.server_round, _or_nan(record.accuracy), _or_nan(record.loss), record.sampled,
-        record.replied, record.declined, record.rejected, record.failed, record.seconds or 0.0,
-    )  # fmt: skip
-
-
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
