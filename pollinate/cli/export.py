@@ -144,13 +144,19 @@ def export_command(
 
 
 def _tracking_uri(run_dir: Path, given: str | None) -> str:
-    """The registry to register in: the flag (or $MLFLOW_TRACKING_URI), else the run's own."""
+    """The registry to register in: the flag (or $MLFLOW_TRACKING_URI), else the run's own
+    ``tracking-uri`` setting, else the store the run was tracked into (``mlflow.json``, which
+    is how a run tracked by default into ``./mlflow.db`` is found from any folder)."""
     if given is None:
         try:
             settings = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["settings"]
             given = str(settings.get("tracking-uri", ""))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return ""
+            given = ""
+        if not given.strip():
+            from pollinate.rundir.tracking import read_tracking_file
+
+            given = read_tracking_file(run_dir).get("tracking_uri", "")
     return "" if given.strip().lower() == "off" else given
 
 

@@ -335,8 +335,24 @@ def test_tracking_is_on_by_default_in_an_embedded_store(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path.resolve() / DEFAULT_STORE}"
     linked = json.loads((tmp_path / "run" / TRACKING_FILE).read_text())
     assert linked["tracking_uri"] == store
-    history = MlflowClient(tracking_uri=store).get_metric_history(linked["run_id"], "accuracy")
+    client = MlflowClient(tracking_uri=store)
+    history = client.get_metric_history(linked["run_id"], "accuracy")
     assert sorted(m.step for m in history) == [1, 2]
+    # a later `pollinate export`, from another folder and with no URI, registers the bundle in
+    # the store the run was tracked into (it finds it through RUN_DIR/mlflow.json)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [*POLLINATE, "export", str(tmp_path / "run"), "--format", "onnx", "--precision", "fp32",
+         "--out", str(elsewhere / "bundle.tar.gz")],
+        capture_output=True, text=True, timeout=300, cwd=elsewhere,
+        env=_untracked_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"registered cnn version 1 (candidate) at {store}" in proc.stdout, proc.stdout
+    assert not (elsewhere / DEFAULT_STORE).exists()
+    (version,) = client.search_model_versions("name='cnn'")
+    assert version.run_id == linked["run_id"]
 
 
 @pytest.mark.parametrize(
