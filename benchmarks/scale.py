@@ -2,12 +2,15 @@
 
 For each fleet size in ``--sizes``, a fresh federation (``pollinate certs``, ``pollinate
 server start`` with TLS and node authentication, that many ``pollinate edge run`` daemons
-with the default warm executor, each on its own slice of the built-in data) is started and
-measured once every SuperNode is online:
+with warm executors, each on its own slice of the built-in data) is started and measured
+once every SuperNode is online. By default the executors are forked from one zygote
+(``pollinate edge zygote``: devices sharing a host share its imports); ``--no-zygote`` gives
+each device a warm executor of its own.
 
 * memory: the SuperLink's process (RSS), the whole server tree (SuperLink, SuperExec,
   wrapper), and each device's tree (daemon, SuperNode, warm executor) as PSS, so shared
-  library pages are divided between the processes that map them;
+  library pages are divided between the processes that map them (with a zygote, its tree
+  (every executor and task fork) is divided between the devices);
 * the SuperLink's CPU over 30 s with every node online and no run (heartbeats, polling);
 * a run of ``--rounds`` synchronous rounds in which every device trains (DP-SGD, the
   defaults): median seconds a round, the SuperLink's CPU seconds a round.
@@ -27,10 +30,13 @@ JSON on stdout and in ``benchmarks/results/scale.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._measure import RESULTS, write_json
 from benchmarks.federation import machine, read_metrics, say
 from tests.support.federation import Federation, FederationError
+from tests.support.processes import POLLINATE, Proc, stop_group, wait_until
 
 MB = 2**20
 IDLE_S = 30.0  # seconds the SuperLink's CPU is watched with every node online and no run
@@ -82,17 +89,44 @@ def _cpu_s(proc: psutil.Process | None) -> float:
     return float(times.user + times.system)
 
 
-def measure(size: int, rounds: int, root: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _zygote(root: Path, on: bool) -> Iterator[tuple[list[str], Proc | None]]:
+    """A zygote for the fleet (``pollinate edge zygote``) and the daemons' flag for it."""
+    if not on:
+        yield [], None
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "zygote.sock"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    zygote = Proc.spawn("zygote", [*POLLINATE, "edge", "zygote", str(sock)], root / "z.log", env)
+    try:
+        wait_until("the zygote", sock.is_socket, 300)
+        yield ["--zygote", str(sock)], zygote
+    finally:
+        stop_group(zygote.popen)
+
+
+def measure(size: int, rounds: int, root: Path, zygote: bool = True) -> dict[str, Any]:
     """One fleet of ``size`` devices: memory once online, then a run."""
-    say(f"fleet of {size}: starting")
-    fed = Federation(root / f"fleet-{size}", size, daemon_nice=10, say=say)
+    say(f"fleet of {size}: starting" + (" (one zygote)" if zygote else ""))
+    with _zygote(root / f"zygote-{size}", zygote) as (flag, host):
+        fed = Federation(root / f"fleet-{size}", size, daemon_nice=10, say=say,
+                         device_args=lambda _: list(flag))  # fmt: skip
+        return _measure_fleet(fed, size, rounds, root, host)
+
+
+def _measure_fleet(
+    fed: Federation, size: int, rounds: int, root: Path, host: Proc | None
+) -> dict[str, Any]:
     with fed:
         started = fed.start(timeout=1200)
         time.sleep(10)  # the executors' imports settle
         link = _superlink(fed)
         assert fed.server is not None
         server_pss = _pss_mb(_tree(fed.server.popen.pid))
-        devices = [_pss_mb(_tree(d.popen.pid)) for d in fed.daemons]
+        own = [_pss_mb(_tree(d.popen.pid)) for d in fed.daemons]
+        shared = _pss_mb(_tree(host.popen.pid)) if host is not None else 0.0
+        devices = [mb + shared / size for mb in own]  # the zygote's share, executors included
         link_rss = link.memory_info().rss / MB if link is not None else None
         say(f"  online after {started['start_s']:.0f} s; SuperLink RSS {link_rss:.0f} MB, "
             f"devices {statistics.fmean(devices):.0f} MB PSS each")  # fmt: skip
@@ -117,6 +151,8 @@ def measure(size: int, rounds: int, root: Path) -> dict[str, Any]:
         "start_s": round(started["start_s"], 1),
         "superlink_rss_mb": None if link_rss is None else round(link_rss, 1),
         "server_tree_pss_mb": round(server_pss, 1),
+        "zygote": host is not None,
+        "zygote_tree_pss_mb": round(shared, 1) if host is not None else None,
         "device_pss_mb_mean": round(statistics.fmean(devices), 1),
         "devices_pss_mb_total": round(sum(devices), 1),
         "round_s_median": round(statistics.median(seconds), 2) if seconds else None,
@@ -129,10 +165,10 @@ def measure(size: int, rounds: int, root: Path) -> dict[str, Any]:
     return result
 
 
-def _measured(size: int, rounds: int, root: Path) -> dict[str, Any]:
+def _measured(size: int, rounds: int, root: Path, zygote: bool) -> dict[str, Any]:
     """:func:`measure`, or what went wrong (the other sizes are still reported)."""
     try:
-        return measure(size, rounds, root)
+        return measure(size, rounds, root, zygote)
     except FederationError as err:
         say(f"fleet of {size} failed: {err}")
         return {"nodes": size, "status": f"failed: {str(err)[:300]}"}
@@ -151,6 +187,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,25,50")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-gb", type=float, default=16.0)
+    parser.add_argument(
+        "--zygote", action=argparse.BooleanOptionalAction, default=True,
+        help="fork every device's warm executor from one zygote (--no-zygote: one each)",
+    )  # fmt: skip
     options = parser.parse_args()
     sizes = [int(s) for s in options.sizes.split(",")]
     budget_mb = options.memory_gb * 1024
@@ -168,9 +208,9 @@ def main() -> None:
                     room = budget_mb - last["server_tree_pss_mb"]
                     fits = int(room // (last["device_pss_mb_mean"] * 1.02))  # PSS grows a bit
                     if fits > last["nodes"]:  # the largest fleet that fits, instead
-                        runs.append(_measured(fits, options.rounds, Path(tmp)))
+                        runs.append(_measured(fits, options.rounds, Path(tmp), options.zygote))
                     break
-            runs.append(_measured(size, options.rounds, Path(tmp)))
+            runs.append(_measured(size, options.rounds, Path(tmp), options.zygote))
     ok = [r for r in runs if r["status"] == "finished:completed"]
     per_node = _slope([r["nodes"] for r in ok], [r["superlink_rss_mb"] or 0.0 for r in ok])
     cpu_per_node = _slope([r["nodes"] for r in ok], [r["superlink_cpu_s_per_round"] for r in ok])
@@ -206,6 +246,7 @@ def main() -> None:
         "extrapolation_10k": extrapolation,
         "runs": runs,
         "not_run": skipped,
+        "zygote": options.zygote,
         "goal": {"max_nodes": 50},
         "machine": machine(),
     }

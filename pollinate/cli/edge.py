@@ -184,6 +184,20 @@ def run_command(
             "once; cold: a fresh process per message (Flower's)."
         ),
     ] = "warm",
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between asks for work while a run is active (Flower's 3 s when "
+            "idle); shorter starts rounds sooner and costs the SuperLink more requests."
+        ),
+    ] = 0.5,
+    zygote: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fork the warm executor from this host's zygote (`pollinate edge zygote "
+            "SOCKET`): many devices on one machine share its memory."
+        ),
+    ] = None,
     window: Annotated[
         str | None, typer.Option(help="Train only between HH:MM-HH:MM (local time).")
     ] = None,
@@ -269,9 +283,36 @@ def run_command(
         dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
         max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
         allowed_imports=tuple(allow_import or ()), executor=executor,
+        poll_interval=poll_interval, zygote=zygote,
     )  # fmt: skip
     code = EdgeDaemon(settings).run()
     raise typer.Exit(code=code)
+
+
+@edge_app.command("zygote")
+def zygote_command(
+    socket_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SOCKET", help="The Unix socket daemons attach to (private to this user)."
+        ),
+    ],
+) -> None:
+    """One warm process for every device on this host: it imports torch, Opacus, Flower and
+    the ClientApp once, and each `pollinate edge run --zygote SOCKET` gets its warm executor
+    forked from it (pages shared copy-on-write) instead of a process that imports them all.
+    For many devices on one machine (an emulated fleet, a gateway); a device alone on its
+    machine needs none. Runs until SIGTERM or Ctrl-C.
+
+    Example:
+
+      pollinate edge zygote /tmp/fleet/zygote.sock &
+      pollinate edge run --superlink 10.0.0.5:9093 --root-certificates ca.crt \\
+        --key device.key --state-dir state --data mine.npz --zygote /tmp/fleet/zygote.sock
+    """
+    from pollinate.device.zygote import serve
+
+    serve(socket_path)
 
 
 @edge_app.command("rollback")

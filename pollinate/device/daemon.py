@@ -1,6 +1,7 @@
 """``pollinate edge run``: the device daemon around Flower's SuperNode.
 
-It runs ``flower-supernode`` with TLS and this device's authentication key, pointing the
+It runs Flower's ``flower-supernode`` (paced: ``device/supernode.py``, ``--poll-interval``)
+with TLS and this device's authentication key, pointing the
 pollinate ClientApp at the device's own data and state directory (node config ``data-path``,
 ``state-dir``, ``epsilon-budget``), and supervises it:
 
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollinate._atomic import atomic_write_text
+from pollinate.device.supernode import DEFAULT_POLL_S, POLL_ENV, poll_interval
+from pollinate.device.zygote import check_zygote
 from pollinate.errors import ConfigError
 from pollinate.protocol import NodeKey
 
@@ -111,6 +114,10 @@ class DaemonSettings:
     #: warm: ClientApp tasks run in forks of one process that imported torch and the app once
     #: (``device/warm_executor.py``); cold: Flower's fresh ``flwr-clientapp`` per message
     executor: str = "warm"
+    #: seconds between the SuperNode's pulls while a run is active (``device/supernode.py``)
+    poll_interval: float = DEFAULT_POLL_S
+    #: a zygote's socket (``pollinate edge zygote``): the warm executor is forked from it
+    zygote: Path | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:
@@ -137,6 +144,9 @@ class DaemonSettings:
             raise ConfigError(f"--epsilon-budget must be positive, got {self.epsilon_budget}")
         if self.executor not in ("warm", "cold"):
             raise ConfigError(f"--executor must be warm or cold, got {self.executor!r}")
+        poll_interval(self.poll_interval)  # one ConfigError when out of range
+        if self.zygote is not None:
+            check_zygote(Path(self.zygote), self.executor)
         if self.dp not in ("sample", "none"):
             raise ConfigError(f"--dp must be sample or none, got {self.dp!r}")
         if not self.min_noise_multiplier >= 0:
@@ -214,7 +224,7 @@ class EdgeDaemon:
         s = self.settings
         isolation = ["--isolation", "process"] if s.executor == "warm" else []
         return [
-            str(Path(sys.executable).parent / "flower-supernode"),
+            sys.executable, "-m", "pollinate.device.supernode",  # Flower's, paced
             "--superlink", s.superlink,
             "--root-certificates", str(Path(s.root_certificates).resolve()),
             "--auth-supernode-private-key", str(Path(s.key).resolve()),
@@ -223,9 +233,13 @@ class EdgeDaemon:
         ]  # fmt: skip
 
     def executor_command(self) -> list[str]:
-        """The warm executor, polling the SuperNode's runtime API for tasks."""
-        return [sys.executable, "-m", "pollinate.device.warm_executor",
-                "--runtime-api-address", f"127.0.0.1:{self._port}"]  # fmt: skip
+        """The warm executor, polling the SuperNode's runtime API for tasks (forked from the
+        zygote, through an attachment that stands for it, with ``--zygote``)."""
+        args = ["--runtime-api-address", f"127.0.0.1:{self._port}"]
+        if self.settings.zygote is not None:
+            zygote = str(Path(self.settings.zygote).resolve())
+            return [sys.executable, "-m", "pollinate.device.zygote", "attach", zygote, "--", *args]
+        return [sys.executable, "-m", "pollinate.device.warm_executor", *args]
 
     def _env(self) -> dict[str, str]:
         threads = str(self.settings.threads)
@@ -234,6 +248,7 @@ class EdgeDaemon:
             "FLWR_HOME": str((Path(self.settings.state_dir) / "flwr").resolve()),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            POLL_ENV: str(self.settings.poll_interval),
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             "OPENBLAS_NUM_THREADS": threads,

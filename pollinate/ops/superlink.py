@@ -1,7 +1,8 @@
 """``pollinate server start``: Flower's SuperLink with TLS, SuperNode authentication and state
 on disk, plus the flwr CLI connection that talks to it.
 
-Built on Flower's own tools: ``flower-superlink`` runs as a child process with
+Built on Flower's own tools: ``flower-superlink`` (through ``ops/flower_superlink.py``, which
+gives its SQLite state 60 s for the write lock, not 5 s) runs as a child process with
 ``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``, ``--enable-supernode-auth`` (only
 registered SuperNode public keys may connect) and ``--database STATE_DIR/superlink.db`` (a
 restarted SuperLink keeps its runs and its registered nodes). Trusted keys are registered
@@ -186,7 +187,7 @@ def _wait_tls(
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
     certs = Path(settings.certs).resolve()
     return [
-        str(Path(sys.executable).parent / "flower-superlink"),
+        sys.executable, "-m", "pollinate.ops.flower_superlink",  # Flower's, patient SQLite
         "--ssl-ca-certfile", str(certs / "ca.crt"),
         "--ssl-certfile", str(certs / "server.pem"),
         "--ssl-keyfile", str(certs / "server.key"),

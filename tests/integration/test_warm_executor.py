@@ -1,7 +1,8 @@
 """The warm ClientApp executor on a real federation (SuperLink with TLS and node
 authentication, two `pollinate edge run` daemons): a device whose task forks are SIGKILLed in
 round 2 costs that round one reply, while the daemon, its SuperNode and the warm executor
-itself go on, and the device trains again in round 3.
+itself go on, and the device trains again in round 3. With a zygote (`pollinate edge zygote`)
+both devices' executors are forks of one process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from tests.support.federation import Federation, rounds_done
-from tests.support.processes import wait_until
+from tests.support.processes import POLLINATE, Proc, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROUNDS = 3
@@ -64,3 +65,51 @@ def test_a_killed_fork_costs_one_reply_and_the_device_trains_on(tmp_path: Path) 
         for entry in privacy:
             rounds_of.setdefault(entry["client"], []).append(entry["server_round"])
         assert sorted(map(len, rounds_of.values())) == [2, 3], rounds_of
+
+
+def test_devices_on_one_host_share_a_zygote_and_a_lost_attachment_stops_its_executor(
+    tmp_path: Path,
+) -> None:
+    """Two daemons with `--zygote`: both executors are forks of one zygote (their own memory
+    a fraction of it) and a run completes; killing a daemon's attachment (SIGKILL) makes the
+    zygote stop that executor, and the daemon attaches a new one."""
+    sock = tmp_path / "zygote.sock"
+    zygote = Proc.spawn(
+        "zygote", [*POLLINATE, "edge", "zygote", str(sock)], tmp_path / "zygote.log",
+        {**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        wait_until("the zygote", sock.is_socket, 180)
+        fed = Federation(tmp_path / "fed", 2, device_args=lambda _: ["--zygote", str(sock)])
+        with fed:
+            fed.start()
+            run_dir = tmp_path / "run"
+            fed.start_run(run_dir, [
+                "--rounds", "2", "--round-timeout", "60", "--min-train-nodes", "2",
+                "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
+                "--set", "partitioner=resample", "--set", "samples-per-client=96",
+            ])  # fmt: skip
+            final = fed.wait_finished("the run", 400)
+            assert final["status"] == "finished:completed", final
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert [m["replied"] for m in metrics[1:]] == [2, 2], metrics
+
+            parent = psutil.Process(zygote.popen.pid)
+            executors = {p.pid for p in parent.children()}
+            assert len(executors) == 2, zygote.tail()
+            shared = parent.memory_info().rss
+            for pid in executors:  # what an executor has of its own, after two rounds
+                assert psutil.Process(pid).memory_full_info().uss < shared / 2
+
+            os.kill(int(fed.daemon_status(0)["executor_pid"]), signal.SIGKILL)
+
+            def replaced() -> bool:
+                now = {p.pid for p in parent.children()}
+                return len(now) == 2 and len(executors - now) == 1
+
+            wait_until("the zygote to stop the lost executor and fork a new one", replaced, 120)
+            assert fed.daemon_status(0)["restarts"] == 1
+    finally:
+        zygote.popen.send_signal(signal.SIGTERM)
+        zygote.popen.wait(timeout=30)
+    assert not sock.exists()

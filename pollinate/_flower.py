@@ -1,0 +1,71 @@
+"""Flower's object pulls, paced for rounds of seconds (flwr 1.42).
+
+A Flower message travels as a tree of objects that every hop pulls after the message itself:
+the SuperNode from the SuperLink, the ClientApp from its SuperNode, the ServerApp (replies)
+from the SuperLink. A hop that asks before the previous one has stored the objects (the
+SuperNode hands the task to its executor before it pulled the objects; a device pushes a
+reply's objects after the reply) gets "unavailable" and backs off 1 s, then 2, 4, ... 10 s.
+On a fleet of small models that was a 1-3 s stall in most messages, both ways.
+
+:func:`pace_object_pulls` makes those retries start at :data:`FIRST_RETRY_S` and stop
+growing at :data:`LONGEST_RETRY_S`; the number of tries grows to match, so a slow upload is
+waited for as long as before (Flower's two-hour limit for the whole pull still holds). It
+changes the defaults of Flower's own functions, so every caller in the process (Flower's
+SuperNode loop, ClientApp runtime and grid) gets them; it is called where those processes
+start: ``device/supernode.py``, ``device/warm_executor.py`` and the ServerApp.
+
+:func:`patient_sqlite` is for the SuperLink (``ops/flower_superlink.py``): its SQLite state
+gives a writer 5 s to get the lock, then answers "database is locked" and the message in
+hand is lost. With 25-40 devices on two busy cores that lost replies; it waits 60 s instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FIRST_RETRY_S",
+    "LONGEST_RETRY_S",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "pace_object_pulls",
+    "patient_sqlite",
+]
+
+FIRST_RETRY_S = 0.05
+LONGEST_RETRY_S = 1.0
+#: tries per object: Flower's 500 at up to 10 s apart, at up to 1 s apart
+_TRIES = 5000
+
+
+def pace_object_pulls() -> bool:
+    """Pace Flower's object-pull retries in this process; ``False`` (and nothing changed)
+    when this Flower's pull functions no longer take those settings."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    keys = ("initial_backoff", "backoff_cap", "max_tries_per_object")
+    defaults = [getattr(f, "__kwdefaults__", None) or {} for f in functions]
+    if not all(all(k in d for k in keys) for d in defaults):
+        return False
+    for kw in defaults:
+        kw.update(
+            initial_backoff=FIRST_RETRY_S, backoff_cap=LONGEST_RETRY_S, max_tries_per_object=_TRIES
+        )
+    return True
+
+
+#: how long a SuperLink's SQLite connection waits for the write lock (Flower's: 5 s)
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def patient_sqlite() -> bool:
+    """Give this process's Flower SQLite connections :data:`SQLITE_BUSY_TIMEOUT_MS` to get
+    the write lock; ``False`` (nothing changed) when this Flower sets its pragmas otherwise."""
+    from flwr.supercore import sql_mixin
+
+    pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS", None)
+    if not isinstance(pragmas, tuple) or not any(name == "busy_timeout" for name, _ in pragmas):
+        return False
+    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[attr-defined,assignment]
+        (name, str(SQLITE_BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
+        for name, value in pragmas
+    )
+    return True
