@@ -27,6 +27,20 @@ Measured in one invocation:
    restarted SuperNodes are already back online by then (their old instructions are never
    answered), at the timeout.
 
+3. **Cold executors.** The same real run on a fresh federation whose daemons run
+   ``--executor cold`` (Flower's fresh ``flwr-clientapp`` per message).
+4. **Stragglers** (``benchmarks/stragglers.py``): a fresh federation whose devices emulate
+   one latency model (``--emulate-latency``: a fifth of them 10x slower); wall time to
+   ``--target`` accuracy for FedBuff against synchronous FedAvg, and the same pair on the
+   fast engine with the same model.
+5. **Scale** (``benchmarks/scale.py``): fleets of ``--scale-sizes`` devices on one zygote,
+   one round each: ``max_nodes`` and the SuperLink's RSS per node (slope over the sizes).
+
+The issue's keys head the JSON: ``real_warm_s_per_round``, ``sim_warm_s_per_round`` (fast
+engine, rounds 2..N) and ``real_over_sim`` (goal <= 3), ``real_cold_s_per_round`` and
+``cold_real_over_sim``, ``max_nodes`` and ``superlink_rss_mb_per_node``,
+``fedbuff_time_to_target_s``, ``sync_time_to_target_s`` and ``fedbuff_over_sync`` (goal <= 0.5).
+
 Sim runs go first, with the federation not yet started. On the federation, an unmeasured
 one-round warm-up run comes first (``--warmup-rounds``: every device installs the App and
 starts its first ClientApp), so the two measured real runs start alike. The daemons run at
@@ -45,7 +59,8 @@ left alone). Every process is stopped at the end, on errors and on Ctrl-C or SIG
 
 Usage::
 
-    python benchmarks/federation.py                                   # 10 devices, 4 rounds
+    python benchmarks/federation.py                                   # every part, ~40 min
+    python benchmarks/federation.py --skip-faults --scale-sizes ''     # ~15 min
     python benchmarks/federation.py --devices 3 --rounds 2 --skip-ray # a quick check
     python benchmarks/federation.py --skip-sim --skip-faults --work /tmp/fed  # keep the logs
 """
@@ -463,6 +478,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-sim", action="store_true", help="no simulation runs")
     parser.add_argument("--skip-ray", action="store_true", help="no --engine ray simulation")
     parser.add_argument("--skip-faults", action="store_true", help="no run with killed nodes")
+    parser.add_argument("--skip-cold", action="store_true", help="no --executor cold fleet")
+    parser.add_argument(
+        "--skip-stragglers", action="store_true", help="no FedBuff-vs-sync straggler fleet"
+    )
+    parser.add_argument("--straggler-median", type=float, default=1.0, help="reply time, s")
+    parser.add_argument("--straggler-sync-rounds", type=int, default=6)
+    parser.add_argument("--straggler-buffer", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.6, help="straggler target accuracy")
+    parser.add_argument(
+        "--scale-sizes",
+        default="10,50",
+        help="fleet sizes of the scale part (benchmarks/scale.py, one round each): "
+        "max_nodes and the SuperLink's MB per node; '' = none",
+    )
     parser.add_argument(
         "--work",
         type=Path,
@@ -523,6 +552,50 @@ def measure(args: argparse.Namespace, work: Workload, report: dict[str, Any]) ->
                 )
             say("stopping the federation")
             report["shutdown_exit_codes"] = fed.stop()
+        if not args.skip_cold:
+            cold_fed = Federation(root / "cold", args.devices, threads=args.threads,
+                                  daemon_nice=args.daemon_nice, say=say,
+                                  device_args=lambda _: ["--executor", "cold"])  # fmt: skip
+            with cold_fed:
+                cold_fed.start()
+                report["cold"] = real_run(cold_fed, "real-cold", work, root, run_timeout)
+                cold_fed.stop()
+        if not args.skip_stragglers:
+            from benchmarks.stragglers import Scenario
+            from benchmarks.stragglers import measure as stragglers
+
+            scenario = Scenario(devices=args.devices, median_s=args.straggler_median,
+                                sync_rounds=args.straggler_sync_rounds,
+                                buffer=args.straggler_buffer, target=args.target)  # fmt: skip
+            report["stragglers"] = stragglers(scenario, root, daemon_nice=args.daemon_nice)
+        if args.scale_sizes:
+            from benchmarks.scale import attempt, summary
+
+            sizes = [int(n) for n in args.scale_sizes.split(",")]
+            report["scale"] = summary([attempt(n, 1, root / "scale", True) for n in sizes])
+    headline(report)
+
+
+def headline(report: dict[str, Any]) -> None:
+    """The issue's keys at the top of the report, from the parts that ran."""
+    real = report.get("real_vs_sim", {}).get("real", {})
+    sim = report.get("real_vs_sim", {}).get("sim", {}).get("fast", {})
+    cold = report.get("cold", {})
+    key = "warm_median_s_per_round"
+    top: dict[str, Any] = {
+        "real_warm_s_per_round": real.get(key),
+        "sim_warm_s_per_round": sim.get(key),
+        "real_over_sim": maybe_ratio(real.get(key), sim.get(key), 2),
+        "real_cold_s_per_round": cold.get(key),
+        "cold_real_over_sim": maybe_ratio(cold.get(key), sim.get(key), 2),
+    }
+    scale = report.get("scale", {})
+    top.update({k: scale.get(k) for k in ("max_nodes", "superlink_rss_mb_per_node")})
+    stragglers = report.get("stragglers", {})
+    for k in ("fedbuff_time_to_target_s", "sync_time_to_target_s", "fedbuff_over_sync"):
+        top[k] = stragglers.get(k)
+    top["goal"] = {"real_over_sim": 3.0, "max_nodes": 50, "fedbuff_over_sync": 0.5}
+    report.update(top)
 
 
 def fault_verdict(

@@ -165,7 +165,7 @@ def _measure_fleet(
     return result
 
 
-def _measured(size: int, rounds: int, root: Path, zygote: bool) -> dict[str, Any]:
+def attempt(size: int, rounds: int, root: Path, zygote: bool) -> dict[str, Any]:
     """:func:`measure`, or what went wrong (the other sizes are still reported)."""
     try:
         return measure(size, rounds, root, zygote)
@@ -180,6 +180,44 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else None
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``max_nodes``, the SuperLink's slopes per node and the 10,000-node extrapolation of
+    the fleets measured (:func:`measure`)."""
+    ok = [r for r in runs if r["status"] == "finished:completed"]
+    per_node = _slope([r["nodes"] for r in ok], [r["superlink_rss_mb"] or 0.0 for r in ok])
+    cpu_per_node = _slope([r["nodes"] for r in ok], [r["superlink_cpu_s_per_round"] for r in ok])
+    idle_per_node = _slope([r["nodes"] for r in ok], [r["superlink_idle_cpu_fraction"] for r in ok])
+    base = ok[0] if ok else None
+    extrapolation = None
+    if base is not None and per_node is not None and cpu_per_node is not None:
+        extrapolation = {
+            "nodes": 10_000,
+            "superlink_rss_mb": round(
+                base["superlink_rss_mb"] + per_node * (10_000 - base["nodes"])
+            ),
+            "superlink_cpu_s_per_round": round(
+                base["superlink_cpu_s_per_round"] + cpu_per_node * (10_000 - base["nodes"]), 1
+            ),
+            "superlink_idle_cpu_fraction": None
+            if idle_per_node is None
+            else round(
+                base["superlink_idle_cpu_fraction"] + idle_per_node * (10_000 - base["nodes"]), 2
+            ),
+            "how": "least-squares slope over the sizes run, from the smallest",
+        }
+    return {
+        "max_nodes": max((r["nodes"] for r in ok), default=0),
+        "superlink_rss_mb_per_node": None if per_node is None else round(per_node, 3),
+        "superlink_cpu_s_per_round_per_node": None
+        if cpu_per_node is None
+        else round(cpu_per_node, 4),
+        "superlink_idle_cpu_per_node": None if idle_per_node is None else round(idle_per_node, 6),
+        "device_pss_mb": ok[-1]["device_pss_mb_mean"] if ok else None,
+        "extrapolation_10k": extrapolation,
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -208,43 +246,13 @@ def main() -> None:
                     room = budget_mb - last["server_tree_pss_mb"]
                     fits = int(room // (last["device_pss_mb_mean"] * 1.02))  # PSS grows a bit
                     if fits > last["nodes"]:  # the largest fleet that fits, instead
-                        runs.append(_measured(fits, options.rounds, Path(tmp), options.zygote))
+                        runs.append(attempt(fits, options.rounds, Path(tmp), options.zygote))
                     break
-            runs.append(_measured(size, options.rounds, Path(tmp), options.zygote))
-    ok = [r for r in runs if r["status"] == "finished:completed"]
-    per_node = _slope([r["nodes"] for r in ok], [r["superlink_rss_mb"] or 0.0 for r in ok])
-    cpu_per_node = _slope([r["nodes"] for r in ok], [r["superlink_cpu_s_per_round"] for r in ok])
-    idle_per_node = _slope([r["nodes"] for r in ok], [r["superlink_idle_cpu_fraction"] for r in ok])
-    base = ok[0] if ok else None
-    extrapolation = None
-    if base is not None and per_node is not None and cpu_per_node is not None:
-        extrapolation = {
-            "nodes": 10_000,
-            "superlink_rss_mb": round(
-                base["superlink_rss_mb"] + per_node * (10_000 - base["nodes"])
-            ),
-            "superlink_cpu_s_per_round": round(
-                base["superlink_cpu_s_per_round"] + cpu_per_node * (10_000 - base["nodes"]), 1
-            ),
-            "superlink_idle_cpu_fraction": None
-            if idle_per_node is None
-            else round(
-                base["superlink_idle_cpu_fraction"] + idle_per_node * (10_000 - base["nodes"]), 2
-            ),
-            "how": "least-squares slope over the sizes run, from the smallest",
-        }
+            runs.append(attempt(size, options.rounds, Path(tmp), options.zygote))
     result = {
         "benchmark": "scale",
         "memory_budget_gb": options.memory_gb,
-        "max_nodes": max((r["nodes"] for r in ok), default=0),
-        "superlink_rss_mb_per_node": None if per_node is None else round(per_node, 3),
-        "superlink_cpu_s_per_round_per_node": None
-        if cpu_per_node is None
-        else round(cpu_per_node, 4),
-        "superlink_idle_cpu_per_node": None if idle_per_node is None else round(idle_per_node, 6),
-        "device_pss_mb": ok[-1]["device_pss_mb_mean"] if ok else None,
-        "extrapolation_10k": extrapolation,
-        "runs": runs,
+        **summary(runs),
         "not_run": skipped,
         "zygote": options.zygote,
         "goal": {"max_nodes": 50},

@@ -12,7 +12,8 @@ growing at :data:`LONGEST_RETRY_S`; the number of tries grows to match, so a slo
 waited for as long as before (Flower's two-hour limit for the whole pull still holds). It
 changes the defaults of Flower's own functions, so every caller in the process (Flower's
 SuperNode loop, ClientApp runtime and grid) gets them; it is called where those processes
-start: ``device/supernode.py``, ``device/warm_executor.py`` and the ServerApp.
+start: ``device/supernode.py``, ``device/warm_executor.py`` (and the zygote, through its
+``warm_up``) and the ServerApp (``serverapp/transport.py``, when it wraps a real grid).
 
 :func:`patient_sqlite` is for the SuperLink (``ops/flower_superlink.py``): its SQLite state
 gives a writer 5 s to get the lock, then answers "database is locked" and the message in
@@ -21,12 +22,16 @@ hand is lost. With 25-40 devices on two busy cores that lost replies; it waits 6
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 __all__ = [
     "FIRST_RETRY_S",
     "LONGEST_RETRY_S",
     "SQLITE_BUSY_TIMEOUT_MS",
     "pace_object_pulls",
     "patient_sqlite",
+    "run_flower",
 ]
 
 FIRST_RETRY_S = 0.05
@@ -69,3 +74,15 @@ def patient_sqlite() -> bool:
         for name, value in pragmas
     )
     return True
+
+
+def run_flower(command: str, entry: Callable[[], object], *, patched: bool, fallback: str) -> None:
+    """Run Flower's console script ``command`` (its entry point ``entry``) with this argv.
+
+    ``patched`` says whether the caller's patch of Flower applied; when it did not, one line
+    (``pollinate SUPERNODE: fallback``) says so and Flower runs as it is.
+    """
+    if not patched:
+        print(f"pollinate {command.removeprefix('flower-')}: {fallback}", file=sys.stderr)
+    sys.argv[0] = command
+    entry()

@@ -8,7 +8,8 @@ One module that all three import, so a key is spelled once:
   says besides the model);
 * the SecAgg+ keys the server's workflow and the client's adapter exchange;
 * the node-config keys a device's daemon hands its ClientApp (its identity, data, and its own
-  privacy policy, :data:`POLICY_KEYS`).
+  privacy policy, :data:`POLICY_KEYS`);
+* the packed form of a model on the wire (:func:`pack_arrays`, :func:`unpack_arrays`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pollinate.errors import ConfigError
 from pollinate.tasks import Task, TaskKind
@@ -30,6 +32,7 @@ __all__ = [
     "INFO",
     "METRICS",
     "NUM_EXAMPLES_KEY",
+    "PACKED_ARRAYS_KEY",
     "POLICY_KEYS",
     "SECAGG_MAX_WEIGHT_KEY",
     "SECAGG_TASK_KEY",
@@ -37,8 +40,10 @@ __all__ = [
     "UNIFORM_WEIGHT_KEY",
     "ClientTask",
     "NodeKey",
+    "pack_arrays",
     "partition_key",
     "record_of",
+    "unpack_arrays",
 ]
 
 # ------------------------------------------------------------------ records of a message
@@ -60,6 +65,89 @@ CONFIG = "config"  #: the task (ConfigRecord, parsed by ClientTask)
 METRICS = "metrics"  #: a reply's numbers (MetricRecord)
 INFO = "info"  #: a reply's text: client key, decline / refusal reasons (ConfigRecord)
 BUNDLE_QUERY = "bundle"  #: the query message type that delivers a model bundle
+
+# ------------------------------------------------------------------ the model on the wire
+#: a node's identity reply says it reads packed models (``info`` record, True)
+PACKED_ARRAYS_KEY = "packed-arrays"
+_LAYOUT = "~layout"  #: suffix of the ConfigRecord that says how a packed ArrayRecord unpacks
+_FLAT = "flat"  #: the one array of a packed ArrayRecord
+
+
+def pack_arrays(content: RecordDict) -> RecordDict | None:
+    """``content`` with its model (the :data:`ARRAYS` record) as ONE flat array when it holds
+    two or more float32 arrays, plus a ConfigRecord (``arrays~layout``: names and shapes) to
+    unpack it; None when nothing in ``content`` packs.
+
+    Flower stores and sends every array of a message as its own objects (an Array and its
+    chunks), each one an authenticated request and a database row at the SuperLink and at
+    every hop; a CNN's ten tensors were 24 objects a message, one flat array 6. Lossless:
+    the same float32 values, in the same order.
+    """
+    packed: dict[str, ArrayRecord | ConfigRecord] = {}
+    for key, record in content.items():
+        if key != ARRAYS or not isinstance(record, ArrayRecord) or len(record) < 2:
+            continue
+        arrays = list(record.items())
+        if any(a.stype != "numpy.ndarray" or a.dtype != "float32" for _, a in arrays):
+            continue
+        values = [a.numpy() for _, a in arrays]
+        flat = np.concatenate([v.reshape(-1) for v in values])
+        packed[key] = ArrayRecord({_FLAT: Array(flat)})
+        packed[key + _LAYOUT] = ConfigRecord(
+            {
+                "names": [name for name, _ in arrays],
+                "ranks": [v.ndim for v in values],
+                "dims": [d for v in values for d in v.shape],
+            }
+        )
+    if not packed:
+        return None
+    return RecordDict({**{k: r for k, r in content.items() if k not in packed}, **packed})
+
+
+def unpack_arrays(content: RecordDict) -> RecordDict | None:
+    """``content`` with each packed ArrayRecord (:func:`pack_arrays`) back as named arrays;
+    None when nothing in ``content`` is packed.
+
+    Raises:
+        ConfigError: A layout that does not fit its flat array (a corrupt or foreign message).
+    """
+    unpacked: dict[str, ArrayRecord] = {}
+    for key, layout in content.items():
+        if not key.endswith(_LAYOUT) or not isinstance(layout, ConfigRecord):
+            continue
+        name = key[: -len(_LAYOUT)]
+        record = content.get(name)
+        names, ranks, dims = layout.get("names"), layout.get("ranks"), layout.get("dims")
+        if (
+            not isinstance(record, ArrayRecord)
+            or list(record.keys()) != [_FLAT]
+            or not isinstance(names, list)
+            or not isinstance(ranks, list)
+            or not isinstance(dims, list)
+            or len(names) != len(ranks)
+            or sum(int(r) for r in ranks) != len(dims)
+        ):
+            raise ConfigError(f"message record {name!r}: its packed layout does not fit it")
+        flat = record[_FLAT].numpy().reshape(-1)
+        arrays: dict[str, Array] = {}
+        offset, at = 0, 0
+        for label, rank in zip(names, ranks, strict=True):
+            shape = tuple(int(d) for d in dims[at : at + int(rank)])  # type: ignore[call-overload]
+            at += int(rank)  # type: ignore[call-overload]
+            size = int(np.prod(shape, dtype=np.int64))
+            if offset + size > flat.size:
+                raise ConfigError(f"message record {name!r}: its packed layout does not fit it")
+            arrays[str(label)] = Array(flat[offset : offset + size].reshape(shape))
+            offset += size
+        if offset != flat.size:
+            raise ConfigError(f"message record {name!r}: its packed layout does not fit it")
+        unpacked[name] = ArrayRecord(arrays)
+    if not unpacked:
+        return None
+    layouts = {k + _LAYOUT for k in unpacked}
+    return RecordDict({k: unpacked.get(k, r) for k, r in content.items() if k not in layouts})
+
 
 # ------------------------------------------------------------------ reply metrics
 NUM_EXAMPLES_KEY = "num-examples"  #: exact local sample count: sent only without DP
@@ -95,6 +183,7 @@ class NodeKey:
     EPSILON_BUDGET = "epsilon-budget"
     NEW_LEDGER = "new-ledger"
     ALLOWED_IMPORTS = "allowed-imports"
+    EMULATE_LATENCY = "emulate-latency"  #: a latency spec: answer as late as it says
 
 
 def partition_key(partition: int) -> str:

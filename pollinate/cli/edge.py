@@ -198,6 +198,14 @@ def run_command(
             "SOCKET`): many devices on one machine share its memory."
         ),
     ] = None,
+    emulate_latency: Annotated[
+        str,
+        typer.Option(
+            help="For straggler tests: answer each train message as late as this latency "
+            "model says, e.g. median=2,sigma=0.5,slow-fraction=0.2,slow-factor=10,dropout=0,"
+            "seed=1 (the simulation's model; drawn by --partition-id and message count)."
+        ),
+    ] = "",
     window: Annotated[
         str | None, typer.Option(help="Train only between HH:MM-HH:MM (local time).")
     ] = None,
@@ -283,7 +291,7 @@ def run_command(
         dp=dp, min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm,
         max_local_epochs=max_local_epochs, start_new_ledger=start_new_ledger,
         allowed_imports=tuple(allow_import or ()), executor=executor,
-        poll_interval=poll_interval, zygote=zygote,
+        poll_interval=poll_interval, zygote=zygote, emulate_latency=emulate_latency,
     )  # fmt: skip
     code = EdgeDaemon(settings).run()
     raise typer.Exit(code=code)

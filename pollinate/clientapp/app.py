@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,13 +24,22 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from pollinate._atomic import atomic_write_text
 from pollinate.clientapp.evaluation import evaluate_message
 from pollinate.clientapp.jobs import begin_train, finish_train
+from pollinate.clientapp.latency import answer_late
 from pollinate.clientapp.local import client_key, model_from
 from pollinate.clientapp.secagg import train_for_secagg
 from pollinate.clientapp.training import train as train_model
 from pollinate.device.bundles import BundleStore
 from pollinate.edge_runtime import BundleError
 from pollinate.log import logger
-from pollinate.protocol import BUNDLE_QUERY, CONFIG, INFO, NodeKey
+from pollinate.protocol import (
+    BUNDLE_QUERY,
+    CONFIG,
+    INFO,
+    PACKED_ARRAYS_KEY,
+    NodeKey,
+    pack_arrays,
+    unpack_arrays,
+)
 
 __all__ = ["app"]
 
@@ -45,16 +55,32 @@ def _secure_aggregation(msg: Message, context: Context, call_next: ClientAppCall
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_secure_aggregation])
+def _packed_arrays(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A model that came packed (one flat array, :func:`pollinate.protocol.pack_arrays`) is
+    unpacked before the app sees it, and the reply's model goes back packed."""
+    content = unpack_arrays(msg.content) if msg.has_content() else None
+    if content is None:
+        return call_next(msg, context)
+    msg.content = content
+    reply = call_next(msg, context)
+    packed = pack_arrays(reply.content) if reply.has_content() else None
+    if packed is not None:
+        reply.content = packed
+    return reply
+
+
+app = ClientApp(mods=[_packed_arrays, _secure_aggregation])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's data; reply with the update."""
+    received = time.monotonic()
     torch.set_num_threads(1)
     job = begin_train(msg, context)
     if isinstance(job, Message):
         note_round(context, msg, declined=True)
+        answer_late(context, received)
         return job
     model = model_from(msg, job.task)
     settings = job.settings.kwargs()
@@ -62,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     reply = finish_train(job, context, result, state)
     note_round(context, msg, declined=False)
+    answer_late(context, received)  # a straggler test's emulated device (edge run)
     return reply
 
 
@@ -91,7 +118,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this node is (its stable client key), so the server can sample by identity."""
-    info = ConfigRecord({"client": client_key(context)})
+    info = ConfigRecord({"client": client_key(context), PACKED_ARRAYS_KEY: True})
     return Message(RecordDict({INFO: info}), reply_to=msg)
 
 

@@ -1,9 +1,9 @@
 """``pollinate edge run``: the device daemon around Flower's SuperNode.
 
 It runs Flower's ``flower-supernode`` (paced: ``device/supernode.py``, ``--poll-interval``)
-with TLS and this device's authentication key, pointing the
-pollinate ClientApp at the device's own data and state directory (node config ``data-path``,
-``state-dir``, ``epsilon-budget``), and supervises it:
+with TLS and this device's authentication key, pointing the pollinate ClientApp at the
+device's own data and state directory (node config ``data-path``, ``state-dir``, ``epsilon-
+budget``; ``--emulate-latency`` for straggler tests), and supervises it:
 
 - a SuperNode that exits is started again after a back-off that doubles from 1 s to 60 s
   (reset once it has run for a minute); while it runs, Flower itself reconnects to a
@@ -42,11 +42,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollinate._atomic import atomic_write_text
+from pollinate.config.latency import LatencyModel
 from pollinate.device.supernode import DEFAULT_POLL_S, POLL_ENV, poll_interval
 from pollinate.device.zygote import check_zygote
 from pollinate.errors import ConfigError
@@ -104,7 +105,6 @@ class DaemonSettings:
     bundle_public_key: Path | None = None
     serve_port: int | None = None
     serve_host: str = "127.0.0.1"
-    extra_node_config: dict[str, str] = field(default_factory=dict)
     dp: str = "sample"
     min_noise_multiplier: float = 0.0
     max_grad_norm: float | None = None
@@ -118,6 +118,7 @@ class DaemonSettings:
     poll_interval: float = DEFAULT_POLL_S
     #: a zygote's socket (``pollinate edge zygote``): the warm executor is forked from it
     zygote: Path | None = None
+    emulate_latency: str = ""  #: answer train messages as late as this LatencyModel spec says
 
     def __post_init__(self) -> None:
         if ":" not in self.superlink:
@@ -149,10 +150,10 @@ class DaemonSettings:
             check_zygote(Path(self.zygote), self.executor)
         if self.dp not in ("sample", "none"):
             raise ConfigError(f"--dp must be sample or none, got {self.dp!r}")
-        if not self.min_noise_multiplier >= 0:
-            raise ConfigError(
-                f"--min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}"
-            )
+        if not (noise := self.min_noise_multiplier) >= 0:
+            raise ConfigError(f"--min-noise-multiplier must be >= 0, got {noise}")
+        if self.emulate_latency:
+            LatencyModel.parse(self.emulate_latency)  # one ConfigError naming the bad part
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.max_local_epochs is not None and self.max_local_epochs < 1:
@@ -188,7 +189,8 @@ class DaemonSettings:
             items[NodeKey.NEW_LEDGER] = '"true"'
         if self.allowed_imports:  # code the owner chose to run; any other import path is refused
             items[NodeKey.ALLOWED_IMPORTS] = '"' + ",".join(self.allowed_imports) + '"'
-        items.update(self.extra_node_config)
+        if self.emulate_latency:
+            items[NodeKey.EMULATE_LATENCY] = f'"{self.emulate_latency}"'
         return " ".join(f"{k}={v}" for k, v in items.items())
 
 

@@ -113,18 +113,18 @@ def main() -> None:
         poll_s = poll_interval(os.environ.get(POLL_ENV))
     except ConfigError as err:
         sys.exit(f"pollinate supernode: {err}")
-    from pollinate._flower import pace_object_pulls
+    from pollinate._flower import pace_object_pulls, run_flower
 
     pace_object_pulls()
-    if getattr(loop, "time", None) is time:
+    paced = getattr(loop, "time", None) is time  # a Flower whose loop sleeps through `time`
+    if paced:
         loop.time = PacedTime(poll_s)  # type: ignore[attr-defined,assignment]
-    else:  # a Flower whose loop no longer sleeps through its module's `time`
-        print(
-            "pollinate supernode: Flower's SuperNode loop changed; polling at Flower's own pace",
-            file=sys.stderr,
-        )
-    sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    run_flower(
+        "flower-supernode",
+        flower_supernode,
+        patched=paced,
+        fallback="Flower's SuperNode loop changed; polling at Flower's own pace",
+    )
 
 
 if __name__ == "__main__":

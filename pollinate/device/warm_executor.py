@@ -27,7 +27,7 @@ import signal
 import sys
 from typing import Any
 
-__all__ = ["ForkExecutor", "main"]
+__all__ = ["ForkExecutor", "main", "warm_up"]
 
 #: what is imported once, before the first task (the cost a cold start pays per message).
 #: torch._dynamo: torch imports it when the first optimizer is built, 1.5 s in every fork
@@ -114,6 +114,18 @@ def _run_task(spec: Any) -> None:
         os._exit(code)
 
 
+def warm_up() -> None:
+    """Import :data:`WARM_MODULES` and pace Flower's object pulls: what every task would
+    otherwise pay for itself. A no-op the second time (in a zygote's fork)."""
+    import importlib
+
+    for module in WARM_MODULES:
+        importlib.import_module(module)
+    from pollinate._flower import pace_object_pulls
+
+    pace_object_pulls()  # a fork asks for its message's objects every 50 ms, not 1-4 s
+
+
 def main(argv: list[str] | None = None) -> None:
     """Import what every task needs, then run Flower's SuperExec loop with forks."""
     parser = argparse.ArgumentParser(
@@ -123,15 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's API.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit with this process.")
     args = parser.parse_args(argv)
-    import importlib
-
-    for module in WARM_MODULES:
-        importlib.import_module(module)
+    warm_up()
     from flwr.supercore.superexec import run_superexec as flower
-
-    from pollinate._flower import pace_object_pulls
-
-    pace_object_pulls()  # a fork asks for its message's objects every 50 ms, not 1-4 s
 
     executor = ForkExecutor()
     # Flower's loop, our executor

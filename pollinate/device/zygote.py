@@ -104,9 +104,8 @@ def _become_executor(
 def serve(path: Path) -> None:
     """Import what every executor needs, then fork one per attachment until SIGTERM."""
     import gc
-    import importlib
 
-    from pollinate.device.warm_executor import WARM_MODULES
+    from pollinate.device.warm_executor import warm_up
     from pollinate.errors import ConfigError
 
     path = Path(path)
@@ -118,11 +117,7 @@ def serve(path: Path) -> None:
             "bytes); choose a shorter one, e.g. /tmp/pollinate-zygote.sock"
         )
 
-    for module in WARM_MODULES:
-        importlib.import_module(module)
-    from pollinate._flower import pace_object_pulls
-
-    pace_object_pulls()
+    warm_up()
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

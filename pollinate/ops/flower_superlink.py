@@ -8,8 +8,6 @@ replies. ``pollinate server start`` runs the SuperLink through this.
 
 from __future__ import annotations
 
-import sys
-
 __all__ = ["main"]
 
 
@@ -17,15 +15,14 @@ def main() -> None:
     """Make the SQLite state patient, then run ``flower-superlink`` with this argv."""
     from flwr.superlink.cli import flower_superlink
 
-    from pollinate._flower import patient_sqlite
+    from pollinate._flower import patient_sqlite, run_flower
 
-    if not patient_sqlite():
-        print(
-            "pollinate superlink: Flower's SQLite settings changed; using Flower's lock timeout",
-            file=sys.stderr,
-        )
-    sys.argv[0] = "flower-superlink"
-    flower_superlink()
+    run_flower(
+        "flower-superlink",
+        flower_superlink,
+        patched=patient_sqlite(),
+        fallback="Flower's SQLite settings changed; using Flower's lock timeout",
+    )
 
 
 if __name__ == "__main__":

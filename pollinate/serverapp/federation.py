@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from pollinate._flower import pace_object_pulls
 from pollinate.config import RunSettings, StrategyName
 from pollinate.log import logger
 from pollinate.rundir.records import RoundRecord
@@ -51,8 +50,7 @@ def run_federation(grid: Grid, settings: RunSettings, *, threads: int = 1) -> Ru
     ``threads``: torch threads for the server's own work (central evaluation). One where
     clients run beside the server on the same cores; more for the in-process engine.
     """
-    grid = PollingGrid.wrap(grid)  # replies seen within 0.5 s, not Flower's 3 s
-    pace_object_pulls()  # and their objects within 50 ms of their upload, not 1-4 s
+    grid = PollingGrid.wrap(grid)  # replies (and their objects) seen within 0.5 s, not 3-7 s
     run = start_run(grid, settings, threads=threads)
     tracker = open_tracker(run.run_dir, settings.tracking_uri, settings.to_run_config())
     buffered = BufferedRounds(run) if settings.strategy == StrategyName.FEDBUFF else None

@@ -3,7 +3,9 @@
 Flower's ``HttpGrid`` (the real SuperLink's) pulls replies every 3 s in ``send_and_receive``,
 so a round that is done in 2.1 s is seen at 3 s and one done in 3.1 s at 6 s. The round loop
 runs on :class:`PollingGrid` instead: the same grid, whose ``send_and_receive`` pushes once
-and pulls after 50 ms, then at intervals growing by half up to 0.5 s.
+and pulls after 50 ms, then at intervals growing by half up to 0.5 s. Wrapping a grid also
+paces Flower's object pulls in this process (the ServerApp's only: the fast engine's grid
+delivers in process and is never wrapped).
 
 Asynchronous rounds (:mod:`pollinate.serverapp.fedbuff`) push and pull themselves and need
 to wait for "the next reply or a deadline": :func:`wait_for_replies` sleeps on a real grid,
@@ -17,8 +19,11 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
+
+from pollinate._flower import pace_object_pulls
+from pollinate.protocol import INFO, PACKED_ARRAYS_KEY, pack_arrays, record_of, unpack_arrays
 
 __all__ = [
     "FIRST_PULL_S",
@@ -69,12 +74,16 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Grid) -> None:
         self.inner = grid
+        self._packs: set[int] = set()  # nodes whose identity reply says they read packed models
 
     @classmethod
     def wrap(cls, grid: Grid) -> Grid:
-        """``grid`` itself when it delivers in process or is wrapped already, else a wrapper."""
+        """``grid`` itself when it delivers in process or is wrapped already, else a wrapper;
+        wrapping also paces this process's object pulls (replies' objects are fetched within
+        50 ms of their upload, not 1-4 s: :func:`pollinate._flower.pace_object_pulls`)."""
         if isinstance(grid, PollingGrid) or getattr(grid, "delivers_in_process", False):
             return grid
+        pace_object_pulls()
         return cls(grid)
 
     def set_run(self, run: Any) -> None:
@@ -91,10 +100,30 @@ class PollingGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
+        """Push ``messages``; the model goes packed (one flat array) to nodes that read it."""
+        return self.inner.push_messages([self._packed(m) for m in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        """Pull replies, each model unpacked; an identity reply that says its node reads
+        packed models puts that node on the list."""
+        return [self._unpacked(m) for m in self.inner.pull_messages(message_ids)]
+
+    def _packed(self, msg: Message) -> Message:
+        if msg.metadata.dst_node_id in self._packs and msg.has_content():
+            content = pack_arrays(msg.content)
+            if content is not None:
+                msg.content = content  # the message goes as sent: packed
+        return msg
+
+    def _unpacked(self, reply: Message) -> Message:
+        if reply.has_content():
+            info = record_of(reply.content, INFO, ConfigRecord)
+            if info is not None and info.get(PACKED_ARRAYS_KEY) is True:
+                self._packs.add(reply.metadata.src_node_id)
+            content = unpack_arrays(reply.content)
+            if content is not None:
+                reply.content = content
+        return reply
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -104,12 +133,12 @@ class PollingGrid(Grid):
         A message the SuperLink did not take (Flower returns no id for it) gets no reply;
         the caller counts it as missing.
         """
-        pending = {i for i in self.inner.push_messages(messages) if i}
+        pending = {i for i in self.push_messages(messages) if i}
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         interval = FIRST_PULL_S
         while pending:
-            got = list(self.inner.pull_messages(list(pending)))
+            got = list(self.pull_messages(list(pending)))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending:

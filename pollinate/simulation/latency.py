@@ -1,13 +1,10 @@
 """Simulated time for the fast engine: how long each device takes, and who never answers.
 
-A fleet is not ten equal machines: compute times spread log-normally, some devices (old
-phones, busy ones) are an order of magnitude slower, and some go offline mid-task. The
-:class:`LatencyModel` draws, for each message a device is sent, the seconds until its reply
-(``latency-median-s`` times ``exp(latency-sigma * N(0, 1))``, times ``slow-factor`` for the
-``slow-fraction`` of devices that are slow, the same ones all run) or ``None`` for a
-drop-out (probability ``dropout``). Draws follow from the run seed, the device and how many
-messages it was sent before, so a run is repeatable and its engine's batching does not
-matter. These are simulated conditions, not DP randomness: nothing private follows from them.
+The run's :class:`~pollinate.config.latency.LatencyModel` (``latency-median-s``,
+``latency-sigma``, ``slow-fraction``, ``slow-factor``, ``dropout``) draws each message's reply
+time, or a drop-out, from the run seed, the device and how many messages it was sent before,
+so a run is repeatable and its engine's batching does not matter (the same model a real
+device emulates with ``pollinate edge run --emulate-latency``).
 
 :class:`SimulatedNetwork` holds the clock and the replies still on their way:
 :class:`~pollinate.simulation.local_grid.LocalGrid` puts a reply there with its arrival time
@@ -21,60 +18,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-import numpy as np
 from flwr.app import Message
 
-from pollinate.config import RunSettings
+from pollinate.config.latency import LatencyModel
 
 __all__ = ["LatencyModel", "SimulatedNetwork"]
-
-_SLOW, _DRAW = 0x510, 0x1A7  # streams of the seed: who is slow, each message's latency
-
-
-@dataclass(frozen=True)
-class LatencyModel:
-    """Per-message reply times of a simulated fleet (see the module docstring)."""
-
-    median_s: float = 0.0
-    sigma: float = 0.5
-    slow_fraction: float = 0.0
-    slow_factor: float = 10.0
-    dropout: float = 0.0
-    seed: int = 0
-
-    @classmethod
-    def from_settings(cls, settings: RunSettings) -> LatencyModel:
-        """The run's model (``latency-*``, ``slow-*``, ``dropout`` and ``seed``)."""
-        return cls(
-            median_s=settings.latency_median_s,
-            sigma=settings.latency_sigma,
-            slow_fraction=settings.slow_fraction,
-            slow_factor=settings.slow_factor,
-            dropout=settings.dropout,
-            seed=settings.seed,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        """Whether replies take any time or ever go missing."""
-        return self.median_s > 0 or self.dropout > 0
-
-    def is_slow(self, device: int) -> bool:
-        """Whether ``device`` is one of the slow ones (fixed for the run)."""
-        if self.slow_fraction <= 0:
-            return False
-        return bool(np.random.default_rng([self.seed, device, _SLOW]).random() < self.slow_fraction)
-
-    def draw(self, device: int, nth: int) -> float | None:
-        """Seconds until ``device`` answers its ``nth`` message (from 0); ``None``: never."""
-        rng = np.random.default_rng([self.seed, device, nth, _DRAW])
-        dropped = rng.random() < self.dropout
-        seconds = self.median_s * math.exp(self.sigma * float(rng.standard_normal()))
-        if dropped:
-            return None
-        return seconds * (self.slow_factor if self.is_slow(device) else 1.0)
 
 
 class SimulatedNetwork:

@@ -16,6 +16,7 @@ from pollinate.config import RunSettings
 from pollinate.data import load_dataset, load_partition
 from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant
+from pollinate.protocol import PACKED_ARRAYS_KEY, pack_arrays, unpack_arrays
 from pollinate.serverapp.calibration import client_config
 from tests.support.messages import set_identity
 
@@ -127,6 +128,26 @@ def test_evaluate_and_query(tmp_path: Path) -> None:
     set_identity(NODE)
     reply = app(q, ctx)
     assert reply.content.config_records["info"]["client"] == "p000005"
+    assert reply.content.config_records["info"][PACKED_ARRAYS_KEY] is True
+
+
+def test_a_packed_model_trains_as_the_named_arrays_and_goes_back_packed(tmp_path: Path) -> None:
+    """The server packs the model into one flat array for nodes that say they read it: the
+    ClientApp trains exactly as on the named arrays and packs its reply the same way."""
+    ctx = _context({"partition-id": 2, "num-partitions": 10})
+    plain = app(_message(1, tmp_path / "a", dp="none"), ctx)
+    msg = _message(1, tmp_path / "b", dp="none")
+    packed_content = pack_arrays(msg.content)
+    assert packed_content is not None
+    msg.content = packed_content
+    reply = app(msg, _context({"partition-id": 2, "num-partitions": 10}))
+    assert list(reply.content.array_records["arrays"].keys()) == ["flat"]
+    unpacked = unpack_arrays(reply.content)
+    assert unpacked is not None
+    got, want = unpacked.array_records["arrays"], plain.content.array_records["arrays"]
+    assert list(got.keys()) == list(want.keys())
+    for name in want:
+        np.testing.assert_array_equal(got[name].numpy(), want[name].numpy())
 
 
 def test_client_side_clipping_bounds_the_update_when_the_server_asks(tmp_path: Path) -> None:

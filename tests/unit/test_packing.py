@@ -1,0 +1,171 @@
+"""The model on the wire: packed into one flat array for nodes that read it (Flower stores
+and sends each array as its own objects), unpacked exactly, and only where both sides agree.
+The echo grid below stands in for a SuperLink and its nodes; the real one is behind every
+integration test of a federation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from pollinate.errors import ConfigError
+from pollinate.models import build_model
+from pollinate.protocol import PACKED_ARRAYS_KEY, pack_arrays, unpack_arrays
+from pollinate.serverapp.transport import PollingGrid
+from tests.support.messages import SERVER_NODE, set_identity
+
+pytestmark = pytest.mark.unit
+
+
+def _model_arrays() -> OrderedDict[str, np.ndarray]:
+    model = build_model("cnn", input_shape=(1, 28, 28))
+    return OrderedDict((k, v.detach().numpy().copy()) for k, v in model.state_dict().items())
+
+
+def _content(arrays: dict[str, np.ndarray]) -> RecordDict:
+    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
+    return RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 3})})
+
+
+def test_a_packed_model_unpacks_to_the_same_named_arrays() -> None:
+    rng = np.random.default_rng(0)
+    odd = OrderedDict(
+        [("w", rng.normal(size=(3, 4, 5)).astype(np.float32)),
+         ("scalar", np.array(2.5, np.float32)), ("empty", np.zeros((0, 3), np.float32)),
+         ("b", rng.normal(size=7).astype(np.float32))]
+    )  # fmt: skip
+    for arrays in (_model_arrays(), odd):
+        packed = pack_arrays(_content(arrays))
+        assert packed is not None
+        assert list(packed.array_records["arrays"].keys()) == ["flat"]
+        assert packed.config_records["config"]["server-round"] == 3  # the rest goes as it was
+        unpacked = unpack_arrays(packed)
+        assert unpacked is not None and "arrays~layout" not in unpacked
+        got = unpacked.array_records["arrays"]
+        assert list(got.keys()) == list(arrays)
+        for name, want in arrays.items():
+            value = got[name].numpy()
+            assert value.dtype == np.float32 and value.shape == np.shape(want)
+            np.testing.assert_array_equal(value, want)
+
+
+def test_packing_cuts_the_objects_flower_stores_and_sends() -> None:
+    content = _content(_model_arrays())
+    packed = pack_arrays(content)
+    assert packed is not None
+    before, after = len(get_all_nested_objects(content)), len(get_all_nested_objects(packed))
+    assert before >= 20 and after <= 7, (before, after)  # ten tensors: an Array + a chunk each
+
+
+def test_what_does_not_pack_is_left_alone() -> None:
+    single = _content({"w": np.ones(3, np.float32)})
+    mixed = _content({"w": np.ones(3, np.float32), "steps": np.array([3], np.int64)})
+    other_key = RecordDict(
+        {"weights": ArrayRecord(OrderedDict((k, Array(np.ones(2, np.float32))) for k in "ab"))}
+    )
+    for content in (single, mixed, other_key, RecordDict({"m": MetricRecord({"a": 1.0})})):
+        assert pack_arrays(content) is None
+        assert unpack_arrays(content) is None
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"names": ["a", "b"], "ranks": [1, 1], "dims": [3, 3]},  # 6 values, 7 sent
+        {"names": ["a", "b"], "ranks": [1, 1], "dims": [4, 4]},  # 8 values, 7 sent
+        {"names": ["a"], "ranks": [2], "dims": [7]},  # ranks and dims disagree
+    ],
+)
+def test_a_layout_that_does_not_fit_is_refused(layout: dict[str, Any]) -> None:
+    content = RecordDict(
+        {"arrays": ArrayRecord(OrderedDict([("flat", Array(np.ones(7, np.float32)))])),
+         "arrays~layout": ConfigRecord(layout)}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="'arrays': its packed layout does not fit"):
+        unpack_arrays(content)
+
+
+class _EchoGrid(Grid):
+    """Each node answers at once: an identity query with its info (node 1 reads packed
+    models, node 2 is an older pollinate), any other message with the content it received."""
+
+    def __init__(self) -> None:
+        self.received: dict[int, RecordDict] = {}
+        self.pushed: dict[str, Message] = {}
+
+    def set_run(self, run: Any) -> None:
+        pass
+
+    @property
+    def run(self) -> Any:
+        return None
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1, 2]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            mid = f"m{len(self.pushed)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self.pushed[mid] = msg
+            self.received[msg.metadata.dst_node_id] = msg.content
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = []
+        for mid in message_ids:
+            msg = self.pushed.pop(mid)
+            node = msg.metadata.dst_node_id
+            set_identity(node)
+            if msg.metadata.message_type == "query":
+                info: dict[str, Any] = {"client": f"c{node}"}
+                if node == 1:
+                    info[PACKED_ARRAYS_KEY] = True
+                out.append(Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg))
+            else:
+                out.append(Message(msg.content, reply_to=msg))
+            set_identity(SERVER_NODE)
+        return out
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise AssertionError("the polling grid must not call the inner send_and_receive")
+
+
+def test_the_grid_packs_only_for_nodes_that_said_they_read_it() -> None:
+    inner = _EchoGrid()
+    grid = PollingGrid(inner)
+    arrays = _model_arrays()
+
+    def train(node: int) -> Message:
+        set_identity()
+        return Message(_content(arrays), dst_node_id=node, message_type="train")
+
+    grid.send_and_receive([train(1), train(2)], timeout=5)  # nobody has said anything yet
+    assert all(len(c.array_records["arrays"]) == len(arrays) for c in inner.received.values())
+    set_identity()
+    queries = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
+                       message_type="query") for n in (1, 2)]  # fmt: skip
+    grid.send_and_receive(queries, timeout=5)
+    replies = list(grid.send_and_receive([train(1), train(2)], timeout=5))
+    assert list(inner.received[1].array_records["arrays"].keys()) == ["flat"]
+    assert len(inner.received[2].array_records["arrays"]) == len(arrays)
+    assert len(replies) == 2
+    for reply in replies:  # node 1 echoed the packed model: the round loop sees names again
+        got = reply.content.array_records["arrays"]
+        assert "arrays~layout" not in reply.content and list(got.keys()) == list(arrays)
+        for name, want in arrays.items():
+            np.testing.assert_array_equal(got[name].numpy(), want)
