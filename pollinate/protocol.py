@@ -126,10 +126,14 @@ def unpack_arrays(content: RecordDict) -> RecordDict | None:
             or not isinstance(ranks, list)
             or not isinstance(dims, list)
             or len(names) != len(ranks)
+            or not all(isinstance(n, int) and n >= 0 for n in (*ranks, *dims))
             or sum(int(r) for r in ranks) != len(dims)
         ):
             raise ConfigError(f"message record {name!r}: its packed layout does not fit it")
-        flat = record[_FLAT].numpy().reshape(-1)
+        try:
+            flat = record[_FLAT].numpy().reshape(-1)
+        except Exception as err:  # bytes that are not an array
+            raise ConfigError(f"message record {name!r}: cannot be decoded: {err}") from None
         arrays: dict[str, Array] = {}
         offset, at = 0, 0
         for label, rank in zip(names, ranks, strict=True):

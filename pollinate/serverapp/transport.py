@@ -23,6 +23,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from pollinate._flower import pace_object_pulls
+from pollinate.errors import ConfigError
+from pollinate.log import logger
 from pollinate.protocol import INFO, PACKED_ARRAYS_KEY, pack_arrays, record_of, unpack_arrays
 
 __all__ = [
@@ -120,7 +122,11 @@ class PollingGrid(Grid):
             info = record_of(reply.content, INFO, ConfigRecord)
             if info is not None and info.get(PACKED_ARRAYS_KEY) is True:
                 self._packs.add(reply.metadata.src_node_id)
-            content = unpack_arrays(reply.content)
+            try:
+                content = unpack_arrays(reply.content)
+            except ConfigError as err:  # left as sent: the round rejects it as malformed
+                logger.warning("reply from node %d: %s", reply.metadata.src_node_id, err)
+                return reply
             if content is not None:
                 reply.content = content
         return reply

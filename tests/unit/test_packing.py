@@ -81,6 +81,8 @@ def test_what_does_not_pack_is_left_alone() -> None:
         {"names": ["a", "b"], "ranks": [1, 1], "dims": [3, 3]},  # 6 values, 7 sent
         {"names": ["a", "b"], "ranks": [1, 1], "dims": [4, 4]},  # 8 values, 7 sent
         {"names": ["a"], "ranks": [2], "dims": [7]},  # ranks and dims disagree
+        {"names": ["a", "b"], "ranks": [1, 1], "dims": [-1, 8]},  # a negative dimension
+        {"names": ["a"], "ranks": [1]},  # no dims
     ],
 )
 def test_a_layout_that_does_not_fit_is_refused(layout: dict[str, Any]) -> None:
@@ -169,3 +171,20 @@ def test_the_grid_packs_only_for_nodes_that_said_they_read_it() -> None:
         assert "arrays~layout" not in reply.content and list(got.keys()) == list(arrays)
         for name, want in arrays.items():
             np.testing.assert_array_equal(got[name].numpy(), want)
+
+
+def test_a_reply_whose_model_does_not_unpack_is_left_for_the_round_to_reject() -> None:
+    """A device's malformed packed reply must not stop the server: the grid leaves it as
+    sent, and the round's validation rejects a model whose tensors are not the global's."""
+    inner = _EchoGrid()
+    grid = PollingGrid(inner)
+    set_identity()
+    grid.send_and_receive([Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1,
+                                   message_type="query")], timeout=5)  # fmt: skip
+    bad = RecordDict(
+        {"arrays": ArrayRecord(OrderedDict([("flat", Array(np.ones(3, np.float32)))])),
+         "arrays~layout": ConfigRecord({"names": ["w"], "ranks": [1], "dims": [4]})}
+    )  # fmt: skip
+    set_identity()
+    (reply,) = grid.send_and_receive([Message(bad, dst_node_id=1, message_type="train")], timeout=5)
+    assert list(reply.content.array_records["arrays"].keys()) == ["flat"]  # as it came
