@@ -19,7 +19,8 @@ the fast engine with the same latency model (simulated seconds) come with them.
     python benchmarks/stragglers.py                 # 10 devices, ~8 min
     python benchmarks/stragglers.py --devices 6 --sync-rounds 4
 
-JSON on stdout (``benchmarks/federation.py`` puts the same keys into federation.json):
+JSON on stdout and in ``benchmarks/results/stragglers.json`` (``benchmarks/federation.py``
+runs the same with its own devices and puts it into federation.json):
 ``fedbuff_time_to_target_s``, ``sync_time_to_target_s`` and ``fedbuff_over_sync`` (issue
 goal <= 0.5), each run's rounds and accuracy, and the simulated pair.
 """
@@ -36,7 +37,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import maybe_ratio, print_json, run_pollinate
+from benchmarks._measure import RESULTS, maybe_ratio, run_pollinate, write_json
 from benchmarks.federation import follow, read_metrics, say
 from pollinate.config.latency import LatencyModel
 from tests.support.federation import Federation, FederationError
@@ -180,7 +181,8 @@ def main() -> None:
                         sync_rounds=options.sync_rounds, buffer=options.buffer,
                         target=options.target)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="pollinate-stragglers-") as tmp:
-        print_json({"benchmark": "stragglers", **measure(scenario, Path(tmp))})
+        result = {"benchmark": "stragglers", **measure(scenario, Path(tmp))}
+    write_json(RESULTS / "stragglers.json", result)
 
 
 if __name__ == "__main__":
