@@ -190,7 +190,7 @@ class DaemonSettings:
         if self.allowed_imports:  # code the owner chose to run; any other import path is refused
             items[NodeKey.ALLOWED_IMPORTS] = '"' + ",".join(self.allowed_imports) + '"'
         if self.emulate_latency:
-            items[NodeKey.EMULATE_LATENCY] = f'"{self.emulate_latency}"'
+            items[NodeKey.EMULATE_LATENCY] = f'"{LatencyModel.parse(self.emulate_latency).spec()}"'
         return " ".join(f"{k}={v}" for k, v in items.items())
 
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from pollinate.errors import PollinateError
 from pollinate.log import logger
+from pollinate.protocol import PACKED_ARRAYS_KEY
 from pollinate.serverapp.population import PartitionRange
 
 __all__ = ["QUERY_TIMEOUT_S", "NodeDirectory", "SampledGrid", "reply_node"]
@@ -169,6 +170,7 @@ class NodeDirectory:
             for n in new
         ]
         timeout = min(self._timeout, QUERY_TIMEOUT_S + QUERY_S_PER_NODE * len(new))
+        packed = 0  # nodes that read the model as one array (transport.PollingGrid sends it so)
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
             src = reply_node(reply, messages)
             if reply.has_error():
@@ -176,6 +178,9 @@ class NodeDirectory:
                 continue
             info = reply.content.config_records.get("info")
             self._keys[src] = str(info["client"]) if info and "client" in info else f"n{src}"
+            packed += bool(info and info.get(PACKED_ARRAYS_KEY) is True)
+        known = sum(n in self._keys for n in new)
+        logger.info("%d node(s) identified, %d of them read the packed model", known, packed)
         missing = [n for n in new if n not in self._keys]
         if missing:  # not sampled until they answer: asked again at the next refresh
             logger.warning(

@@ -18,6 +18,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from pollinate.errors import ConfigError
 from pollinate.models import build_model
 from pollinate.protocol import PACKED_ARRAYS_KEY, pack_arrays, unpack_arrays
+from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.transport import PollingGrid
 from tests.support.messages import SERVER_NODE, set_identity
 
@@ -188,3 +189,14 @@ def test_a_reply_whose_model_does_not_unpack_is_left_for_the_round_to_reject() -
     set_identity()
     (reply,) = grid.send_and_receive([Message(bad, dst_node_id=1, message_type="train")], timeout=5)
     assert list(reply.content.array_records["arrays"].keys()) == ["flat"]  # as it came
+
+
+def test_the_server_says_how_many_nodes_read_the_packed_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = PollingGrid(_EchoGrid())
+    directory = NodeDirectory(grid, timeout=5)
+    with caplog.at_level("INFO", logger="pollinate"):
+        directory.refresh()
+    assert directory.nodes() == {1: "c1", 2: "c2"}
+    assert "2 node(s) identified, 1 of them read the packed model" in caplog.text
