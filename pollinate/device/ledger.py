@@ -6,6 +6,9 @@ DP history, so a device that re-registers under a new node id keeps its epsilon.
 has an identity, a missing or corrupt ledger means lost history: the device refuses to train
 until its operator starts a new ledger explicitly (``pollinate edge run --start-new-ledger``,
 logged in ``ledger-restarts.jsonl``). Refused tasks are counted in ``refusals.json``.
+Loading the ledger also keeps the accountant's one-step RDP curves in ``rdp-curves.json``
+beside it (:func:`pollinate.privacy.rdp.keep_curves_in`), so each message's fork reads them
+instead of computing them again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pollinate._atomic import append_line, atomic_write_text
 from pollinate.errors import ConfigError, PrivacyLedgerError
 from pollinate.log import logger
 from pollinate.privacy import ClientAccountant
+from pollinate.privacy.rdp import CURVES_FILE, keep_curves_in
 
 __all__ = ["ACCOUNTANT_FILE", "IDENTITY_FILE", "REFUSALS_FILE", "RESTARTS_FILE", "DeviceLedger"]
 
@@ -61,6 +65,7 @@ class DeviceLedger:
     def load(self, *, allow_new: bool = False) -> ClientAccountant:
         """The device's accountant; with ``allow_new`` a lost ledger is replaced by an empty one
         (the operator's explicit choice, logged in ``ledger-restarts.jsonl``)."""
+        keep_curves_in(self.state_dir / CURVES_FILE)
         path = self.accountant_path
         try:
             if not path.exists():

@@ -9,7 +9,8 @@ Modules, each importing only those listed before it (and :mod:`pollinate.errors`
 * ``noise``: the only source of DP randomness (secret; reproducible for tests only);
 * ``_checks``: argument checks shared by the accountant and the ledger;
 * ``mechanism``: :class:`MechanismStep`, one block of DP-SGD steps;
-* ``rdp``: the epsilon of a history of blocks (Opacus' RDP accountant, cached);
+* ``rdp``: the epsilon of a history of blocks (Opacus' RDP accountant, cached in memory and,
+  on a device, in a file beside its ledger);
 * ``calibration``: :func:`noise_multiplier_for_budget`, the noise that meets a target epsilon;
 * ``accountant_io``: a history as a Flower record, a JSON document and a file;
 * ``accountant``: :class:`ClientAccountant`, one client's history over the whole run;

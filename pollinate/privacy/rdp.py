@@ -9,12 +9,22 @@ Opacus' RDP analysis module is loaded from Opacus' own file without importing th
 package: ``import opacus.accountants`` runs ``opacus/__init__``, which imports the whole
 PrivacyEngine (about 1.8 s of start-up here: optimizers, torch.distributed, dynamo), while the
 analysis needs only math, numpy and scipy. Where Opacus is already imported, its module is used.
+
+One step's curve takes about 0.2 CPU s (the 99 fractional orders are series summed in Python).
+A device runs each message in a fresh fork of its warm executor, where the in-process cache is
+empty, so :func:`keep_curves_in` lets the device keep the curves in its state directory
+(``rdp-curves.json``, next to its ledger): a later fork reads the curve of the same noise and
+sample rate instead of computing it again. The file holds only what ``compute_rdp`` returned
+for the Opacus version and orders it names; a file from another version, or one that cannot
+be read, is ignored and rewritten.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import json
 import math
 import sys
 import warnings
@@ -26,9 +36,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pollinate._atomic import atomic_write_text
+from pollinate.log import logger
 from pollinate.privacy.mechanism import MechanismStep
 
-__all__ = ["epsilon_of"]
+__all__ = ["CURVES_FILE", "epsilon_of", "keep_curves_in"]
+
+#: the file name :func:`keep_curves_in` is given by a device (in its state directory)
+CURVES_FILE = "rdp-curves.json"
+_CURVES_FORMAT = 1
 
 # The Renyi orders of Opacus' RDP accountant (``RDPAccountant.DEFAULT_ALPHAS``; a test checks
 # that they still are).
@@ -55,19 +71,83 @@ def _analysis() -> Any:
     return module
 
 
+_store: Path | None = None
+
+
+def keep_curves_in(path: Path | None) -> None:
+    """Keep the one-step curves this process computes in the JSON file ``path`` (``None``:
+    in memory only), and use the ones already there."""
+    global _store
+    _store = None if path is None else Path(path)
+
+
+def _stamp() -> dict[str, object]:
+    """What a stored curve depends on: the file format, Opacus' version and the orders."""
+    return {
+        "format": _CURVES_FORMAT,
+        "opacus": importlib.metadata.version("opacus"),
+        "orders": [float(order) for order in _ORDERS],
+    }
+
+
+def _curve_key(noise_multiplier: float, sample_rate: float) -> str:
+    return f"{float(noise_multiplier)!r}/{float(sample_rate)!r}"
+
+
+def _stored_curves(path: Path) -> dict[str, list[float]]:
+    """The curves in ``path``; empty when it is missing, unreadable or from another stamp."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring the RDP curve store %s (%s); it will be rewritten", path, err)
+        return {}
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in _stamp().items()):
+        return {}
+    curves = data.get("curves")
+    if not isinstance(curves, dict):
+        return {}
+    return {
+        key: curve
+        for key, curve in curves.items()
+        if isinstance(curve, list)
+        and len(curve) == len(_ORDERS)
+        and all(isinstance(v, float) and v >= 0 for v in curve)
+    }
+
+
+def _store_curve(path: Path, key: str, curve: list[float]) -> None:
+    """Add ``curve`` to the store (atomically; a lost race only means recomputing later)."""
+    try:
+        curves = _stored_curves(path)
+        curves[key] = curve
+        atomic_write_text(path, json.dumps({**_stamp(), "curves": curves}))
+    except OSError as err:
+        logger.warning("cannot write the RDP curve store %s: %s", path, err)
+
+
 @functools.lru_cache(maxsize=256)
 def _unit_rdp(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.float64]:
     """RDP of ONE step of the sampled Gaussian mechanism at Opacus' default orders (read-only).
 
     ``compute_rdp`` is linear in the number of steps (it returns ``rdp * steps``), so
-    ``_unit_rdp(...) * steps`` is bitwise what Opacus' ``RDPAccountant`` sums.
+    ``_unit_rdp(...) * steps`` is bitwise what Opacus' ``RDPAccountant`` sums. Read from, and
+    added to, the store of :func:`keep_curves_in` where one is set.
     """
-    rdp = np.asarray(
-        _analysis().compute_rdp(
-            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=_ORDERS
-        ),
-        dtype=np.float64,
-    )
+    store, key = _store, _curve_key(noise_multiplier, sample_rate)
+    stored = _stored_curves(store).get(key) if store is not None else None
+    if stored is not None:
+        rdp = np.asarray(stored, dtype=np.float64)
+    else:
+        rdp = np.asarray(
+            _analysis().compute_rdp(
+                q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=_ORDERS
+            ),
+            dtype=np.float64,
+        )
+        if store is not None:
+            _store_curve(store, key, [float(v) for v in rdp])
     rdp.flags.writeable = False
     return rdp
 
