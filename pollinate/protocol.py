@@ -33,6 +33,7 @@ __all__ = [
     "METRICS",
     "NUM_EXAMPLES_KEY",
     "PACKED_ARRAYS_KEY",
+    "PACKED_ARRAYS_VERSION",
     "POLICY_KEYS",
     "SECAGG_MAX_WEIGHT_KEY",
     "SECAGG_TASK_KEY",
@@ -42,6 +43,7 @@ __all__ = [
     "NodeKey",
     "pack_arrays",
     "partition_key",
+    "reads_packed",
     "record_of",
     "unpack_arrays",
 ]
@@ -67,23 +69,42 @@ INFO = "info"  #: a reply's text: client key, decline / refusal reasons (ConfigR
 BUNDLE_QUERY = "bundle"  #: the query message type that delivers a model bundle
 
 # ------------------------------------------------------------------ the model on the wire
-#: a node's identity reply says it reads packed models (``info`` record, True)
+#: a node's identity reply says it reads packed models (``info`` record: the format version)
 PACKED_ARRAYS_KEY = "packed-arrays"
+#: the packed format this pollinate reads and writes. 1 (``True``, 2026-12-06) kept the flat
+#: array as an Array; a node that says 1 is sent the named arrays.
+PACKED_ARRAYS_VERSION = 2
 _LAYOUT = "~layout"  #: suffix of the ConfigRecord that says how a packed ArrayRecord unpacks
-_FLAT = "flat"  #: the one array of a packed ArrayRecord
+_FLAT = "flat"  #: the flat values: bytes in the layout, or the one Array of a large model
+
+
+def reads_packed(info: ConfigRecord | None) -> bool:
+    """Whether a node's identity (its ``info`` record) says it reads this packed format."""
+    version = info.get(PACKED_ARRAYS_KEY) if info is not None else None
+    return type(version) is int and version == PACKED_ARRAYS_VERSION
+
+
+def _inline_limit() -> int:
+    """The largest model sent as bytes in its layout record: Flower's array chunk size
+    (larger ones keep a flat Array, which Flower splits into chunks)."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    return FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 
 def pack_arrays(content: RecordDict) -> RecordDict | None:
-    """``content`` with its model (the :data:`ARRAYS` record) as ONE flat array when it holds
-    two or more float32 arrays, plus a ConfigRecord (``arrays~layout``: names and shapes) to
-    unpack it; None when nothing in ``content`` packs.
+    """``content`` with its model (the :data:`ARRAYS` record) packed when it holds two or more
+    float32 arrays: one ConfigRecord (``arrays~layout``) with the names, the shapes and the
+    values as little-endian float32 bytes; None when nothing in ``content`` packs.
 
-    Flower stores and sends every array of a message as its own objects (an Array and its
-    chunks), each one an authenticated request and a database row at the SuperLink and at
-    every hop; a CNN's ten tensors were 24 objects a message, one flat array 6. Lossless:
+    Flower stores and sends every record and every array of a message as its own objects
+    (an Array and its chunks), each one an authenticated request and a database row at the
+    SuperLink and at every hop: a CNN's train message was 23 objects, packed it is 3. A model
+    over Flower's chunk size keeps its values as one flat Array beside the layout. Lossless:
     the same float32 values, in the same order.
     """
     packed: dict[str, ArrayRecord | ConfigRecord] = {}
+    inlined: set[str] = set()
     for key, record in content.items():
         if key != ARRAYS or not isinstance(record, ArrayRecord) or len(record) < 2:
             continue
@@ -91,49 +112,63 @@ def pack_arrays(content: RecordDict) -> RecordDict | None:
         if any(a.stype != "numpy.ndarray" or a.dtype != "float32" for _, a in arrays):
             continue
         values = [a.numpy() for _, a in arrays]
-        flat = np.concatenate([v.reshape(-1) for v in values])
-        packed[key] = ArrayRecord({_FLAT: Array(flat)})
-        packed[key + _LAYOUT] = ConfigRecord(
-            {
-                "names": [name for name, _ in arrays],
-                "ranks": [v.ndim for v in values],
-                "dims": [d for v in values for d in v.shape],
-            }
-        )
+        flat = np.concatenate([v.reshape(-1) for v in values]).astype("<f4", copy=False)
+        layout: dict[str, list[str] | list[int] | bytes] = {
+            "names": [name for name, _ in arrays],
+            "ranks": [v.ndim for v in values],
+            "dims": [d for v in values for d in v.shape],
+        }
+        if flat.nbytes <= _inline_limit():
+            layout[_FLAT] = flat.tobytes()
+            inlined.add(key)
+        else:
+            packed[key] = ArrayRecord({_FLAT: Array(flat)})
+        packed[key + _LAYOUT] = ConfigRecord(layout)  # type: ignore[arg-type]
     if not packed:
         return None
-    return RecordDict({**{k: r for k, r in content.items() if k not in packed}, **packed})
+    kept = {k: r for k, r in content.items() if k not in packed and k not in inlined}
+    return RecordDict({**kept, **packed})
+
+
+def _flat_values(content: RecordDict, name: str, layout: ConfigRecord) -> np.ndarray:
+    """The flat float32 values of packed record ``name``: inline bytes or its one Array."""
+    inline, record = layout.get(_FLAT), content.get(name)
+    try:
+        if inline is not None:
+            if not isinstance(inline, bytes) or len(inline) % 4 or record is not None:
+                raise ValueError("its values are not float32 bytes")
+            return np.frombuffer(inline, dtype="<f4")
+        if not isinstance(record, ArrayRecord) or list(record.keys()) != [_FLAT]:
+            raise ValueError("no values")
+        flat: np.ndarray = record[_FLAT].numpy().reshape(-1)
+    except Exception as err:  # bytes that are not an array
+        raise ConfigError(f"message record {name!r}: cannot be decoded: {err}") from None
+    return flat
 
 
 def unpack_arrays(content: RecordDict) -> RecordDict | None:
-    """``content`` with each packed ArrayRecord (:func:`pack_arrays`) back as named arrays;
-    None when nothing in ``content`` is packed.
+    """``content`` with each packed model (:func:`pack_arrays`) back as named arrays; None
+    when nothing in ``content`` is packed.
 
     Raises:
-        ConfigError: A layout that does not fit its flat array (a corrupt or foreign message).
+        ConfigError: A layout that does not fit its values (a corrupt or foreign message).
     """
     unpacked: dict[str, ArrayRecord] = {}
     for key, layout in content.items():
         if not key.endswith(_LAYOUT) or not isinstance(layout, ConfigRecord):
             continue
         name = key[: -len(_LAYOUT)]
-        record = content.get(name)
         names, ranks, dims = layout.get("names"), layout.get("ranks"), layout.get("dims")
         if (
-            not isinstance(record, ArrayRecord)
-            or list(record.keys()) != [_FLAT]
-            or not isinstance(names, list)
+            not isinstance(names, list)
             or not isinstance(ranks, list)
             or not isinstance(dims, list)
             or len(names) != len(ranks)
-            or not all(isinstance(n, int) and n >= 0 for n in (*ranks, *dims))
+            or not all(type(n) is int and n >= 0 for n in (*ranks, *dims))
             or sum(int(r) for r in ranks) != len(dims)
         ):
             raise ConfigError(f"message record {name!r}: its packed layout does not fit it")
-        try:
-            flat = record[_FLAT].numpy().reshape(-1)
-        except Exception as err:  # bytes that are not an array
-            raise ConfigError(f"message record {name!r}: cannot be decoded: {err}") from None
+        flat = _flat_values(content, name, layout)
         arrays: dict[str, Array] = {}
         offset, at = 0, 0
         for label, rank in zip(names, ranks, strict=True):
@@ -149,8 +184,11 @@ def unpack_arrays(content: RecordDict) -> RecordDict | None:
         unpacked[name] = ArrayRecord(arrays)
     if not unpacked:
         return None
-    layouts = {k + _LAYOUT for k in unpacked}
-    return RecordDict({k: unpacked.get(k, r) for k, r in content.items() if k not in layouts})
+    out: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {}
+    for key, record in content.items():
+        name = key[: -len(_LAYOUT)] if key.endswith(_LAYOUT) else key
+        out[name] = unpacked.get(name, record)
+    return RecordDict(out)
 
 
 # ------------------------------------------------------------------ reply metrics

@@ -36,6 +36,7 @@ from pollinate.protocol import (
     CONFIG,
     INFO,
     PACKED_ARRAYS_KEY,
+    PACKED_ARRAYS_VERSION,
     NodeKey,
     pack_arrays,
     unpack_arrays,
@@ -56,7 +57,7 @@ def _secure_aggregation(msg: Message, context: Context, call_next: ClientAppCall
 
 
 def _packed_arrays(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A model that came packed (one flat array, :func:`pollinate.protocol.pack_arrays`) is
+    """A model that came packed (flat values, :func:`pollinate.protocol.pack_arrays`) is
     unpacked before the app sees it, and the reply's model goes back packed."""
     content = unpack_arrays(msg.content) if msg.has_content() else None
     if content is None:
@@ -118,7 +119,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this node is (its stable client key), so the server can sample by identity."""
-    info = ConfigRecord({"client": client_key(context), PACKED_ARRAYS_KEY: True})
+    info = ConfigRecord({"client": client_key(context), PACKED_ARRAYS_KEY: PACKED_ARRAYS_VERSION})
     return Message(RecordDict({INFO: info}), reply_to=msg)
 
 

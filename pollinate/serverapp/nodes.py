@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from pollinate.errors import PollinateError
 from pollinate.log import logger
-from pollinate.protocol import PACKED_ARRAYS_KEY
+from pollinate.protocol import reads_packed
 from pollinate.serverapp.population import PartitionRange
 
 __all__ = ["QUERY_TIMEOUT_S", "NodeDirectory", "SampledGrid", "reply_node"]
@@ -178,7 +178,7 @@ class NodeDirectory:
                 continue
             info = reply.content.config_records.get("info")
             self._keys[src] = str(info["client"]) if info and "client" in info else f"n{src}"
-            packed += bool(info and info.get(PACKED_ARRAYS_KEY) is True)
+            packed += reads_packed(info)
         known = sum(n in self._keys for n in new)
         logger.info("%d node(s) identified, %d of them read the packed model", known, packed)
         missing = [n for n in new if n not in self._keys]

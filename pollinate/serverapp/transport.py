@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from pollinate._flower import pace_object_pulls
 from pollinate.errors import ConfigError
 from pollinate.log import logger
-from pollinate.protocol import INFO, PACKED_ARRAYS_KEY, pack_arrays, record_of, unpack_arrays
+from pollinate.protocol import INFO, pack_arrays, reads_packed, record_of, unpack_arrays
 
 __all__ = [
     "FIRST_PULL_S",
@@ -119,8 +119,7 @@ class PollingGrid(Grid):
 
     def _unpacked(self, reply: Message) -> Message:
         if reply.has_content():
-            info = record_of(reply.content, INFO, ConfigRecord)
-            if info is not None and info.get(PACKED_ARRAYS_KEY) is True:
+            if reads_packed(record_of(reply.content, INFO, ConfigRecord)):
                 self._packs.add(reply.metadata.src_node_id)
             try:
                 content = unpack_arrays(reply.content)

@@ -15,9 +15,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from pollinate import protocol
 from pollinate.errors import ConfigError
 from pollinate.models import build_model
-from pollinate.protocol import PACKED_ARRAYS_KEY, pack_arrays, unpack_arrays
+from pollinate.protocol import (
+    PACKED_ARRAYS_KEY,
+    PACKED_ARRAYS_VERSION,
+    pack_arrays,
+    reads_packed,
+    unpack_arrays,
+)
 from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.transport import PollingGrid
 from tests.support.messages import SERVER_NODE, set_identity
@@ -30,12 +37,20 @@ def _model_arrays() -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.detach().numpy().copy()) for k, v in model.state_dict().items())
 
 
+_LAYOUT_AB = {"names": ["a", "b"], "ranks": [1, 1], "dims": [1, 1]}
+
+
 def _content(arrays: dict[str, np.ndarray]) -> RecordDict:
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
     return RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 3})})
 
 
-def test_a_packed_model_unpacks_to_the_same_named_arrays() -> None:
+@pytest.mark.parametrize("inline", [True, False], ids=["bytes-in-layout", "flat-array"])
+def test_a_packed_model_unpacks_to_the_same_named_arrays(
+    inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not inline:  # a model over Flower's chunk size keeps its values in one flat Array
+        monkeypatch.setattr(protocol, "_inline_limit", lambda: 16)
     rng = np.random.default_rng(0)
     odd = OrderedDict(
         [("w", rng.normal(size=(3, 4, 5)).astype(np.float32)),
@@ -45,7 +60,12 @@ def test_a_packed_model_unpacks_to_the_same_named_arrays() -> None:
     for arrays in (_model_arrays(), odd):
         packed = pack_arrays(_content(arrays))
         assert packed is not None
-        assert list(packed.array_records["arrays"].keys()) == ["flat"]
+        layout = packed.config_records["arrays~layout"]
+        if inline:
+            assert "arrays" not in packed and isinstance(layout["flat"], bytes)
+        else:
+            assert list(packed.array_records["arrays"].keys()) == ["flat"]
+            assert "flat" not in layout
         assert packed.config_records["config"]["server-round"] == 3  # the rest goes as it was
         unpacked = unpack_arrays(packed)
         assert unpacked is not None and "arrays~layout" not in unpacked
@@ -62,7 +82,8 @@ def test_packing_cuts_the_objects_flower_stores_and_sends() -> None:
     packed = pack_arrays(content)
     assert packed is not None
     before, after = len(get_all_nested_objects(content)), len(get_all_nested_objects(packed))
-    assert before >= 20 and after <= 7, (before, after)  # ten tensors: an Array + a chunk each
+    # ten tensors: an Array and a chunk each; packed: the RecordDict and two ConfigRecords
+    assert before >= 20 and after == 3, (before, after)
 
 
 def test_what_does_not_pack_is_left_alone() -> None:
@@ -91,13 +112,45 @@ def test_a_layout_that_does_not_fit_is_refused(layout: dict[str, Any]) -> None:
         {"arrays": ArrayRecord(OrderedDict([("flat", Array(np.ones(7, np.float32)))])),
          "arrays~layout": ConfigRecord(layout)}
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="'arrays': its packed layout does not fit"):
+    inline = RecordDict(
+        {"arrays~layout": ConfigRecord({**layout, "flat": np.ones(7, "<f4").tobytes()})}
+    )
+    for packed in (content, inline):
+        with pytest.raises(ConfigError, match="'arrays': its packed layout does not fit"):
+            unpack_arrays(packed)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        RecordDict({"arrays~layout": ConfigRecord({**_LAYOUT_AB, "flat": b"\0" * 7})}),
+        RecordDict({"arrays~layout": ConfigRecord({**_LAYOUT_AB, "flat": "text"})}),
+        RecordDict(
+            {
+                "arrays": ArrayRecord(OrderedDict([("flat", Array(np.ones(2, np.float32)))])),
+                "arrays~layout": ConfigRecord({**_LAYOUT_AB, "flat": b"\0" * 8}),
+            }
+        ),  # values twice
+        RecordDict({"arrays~layout": ConfigRecord(_LAYOUT_AB)}),  # no values at all
+    ],
+    ids=["ragged-bytes", "not-bytes", "values-twice", "no-values"],
+)
+def test_values_that_cannot_be_read_are_refused(content: RecordDict) -> None:
+    with pytest.raises(ConfigError, match="'arrays': cannot be decoded"):
         unpack_arrays(content)
+
+
+def test_only_a_node_that_names_this_format_reads_packed_models() -> None:
+    assert reads_packed(ConfigRecord({PACKED_ARRAYS_KEY: PACKED_ARRAYS_VERSION}))
+    for said in (True, 1, "2", 2.0):  # True: the first format (a flat Array), 2026-12-06
+        assert not reads_packed(ConfigRecord({PACKED_ARRAYS_KEY: said}))
+    assert not reads_packed(ConfigRecord({"client": "c1"})) and not reads_packed(None)
 
 
 class _EchoGrid(Grid):
     """Each node answers at once: an identity query with its info (node 1 reads packed
-    models, node 2 is an older pollinate), any other message with the content it received."""
+    models, node 2 is an older pollinate that read the first format), any other message
+    with the content it received."""
 
     def __init__(self) -> None:
         self.received: dict[int, RecordDict] = {}
@@ -134,8 +187,7 @@ class _EchoGrid(Grid):
             set_identity(node)
             if msg.metadata.message_type == "query":
                 info: dict[str, Any] = {"client": f"c{node}"}
-                if node == 1:
-                    info[PACKED_ARRAYS_KEY] = True
+                info[PACKED_ARRAYS_KEY] = PACKED_ARRAYS_VERSION if node == 1 else True
                 out.append(Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg))
             else:
                 out.append(Message(msg.content, reply_to=msg))
@@ -164,7 +216,7 @@ def test_the_grid_packs_only_for_nodes_that_said_they_read_it() -> None:
                        message_type="query") for n in (1, 2)]  # fmt: skip
     grid.send_and_receive(queries, timeout=5)
     replies = list(grid.send_and_receive([train(1), train(2)], timeout=5))
-    assert list(inner.received[1].array_records["arrays"].keys()) == ["flat"]
+    assert "arrays" not in inner.received[1] and "arrays~layout" in inner.received[1]
     assert len(inner.received[2].array_records["arrays"]) == len(arrays)
     assert len(replies) == 2
     for reply in replies:  # node 1 echoed the packed model: the round loop sees names again
