@@ -116,7 +116,10 @@ def _run_task(spec: Any) -> None:
 
 def warm_up() -> None:
     """Import :data:`WARM_MODULES` and pace Flower's object pulls: what every task would
-    otherwise pay for itself. A no-op the second time (in a zygote's fork)."""
+    otherwise pay for itself; then freeze what is loaded out of the garbage collector, so a
+    task's collections never walk (and copy the pages of) the imported objects. A no-op the
+    second time (in a zygote's fork)."""
+    import gc
     import importlib
 
     for module in WARM_MODULES:
@@ -124,6 +127,8 @@ def warm_up() -> None:
     from pollinate._flower import pace_object_pulls
 
     pace_object_pulls()  # a fork asks for its message's objects every 50 ms, not 1-4 s
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> None:
