@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pollinate import protocol
@@ -27,6 +26,7 @@ from pollinate.protocol import (
 )
 from pollinate.serverapp.nodes import NodeDirectory
 from pollinate.serverapp.transport import PollingGrid
+from tests.support.grids import PushPullGrid
 from tests.support.messages import SERVER_NODE, set_identity
 
 pytestmark = pytest.mark.unit
@@ -147,57 +147,32 @@ def test_only_a_node_that_names_this_format_reads_packed_models() -> None:
     assert not reads_packed(ConfigRecord({"client": "c1"})) and not reads_packed(None)
 
 
-class _EchoGrid(Grid):
+class _EchoGrid(PushPullGrid):
     """Each node answers at once: an identity query with its info (node 1 reads packed
     models, node 2 is an older pollinate that read the first format), any other message
-    with the content it received."""
+    with the content it received (kept in ``received``)."""
 
     def __init__(self) -> None:
+        super().__init__(nodes=(1, 2))
         self.received: dict[int, RecordDict] = {}
-        self.pushed: dict[str, Message] = {}
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return [1, 2]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
+        messages = list(messages)
         for msg in messages:
-            mid = f"m{len(self.pushed)}"
-            msg.metadata.__dict__["_message_id"] = mid
-            self.pushed[mid] = msg
             self.received[msg.metadata.dst_node_id] = msg.content
-            ids.append(mid)
-        return ids
+        return super().push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = []
-        for mid in message_ids:
-            msg = self.pushed.pop(mid)
-            node = msg.metadata.dst_node_id
-            set_identity(node)
+    def answer(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        set_identity(node)
+        try:
             if msg.metadata.message_type == "query":
                 info: dict[str, Any] = {"client": f"c{node}"}
                 info[PACKED_ARRAYS_KEY] = PACKED_ARRAYS_VERSION if node == 1 else True
-                out.append(Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg))
-            else:
-                out.append(Message(msg.content, reply_to=msg))
+                return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+            return Message(msg.content, reply_to=msg)
+        finally:
             set_identity(SERVER_NODE)
-        return out
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise AssertionError("the polling grid must not call the inner send_and_receive")
 
 
 def test_the_grid_packs_only_for_nodes_that_said_they_read_it() -> None:

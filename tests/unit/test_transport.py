@@ -6,68 +6,15 @@ delay); the real one is behind every integration test of a federation."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Any
 
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.serverapp import Grid
 
 from pollinate.serverapp.transport import LONGEST_PULL_S, PollingGrid
 from pollinate.simulation.local_grid import LocalGrid
+from tests.support.grids import PushPullGrid
 
 pytestmark = pytest.mark.unit
-
-
-class _DelayedGrid(Grid):
-    """Replies to each pushed message ``delay`` seconds after the push; records its pulls."""
-
-    def __init__(self, delay: float, refuse: int = 0) -> None:
-        self.delay = delay
-        self.refuse = refuse  # this many messages are not taken (no id)
-        self.pushed: dict[str, tuple[float, Message]] = {}
-        self.pulls: list[float] = []
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return [1, 2, 3]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids: list[str] = []
-        for i, msg in enumerate(messages):
-            if i < self.refuse:
-                ids.append("")
-                continue
-            mid = f"m{len(self.pushed)}"
-            msg.metadata.__dict__["_message_id"] = mid
-            self.pushed[mid] = (time.monotonic() + self.delay, msg)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        now = time.monotonic()
-        self.pulls.append(now)
-        out = []
-        for mid in list(message_ids):
-            due, msg = self.pushed.get(mid, (float("inf"), None))
-            if msg is not None and due <= now:
-                del self.pushed[mid]
-                out.append(Message(RecordDict(), reply_to=msg))
-        return out
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise AssertionError("the polling grid must not call the inner send_and_receive")
 
 
 def _messages(n: int) -> list[Message]:
@@ -76,7 +23,7 @@ def _messages(n: int) -> list[Message]:
 
 
 def test_replies_are_pulled_soon_after_they_arrive() -> None:
-    inner = _DelayedGrid(delay=0.4)
+    inner = PushPullGrid(delay=0.4)
     grid = PollingGrid(inner)
     started = time.monotonic()
     replies = list(grid.send_and_receive(_messages(3), timeout=30))
@@ -87,11 +34,11 @@ def test_replies_are_pulled_soon_after_they_arrive() -> None:
 
 
 def test_a_message_not_taken_is_not_waited_for_and_the_timeout_holds() -> None:
-    inner = _DelayedGrid(delay=0.1, refuse=1)
+    inner = PushPullGrid(delay=0.1, refuse=1)
     replies = list(PollingGrid(inner).send_and_receive(_messages(3), timeout=30))
     assert len(replies) == 2  # the refused one gets none, and nothing waits for it
 
-    slow = _DelayedGrid(delay=60.0)
+    slow = PushPullGrid(delay=60.0)
     started = time.monotonic()
     assert list(PollingGrid(slow).send_and_receive(_messages(2), timeout=0.5)) == []
     assert time.monotonic() - started < 0.5 + LONGEST_PULL_S + 0.5
@@ -100,5 +47,5 @@ def test_a_message_not_taken_is_not_waited_for_and_the_timeout_holds() -> None:
 def test_in_process_grids_are_not_wrapped() -> None:
     local = LocalGrid(2)
     assert PollingGrid.wrap(local) is local
-    wrapped = PollingGrid.wrap(_DelayedGrid(0.0))
+    wrapped = PollingGrid.wrap(PushPullGrid(delay=0.0))
     assert isinstance(wrapped, PollingGrid) and PollingGrid.wrap(wrapped) is wrapped
