@@ -81,6 +81,7 @@ def keep_curves_in(path: Path | None) -> None:
     _store = None if path is None else Path(path)
 
 
+@functools.cache
 def _stamp() -> dict[str, object]:
     """What a stored curve depends on: the file format, Opacus' version and the orders."""
     return {
@@ -117,12 +118,11 @@ def _stored_curves(path: Path) -> dict[str, list[float]]:
     }
 
 
-def _store_curve(path: Path, key: str, curve: list[float]) -> None:
-    """Add ``curve`` to the store (atomically; a lost race only means recomputing later)."""
+def _store_curve(path: Path, curves: dict[str, list[float]], key: str, curve: list[float]) -> None:
+    """Write the store's ``curves`` (as just read) with ``curve`` added, atomically; a lost
+    race with another fork only means one of them computes its curve again later."""
     try:
-        curves = _stored_curves(path)
-        curves[key] = curve
-        atomic_write_text(path, json.dumps({**_stamp(), "curves": curves}))
+        atomic_write_text(path, json.dumps({**_stamp(), "curves": {**curves, key: curve}}))
     except OSError as err:
         logger.warning("cannot write the RDP curve store %s: %s", path, err)
 
@@ -136,7 +136,8 @@ def _unit_rdp(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.flo
     added to, the store of :func:`keep_curves_in` where one is set.
     """
     store, key = _store, _curve_key(noise_multiplier, sample_rate)
-    stored = _stored_curves(store).get(key) if store is not None else None
+    curves = _stored_curves(store) if store is not None else {}
+    stored = curves.get(key)
     if stored is not None:
         rdp = np.asarray(stored, dtype=np.float64)
     else:
@@ -147,7 +148,7 @@ def _unit_rdp(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.flo
             dtype=np.float64,
         )
         if store is not None:
-            _store_curve(store, key, [float(v) for v in rdp])
+            _store_curve(store, curves, key, [float(v) for v in rdp])
     rdp.flags.writeable = False
     return rdp
 
