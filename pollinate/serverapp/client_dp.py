@@ -33,7 +33,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pollinate.config import ClientDP, ClientSampling, RunSettings, StrategyName
@@ -50,6 +49,7 @@ from pollinate.privacy.client_level import (
 )
 from pollinate.privacy.correlated_noise import NoiseStream
 from pollinate.privacy.noise import NoiseSource, gaussian
+from pollinate.serverapp.averaging import weighted_metrics
 
 __all__ = [
     "ACCOUNTING",
@@ -213,17 +213,7 @@ class ClientLevelDP(Strategy):
             return None, None
         keys = list(self.current_arrays.keys())
         current = [np.asarray(self.current_arrays[k].numpy(), dtype=np.float64) for k in keys]
-        total = [np.zeros_like(c) for c in current]
-        within = 0
-        for reply in replies:
-            record = next(iter(reply.content.array_records.values()))
-            update = [np.asarray(record[k].numpy(), dtype=np.float64) - c
-                      for k, c in zip(keys, current, strict=True)]  # fmt: skip
-            norm = math.sqrt(sum(float(np.sum(u * u)) for u in update))
-            within += int(norm <= self.clipping_norm)
-            scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-            for acc, u in zip(total, update, strict=True):
-                acc += u * scale
+        total, within = _clipped_sum(replies, keys, current, self.clipping_norm)
         std = self.update_noise * self.clipping_norm
         shapes = [c.shape for c in current]
         noise = self.stream.next(server_round, shapes, std, self._source(server_round))
@@ -247,7 +237,7 @@ class ClientLevelDP(Strategy):
         new_arrays, _ = self.strategy.aggregate_train(
             server_round, [Message(summary.content, reply_to=summary)]
         )
-        metrics = aggregate_metricrecords([m.content for m in replies], self.weight_key)
+        metrics = weighted_metrics([m.content for m in replies], self.weight_key)
         return new_arrays, metrics
 
     @property
@@ -303,6 +293,30 @@ class ClientLevelDP(Strategy):
         self.stream.load_state(
             {k.removeprefix("stream."): v for k, v in state.items() if k.startswith("stream.")}
         )
+
+
+def _clipped_sum(
+    replies: list[Message], keys: list[str], current: list[np.ndarray], clip: float
+) -> tuple[list[np.ndarray], int]:
+    """The sum of the replies' updates (reply minus ``current``), each scaled to L2 norm at
+    most ``clip`` over all tensors, in float64, per tensor of ``keys``; and how many were
+    within the clip already. One matrix of flat updates, not a loop per reply and tensor."""
+    base = np.concatenate([c.ravel() for c in current])
+    rows = np.empty((len(replies), base.size))
+    for row, reply in zip(rows, replies, strict=True):
+        record = next(iter(reply.content.array_records.values()))
+        np.concatenate([np.asarray(record[k].numpy()).ravel() for k in keys], out=row)
+    rows -= base
+    # einsum, not BLAS: its thread pool fights torch's on few cores (as in validation)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    over = norms > clip  # a NaN norm is not over: it is summed unscaled and poisons the sum
+    scales = np.ones(len(replies))
+    scales[over] = clip / norms[over]
+    flat = np.einsum("i,ij->j", scales, rows)
+    ends = np.cumsum([c.size for c in current])
+    parts = np.split(flat, ends[:-1])
+    total = [part.reshape(c.shape) for part, c in zip(parts, current, strict=True)]
+    return total, int(np.sum(norms <= clip))
 
 
 def account(

@@ -30,11 +30,11 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from pollinate.config import ClientDP, RobustAggregation, RunSettings, SampleDP, StrategyName
 from pollinate.log import logger
 from pollinate.protocol import NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY
+from pollinate.serverapp.averaging import weighted_metrics
 from pollinate.serverapp.client_dp import ClientLevelDP, plan_client_dp
 
 __all__ = [
@@ -67,7 +67,7 @@ class RobustAggregator(Strategy):
         arrays, _ = self.robust.aggregate_train(server_round, replies)
         if arrays is None:
             return None, None
-        metrics = aggregate_metricrecords([m.content for m in replies], self.inner.weighted_by_key)
+        metrics = weighted_metrics([m.content for m in replies], self.inner.weighted_by_key)
         summary = Message(
             RecordDict(
                 {
@@ -119,6 +119,8 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
         "min_evaluate_nodes": 1,
         "min_available_nodes": 1,
         "weighted_by_key": weight_key,
+        "train_metrics_aggr_fn": weighted_metrics,  # Flower's, in plain floats
+        "evaluate_metrics_aggr_fn": weighted_metrics,
     }
     inner: FedAvg
     if settings.strategy == StrategyName.FEDAVG:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, cast
 
@@ -177,3 +178,59 @@ def test_server_side_client_dp_is_the_clipped_sum_plus_noise_over_the_cohort() -
     wrapper = dp_wrapper(strategy)
     assert wrapper is not None and wrapper.released_round == 1
     assert wrapper.last_clip == 0.5
+
+
+def test_clipped_sum_equals_a_per_reply_loop() -> None:
+    """The client-level clipped sum (one matrix of flat updates) against a loop over replies
+    and tensors: each update scaled to norm at most the clip, those within it counted."""
+    from pollinate.serverapp.client_dp import _clipped_sum
+
+    rng = np.random.default_rng(11)
+    current = {k: rng.normal(size=sh).astype(np.float32) for k, sh in SHAPES.items()}
+    deltas = [{k: v * scale for k, v in u.items()} for u, scale in
+              zip(_updates(rng, 5), (0.01, 3.0, 0.0, 0.2, 10.0), strict=True)]  # fmt: skip
+    replies = [reply_from(10 + i, {k: current[k] + d[k] for k in SHAPES}, {"client-weight": 1})
+               for i, d in enumerate(deltas)]  # fmt: skip
+    keys = list(SHAPES)
+    base = [current[k].astype(np.float64) for k in keys]
+    total, within = _clipped_sum(replies, keys, base, 0.5)
+    want = {k: np.zeros(SHAPES[k]) for k in keys}
+    inside = 0
+    for reply in replies:
+        record = reply.content.array_records["arrays"]
+        update = {k: record[k].numpy().astype(np.float64) - current[k] for k in keys}
+        norm = math.sqrt(sum(float(np.sum(u * u)) for u in update.values()))
+        inside += norm <= 0.5
+        for k in keys:
+            want[k] += update[k] * (min(1.0, 0.5 / norm) if norm > 0 else 1.0)
+    assert within == inside == 3  # 0.01x, 0x and 0.2x a unit-normal update are within 0.5
+    for k, got in zip(keys, total, strict=True):
+        np.testing.assert_allclose(got, want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_metrics_equal_flowers_aggregate_metricrecords() -> None:
+    """The strategies' metric averaging gives what Flower's own would, lists included."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from pollinate.serverapp.averaging import weighted_metrics
+
+    rng = np.random.default_rng(3)
+    records = [
+        RecordDict({"metrics": MetricRecord({
+            "num-examples": int(rng.integers(1, 50)), "loss": float(rng.random()),
+            "accuracy": float(rng.random()), "curve": [float(v) for v in rng.random(3)],
+            "steps": int(rng.integers(1, 9)),
+        })})
+        for _ in range(7)
+    ]  # fmt: skip
+    ours, flowers = (
+        weighted_metrics(records, "num-examples"),
+        aggregate_metricrecords(records, "num-examples"),
+    )
+    assert set(ours) == set(flowers) == {"loss", "accuracy", "curve", "steps"}
+    for key, value in flowers.items():
+        np.testing.assert_allclose(ours[key], value, rtol=1e-12)
+    s = RunSettings.from_run_config({"dp": "none"})
+    strategy = build_strategy(s, population=3)
+    assert getattr(strategy, "train_metrics_aggr_fn", None) is weighted_metrics
