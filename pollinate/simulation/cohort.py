@@ -83,7 +83,11 @@ def train_cohort(
     member's training does not depend on who else is in its chunk), so a model with millions
     of parameters trains a large cohort in bounded memory.
     """
-    global_params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # contiguous whatever the module's layout (channels-last): the members' arrays are views
+    global_params = {
+        k: v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in model.named_parameters()
+    }
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     out: list[tuple[TrainResult, dict[str, np.ndarray]] | None] = [None] * len(members)
     groups: dict[int, list[int]] = {}

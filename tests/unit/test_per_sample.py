@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,30 @@ def test_clipped_sums_equal_clipping_the_per_sample_gradients() -> None:
     for k, g in per_sample.items():
         expected = torch.einsum("cb,cb...->c...", factor, g.reshape(4, 3, *g.shape[1:]))
         torch.testing.assert_close(clipped[k], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mixed", "opacus-mnist"])
+def test_a_channels_last_module_gives_the_same_clipped_sums(name: str) -> None:
+    """The fast engine lays its cohort's model out channels-last (faster pooling): the
+    clipped sums, losses and outputs equal those of the same weights laid out plainly."""
+    torch.manual_seed(4)
+    model, shape = (Mixed(), (2, 9, 11)) if name == "mixed" else (build_model(name), (1, 28, 28))
+    x, y = torch.randn(12, *shape), torch.randint(0, 3, (12,))
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    valid[1, 2] = False
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    plain = HookedPerSample(model, loss).clipped_sums(x, y, valid, 0.5)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in last.parameters())
+    fast = HookedPerSample(last, loss).clipped_sums(x, y, valid, 0.5)
+    assert set(plain[0]) == set(fast[0])
+    for k, g in plain[0].items():
+        torch.testing.assert_close(fast[0][k], g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast[1], plain[1])
+    torch.testing.assert_close(fast[2], plain[2])
 
 
 def test_only_linear_and_plain_conv_layers_are_hooked() -> None:
