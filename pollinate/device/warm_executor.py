@@ -30,8 +30,12 @@ from typing import Any
 __all__ = ["ForkExecutor", "main", "warm_up"]
 
 #: what is imported once, before the first task (the cost a cold start pays per message).
-#: torch._dynamo: torch imports it when the first optimizer is built, 1.5 s in every fork
-WARM_MODULES = ("torch", "torch._dynamo", "opacus", "flwr.clientapp", "pollinate.clientapp.app")
+#: torch._dynamo: torch imports it when the first optimizer is built, 1.5 s in every fork;
+#: scipy.stats and scipy.optimize: the exact full-batch accountant's (privacy.gaussian)
+WARM_MODULES = (
+    "torch", "torch._dynamo", "opacus", "scipy.stats", "scipy.optimize", "flwr.clientapp",
+    "pollinate.clientapp.app",
+)  # fmt: skip
 
 
 class ForkExecutor:

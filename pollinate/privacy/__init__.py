@@ -11,6 +11,8 @@ Modules, each importing only those listed before it (and :mod:`pollinate.errors`
 * ``mechanism``: :class:`MechanismStep`, one block of DP-SGD steps;
 * ``rdp``: the epsilon of a history of blocks (Opacus' RDP accountant, cached in memory and,
   on a device, in a file beside its ledger);
+* ``gaussian``: the exact epsilon of a full-batch history (sample rate 1: one Gaussian
+  mechanism; dp-accounting's analytic Gaussian accountant), and the noise for a target;
 * ``calibration``: :func:`noise_multiplier_for_budget`, the noise that meets a target epsilon;
 * ``accountant_io``: a history as a Flower record, a JSON document and a file;
 * ``accountant``: :class:`ClientAccountant`, one client's history over the whole run;

@@ -3,8 +3,10 @@
 A client keeps ONE :class:`ClientAccountant` for the whole run. Each round appends the DP-SGD
 steps it ran (a :class:`~pollinate.privacy.mechanism.MechanismStep`), and
 :meth:`ClientAccountant.epsilon` composes the whole history with the RDP accountant of Opacus
-(:mod:`pollinate.privacy.rdp`). Creating a fresh Opacus ``PrivacyEngine`` per round would
-report a single round's epsilon only; this class exists so that never happens.
+(:mod:`pollinate.privacy.rdp`) and, where every step took the full batch, exactly
+(:mod:`pollinate.privacy.gaussian`), and reports the tighter. Creating a fresh Opacus
+``PrivacyEngine`` per round would report a single round's epsilon only; this class exists so
+that never happens.
 
 The history travels between rounds in Flower's ``Context.state`` (see
 :meth:`ClientAccountant.to_record`) and is mirrored on disk as JSON (see
@@ -28,6 +30,7 @@ from pollinate.privacy.accountant_io import (
     load_history,
     save_history,
 )
+from pollinate.privacy.gaussian import exact_epsilon
 from pollinate.privacy.mechanism import MechanismStep
 from pollinate.privacy.rdp import epsilon_of
 
@@ -74,14 +77,25 @@ class ClientAccountant:
     # ------------------------------------------------------------ epsilon
 
     def epsilon(self, delta: float) -> float:
-        """The cumulative sample-level epsilon of the whole history at ``delta`` (RDP).
+        """The cumulative sample-level epsilon of the whole history at ``delta``: the tighter
+        of :meth:`epsilons` (RDP, and the exact one of a full-batch history).
 
         Returns 0.0 for an empty history.
 
         Raises:
             ConfigError: If ``delta`` is not in (0, 1).
         """
-        return epsilon_of(self._history, check_delta(delta))
+        return _tighter(self._history, check_delta(delta))
+
+    def epsilons(self, delta: float) -> tuple[float, float | None]:
+        """The whole history's epsilon at ``delta`` by Opacus' RDP accountant, and exactly
+        (``None`` unless every block took the full batch: sample rate 1).
+
+        Raises:
+            ConfigError: If ``delta`` is not in (0, 1).
+        """
+        delta = check_delta(delta)
+        return epsilon_of(self._history, delta), exact_epsilon(self._history, delta)
 
     def projected_epsilon(self, step: MechanismStep, delta: float) -> float:
         """The epsilon the history would have if ``step`` were added; nothing is recorded.
@@ -91,7 +105,7 @@ class ClientAccountant:
         """
         if not isinstance(step, MechanismStep):
             raise ConfigError(f"step must be a MechanismStep, got {step!r}")
-        return epsilon_of([*self._history, step], check_delta(delta))
+        return _tighter([*self._history, step], check_delta(delta))
 
     def record(self, step: MechanismStep) -> None:
         """Append ``step`` to the history.
@@ -192,3 +206,9 @@ class ClientAccountant:
             ConfigError: If the file cannot be read or is corrupt; the message names the path.
         """
         return cls(load_history(path))
+
+
+def _tighter(history: Sequence[MechanismStep], delta: float) -> float:
+    """The smaller of the RDP and (full batch only) the exact epsilon of ``history``."""
+    rdp, exact = epsilon_of(history, delta), exact_epsilon(history, delta)
+    return rdp if exact is None else min(rdp, exact)

@@ -1,8 +1,9 @@
 """Budget calibration: the noise multiplier that meets a target epsilon.
 
-The inverse of :mod:`pollinate.privacy.rdp`: given a target epsilon, delta, sample rate and
-step count, :func:`noise_multiplier_for_budget` finds the smallest noise multiplier that stays
-within the target under the same RDP accountant.
+The inverse of the accountant: given a target epsilon, delta, sample rate and step count,
+:func:`noise_multiplier_for_budget` finds the smallest noise multiplier that stays within the
+target under the accountant that will report it: the exact Gaussian epsilon at sample rate 1
+(:mod:`pollinate.privacy.gaussian`), Opacus' RDP accountant otherwise.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import math
 
 from pollinate.errors import ConfigError
 from pollinate.privacy._checks import check_delta, check_rate, check_steps, is_number
+from pollinate.privacy.gaussian import exact_noise_multiplier
 
 __all__ = ["noise_multiplier_for_budget"]
 
 _EPSILON_TOLERANCE = 0.01
+#: the largest noise multiplier a target may call for (client-level calibration's bound too)
+_MAX_NOISE = 1e4
 
 
 def noise_multiplier_for_budget(
@@ -22,8 +26,10 @@ def noise_multiplier_for_budget(
 ) -> float:
     """The smallest noise multiplier whose ``steps`` steps at ``sample_rate`` stay within budget.
 
-    Uses Opacus' binary search with the RDP accountant (epsilon tolerance 0.01), so the result
-    gives an epsilon at most ``target_epsilon`` and at most 0.01 below it.
+    At sample rate 1 (full batch) the steps are one Gaussian mechanism, solved exactly: the
+    result's exact epsilon is at most ``target_epsilon`` and within 1e-7 of it. Otherwise
+    Opacus' binary search with the RDP accountant (epsilon tolerance 0.01): an epsilon at most
+    ``target_epsilon`` and at most 0.01 below it.
 
     Raises:
         ConfigError: If a parameter is invalid or the target cannot be reached with any
@@ -38,6 +44,8 @@ def noise_multiplier_for_budget(
     delta = check_delta(delta)
     sample_rate = check_rate(sample_rate)
     steps = check_steps(steps)
+    if sample_rate == 1.0:  # one Gaussian mechanism: solved exactly
+        return exact_noise_multiplier(float(target_epsilon), delta, steps, most=_MAX_NOISE)
     from opacus.accountants.utils import get_noise_multiplier  # heavy: only when calibrating
 
     try:

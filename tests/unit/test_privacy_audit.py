@@ -203,3 +203,25 @@ def test_unknown_keys_are_ignored_and_missing_keys_named(tmp_path: Path) -> None
     path.write_text(json.dumps({"summary": {}}))
     with pytest.raises(LedgerFormatError, match="'ledger'"):
         read_ledger(path)
+
+
+def test_a_full_batch_history_is_held_to_the_exact_epsilon_not_rdp() -> None:
+    """Rounds at sample rate 1 are reported by the exact Gaussian accountant: the audit holds
+    them to dp-accounting's PLD, and an RDP value in their place shows as a 5 % difference."""
+    from pollinate.privacy import ClientAccountant, MechanismStep
+
+    rounds = [(1, 1.4, 1), (2, 1.4, 1), (4, 0.9, 2)]
+    accountant, entries, rdp_entries = ClientAccountant(), [], []
+    for rnd, noise, steps in rounds:
+        accountant.record(MechanismStep(noise, 1.0, steps))
+        rdp, _ = accountant.epsilons(DELTA)
+        entry = {"server_round": rnd, "client": "c", "delta": DELTA, "noise_multiplier": noise,
+                 "sample_rate": 1.0, "steps": steps, "release": "train"}  # fmt: skip
+        entries.append({**entry, "epsilon": accountant.epsilon(DELTA)})
+        rdp_entries.append({**entry, "epsilon": rdp})
+    exact = summarize(recompute_sample_level(_ledger(clients=entries)))
+    assert all(r.full_batch for r in recompute_sample_level(_ledger(clients=entries)))
+    assert exact["max_rel_diff_own_accountant"] < 1e-3
+    assert exact["under_reports_vs_pld"] == 0
+    looser = summarize(recompute_sample_level(_ledger(clients=rdp_entries)))
+    assert looser["max_rel_diff_own_accountant"] > 0.05
