@@ -4,7 +4,7 @@ Sample-level epsilon (each client's DP-SGD) and client-level epsilon (the server
 separate guarantees: both are reported, never added.
 
 Modules, each importing only those listed before it (and :mod:`pollinate.errors`,
-:mod:`pollinate.log`, :mod:`pollinate._atomic`):
+:mod:`pollinate.log`, :mod:`pollinate._atomic`, :mod:`pollinate._imports`):
 
 * ``noise``: the only source of DP randomness (secret; reproducible for tests only);
 * ``_checks``: argument checks shared by the accountant and the ledger;

@@ -16,22 +16,17 @@ exact_epsilon` gives ``None`` and the RDP accountant (:mod:`pollinate.privacy.rd
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from pollinate._imports import module_from_file
 from pollinate.errors import ConfigError
 from pollinate.privacy.mechanism import MechanismStep
 
 __all__ = ["exact_epsilon", "exact_noise_multiplier", "full_batch"]
-
-_MODULE = "dp_accounting.gaussian_mechanism"
 
 #: Relative margin on a solved epsilon (its root found to 1e-12, which is added too) and on a
 #: solved noise: a root-finder's last digit never reports less than the exact epsilon.
@@ -42,19 +37,9 @@ _MARGIN = 1e-9
 def _gaussian() -> Any:
     """dp-accounting's ``gaussian_mechanism.py``, loaded without the package (whose
     ``__init__`` imports every accountant: about a second)."""
-    loaded = sys.modules.get(_MODULE)
-    if isinstance(loaded, ModuleType):
-        return loaded
-    package = importlib.util.find_spec("dp_accounting")
-    if package is None or package.origin is None:
-        raise ImportError("dp-accounting is not installed: pip install dp-accounting")
-    path = Path(package.origin).parent / "gaussian_mechanism.py"
-    spec = importlib.util.spec_from_file_location("pollinate.privacy._dp_gaussian", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load dp-accounting's Gaussian mechanism from {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file(
+        "dp_accounting", "gaussian_mechanism.py", "pollinate.privacy._dp_gaussian"
+    )
 
 
 def full_batch(history: Sequence[MechanismStep]) -> bool:

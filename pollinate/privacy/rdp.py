@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import importlib.util
 import json
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pollinate._atomic import atomic_write_text
+from pollinate._imports import module_from_file
 from pollinate.log import logger
 from pollinate.privacy.mechanism import MechanismStep
 
@@ -50,25 +48,13 @@ _CURVES_FORMAT = 1
 # that they still are).
 _ORDERS: list[float | int] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
-_ANALYSIS = "opacus.accountants.analysis.rdp"
-
 
 @functools.cache
 def _analysis() -> Any:
     """Opacus' ``accountants/analysis/rdp.py``, loaded without the ``opacus`` package."""
-    loaded = sys.modules.get(_ANALYSIS)
-    if isinstance(loaded, ModuleType):
-        return loaded
-    package = importlib.util.find_spec("opacus")  # finds, does not import, a top-level package
-    if package is None or package.origin is None:
-        raise ImportError("Opacus is not installed: pip install opacus")
-    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
-    spec = importlib.util.spec_from_file_location("pollinate.privacy._opacus_rdp", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load Opacus' RDP analysis from {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file(
+        "opacus", "accountants/analysis/rdp.py", "pollinate.privacy._opacus_rdp"
+    )
 
 
 _store: Path | None = None

@@ -87,3 +87,25 @@ def test_full_batch_calibration_meets_the_target_with_the_reporting_accountant(
 def test_an_unreachable_full_batch_target_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"cannot reach target_epsilon 1e-12 .* above 10000"):
         noise_multiplier_for_budget(target_epsilon=1e-12, delta=1e-5, sample_rate=1.0, steps=1)
+
+
+def test_the_exact_accountant_loads_without_dp_accountings_package() -> None:
+    """dp-accounting's ``__init__`` imports every accountant (about a second): the full-batch
+    epsilon loads only its Gaussian module, and a missing package is one clear ImportError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pollinate.privacy import ClientAccountant, MechanismStep\n"
+        "eps = ClientAccountant([MechanismStep(1.0, 1.0, 4)]).epsilon(1e-5)\n"
+        "assert 0 < eps < 20, eps\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dp_accounting', 'opacus'))))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+    from pollinate._imports import module_from_file
+
+    with pytest.raises(ImportError, match="no_such_package is not installed"):
+        module_from_file("no_such_package", "x.py", "pollinate._x")
