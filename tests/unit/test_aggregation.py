@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Any, cast
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,10 +181,17 @@ def test_server_side_client_dp_is_the_clipped_sum_plus_noise_over_the_cohort() -
     assert wrapper.last_clip == 0.5
 
 
-def test_clipped_sum_equals_a_per_reply_loop() -> None:
-    """The client-level clipped sum (one matrix of flat updates) against a loop over replies
-    and tensors: each update scaled to norm at most the clip, those within it counted."""
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 8 * 15 * 2])  # one matrix; 2 rows a chunk
+def test_clipped_sum_equals_a_per_reply_loop(
+    chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client-level clipped sum (matrices of flat updates, bounded in memory) against a
+    loop over replies and tensors: each update scaled to norm at most the clip, those within
+    it counted."""
+    from pollinate.serverapp import client_dp
     from pollinate.serverapp.client_dp import _clipped_sum
+
+    monkeypatch.setattr(client_dp, "_SUM_CHUNK_BYTES", chunk_bytes)
 
     rng = np.random.default_rng(11)
     current = {k: rng.normal(size=sh).astype(np.float32) for k, sh in SHAPES.items()}
