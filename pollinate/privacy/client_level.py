@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 
 from pollinate.errors import ConfigError
+from pollinate.privacy.gaussian import gaussian_epsilon
 
 __all__ = [
     "PLD_DISCRETIZATION",
@@ -211,20 +212,15 @@ def strategy_matrix(correlation: Correlation, horizon: int, bands: int = 1) -> n
 @functools.lru_cache(maxsize=4096)
 def _epsilons(noise_multiplier: float, delta: float) -> Epsilons:
     import dp_accounting  # heavy (scipy.signal, scipy.stats): only for client-level runs
-    from dp_accounting import gaussian_mechanism, rdp
+    from dp_accounting import rdp
 
     by_rdp = rdp.RdpAccountant()
     by_rdp.compose(dp_accounting.GaussianDpEvent(noise_multiplier))
     # The privacy loss distribution of one Gaussian is known in closed form: dp-accounting's
     # analytic Gaussian accountant (Balle & Wang 2018) gives its exact epsilon, which the PLD
     # accountant's discretized convolution approaches from above, in about 1 ms, not 30-60.
-    # Solved to 1e-12; the margin keeps a root-finder's last digit from under-reporting.
-    exact = gaussian_mechanism.get_epsilon_gaussian(noise_multiplier, delta, tol=1e-12)
-    return Epsilons(rdp=float(by_rdp.get_epsilon(delta)), pld=float(exact) + _EXACT_MARGIN)
-
-
-#: Added to the analytic Gaussian epsilon (solved to 1e-12): never below the exact value.
-_EXACT_MARGIN = 1e-9
+    exact = gaussian_epsilon(noise_multiplier, delta)
+    return Epsilons(rdp=float(by_rdp.get_epsilon(delta)), pld=exact)
 
 
 def gaussian_epsilons(noise_multiplier: float, delta: float) -> Epsilons:

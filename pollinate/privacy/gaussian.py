@@ -26,7 +26,7 @@ from pollinate._imports import module_from_file
 from pollinate.errors import ConfigError
 from pollinate.privacy.mechanism import MechanismStep
 
-__all__ = ["exact_epsilon", "exact_noise_multiplier", "full_batch"]
+__all__ = ["exact_epsilon", "exact_noise_multiplier", "full_batch", "gaussian_epsilon"]
 
 #: Relative margin on a solved epsilon (its root found to 1e-12, which is added too) and on a
 #: solved noise: a root-finder's last digit never reports less than the exact epsilon.
@@ -47,13 +47,19 @@ def full_batch(history: Sequence[MechanismStep]) -> bool:
     return bool(history) and all(entry.sample_rate == 1.0 for entry in history)
 
 
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """The exact epsilon at ``delta`` of ONE Gaussian mechanism of ``noise_multiplier``
+    (std / L2 sensitivity; > 0), by dp-accounting's analytic Gaussian accountant, with the
+    margin that keeps a root-finder's last digit from reporting less than the truth."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # log(0) at the edges
+        epsilon = float(_gaussian().get_epsilon_gaussian(noise_multiplier, delta, tol=1e-12))
+    return epsilon * (1 + _MARGIN) + 1e-12 if math.isfinite(epsilon) else math.inf
+
+
 @functools.lru_cache(maxsize=4096)
 def _exact(history: tuple[MechanismStep, ...], delta: float) -> float:
     mu_squared = sum(entry.steps / entry.noise_multiplier**2 for entry in history)
-    noise = 1.0 / math.sqrt(mu_squared)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # log(0) at the edges
-        epsilon = float(_gaussian().get_epsilon_gaussian(noise, delta, tol=1e-12))
-    return epsilon * (1 + _MARGIN) + 1e-12 if math.isfinite(epsilon) else math.inf
+    return gaussian_epsilon(1.0 / math.sqrt(mu_squared), delta)
 
 
 def exact_epsilon(history: Sequence[MechanismStep], delta: float) -> float | None:
