@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from pollinate.protocol import record_of
 
-__all__ = ["Rejection", "reference_of", "update_norm", "validate_update"]
+__all__ = ["Reference", "Rejection", "reference_of", "update_norm", "validate_update"]
 
 
 @dataclass(frozen=True)
@@ -27,24 +27,34 @@ class Rejection:
     reason: str
 
 
-def reference_of(global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Reference:
+    """The global model as one float64 vector (its tensors flat, in ``keys`` order)."""
+
+    keys: tuple[str, ...]
+    flat: np.ndarray
+
+
+def reference_of(global_arrays: Mapping[str, np.ndarray]) -> Reference:
     """The global model flat in float64: made once a round, shared by every reply's check."""
-    return {k: np.asarray(v, dtype=np.float64).ravel() for k, v in global_arrays.items()}
+    keys = tuple(global_arrays)
+    flat = np.concatenate([np.asarray(global_arrays[k], dtype=np.float64).ravel() for k in keys])
+    return Reference(keys, flat)
 
 
 def update_norm(
     global_arrays: Mapping[str, np.ndarray],
     update: Mapping[str, np.ndarray],
     *,
-    reference: Mapping[str, np.ndarray] | None = None,
+    reference: Reference | None = None,
 ) -> float:
     """L2 norm of ``update - global`` over all tensors, computed in float64 (``reference``:
     :func:`reference_of` the global arrays, if already made). NaN or Inf in ``update``
     gives a non-finite norm."""
-    flat = reference if reference is not None else reference_of(global_arrays)
+    ref = reference if reference is not None else reference_of(global_arrays)
     # one float64 difference over all tensors: three numpy calls, not three per tensor
-    diff = np.concatenate([np.asarray(update[key]).ravel() for key in flat], dtype=np.float64)
-    diff -= np.concatenate(list(flat.values()))
+    diff = np.concatenate([np.asarray(update[key]).ravel() for key in ref.keys], dtype=np.float64)
+    diff -= ref.flat
     # einsum, not np.dot: no BLAS call, whose thread pool fights torch's on few cores
     return math.sqrt(float(np.einsum("i,i->", diff, diff)))
 
@@ -55,7 +65,7 @@ def validate_update(
     *,
     max_update_norm: float,
     weight_key: str = "num-examples",
-    reference: Mapping[str, np.ndarray] | None = None,
+    reference: Reference | None = None,
 ) -> str | None:
     """Return the reason ``reply`` must be rejected, or ``None`` if it is acceptable.
 
