@@ -38,6 +38,7 @@ from pollinate.privacy.ledger_store import LedgerRows, LedgerStore
 from pollinate.privacy.ledger_summary import (
     client_level_summary,
     ledger_summary,
+    max_and_median,
     sample_level_summary,
 )
 
@@ -56,13 +57,9 @@ class PrivacyLedger:
     """
 
     def __init__(
-        self,
-        *,
-        delta: float,
-        sample_level: bool,
-        client_level: bool,
+        self, *, delta: float, sample_level: bool, client_level: bool,
         reproducible_noise: bool = False,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """Create an empty ledger (``reproducible_noise``: a test run, NOT PRIVATE)."""
         self._delta = check_delta(delta)
         self._reproducible_noise = bool(reproducible_noise)
@@ -278,6 +275,10 @@ class PrivacyLedger:
     def client_epsilons(self) -> dict[str, float]:
         """The latest cumulative sample-level epsilon of each client that trained."""
         return {client: entry.epsilon for client, entry in self._latest.items()}
+
+    def sample_level_range(self) -> tuple[float | None, float | None]:
+        """:meth:`summary`'s max and median sample-level epsilon (``None``: off, or none)."""
+        return max_and_median(self._latest) if self._sample_level else (None, None)
 
     def summary(self) -> dict[str, object]:
         """A JSON-ready summary of both guarantees, kept separate (never added).

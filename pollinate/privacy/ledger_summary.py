@@ -20,6 +20,7 @@ __all__ = [
     "SECURE_NOISE",
     "client_level_summary",
     "ledger_summary",
+    "max_and_median",
     "sample_level_summary",
 ]
 
@@ -38,6 +39,16 @@ ADJACENCY = {
 }
 
 
+def max_and_median(
+    latest: Mapping[str, ClientRoundEntry],
+) -> tuple[float | None, float | None]:
+    """The largest and the median of the clients' latest epsilons (``None`` for none)."""
+    epsilons = [entry.epsilon for entry in latest.values()]
+    if not epsilons:
+        return None, None
+    return max(epsilons), float(statistics.median(epsilons))
+
+
 def sample_level_summary(
     *,
     enabled: bool,
@@ -47,6 +58,7 @@ def sample_level_summary(
 ) -> dict[str, object]:
     """The ``sample_level`` block: ``latest`` maps each client to its latest entry."""
     epsilons = [entry.epsilon for entry in latest.values()]
+    top, median = max_and_median(latest)
     steps_per_client: dict[str, int] = {}
     for entry in entries:
         steps_per_client[entry.client] = steps_per_client.get(entry.client, 0) + entry.steps
@@ -63,8 +75,8 @@ def sample_level_summary(
     return {
         "enabled": enabled,
         "clients": len(epsilons),
-        "max_epsilon": max(epsilons) if epsilons else None,
-        "median_epsilon": float(statistics.median(epsilons)) if epsilons else None,
+        "max_epsilon": top,
+        "median_epsilon": median,
         "mean_epsilon": float(statistics.fmean(epsilons)) if epsilons else None,
         "total_steps_max": max(steps_per_client.values()) if steps_per_client else 0,
         "mechanism": mechanism,

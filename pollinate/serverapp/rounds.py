@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
@@ -42,7 +41,6 @@ __all__ = [
     "account_reply",
     "aggregate_sorted",
     "evaluate_round",
-    "ledger_enabled",
     "play_round",
     "record_client_level",
     "sample_level_epsilons",
@@ -378,15 +376,6 @@ def record_client_level(run: RunState, rnd: int, keys: list[str]) -> float | Non
     return eps.epsilon
 
 
-def ledger_enabled(section: dict[str, Any]) -> bool:
-    """Whether a ledger summary section is on and has data."""
-    return bool(section.get("enabled")) and section.get("max_epsilon") is not None
-
-
 def sample_level_epsilons(run: RunState) -> tuple[float | None, float | None]:
     """Maximum and median sample-level epsilon so far (``None`` without DP-SGD data)."""
-    sample_level = run.ledger.summary().get("sample_level", {})
-    assert isinstance(sample_level, dict)
-    if not ledger_enabled(sample_level):
-        return None, None
-    return sample_level.get("max_epsilon"), sample_level.get("median_epsilon")
+    return run.ledger.sample_level_range()

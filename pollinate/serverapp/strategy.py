@@ -2,9 +2,10 @@
 
 The chain is ``DP( Robust( Strategy ) )``:
 
-* ``Strategy`` is one of Flower's own: FedAvg, FedAvgM, FedProx, FedAdam, FedYogi; for
-  ``fedbuff``, FedAvgM without momentum (``current + lr * mean``) on the buffer's replies,
-  each rewritten as ``current + weight * delta`` (:mod:`pollinate.serverapp.fedbuff`);
+* ``Strategy`` is one of Flower's own, FedAvg, FedAvgM, FedProx, FedAdam, FedYogi (their
+  mean computed flat: :class:`~pollinate.serverapp.averaging.FlatMean`); for ``fedbuff``,
+  FedAvgM without momentum (``current + lr * mean``) on the buffer's replies, each
+  rewritten as ``current + weight * delta`` (:mod:`pollinate.serverapp.fedbuff`);
 * ``Robust`` (optional) replaces the replies by Flower's Krum / trimmed-mean aggregate before
   the strategy's own update rule runs on it, so FedAdam on top of Krum works;
 * ``DP`` (optional) is :class:`~pollinate.serverapp.client_dp.ClientLevelDP`: clip, sum,
@@ -20,21 +21,19 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedTrimmedAvg, Krum, Strategy
 
 from pollinate.config import ClientDP, RobustAggregation, RunSettings, SampleDP, StrategyName
 from pollinate.log import logger
 from pollinate.protocol import NUM_EXAMPLES_KEY, UNIFORM_WEIGHT_KEY
-from pollinate.serverapp.averaging import weighted_metrics
+from pollinate.serverapp.averaging import (
+    FlatMean,
+    FlatMeanFedAdam,
+    FlatMeanFedAvgM,
+    FlatMeanFedProx,
+    FlatMeanFedYogi,
+    weighted_metrics,
+)
 from pollinate.serverapp.client_dp import ClientLevelDP, plan_client_dp
 
 __all__ = [
@@ -122,23 +121,26 @@ def build_strategy(settings: RunSettings, *, population: int) -> Strategy:
         "train_metrics_aggr_fn": weighted_metrics,  # Flower's, in plain floats
         "evaluate_metrics_aggr_fn": weighted_metrics,
     }
+    # Flower's strategies, their weighted mean computed flat (averaging.FlatMean)
     inner: FedAvg
     if settings.strategy == StrategyName.FEDAVG:
-        inner = FedAvg(**common)
+        inner = FlatMean(**common)
     elif settings.strategy == StrategyName.FEDAVGM:
-        inner = FedAvgM(
+        inner = FlatMeanFedAvgM(
             server_learning_rate=settings.server_lr(),
             server_momentum=settings.server_momentum,
             **common,
         )
     elif settings.strategy == StrategyName.FEDBUFF:  # x + lr * (mean of the weighted deltas)
-        inner = FedAvgM(server_learning_rate=settings.server_lr(), server_momentum=0.0, **common)
+        inner = FlatMeanFedAvgM(
+            server_learning_rate=settings.server_lr(), server_momentum=0.0, **common
+        )
     elif settings.strategy == StrategyName.FEDPROX:
-        inner = FedProx(proximal_mu=settings.proximal_mu, **common)
+        inner = FlatMeanFedProx(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == StrategyName.FEDADAM:
-        inner = FedAdam(eta=settings.server_lr(), **common)
+        inner = FlatMeanFedAdam(eta=settings.server_lr(), **common)
     else:
-        inner = FedYogi(eta=settings.server_lr(), **common)
+        inner = FlatMeanFedYogi(eta=settings.server_lr(), **common)
     strategy: Strategy = inner
     if settings.robust == RobustAggregation.KRUM:
         strategy = RobustAggregator(

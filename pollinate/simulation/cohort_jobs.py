@@ -30,7 +30,11 @@ Cohort = list[tuple[TrainJob, Context]]
 
 
 class CohortTrainer:
-    """Trains cohorts, remembering which models must train client by client, and why."""
+    """Trains cohorts, remembering which models must train client by client, and why.
+
+    ``array`` wraps each array of a reply; the arrays it is handed are the cohort's own
+    (``train_cohort``'s buffers, a per-client copy's state), so it may keep them uncopied.
+    """
 
     def __init__(self, *, threads: int, array: Callable[[np.ndarray], Array]) -> None:
         self._threads = max(1, threads)

@@ -21,7 +21,6 @@ before the server sees the replies: a resumed run restores every client's full h
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import time
@@ -29,10 +28,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, SType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -45,53 +43,12 @@ from pollinate.privacy import ClientAccountant
 from pollinate.protocol import ClientTask, record_of
 from pollinate.simulation.cohort_jobs import CohortTrainer, error_reply
 from pollinate.simulation.latency import LatencyModel, SimulatedNetwork
+from pollinate.simulation.local_array import LocalArray
 
-__all__ = ["JOURNAL_NAME", "LocalArray", "LocalGrid"]
+__all__ = ["JOURNAL_NAME", "LocalGrid"]
 
 JOURNAL_NAME = "accountants.jsonl"
 _NODE_BASE = 1 << 32  # node ids: partition id + this (never the SuperLink's id)
-
-
-@functools.cache
-def _dtype_name(dtype: np.dtype[Any]) -> str:
-    """``str(dtype)`` (numpy's is Python code, and a round names 8 arrays per client)."""
-    return str(dtype)
-
-
-class LocalArray(Array):
-    """A Flower ``Array`` that keeps its ndarray: nothing is serialized inside the process.
-
-    Flower's ``Array`` stores ``np.save`` bytes and decodes them on every ``numpy()`` call;
-    a reply that never leaves the process would be encoded once and decoded twice (update
-    validation, aggregation). This one encodes only if something asks for ``data``, and
-    hands out its one read-only copy.
-    """
-
-    def __init__(self, ndarray: np.ndarray) -> None:
-        arr = np.array(ndarray, copy=True, order="C")
-        arr.flags.writeable = False
-        self.__dict__.update(dtype=_dtype_name(arr.dtype), shape=arr.shape, stype=SType.NUMPY)
-        self.__dict__["_ndarray"] = arr
-
-    @property
-    def data(self) -> bytes:
-        """The ``np.save`` bytes, made on first use."""
-        cached = self.__dict__.get("_data")
-        if cached is None:
-            cached = Array.from_numpy_ndarray(self.__dict__["_ndarray"]).data
-            self.__dict__["_data"] = cached
-        return cached
-
-    @data.setter
-    def data(self, value: bytes) -> None:
-        self.__dict__["_data"] = value
-        self.__dict__["_ndarray"] = Array("", (), SType.NUMPY, value).numpy()
-
-    def numpy(self) -> np.ndarray:
-        """The array itself, read-only: no copy per reader (validation, aggregation). A
-        reader that tried to change it in place would get numpy's read-only error, never a
-        silently changed reply; ``np.array(a.numpy())`` gives a writable copy."""
-        return self.__dict__["_ndarray"]  # type: ignore[no-any-return]
 
 
 class LocalGrid(Grid):
@@ -135,7 +92,7 @@ class LocalGrid(Grid):
         self._num_nodes = num_nodes
         self._threads = max(1, threads)
         self._freeze_gc = freeze_gc
-        self._trainer = CohortTrainer(threads=self._threads, array=LocalArray)
+        self._trainer = CohortTrainer(threads=self._threads, array=LocalArray.owning)
         self._contexts: dict[int, Context] = {}
         self._journal_dir: Path | None = None
         self._journal: dict[str, dict[str, Any]] = {}

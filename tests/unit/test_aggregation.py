@@ -242,3 +242,115 @@ def test_weighted_metrics_equal_flowers_aggregate_metricrecords() -> None:
     s = RunSettings.from_run_config({"dp": "none"})
     strategy = build_strategy(s, population=3)
     assert getattr(strategy, "train_metrics_aggr_fn", None) is weighted_metrics
+
+
+def _flower_strategy(name: str) -> Any:
+    """Flower's own strategy of that name, configured as build_strategy configures ours."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+    common = {"weighted_by_key": "num-examples"}
+    return {
+        "fedavg": lambda: FedAvg(**common),
+        "fedavgm": lambda: FedAvgM(server_learning_rate=1.0, server_momentum=0.9, **common),
+        "fedprox": lambda: FedProx(proximal_mu=0.1, **common),
+        "fedadam": lambda: FedAdam(eta=0.1, **common),
+        "fedyogi": lambda: FedYogi(eta=0.1, **common),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"])
+def test_each_strategy_aggregates_as_flowers_own_over_rounds(name: str) -> None:
+    """The flat mean under Flower's update rules gives what Flower's own class gives, round
+    after round (momentum and Adam moments carry over)."""
+    from pollinate.serverapp import averaging
+
+    ours_cls = {
+        "fedavg": averaging.FlatMean, "fedavgm": averaging.FlatMeanFedAvgM,
+        "fedprox": averaging.FlatMeanFedProx, "fedadam": averaging.FlatMeanFedAdam,
+        "fedyogi": averaging.FlatMeanFedYogi,
+    }[name]  # fmt: skip
+    flowers = _flower_strategy(name)
+    ours = ours_cls(**{k: getattr(flowers, k) for k in _init_args(flowers)})
+    assert isinstance(ours, type(flowers))
+    rng = np.random.default_rng(11)
+    current = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    for rnd in (1, 2, 3):
+        updates = [{k: current[k] + d[k] for k in SHAPES} for d in _updates(rng, 6)]
+        weights = [int(w) for w in rng.integers(1, 40, 6)]
+        got, _ = _run_round(RunSettings(), current, updates, weights, ours, rnd)
+        want, _ = _run_round(RunSettings(), current, updates, weights, flowers, rnd)
+        for k in SHAPES:
+            assert got[k].dtype == want[k].dtype
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        current = want
+
+
+def _init_args(strategy: Any) -> list[str]:
+    import inspect
+
+    return [
+        p for p in inspect.signature(type(strategy).__init__).parameters
+        if p != "self" and hasattr(strategy, p)
+    ]  # fmt: skip
+
+
+def test_weighted_arrays_equal_flowers_mean_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float arrays keep their dtype, integer ones become float64 (as in Flower); summing in
+    blocks of a few replies gives the mean of summing all at once."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from pollinate.serverapp import averaging
+
+    rng = np.random.default_rng(5)
+    contents = [
+        RecordDict({
+            "arrays": ArrayRecord(OrderedDict([
+                ("w", Array(rng.normal(size=(5, 4)).astype(np.float32))),
+                ("d", Array(rng.normal(size=(3,)))),
+                ("n", Array(np.array([int(rng.integers(0, 9))], dtype=np.int64))),
+            ])),
+            "metrics": MetricRecord({"num-examples": int(rng.integers(1, 30))}),
+        })
+        for _ in range(9)
+    ]  # fmt: skip
+    want = aggregate_arrayrecords(contents, "num-examples")
+    whole = averaging.weighted_arrays(contents, "num-examples")
+    monkeypatch.setattr(averaging, "_STACK_BYTES", 5 * 4 * 4 * 2)  # two replies of "w"
+    blocks = averaging.weighted_arrays(contents, "num-examples")
+    for k in ("w", "d", "n"):
+        assert whole[k].numpy().dtype == blocks[k].numpy().dtype == want[k].numpy().dtype
+        np.testing.assert_allclose(whole[k].numpy(), want[k].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(blocks[k].numpy(), whole[k].numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    ["two array records", "other array keys", "other metric keys", "no weight", "no arrays"],
+)
+def test_inconsistent_replies_are_refused_as_flower_refuses_them(spoil: str) -> None:
+    from flwr.app import MetricRecord
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+    from pollinate.serverapp.averaging import check_replies
+
+    rng = np.random.default_rng(2)
+    replies = [reply_from(10 + i, u, {"num-examples": 3}) for i, u in enumerate(_updates(rng, 3))]
+    last = replies[-1].content
+    if spoil == "two array records":
+        last["more"] = ArrayRecord(OrderedDict([("w", Array(np.zeros(2)))]))
+    elif spoil == "other array keys":
+        last["arrays"] = ArrayRecord(OrderedDict([("w", Array(np.zeros(2)))]))
+    elif spoil == "other metric keys":
+        last["metrics"] = MetricRecord({"num-examples": 3, "loss": 1.0})
+    elif spoil == "no weight":
+        for r in replies:
+            r.content["metrics"] = MetricRecord({"steps": 3})
+    else:
+        del last["arrays"]
+    contents = [r.content for r in replies]
+    with pytest.raises(InconsistentMessageReplies):
+        validate_message_reply_consistency(contents, "num-examples", check_arrayrecord=True)
+    with pytest.raises(InconsistentMessageReplies):
+        check_replies(contents, "num-examples")

@@ -18,7 +18,8 @@ from pollinate.models import build_model
 from pollinate.privacy import ClientAccountant, MechanismStep
 from pollinate.serverapp.calibration import client_config
 from pollinate.serverapp.nodes import NodeDirectory, SampledGrid, reply_node
-from pollinate.simulation.local_grid import JOURNAL_NAME, LocalArray, LocalGrid, read_journal
+from pollinate.simulation.local_array import LocalArray
+from pollinate.simulation.local_grid import JOURNAL_NAME, LocalGrid, read_journal
 
 POPULATION = 50
 
@@ -120,6 +121,22 @@ def test_local_array_behaves_like_a_flower_array() -> None:
     np.testing.assert_array_equal(local.numpy(), np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_array_equal(local.numpy(), flower.numpy())
     assert json.dumps(list(local.shape)) == "[3, 4]"
+
+
+def test_an_owning_local_array_takes_the_array_itself_read_only() -> None:
+    """A cohort's replies take their trained arrays without a copy; readers still cannot
+    change them, and the trainer's own buffer stays writable."""
+    buffer = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    row = buffer[1]
+    local = LocalArray.owning(row)
+    assert np.shares_memory(local.numpy(), buffer)
+    with pytest.raises(ValueError, match="read-only"):
+        local.numpy()[0, 0] = 99.0
+    assert buffer.flags.writeable
+    assert local.data == Array(np.array(row)).data
+    strided = LocalArray.owning(buffer[:, 0])  # not contiguous: then it is copied
+    assert not np.shares_memory(strided.numpy(), buffer)
+    np.testing.assert_array_equal(strided.numpy(), buffer[:, 0])
 
 
 def test_bad_population_is_refused() -> None:
