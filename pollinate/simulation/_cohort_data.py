@@ -16,7 +16,10 @@ import torch
 from pollinate.clientapp.training import TrainSettings
 from pollinate.privacy.noise import NoiseSource
 
-__all__ = ["CohortMember", "Group", "by_slot", "chunk_size", "gather", "make_group", "pad"]
+__all__ = [
+    "CohortMember", "Group", "by_slot", "chunk_size", "gather", "make_group", "pad",
+    "poisson_batch",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,22 @@ def pad(picks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         idx[row, : len(p)] = p
         valid[row, : len(p)] = True
     return idx, valid
+
+
+def poisson_batch(group: Group, rate: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch: each member keeps each of its samples with probability
+    ``rate``, independently, drawn from the member's secret source (never its seed). At rate
+    1 every sample is kept (Opacus' ``rand() < 1`` always holds), so nothing is drawn."""
+    if rate >= 1.0:
+        width = int(group.n.max())
+        slots = torch.arange(width).expand(len(group.n), width)
+        valid = slots < group.n.unsqueeze(1)
+        return slots.masked_fill(~valid, 0), valid
+    picks = []
+    for row, source in enumerate(group.sources):
+        keep = torch.rand(int(group.n[row]), generator=source.sampling_generator(step)) < rate
+        picks.append(torch.nonzero(keep).flatten())
+    return pad(picks)
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from pollinate.simulation._cohort_data import (
     gather,
     make_group,
     pad,
+    poisson_batch,
 )
 from pollinate.simulation._per_sample import HookedPerSample, hookable
 from pollinate.simulation._runtime import in_parallel
@@ -209,19 +210,24 @@ class _Trainer:
         finally:
             self.model.train(self.was_training)
         results = []
+        # views: see train_cohort; numpy rows, as a torch index per row and key costs more
+        stacked = {k: v.numpy() for k, v in params.items()}
+        shared_buffers = {k: v.numpy() for k, v in self.buffers.items()}
+        n_list, seen_list = group.n.tolist(), seen.tolist()
+        loss_list, correct_list = loss_sum.tolist(), correct.tolist()
         for row in range(size):
-            n_seen = int(seen[row])
+            n_seen = seen_list[row]
             result = TrainResult(
-                loss=float(loss_sum[row]) / n_seen if n_seen else math.nan,
-                accuracy=(int(correct[row]) / n_seen if n_seen else 0.0)
+                loss=loss_list[row] / n_seen if n_seen else math.nan,
+                accuracy=(correct_list[row] / n_seen if n_seen else 0.0)
                 if s.task.has_accuracy
                 else math.nan,
                 steps=steps,
-                sample_rate=rate if s.dp else min(1.0, s.batch_size / int(group.n[row])),
-                num_examples=int(group.n[row]),
+                sample_rate=rate if s.dp else min(1.0, s.batch_size / n_list[row]),
+                num_examples=n_list[row],
             )
-            own = {k: v[row].numpy() for k, v in params.items()}  # views: see train_cohort
-            own.update({k: v.numpy() for k, v in self.buffers.items()})
+            own = {k: v[row] for k, v in stacked.items()}
+            own.update(shared_buffers)
             results.append((result, {key: own[name] for key, name in self.state_keys.items()}))
         return results
 
@@ -232,17 +238,7 @@ class _Trainer:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The Poisson batches of steps ``first .. first + count - 1``, drawn step by step."""
         for k in range(count):
-            yield self._poisson(group, rate, first + k)
-
-    def _poisson(self, group: Group, rate: float, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each member keeps each of its samples with probability ``rate``, independently
-        (drawn from the member's secret source, never its seed)."""
-        picks = []
-        for row, source in enumerate(group.sources):
-            n = int(group.n[row])
-            keep = torch.rand(n, generator=source.sampling_generator(step)) < rate
-            picks.append(torch.nonzero(keep).flatten())
-        return pad(picks)
+            yield poisson_batch(group, rate, first + k)
 
     def _shuffled(self, group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of consecutive ``min(B, n)`` chunks of a random permutation per member."""

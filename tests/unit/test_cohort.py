@@ -291,3 +291,28 @@ def test_the_sequence_and_the_million_parameter_model_train_alike_on_both_paths(
         assert set(state) == set(model.state_dict())
         assert _max_diff(state, reference) < 1e-4
         assert _max_diff(state, model) > 1e-3
+
+
+def test_full_batch_poisson_keeps_every_sample_without_drawing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At sample rate 1 Poisson sampling keeps every sample: the batch is each member's
+    whole data, padded, and no sampling generator is made (a rate below 1 still draws)."""
+    from pollinate.simulation._cohort_data import make_group, pad, poisson_batch
+
+    sizes = [3, 1, 4]
+    members = [
+        _member(np.zeros((n, 1, 28, 28), np.float32), np.zeros(n, np.int64), i)
+        for i, n in enumerate(sizes)
+    ]
+    group = make_group(members, [0, 1, 2], steps_per_epoch=1)
+    drawn: list[int] = []
+    real = NoiseSource.sampling_generator
+    monkeypatch.setattr(
+        NoiseSource, "sampling_generator", lambda self, step: drawn.append(step) or real(self, step)
+    )
+    idx, valid = poisson_batch(group, 1.0, step=0)
+    want_idx, want_valid = pad([torch.arange(n) for n in sizes])
+    assert torch.equal(idx, want_idx) and torch.equal(valid, want_valid) and drawn == []
+    poisson_batch(group, 0.5, step=1)
+    assert drawn == [1, 1, 1]
