@@ -92,11 +92,13 @@ def simulate(settings: RunSettings, options: SimulationOptions) -> RunResult:
 
 
 def _simulate_fast(settings: RunSettings, options: SimulationOptions) -> RunResult:
+    from pollinate._flower import quick_record_items
     from pollinate.simulation._runtime import keep_freed_memory
     from pollinate.simulation.latency import LatencyModel
     from pollinate.simulation.local_grid import LocalGrid
 
     keep_freed_memory()
+    quick_record_items()  # a round builds and reads thousands of Flower records
     threads = options.num_cpus or os.cpu_count() or 1
     latency = LatencyModel.from_settings(settings)
     grid = LocalGrid(options.num_clients, threads=threads, freeze_gc=True, latency=latency)

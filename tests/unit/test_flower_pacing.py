@@ -51,3 +51,63 @@ def test_the_superlink_runs_through_the_patient_wrapper(tmp_path: Path) -> None:
         "-m",
         "pollinate.ops.flower_superlink",
     ]
+
+
+RECORDS = """
+import json, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+def outcome(fn):
+    try:
+        return repr(fn())
+    except Exception as err:
+        return type(err).__name__ + ": " + str(err)
+
+def behaviour():
+    arr = Array(np.arange(3, dtype=np.float32))
+    tries = {
+        "metric ok": lambda: dict(MetricRecord({"a": 1, "b": [0.5, 1.5]})),
+        "metric bad value": lambda: MetricRecord({"a": "text"}),
+        "metric bad key": lambda: MetricRecord({1: 2.0}),
+        "config ok": lambda: dict(ConfigRecord({"a": "x", "b": b"y", "c": [True]})),
+        "config bad value": lambda: ConfigRecord({"a": object()}),
+        "array ok": lambda: list(ArrayRecord({"w": arr})),
+        "array bad value": lambda: ArrayRecord({"w": [1, 2]}),
+        "records ok": lambda: sorted(RecordDict({"m": MetricRecord({"a": 1})}).metric_records),
+        "records bad value": lambda: RecordDict({"m": {"a": 1}}),
+        "records bad key": lambda: RecordDict({3: MetricRecord()}),
+        "missing key": lambda: MetricRecord({"a": 1})["b"],
+    }
+    out = {name: outcome(fn) for name, fn in tries.items()}
+    record = MetricRecord({"a": 1, "b": 2.0})
+    del record["a"]
+    out["after delete"] = repr(dict(record))
+    return out
+
+before = behaviour()
+from flwr.app.message.typeddict import TypedDict
+from pollinate._flower import quick_record_items
+assert quick_record_items() and quick_record_items()  # a second call: already done
+assert "cast" not in TypedDict.__setitem__.__code__.co_names
+assert "cast" not in TypedDict.__getitem__.__code__.co_names
+after = behaviour()
+print(json.dumps({"before": before, "after": after}))
+"""
+
+
+def test_quick_record_items_keep_flowers_checks_errors_and_storage() -> None:
+    """Every record kind stores, refuses (same exception, same words) and deletes items as
+    before the swap; the swapped methods build no typing aliases."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RECORDS], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout)
+    assert seen["after"] == seen["before"]
+    assert seen["before"]["metric bad value"].startswith("TypeError")
+    assert seen["before"]["records bad key"].startswith("TypeError")
+    assert seen["before"]["missing key"].startswith("KeyError")
+    assert seen["before"]["after delete"] == "{'b': 2.0}"
