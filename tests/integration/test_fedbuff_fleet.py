@@ -12,10 +12,7 @@ completes with every release made of two fresh updates.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +61,7 @@ def test_fedbuff_on_a_real_fleet_survives_a_server_crash_mid_buffer(tmp_path: Pa
             return open_round >= 2 and len(buffered) == 1
 
         wait_until("a release, then a buffer holding one reply", mid_buffer, 300, interval=0.05)
-        link = json.loads((state / "superlink.json").read_text())
-        os.killpg(link["pid"], signal.SIGKILL)
-        assert fed.server is not None
-        os.killpg(fed.server.popen.pid, signal.SIGKILL)
-        fed.server.popen.wait()
-        time.sleep(1.0)
+        fed.crash_server()
         assert rounds_done(run_dir) == open_round - 1, "the crash came after the release"
 
         fed.start_server(ready_count=2)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -65,13 +62,7 @@ def test_a_crashed_server_resumes_without_losing_rounds_or_epsilon(tmp_path: Pat
                                         "--set", "fraction-evaluate=0.0"])  # fmt: skip
 
         wait_until("round 2", lambda: rounds_done(run_dir) >= 2, 300)
-        # crash: the SuperLink's process group (with the ServerApp) and its wrapper, SIGKILL
-        link = json.loads((state / "superlink.json").read_text())
-        os.killpg(link["pid"], signal.SIGKILL)
-        assert fed.server is not None
-        os.killpg(fed.server.popen.pid, signal.SIGKILL)
-        fed.server.popen.wait()
-        time.sleep(1.0)
+        link = fed.crash_server()  # the SuperLink's group (with the ServerApp) and wrapper
         crashed_metrics = json.loads((run_dir / "metrics.json").read_text())
         # during a run the ledger's history is in its database (privacy.json: the summary)
         crashed_ledger = PrivacyLedger.from_store(LedgerStore(run_dir / LEDGER_FILE))

@@ -17,11 +17,9 @@ from pollinate.privacy import ClientAccountant, PrivacyLedger
 from pollinate.privacy.ledger_entries import ClientRoundEntry
 from pollinate.privacy.ledger_store import LEDGER_FILE, LedgerStore
 from pollinate.protocol import partition_key
-from pollinate.rundir.checkpoint import latest_checkpoint
 from pollinate.serverapp.population import PartitionRange
 from pollinate.simulation.local_grid import JOURNAL_NAME, read_journal
-from tests.support.processes import kill_group, spawn, wait_until
-from tests.support.simulation import simulate, simulate_command, simulate_env
+from tests.support.simulation import simulate, simulate_and_kill
 
 pytestmark = pytest.mark.slow
 
@@ -79,24 +77,8 @@ def test_a_million_clients_one_accountant_per_client_and_a_resume_loses_nothing(
     assert len(journal) == len({r.client for r in rows}) < 500
 
     killed = tmp_path / "killed"
-    child = spawn(
-        simulate_command(*_args(seed), "--run-dir", str(killed)), tmp_path / "killed.log",
-        simulate_env(tmp_path),
-    )  # fmt: skip
-
-    def two_rounds_saved() -> bool:
-        ckpt = latest_checkpoint(killed) if killed.exists() else None
-        if ckpt is not None and ckpt.server_round >= 2:
-            return True
-        assert child.poll() is None, "the run ended before it could be killed"
-        return False
-
-    try:
-        wait_until("round 2's checkpoint", two_rounds_saved, 300, interval=0.01)
-    finally:
-        kill_group(child)
-    ckpt = latest_checkpoint(killed)
-    assert ckpt is not None and 2 <= ckpt.server_round < ROUNDS
+    last = simulate_and_kill(tmp_path, killed, *_args(seed))
+    assert 2 <= last < ROUNDS
     proc = simulate(tmp_path, "--resume", str(killed))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -106,7 +88,7 @@ def test_a_million_clients_one_accountant_per_client_and_a_resume_loses_nothing(
     assert [(r.server_round, r.client, r.release, r.steps) for r in resumed] == [
         (r.server_round, r.client, r.release, r.steps) for r in rows
     ]
-    cut = by_round[ckpt.server_round + 1]
+    cut = by_round[last + 1]
     for a, b in zip(rows, resumed, strict=True):
         if a.client in cut:
             assert b.epsilon >= a.epsilon - 1e-12

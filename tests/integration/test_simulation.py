@@ -15,8 +15,7 @@ from safetensors.numpy import load_file
 
 from pollinate.privacy import ClientAccountant
 from pollinate.rundir.checkpoint import latest_checkpoint
-from tests.support.processes import kill_group, spawn, wait_until
-from tests.support.simulation import simulate, simulate_command, simulate_env
+from tests.support.simulation import simulate, simulate_and_kill
 
 pytestmark = pytest.mark.slow
 
@@ -82,24 +81,8 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path: Path, engine: str, ro
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    child = spawn(
-        simulate_command(*common, "--run-dir", str(killed)), tmp_path / "killed.log",
-        simulate_env(tmp_path),
-    )  # fmt: skip
-
-    def two_rounds_saved() -> bool:
-        ckpt = latest_checkpoint(killed) if killed.exists() else None
-        if ckpt is not None and ckpt.server_round >= 2:
-            return True
-        assert child.poll() is None, "the run ended before it could be killed"
-        return False
-
-    try:
-        wait_until("round 2's checkpoint", two_rounds_saved, 300, interval=0.02)
-    finally:
-        kill_group(child)
-    ckpt = latest_checkpoint(killed)
-    assert ckpt is not None and 2 <= ckpt.server_round < rounds
+    last = simulate_and_kill(tmp_path, killed, *common)
+    assert 2 <= last < rounds
 
     proc = simulate(tmp_path, "--resume", str(killed), "--engine", engine)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -279,6 +279,17 @@ class Federation:
         os.killpg(pid, signal.SIGKILL)
         return pid
 
+    def crash_server(self) -> dict[str, Any]:
+        """A server crash: SIGKILL the SuperLink's process group (with its ServerApp) and its
+        ``pollinate server start`` wrapper; returns the SuperLink's ``superlink.json``."""
+        link: dict[str, Any] = json.loads((self.state / "superlink.json").read_text())
+        os.killpg(link["pid"], signal.SIGKILL)
+        assert self.server is not None
+        os.killpg(self.server.popen.pid, signal.SIGKILL)
+        self.server.popen.wait()
+        time.sleep(1.0)  # the killed processes' sockets and files settle
+        return link
+
     # ------------------------------------------------------------------ runs
     def cli(self, *args: str, timeout: float = 300.0) -> str:
         """``pollinate ARGS`` against this federation; its stdout. FederationError on failure."""

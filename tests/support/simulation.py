@@ -42,3 +42,31 @@ def simulate(
         simulate_command(*args), capture_output=True, text=True, timeout=timeout,
         env=simulate_env(tmp), cwd=cwd,
     )  # fmt: skip
+
+
+def simulate_and_kill(tmp: Path, run_dir: Path, *args: str, after_round: int = 2) -> int:
+    """Start ``pollinate simulate ARGS --run-dir RUN_DIR`` and kill its process group as
+    soon as round ``after_round``'s checkpoint is written (a crash mid-run); returns the
+    round of the last checkpoint. Fails if the run ends before it could be killed."""
+    from pollinate.rundir.checkpoint import latest_checkpoint
+    from tests.support.processes import kill_group, spawn, wait_until
+
+    child = spawn(
+        simulate_command(*args, "--run-dir", str(run_dir)), tmp / f"{run_dir.name}.log",
+        simulate_env(tmp),
+    )  # fmt: skip
+
+    def saved() -> bool:
+        ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+        if ckpt is not None and ckpt.server_round >= after_round:
+            return True
+        assert child.poll() is None, "the run ended before it could be killed"
+        return False
+
+    try:
+        wait_until(f"round {after_round}'s checkpoint", saved, 300, interval=0.01)
+    finally:
+        kill_group(child)
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    return ckpt.server_round
