@@ -35,6 +35,23 @@ class Mixed(nn.Module):
         return self.out(h.reshape(len(h), 4, 4, 6).mean(2).flatten(1))  # type: ignore[no-any-return]
 
 
+class Normed(nn.Module):
+    """GroupNorm on images (channels-last friendly) and on flat features, between convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(3, 6)
+        self.flat = nn.GroupNorm(2, 4, eps=1e-3)
+        self.fc = nn.Linear(6 * 4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        h = nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+        return self.out(torch.tanh(self.flat(self.fc(h))))  # type: ignore[no-any-return]
+
+
 def _vmap_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -48,7 +65,8 @@ def _vmap_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
 @pytest.mark.parametrize(
     ("model", "shape"),
     [(Mixed(), (2, 9, 11)), (build_model("opacus-mnist"), (1, 28, 28)),
-     (build_model("mlp", input_shape=(1, 8, 8)), (1, 8, 8))],
+     (build_model("mlp", input_shape=(1, 8, 8)), (1, 8, 8)), (Normed(), (2, 5, 5)),
+     (build_model("cnn"), (1, 28, 28))],
 )  # fmt: skip
 def test_hooked_per_sample_gradients_equal_vmap(model: nn.Module, shape: tuple[int, ...]) -> None:
     torch.manual_seed(1)
@@ -67,10 +85,11 @@ def test_hooked_per_sample_gradients_equal_vmap(model: nn.Module, shape: tuple[i
     assert all(p.grad is None for p in model.parameters())  # nothing left on the model
 
 
-def test_weighted_group_sums_equal_the_sums_of_per_sample_gradients() -> None:
+@pytest.mark.parametrize("name", ["mixed", "normed"])
+def test_weighted_group_sums_equal_the_sums_of_per_sample_gradients(name: str) -> None:
     torch.manual_seed(2)
-    model = Mixed()
-    x, y = torch.randn(12, 2, 9, 11), torch.randint(0, 3, (12,))
+    model, shape = (Mixed(), (2, 9, 11)) if name == "mixed" else (Normed(), (2, 5, 5))
+    x, y = torch.randn(12, *shape), torch.randint(0, 3, (12,))
     hooked = HookedPerSample(
         model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
     )
@@ -84,10 +103,11 @@ def test_weighted_group_sums_equal_the_sums_of_per_sample_gradients() -> None:
     torch.testing.assert_close(grouped_losses, losses)
 
 
-def test_clipped_sums_equal_clipping_the_per_sample_gradients() -> None:
+@pytest.mark.parametrize("name", ["mixed", "normed"])
+def test_clipped_sums_equal_clipping_the_per_sample_gradients(name: str) -> None:
     torch.manual_seed(3)
-    model = Mixed()
-    x, y = torch.randn(12, 2, 9, 11), torch.randint(0, 3, (12,))
+    model, shape = (Mixed(), (2, 9, 11)) if name == "mixed" else (Normed(), (2, 5, 5))
+    x, y = torch.randn(12, *shape), torch.randint(0, 3, (12,))
     hooked = HookedPerSample(
         model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
     )
@@ -104,7 +124,7 @@ def test_clipped_sums_equal_clipping_the_per_sample_gradients() -> None:
         torch.testing.assert_close(clipped[k], expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mixed", "opacus-mnist"])
+@pytest.mark.parametrize("name", ["mixed", "opacus-mnist", "cnn"])
 def test_a_channels_last_module_gives_the_same_clipped_sums(name: str) -> None:
     """The fast engine lays its cohort's model out channels-last (faster pooling): the
     clipped sums, losses and outputs equal those of the same weights laid out plainly."""
@@ -128,8 +148,9 @@ def test_a_channels_last_module_gives_the_same_clipped_sums(name: str) -> None:
     torch.testing.assert_close(fast[2], plain[2])
 
 
-def test_only_linear_and_plain_conv_layers_are_hooked() -> None:
-    assert not hookable(build_model("cnn"))  # GroupNorm
+def test_only_linear_plain_conv_and_group_norm_layers_are_hooked() -> None:
+    assert hookable(build_model("cnn")) and hookable(build_model("resnet"))  # GroupNorm
+    assert not hookable(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)))
     assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
     assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, padding="same")))
     assert not hookable(nn.Sequential(nn.Conv2d(4, 4, 3, padding_mode="reflect")))
@@ -165,3 +186,59 @@ def test_a_one_step_fast_simulation_of_a_hooked_model_never_loads_dynamo(tmp_pat
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+class Ghosted(nn.Module):
+    """Layers whose per-sample gradients are larger than their positions squared (ghost
+    norms: a wide conv on a small map, a Linear over a short sequence) beside a conv that
+    forms them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Conv2d(3, 16, 3, padding=1)  # on 4x4: 16 positions, 16^2 < 16 * 27
+        self.small = nn.Conv2d(16, 2, 1, bias=False)  # 16 positions, 16^2 > 2 * 16: formed
+        self.seq = nn.Linear(8, 12)  # over 4 steps: 4^2 < 12 * 8
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.small(torch.relu(self.wide(x))))  # (N, 2, 4, 4)
+        h = torch.tanh(self.seq(h.reshape(len(h), 4, 8)))  # 4 steps of 8 features
+        return self.out(h.mean(1))  # type: ignore[no-any-return]
+
+
+def test_ghost_norms_clip_as_the_formed_per_sample_gradients() -> None:
+    """The ghost norms (two Gram matrices per layer) clip each sample exactly as the norm
+    of its formed gradient does."""
+    torch.manual_seed(6)
+    model = Ghosted()
+    x, y = torch.randn(12, 3, 4, 4), torch.randint(0, 3, (12,))
+    hooked = HookedPerSample(
+        model, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
+    )
+    valid = torch.ones(4, 3, dtype=torch.bool)
+    valid[0, 2] = False
+    grams = []  # the ghost branch runs (two Gram products per ghost layer)
+    real_bmm = torch.bmm
+
+    def counting_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] == b.shape[2] and a.shape[2] == b.shape[1] and a.shape[1] != a.shape[2]:
+            grams.append(a.shape[1])
+        return real_bmm(a, b)
+
+    per_sample, _, _ = hooked(x, y)
+    expected_ps = _vmap_reference(model, x, y)
+    for k, g in expected_ps.items():
+        torch.testing.assert_close(per_sample[k], g, rtol=1e-4, atol=1e-6)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected_ps.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    factor = ((clip / (norms + 1e-6)).clamp(max=1.0) * valid.flatten()).reshape(4, 3)
+    assert (factor[valid] < 1).any() and (factor[valid] == 1).any()
+    torch.bmm = counting_bmm  # type: ignore[assignment]
+    try:
+        clipped, _, _ = hooked.clipped_sums(x, y, valid, clip)
+    finally:
+        torch.bmm = real_bmm
+    assert sorted(set(grams)) == [4, 16]  # the sequence's and the wide conv's positions
+    for k, g in expected_ps.items():
+        expected = torch.einsum("cb,cb...->c...", factor, g.reshape(4, 3, *g.shape[1:]))
+        torch.testing.assert_close(clipped[k], expected, rtol=1e-4, atol=1e-6)
