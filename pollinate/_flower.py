@@ -22,8 +22,8 @@ hand is lost. With 25-40 devices on two busy cores that lost replies; it waits 6
 :func:`quick_record_items` is for the fast engine (``simulation/runner.py``), which builds
 and reads a few thousand Flower records a round: Flower's ``TypedDict`` (every record's base)
 wraps each check and read in ``typing.cast(Callable[[K], None], ...)``, which builds two
-typing aliases per item set (a quarter of a 100-client round's record work). It swaps in the
-same methods without the casts: the same checks, the same errors, the same storage.
+typing aliases per item set (about 8 ms of a 100-client round of 0.11 s, measured). It swaps
+in the same methods without the casts: the same checks, the same errors, the same storage.
 """
 
 from __future__ import annotations

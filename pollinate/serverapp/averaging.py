@@ -32,6 +32,7 @@ __all__ = [
     "FlatMeanFedAvgM",
     "FlatMeanFedProx",
     "FlatMeanFedYogi",
+    "check_replies",
     "weighted_arrays",
     "weighted_metrics",
 ]
