@@ -310,7 +310,8 @@ def _clipped_sum(
         chunk = replies[start : start + width]
         rows = np.empty((len(chunk), base.size))
         for row, reply in zip(rows, chunk, strict=True):
-            record = next(iter(reply.content.array_records.values()))
+            # the one ArrayRecord (validated), read without Flower's per-access typed view
+            record = next(r for r in reply.content.values() if isinstance(r, ArrayRecord))
             np.concatenate([np.asarray(record[k].numpy()).ravel() for k in keys], out=row)
         rows -= base
         # einsum, not BLAS: its thread pool fights torch's on few cores (as in validation)
