@@ -165,7 +165,10 @@ def test_a_layer_called_twice_is_refused_not_miscounted() -> None:
         hooked(torch.randn(3, 4), torch.zeros(3))
 
 
-def test_a_one_step_fast_simulation_of_a_hooked_model_never_loads_dynamo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["opacus-mnist", "cnn"])  # the default CNN: GroupNorm
+def test_a_one_step_fast_simulation_of_a_hooked_model_never_loads_dynamo(
+    tmp_path: Path, name: str
+) -> None:
     """torch.func's first gradient imports dynamo (about a second, 70 MB); a model the
     hooked path covers, trained one step a round, never needs it."""
     code = (
@@ -174,7 +177,7 @@ def test_a_one_step_fast_simulation_of_a_hooked_model_never_loads_dynamo(tmp_pat
         "from pollinate.data import load_partition\n"
         "from pollinate.models import build_model\n"
         "from pollinate.simulation.cohort import CohortMember, train_cohort\n"
-        "model = build_model('opacus-mnist')\n"
+        f"model = build_model({name!r})\n"
         "members = [CohortMember(p.x, p.y, seed=i) for i, p in\n"
         "           enumerate(load_partition('mnist', i, 1000, 'iid', seed=1) for i in range(5))]\n"
         "for dp in (True, False):\n"
