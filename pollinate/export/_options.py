@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 __all__ = ["ExportOptions", "ExportResult", "ExportRow", "Format", "Precision"]
 
@@ -45,6 +46,12 @@ class ExportOptions:
     name: str | None = None
     max_accuracy_drop: float = 0.01
     max_abs_error_fp32: float = 1e-4
+    #: What a reduced-precision (FP16/INT8) artifact outside ``max_accuracy_drop`` does:
+    #: ``"fail"`` stops the export (what a person who asked for that precision wants);
+    #: ``"skip"`` leaves that artifact out with a warning and keeps the format's FP32 one
+    #: (the federation's end-of-run export: a near-chance model must still be delivered).
+    #: FP32 artifacts that do not reproduce the model always fail.
+    on_reduced_miss: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,5 @@ class ExportResult:
     rows: list[ExportRow] = field(default_factory=list)
     triton_version: int | None = None  # the version published to ``triton_repo``
     task: str = "classification"  # regression: every "accuracy" is R²
+    #: Reduced-precision artifacts left out under ``on_reduced_miss="skip"``, each with why.
+    skipped: list[str] = field(default_factory=list)

@@ -5,7 +5,8 @@ for each requested (format, precision): convert, run on the test split, check to
 (FP32 max abs logit error <= 1e-4; INT8/FP16 accuracy drop <= 1 point), time one sample ->
 reference distribution of inputs and outputs -> manifest -> bundle (dir + tar.gz, optional
 ed25519 signature) -> optional Triton model repository entry. A failed tolerance stops the
-export with a clear message and leaves no bundle behind.
+export with a clear message and leaves no bundle behind, except that a reduced-precision
+artifact is left out (with a warning) when ``ExportOptions.on_reduced_miss`` is ``"skip"``.
 
 This module is the orchestration and the public face of :mod:`pollinate.export`: the option
 and result types (:mod:`pollinate.export._options`) and :func:`load_run`
@@ -31,7 +32,7 @@ from pollinate.edge_runtime.manifest import (
     TensorSpec,
     reference_distribution,
 )
-from pollinate.errors import ConfigError
+from pollinate.errors import ConfigError, ExportError
 from pollinate.export._archive import archive_path
 from pollinate.export._bundle import write_bundle
 from pollinate.export._calibration import calibration_samples
@@ -137,6 +138,9 @@ def export_run(
     artifacts: list[Artifact] = []
     files: dict[str, Path] = {}
     rows: list[ExportRow] = []
+    skipped: list[str] = []
+    kept: set[Format] = set()
+    missed: set[Format] = set()
     with tempfile.TemporaryDirectory(prefix="pollinate-export-") as tmp_name:
         tmp = Path(tmp_name)
         for fmt, precision, build in plan(options, run, tmp, calibration):
@@ -144,13 +148,22 @@ def export_run(
             made = build()
             step(f"{fmt.value} {precision.value}: validating on {len(y_test)} test samples")
             parity = measure_parity(made.run, x_test, y_test, reference, task=task)
-            check_tolerances(
-                made.file,
-                parity,
-                precision=precision.value,
-                max_abs_error_fp32=options.max_abs_error_fp32,
-                max_accuracy_drop=options.max_accuracy_drop,
-            )
+            try:
+                check_tolerances(
+                    made.file,
+                    parity,
+                    precision=precision.value,
+                    max_abs_error_fp32=options.max_abs_error_fp32,
+                    max_accuracy_drop=options.max_accuracy_drop,
+                )
+            except ExportError as err:
+                if precision is Precision.FP32 or options.on_reduced_miss == "fail":
+                    raise
+                logger.warning("leaving %s out of the bundle: %s", made.file, err)
+                skipped.append(str(err))
+                missed.add(fmt)
+                continue
+            kept.add(fmt)
             p50, p95 = latency_ms(made.run, sample)
             for rel, src in made.files.items():
                 files[rel] = src
@@ -166,6 +179,11 @@ def export_run(
                     max_abs_error=parity.max_abs_error,
                     p50_ms=p50,
                 )
+            )
+        bare = [fmt.value for fmt in options.formats if fmt in missed - kept]
+        if bare:  # "skip" keeps a format's best artifact, never none at all
+            raise ExportError(
+                f"no artifact of {', '.join(bare)} is within its tolerance: " + "; ".join(skipped)
             )
         manifest = _manifest(run_dir, run, options, artifacts, x_test, reference, torch_accuracy)
         step("writing the bundle")
@@ -196,4 +214,5 @@ def export_run(
         rows=rows,
         triton_version=triton_version,
         task=task,
+        skipped=skipped,
     )

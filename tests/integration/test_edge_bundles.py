@@ -29,6 +29,7 @@ from pollinate.data import load_dataset
 from pollinate.device.bundles import BundleStore
 from pollinate.device.local_serving import LocalInference
 from pollinate.edge_runtime import BundleError
+from pollinate.errors import ExportError
 from pollinate.export._bundle import generate_signing_key
 from pollinate.export.pipeline import ExportOptions, Format, Precision, export_run
 from pollinate.rundir.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
@@ -220,3 +221,43 @@ def test_store_refuses_a_bad_sha_before_writing_anything(tmp_path: Path) -> None
     with pytest.raises(BundleError, match="sha256 the server sent"):
         BundleStore(tmp_path).install(payload, sha256="0" * 64)
     assert [p.name for p in (tmp_path / "bundles").iterdir()] == []
+
+
+def test_end_of_run_export_leaves_out_an_int8_copy_that_misses_and_keeps_fp32(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A near-chance global model whose INT8 copy loses 10 points: the federation's export
+    still delivers (FP32 ONNX, both OpenVINO IRs), says why INT8 ONNX is missing, and a
+    person's `pollinate export` with the same options still refuses."""
+    from pollinate.serverapp.finish import _export_at_end
+
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(run)})
+    data = load_dataset("mnist", seed=settings.seed)
+    model = train_default_cnn(data.train.x[:300], data.train.y[:300], epochs=1)
+    atomic_write_json(run / "run.json", {"settings": settings.to_run_config(), "population": 1})
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    # Two classes tied far above the rest, told apart by logits a thousand times smaller
+    # than INT8's output step: torch picks 0 or 1 as trained, INT8 always the first.
+    last = [k for k in state if k.endswith("weight")][-1]
+    state[last] *= np.float32(1e-3)
+    bias = state[last.removesuffix("weight") + "bias"]
+    bias[:] = -10.0
+    bias[:2] = 10.0
+    save_checkpoint(run, Checkpoint(server_round=1, model=state))
+
+    with caplog.at_level("WARNING", logger="pollinate"):
+        archive = _export_at_end(run, tmp_path / "bundle", settings)
+    assert archive is not None and archive.exists()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    files = {a["file"]: a["precision"] for a in manifest["artifacts"]}
+    assert "model.fp32.onnx" in files and "model.int8.onnx" not in files, files
+    assert not (tmp_path / "bundle" / "model.int8.onnx").exists()
+    assert any(f.startswith("openvino/") for f in files), files
+    assert "leaving model.int8.onnx out" in caplog.text and "loses too much" in caplog.text
+
+    options = ExportOptions(out=tmp_path / "strict", formats=(Format.ONNX,))
+    with pytest.raises(ExportError, match=r"model\.int8\.onnx' loses too much accuracy"):
+        export_run(run, options)
+    assert not (tmp_path / "strict").exists() or not any((tmp_path / "strict").iterdir())
