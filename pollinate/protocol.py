@@ -45,11 +45,13 @@ __all__ = [
     "partition_key",
     "reads_packed",
     "record_of",
+    "records_of",
     "unpack_arrays",
 ]
 
 # ------------------------------------------------------------------ records of a message
 _Record = TypeVar("_Record", ArrayRecord, ConfigRecord, MetricRecord)
+_Kind = TypeVar("_Kind")  # a record type, or a union of them
 
 
 def record_of(content: RecordDict, key: str, kind: type[_Record]) -> _Record | None:
@@ -60,6 +62,13 @@ def record_of(content: RecordDict, key: str, kind: type[_Record]) -> _Record | N
     cost the fast engine tens of milliseconds a round. This reads the one record."""
     record = content.get(key)
     return record if isinstance(record, kind) else None
+
+
+def records_of(content: RecordDict, kind: type[_Kind]) -> list[tuple[str, _Kind]]:
+    """``(key, record)`` of every ``kind`` record of ``content``, in order, read without
+    Flower's per-access typed view (see :func:`record_of`). A reply has one ArrayRecord:
+    validation and the strategies' checks hold callers to that before they take ``[0]``."""
+    return [(k, r) for k, r in content.items() if isinstance(r, kind)]
 
 
 ARRAYS = "arrays"  #: the model (ArrayRecord)

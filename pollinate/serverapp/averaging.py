@@ -25,6 +25,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from pollinate.log import logger
+from pollinate.protocol import records_of
 
 __all__ = [
     "FlatMean",
@@ -71,7 +72,7 @@ def weighted_metrics(records: Sequence[RecordDict], weight_key: str) -> MetricRe
 
 def _only(content: RecordDict, kind: type[ArrayRecord] | type[MetricRecord]) -> str:
     """The key of the one record of ``kind`` in ``content``; Flower's error if not one."""
-    keys = [k for k, r in content.items() if isinstance(r, kind)]
+    keys = [k for k, _ in records_of(content, kind)]
     if len(keys) != 1:
         raise InconsistentMessageReplies(
             reason=f"Expected exactly one {kind.__name__} in replies, found {len(keys)}. "

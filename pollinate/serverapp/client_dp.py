@@ -49,6 +49,7 @@ from pollinate.privacy.client_level import (
 )
 from pollinate.privacy.correlated_noise import NoiseStream
 from pollinate.privacy.noise import NoiseSource, gaussian
+from pollinate.protocol import records_of
 from pollinate.serverapp.averaging import weighted_metrics
 
 __all__ = [
@@ -310,8 +311,7 @@ def _clipped_sum(
         chunk = replies[start : start + width]
         rows = np.empty((len(chunk), base.size))
         for row, reply in zip(rows, chunk, strict=True):
-            # the one ArrayRecord (validated), read without Flower's per-access typed view
-            record = next(r for r in reply.content.values() if isinstance(r, ArrayRecord))
+            record = records_of(reply.content, ArrayRecord)[0][1]  # the one (validated)
             np.concatenate([np.asarray(record[k].numpy()).ravel() for k in keys], out=row)
         rows -= base
         # einsum, not BLAS: its thread pool fights torch's on few cores (as in validation)

@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from pollinate.clientapp.training import seed_for
 from pollinate.errors import ConfigError
 from pollinate.log import logger
-from pollinate.protocol import record_of
+from pollinate.protocol import record_of, records_of
 from pollinate.rundir.records import RoundRecord
 from pollinate.serverapp.buffer_journal import BufferEntry, BufferJournal
 from pollinate.serverapp.nodes import SampledGrid
@@ -259,7 +259,7 @@ class BufferedRounds:
                 continue
             event["outcome"] = "accepted"
             start = self.models[flight.version]
-            arrays = from_array_record(next(iter(reply.content.array_records.values())))
+            arrays = from_array_record(records_of(reply.content, ArrayRecord)[0][1])
             delta = {k: np.asarray(arrays[k], dtype=np.float32) - start[k] for k in start}
             taken[len(events) - 1] = BufferEntry(
                 key=flight.key, node=flight.node, version=flight.version, delta=delta,

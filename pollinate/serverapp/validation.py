@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from pollinate.protocol import record_of
+from pollinate.protocol import record_of, records_of
 
 __all__ = ["Reference", "Rejection", "reference_of", "update_norm", "validate_update"]
 
@@ -73,10 +73,10 @@ def validate_update(
     under DP, where no exact count leaves a device); ``reference``: :func:`reference_of`
     ``global_arrays``, made once for all replies of a round."""
     content = reply.content
-    records = [r for r in content.values() if isinstance(r, ArrayRecord)]
+    records = records_of(content, ArrayRecord)
     if len(records) != 1:
         return f"expected one ArrayRecord, got {len(records)}"
-    record = records[0]
+    record = records[0][1]
     metrics = record_of(content, "metrics", MetricRecord)
     if metrics is None:
         return "no 'metrics' MetricRecord"
