@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -228,12 +229,34 @@ def partition_split(n: int, test_fraction: float, seed: int, partition_id: int) 
     return np.sort(order[held:])
 
 
+#: The most shares of a per-partition loader the server reads for its view of the data (test
+#: set, shapes, labels, share sizes); a larger population reads a seeded sample of this many,
+#: so a million clients cost the server a thousand loader calls, not a million.
+SERVER_SHARES = 1000
+
+
+def server_share_ids(num_partitions: int, seed: int) -> np.ndarray:
+    """The partitions whose shares the server reads: all of them up to :data:`SERVER_SHARES`,
+    else that many drawn without replacement with ``seed`` (sorted)."""
+    if num_partitions <= SERVER_SHARES:
+        return np.arange(num_partitions, dtype=np.int64)
+    rng = np.random.default_rng([seed, num_partitions, SERVER_SHARES])
+    return np.sort(rng.choice(num_partitions, size=SERVER_SHARES, replace=False))
+
+
 @functools.lru_cache(maxsize=4)
 def _load_partitioned(
     source: str, test_fraction: float, seed: int, task: TaskKind, num_partitions: int
 ) -> DatasetSplit:
-    """Every client's share from a per-partition loader: the server's view of the data."""
-    shares = [read_partition(source, p, num_partitions) for p in range(num_partitions)]
+    """The server's view of the data from a per-partition loader: the shares of
+    :func:`server_share_ids` (every share up to :data:`SERVER_SHARES` clients)."""
+    ids = [int(p) for p in server_share_ids(num_partitions, seed)]
+    if len(ids) < num_partitions:
+        logger.info(
+            "data %s: reading %d of %d shares (a seeded sample) for the server's test set, "
+            "shapes and labels; each client still loads its own", source, len(ids), num_partitions,
+        )  # fmt: skip
+    shares = [read_partition(source, p, num_partitions) for p in ids]
     shapes = {s.x.shape[1:] for s in shares}
     if len(shapes) > 1:
         raise DataError(
@@ -247,7 +270,7 @@ def _load_partitioned(
     test_parts: list[np.ndarray] = []
     partitions: list[np.ndarray] = []
     offset = seen = 0
-    for p, share in enumerate(shares):
+    for p, share in zip(ids, shares, strict=True):
         n = len(share.y)
         train = partition_split(n, test_fraction, seed, p)
         test = np.setdiff1d(np.arange(n), train)
@@ -262,10 +285,13 @@ def _load_partitioned(
             f"data {source!r}: no share has two samples or more, so there is no test part "
             "for central evaluation; give each client more samples"
         )
-    logger.debug("Loaded %d shares of %s: %d samples", num_partitions, source, len(y))
-    return _split(
+    logger.debug("Loaded %d shares of %s: %d samples", len(ids), source, len(y))
+    split = _split(
         source, x, y, labels, kind, np.concatenate(train_parts), test_idx, tuple(partitions)
     )
+    if len(ids) == num_partitions:
+        return split
+    return dataclasses.replace(split, partition_ids=tuple(ids))
 
 
 def _check_class_numbers(y: np.ndarray, source: str) -> int:

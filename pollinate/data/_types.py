@@ -64,6 +64,9 @@ class DatasetSplit:
         task: What the targets are (given, or detected from them).
         partitions: With a per-partition loader, each client's indices into ``train`` (its
             share's train part); None when pollinate partitions ``train`` itself.
+        partition_ids: The clients ``partitions`` (and ``train`` and ``test``) hold, when the
+            server read a sample of the shares (more clients than ``SERVER_SHARES``); None
+            when it read them all, in order.
     """
 
     name: str
@@ -74,6 +77,7 @@ class DatasetSplit:
     labels: tuple[str, ...]
     task: Task = CLASSIFICATION
     partitions: tuple[np.ndarray, ...] | None = None
+    partition_ids: tuple[int, ...] | None = None
 
     @property
     def num_outputs(self) -> int:

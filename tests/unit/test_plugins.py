@@ -348,6 +348,13 @@ def per_partition(partition_id, num_partitions):
     return X[rows], Y[rows]
 
 
+def many(partition_id, num_partitions):
+    # a population of any size: 4 samples a client, one of each class, made from its id
+    CALLS.append(partition_id)
+    rng = np.random.default_rng(partition_id)
+    return rng.normal(size=(4, 6)), np.arange(4)
+
+
 def flower_template(partition_id, num_partitions):
     # as `flwr new` writes it: (trainloader, testloader) of the partition
     from torch.utils.data import DataLoader
@@ -479,6 +486,42 @@ def test_a_per_partition_loader_gives_each_client_its_own_share(
     # no test sample is anybody's training sample
     train_rows = {tuple(r) for r in split.train.x}
     assert not any(tuple(r) in train_rows for r in split.test.x)
+
+
+def test_a_million_client_loader_costs_the_server_a_sample_of_shares(user_data: Path) -> None:
+    """Past SERVER_SHARES clients the server reads a seeded sample of the shares (its test
+    set is theirs, split as each client splits its own); a client still loads its own."""
+    import userdata  # type: ignore[import-not-found]
+
+    from pollinate.data import load_partition
+    from pollinate.data._datasets import SERVER_SHARES
+
+    userdata.CALLS.clear()
+    n = 1_000_000
+    split = load_dataset("userdata:many", test_fraction=0.25, seed=3, num_partitions=n)
+    ids = split.partition_ids
+    assert ids is not None and len(ids) == SERVER_SHARES == len(userdata.CALLS)
+    assert sorted(userdata.CALLS) == list(ids) and len(set(ids)) == len(ids)
+    assert max(ids) > n // 2  # drawn from the whole population, not its first ids
+    again = load_dataset("userdata:many", test_fraction=0.25, seed=4, num_partitions=n)
+    assert again.partition_ids != ids  # the seed picks the sample
+    # the server's parts are exactly the sampled clients' own train and test parts
+    assert split.partitions is not None and len(split.partitions) == SERVER_SHARES
+    test_rows = []
+    for i in (0, 1, SERVER_SHARES - 1):
+        userdata.CALLS.clear()
+        own = load_partition("userdata:many", ids[i], n, "iid", seed=3, test_fraction=0.25,
+                             task="auto")  # fmt: skip
+        assert [ids[i]] == userdata.CALLS
+        server_view = split.train.subset(split.partitions[i])
+        assert np.array_equal(own.x, server_view.x) and np.array_equal(own.y, server_view.y)
+        x, _ = userdata.many(ids[i], n)
+        own_rows = {tuple(r) for r in own.x}
+        test_rows += [r for r in x.astype(np.float32) if tuple(r) not in own_rows]
+    held = {tuple(r) for r in split.test.x}
+    assert len(split.test) == SERVER_SHARES and all(tuple(r) in held for r in test_rows)
+    small = load_dataset("userdata:many", test_fraction=0.25, seed=3, num_partitions=SERVER_SHARES)
+    assert small.partition_ids is None and len(small.partitions or ()) == SERVER_SHARES
 
 
 def test_a_device_never_imports_a_loss_hook_its_owner_did_not_allow(
