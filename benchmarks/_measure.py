@@ -183,6 +183,12 @@ def write_json(out: Path, result: Mapping[str, Any], *, sort_keys: bool = False)
     return out
 
 
+def json_out(out: Path, default: Path) -> Path:
+    """Where ``--out`` writes: a folder gets the default file name inside it (checked when the
+    arguments are read, not after the measurement)."""
+    return out / default.name if out.is_dir() else out
+
+
 def write_result(name: str, result: Mapping[str, Any]) -> Path:
     """Write ``benchmarks/results/NAME.json`` (keys sorted) and print the JSON."""
     return write_json(RESULTS / f"{name}.json", result, sort_keys=True)

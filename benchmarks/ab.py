@@ -43,7 +43,7 @@ from scipy import stats
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import RESULTS, Stopwatch, time_call, write_json
+from benchmarks._measure import RESULTS, Stopwatch, json_out, time_call, write_json
 from pollinate.serving.abtest import (
     SequentialTest,
     diff_and_variance,
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "ab.json")
     args = parser.parse_args()
+    args.out = json_out(args.out, RESULTS / "ab.json")
     clock = Stopwatch()
     rng = np.random.default_rng(args.seed)
     result: dict[str, Any] = {

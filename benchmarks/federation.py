@@ -88,6 +88,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 from benchmarks._measure import (
     Stopwatch,
     Timings,
+    json_out,
     maybe_ratio,
     print_json,
     run_pollinate,
@@ -500,6 +501,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
+    args.out = json_out(args.out, RESULTS)
     if args.devices < 2:
         parser.error(f"--devices must be at least 2, got {args.devices}")
     if args.rounds < 2:

@@ -50,7 +50,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._measure import RESULTS, Stopwatch, run_pollinate, write_json
+from benchmarks._measure import RESULTS, Stopwatch, json_out, run_pollinate, write_json
 from tests.support.audit import (
     PLD_DISCRETIZATION,
     PLD_TOLERANCE,
@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--audit-learning-rate", type=float, default=1.0)
     parser.add_argument("--confidence", type=float, default=0.95)
     args = parser.parse_args(argv)
+    args.out = json_out(args.out, DEFAULT_OUT)
 
     import torch
 

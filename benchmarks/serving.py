@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._loadgen import LoadConfig, load_images, run_load
-from benchmarks._measure import RESULTS, maybe_ratio, ratio, write_json
+from benchmarks._measure import RESULTS, json_out, maybe_ratio, ratio, write_json
 from benchmarks._serving_procs import (
     NAIVE_SERVER,
     RssSampler,
@@ -151,6 +151,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    args.out = json_out(args.out, OUT)
     if args.quick:
         args.duration, args.warmup = 1.5, 0.3
     concurrencies = [1, 4, 16, 32] if args.quick else [1, 2, 4, 8, 16, 24, 32, 48, 64]

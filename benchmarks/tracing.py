@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._loadgen import LoadConfig, load_images, run_load
-from benchmarks._measure import RESULTS, write_json
+from benchmarks._measure import RESULTS, json_out, write_json
 from benchmarks._serving_procs import ServerProcess, pollinate_serve_cmd, start_server
 from benchmarks.serving import build_repository
 from tests.support.otlp import OtlpReceiver
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    args.out = json_out(args.out, OUT)
     if args.quick:
         args.rounds, args.duration, args.warmup = 2, 1.5, 0.3
     started = time.monotonic()
