@@ -66,7 +66,8 @@ def simulate_command(
     model: Annotated[
         str | None,
         typer.Option(
-            help="cnn, mlp, opacus-mnist, or your own as an import path: package.module:Net "
+            help="cnn, mlp, opacus-mnist, lstm, resnet, scatnet, or your own as an import "
+            "path: package.module:Net "
             "(an nn.Module class or factory; the working directory is on the path)."
         ),
     ] = None,

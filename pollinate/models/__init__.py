@@ -1,7 +1,8 @@
 """Models: the built-ins, and the plug-in point for a user's own.
 
 * :func:`build_model` builds a model from a spec: a registered name (``cnn``, ``mlp``,
-  ``opacus-mnist``) or an import path ``"pkg.module:Net"`` (:mod:`pollinate.models.registry`).
+  ``opacus-mnist``, ``lstm``, ``resnet``, ``scatnet``) or an import path ``"pkg.module:Net"``
+  (:mod:`pollinate.models.registry`).
 * :func:`register_model` adds a name; the built-ins (:mod:`pollinate.models.builtin`) use it.
 * :func:`check_dp_compatible` / :func:`check_output` (:mod:`pollinate.models.compat`) refuse,
   before training, a model DP-SGD cannot train or whose outputs do not fit the task.

@@ -11,6 +11,7 @@ from torch import nn
 
 from pollinate.errors import ConfigError
 from pollinate.models.registry import register_model
+from pollinate.models.scattering import KERNEL, ScatterNet
 
 __all__ = ["MLP", "GroupNormResNet", "OpacusMnistCNN", "RowLSTM", "SmallCNN"]
 
@@ -181,3 +182,16 @@ def _resnet(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 3:
         raise ConfigError(f"model 'resnet' needs images (C, H, W), got {input_shape}")
     return GroupNormResNet(in_channels=input_shape[0], num_classes=num_classes)
+
+
+@register_model("scatnet")
+def _scatnet(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Fixed scattering features and a linear head (:mod:`pollinate.models.scattering`)."""
+    smallest = KERNEL // 2 + 1  # the filters' reflected border needs this many pixels
+    if len(input_shape) != 3 or min(input_shape[1:]) < smallest:
+        raise ConfigError(
+            f"model 'scatnet' needs images (C, H, W) of at least {smallest} x {smallest} "
+            f"pixels, got {input_shape}; use model 'mlp' for flat features"
+        )
+    channels, height, width = input_shape
+    return ScatterNet((channels, height, width), num_classes)

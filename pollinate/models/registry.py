@@ -1,7 +1,8 @@
 """The model plug-in point: a registered name or an import path, built the same way.
 
-A model spec is either a registered name (``cnn``, ``mlp``, ``opacus-mnist``, or one a
-package adds with :func:`register_model`) or an import path ``"pkg.module:Name"`` naming an
+A model spec is either a registered name (``cnn``, ``mlp``, ``opacus-mnist``, ``lstm``,
+``resnet``, ``scatnet``, or one a package adds with :func:`register_model`) or an import path
+``"pkg.module:Name"`` naming an
 ``nn.Module`` class or a factory function. Either is called with the keyword arguments its
 signature asks for, out of:
 

@@ -262,7 +262,7 @@ def test_a_cohort_trained_in_memory_bounded_chunks_gives_each_member_the_same_re
             np.testing.assert_allclose(s2[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["lstm", "resnet"])
+@pytest.mark.parametrize("name", ["lstm", "resnet", "scatnet"])
 def test_the_sequence_and_the_million_parameter_model_train_alike_on_both_paths(
     name: str,
 ) -> None:

@@ -19,6 +19,7 @@ from pollinate.export._parity import (
     check_tolerances,
     latency_ms,
     measure_parity,
+    torch_logits,
 )
 
 pytestmark = pytest.mark.unit
@@ -212,3 +213,23 @@ def test_a_model_the_int8_quantizer_cannot_handle_gets_the_way_out(tmp_path: Pat
     with pytest.raises(ExportError, match=r"cannot handle this model's graph: .*--precision fp32"):
         quantize_onnx_int8(info.path, tmp_path / "lstm.int8.onnx", x)
     assert not (tmp_path / "lstm.int8.onnx").exists()
+
+
+def test_scatnet_exports_with_its_fixed_filters_and_quantizes(
+    split: DatasetSplit, tmp_path: Path
+) -> None:
+    """The scattering front end (reflected borders, grouped strided low-pass) exports as
+    plain ONNX: FP32 within the pipeline's tolerance of torch, and INT8 runs and agrees."""
+    from pollinate.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("scatnet", input_shape=(1, 28, 28), num_classes=10).eval()
+    info = export_onnx(model, tmp_path / "scatnet.onnx", input_shape=(1, 28, 28))
+    x = np.ascontiguousarray(split.test.x[:200], dtype=np.float32)
+    expected = torch_logits(model, x)
+    got = onnx_session(info.path)(x)
+    assert float(np.max(np.abs(got - expected))) <= 1e-4
+    out = tmp_path / "scatnet.int8.onnx"
+    quantize_onnx_int8(info.path, out, np.ascontiguousarray(split.train.x[:100], np.float32))
+    agreement = np.mean(onnx_session(out)(x).argmax(1) == expected.argmax(1))
+    assert agreement > 0.9
