@@ -146,7 +146,10 @@ def test_a_class_without_arguments_a_sized_class_and_a_factory_all_build(
         ("usermodels:not_a_model", "returned an object of type dict, not a torch.nn.Module"),
         ("usermodels:broken", "building it failed: RuntimeError: no GPU here"),
         ("user models:Net", "is not an import path; write it as 'package.module:Name'"),
-        ("vgg", "unknown model 'vgg'; choose one of: cnn, lstm, mlp, opacus-mnist, resnet, or"),
+        (
+            "vgg",
+            "unknown model 'vgg'; choose one of: cnn, lstm, mlp, opacus-mnist, resnet, scatnet, or",
+        ),
     ],
 )
 def test_each_way_a_model_spec_is_wrong_has_its_own_message(
