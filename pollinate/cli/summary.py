@@ -46,8 +46,9 @@ def print_summary(result: Any) -> None:
     if rejected and 2 * rejected >= answered:
         out.print(
             f"[yellow]{rejected} of {answered} updates were rejected[/] as malformed or too "
-            "large (see `pollinate simulate -v`); honest updates of a model with large outputs "
-            "(a regression on large targets) can exceed the automatic bound: raise it with "
-            "--set max-update-norm=..., or scale the targets"
+            "large (see `pollinate simulate -v`); honest updates can exceed the automatic "
+            "bound when the outputs are large (a regression on large targets: scale them) or "
+            "the steps are (a linear head such as scatnet's without DP's clipping: lower "
+            "--set learning-rate=...); or raise the bound with --set max-update-norm=..."
         )
     out.print(f"run directory: {result.run_dir}")
