@@ -22,10 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from torch import nn
 
 from pollinate.clientapp.app import app
 from pollinate.config import RunSettings
-from pollinate.data import load_dataset
+from pollinate.data import DatasetSplit, load_dataset
 from pollinate.device.bundles import BundleStore
 from pollinate.device.local_serving import LocalInference
 from pollinate.edge_runtime import BundleError
@@ -46,11 +47,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two signed bundle archives (rounds 3 and 4 of a run), the key pair and test images."""
     root = tmp_path_factory.mktemp("bundles")
     run = root / "run"
-    run.mkdir()
-    settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(run)})
-    data = load_dataset("mnist", seed=settings.seed)
-    model = train_default_cnn(data.train.x[:1500], data.train.y[:1500], epochs=1)
-    atomic_write_json(run / "run.json", {"settings": settings.to_run_config(), "population": 1})
+    _, data, model = _trained_run(run, samples=1500)
     private, public = _keypair(root / "export")
     archives = []
     for rnd, scale in ((3, 1.0), (4, 0.5)):
@@ -67,6 +64,17 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # raw 28 x 28 uint8 images, as a device's camera would give them
     images = np.round(data.test.x[:16, 0] * 255).astype(np.uint8)
     return {"archives": archives, "public": public, "images": images, "root": root}
+
+
+def _trained_run(run: Path, *, samples: int) -> tuple[RunSettings, DatasetSplit, nn.Module]:
+    """A run directory (``run.json``, no checkpoint yet), its data, and the default CNN
+    trained one epoch on the first ``samples`` training images."""
+    run.mkdir()
+    settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(run)})
+    data = load_dataset("mnist", seed=settings.seed)
+    model = train_default_cnn(data.train.x[:samples], data.train.y[:samples], epochs=1)
+    atomic_write_json(run / "run.json", {"settings": settings.to_run_config(), "population": 1})
+    return settings, data, model
 
 
 def _keypair(stem: Path) -> tuple[Path, Path]:
@@ -232,11 +240,7 @@ def test_end_of_run_export_leaves_out_an_int8_copy_that_misses_and_keeps_fp32(
     from pollinate.serverapp.finish import _export_at_end
 
     run = tmp_path / "run"
-    run.mkdir()
-    settings = RunSettings.from_run_config({"dp": "none", "run-dir": str(run)})
-    data = load_dataset("mnist", seed=settings.seed)
-    model = train_default_cnn(data.train.x[:300], data.train.y[:300], epochs=1)
-    atomic_write_json(run / "run.json", {"settings": settings.to_run_config(), "population": 1})
+    settings, _, model = _trained_run(run, samples=300)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     # Two classes tied far above the rest, told apart by logits a thousand times smaller
     # than INT8's output step: torch picks 0 or 1 as trained, INT8 always the first.
