@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pollinate.models import build_model
-from pollinate.simulation._per_sample import HookedPerSample, hookable
+from pollinate.simulation._per_sample import HookedPerSample, _patches, hookable
 
 pytestmark = pytest.mark.unit
 
@@ -122,6 +122,29 @@ def test_clipped_sums_equal_clipping_the_per_sample_gradients(name: str) -> None
     for k, g in per_sample.items():
         expected = torch.einsum("cb,cb...->c...", factor, g.reshape(4, 3, *g.shape[1:]))
         torch.testing.assert_close(clipped[k], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"),
+    [(8, 2, 3, 1), (4, 2, 0, 1), (3, 1, 1, 2), ((3, 5), (2, 1), (1, 2), (2, 1)), (2, 3, 0, 3)],
+)
+def test_conv_patches_equal_torch_unfold_in_either_layout(
+    kernel: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+) -> None:
+    """The strided patches the hooked path multiplies are exactly ``functional.unfold``'s
+    columns, transposed, for plain and channels-last inputs."""
+    layer = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    a = torch.randn(4, 3, 17, 19)
+    expected = nn.functional.unfold(
+        a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    ).transpose(1, 2)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = _patches(a.contiguous(memory_format=layout), layer)
+        assert got.shape == expected.shape
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("name", ["mixed", "opacus-mnist", "cnn"])
