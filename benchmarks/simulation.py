@@ -20,7 +20,9 @@ Measured in one invocation, one after the other on the same machine:
   gradients, clipping, noise) over the same step without DP, default CNN, in process.
 - ``floor``: the per-sample gradients of one round's 400 samples (100 clients x 4) of the
   Opacus MNIST CNN in one ``vmap(grad)`` call, and a plain batched forward and backward of
-  the same samples, in process, 2 threads: ``floor_ratio`` is ``fast``'s warm round over it.
+  the same samples, in process, 2 threads, each in the faster of the plain and channels-last
+  layouts (max-pooling is several times faster channels-last on CPU) with the engine's
+  allocator setting: ``floor_ratio`` is ``fast``'s warm round over it.
 - ``fast_client_dp`` / ``fast_nodp`` and ``pfl``: the like-for-like pairs with Apple's pfl
   (``benchmarks/pfl_peer``; run only when its venv exists, see ``pfl_peer/setup.sh``):
   pollinate with client-level DP (``--dp none --client-dp server-fixed``, noise 1.0, clip
@@ -119,42 +121,50 @@ def dp_step_overhead(repeats: int = 25) -> dict[str, float]:
     return out
 
 
-def per_sample_floor(repeats: int = 25) -> dict[str, float]:
+def per_sample_floor(repeats: int = 25) -> dict[str, Any]:
     """Median seconds of one round's per-sample gradients (400 samples) in one vmap(grad)
-    call, and of a plain batched forward and backward of the same samples."""
+    call, and of a plain batched forward and backward of the same samples: each in both
+    memory layouts (plain and channels-last; the faster one is the floor), under the
+    engine's allocator setting (:func:`keep_freed_memory`, which this process keeps from
+    here on)."""
     import numpy as np
     import torch
     from torch.func import functional_call, grad, vmap
 
     from pollinate.data import load_partition
     from pollinate.models import build_model
+    from pollinate.simulation._runtime import keep_freed_memory
 
+    keep_freed_memory()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = build_model("opacus-mnist")
     parts = [load_partition("mnist", i, 1000, "iid", seed=42) for i in range(100)]
     x = torch.from_numpy(np.concatenate([p.x for p in parts]).astype(np.float32))
     y = torch.from_numpy(np.concatenate([p.y for p in parts]).astype(np.int64))
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    calls = {}
+    for layout, fmt in (("plain", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        model = build_model("opacus-mnist").to(memory_format=fmt)
+        params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def sample_loss(p: dict[str, Any], xi: Any, yi: Any) -> Any:
-        out = functional_call(model, p, (xi.unsqueeze(0),))
-        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+        def sample_loss(p: dict[str, Any], xi: Any, yi: Any, net: Any = model) -> Any:
+            out = functional_call(net, p, (xi.unsqueeze(0),))
+            return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        def batched(net: Any = model) -> None:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            torch.autograd.grad(loss, list(net.parameters()))
 
-    def batched() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        torch.autograd.grad(loss, list(model.parameters()))
-
-    timings = time_calls(
-        {"vmap": lambda: per_sample(params, x, y), "batched": batched}, repeats, warmup=3
-    )
-    return {
-        "samples": len(y),
-        "per_sample_vmap_s": timings["vmap"].median_s(4),
-        "batched_fwd_bwd_s": timings["batched"].median_s(4),
-    }
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        calls[f"vmap_{layout}"] = functools.partial(per_sample, params, x, y)
+        calls[f"batched_{layout}"] = batched
+    timings = time_calls(calls, repeats, warmup=3)
+    out: dict[str, Any] = {"samples": len(y)}
+    for kind in ("vmap", "batched"):
+        for layout in ("plain", "channels_last"):
+            out[f"{kind}_{layout}_s"] = timings[f"{kind}_{layout}"].median_s(4)
+    out["per_sample_vmap_s"] = min(out["vmap_plain_s"], out["vmap_channels_last_s"])
+    out["batched_fwd_bwd_s"] = min(out["batched_plain_s"], out["batched_channels_last_s"])
+    return out
 
 
 def pfl_pairs(result: dict[str, Any], work: Path, rounds: list[str]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import itertools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,16 +46,30 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def in_parallel(work: Callable[[range], None], count: int) -> None:
-    """``work`` over ``range(count)`` split in contiguous parts over torch's intra-op threads
-    (torch kernels release the GIL); in this thread alone when there is one."""
+    """``work`` over ``range(count)`` in contiguous blocks handed to torch's intra-op threads
+    as each finishes its last (torch kernels release the GIL), so a thread slowed by the rest
+    of the machine takes fewer blocks; in this thread alone when there is one."""
     threads = min(torch.get_num_threads(), count)
+    if count <= 0:
+        return
     if threads <= 1:
         work(range(count))
         return
     pool = _POOLS.get(threads)
     if pool is None:
         pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pollinate-noise")
-    bounds = [count * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(work, range(a, b)) for a, b in itertools.pairwise(bounds)]
+    step = max(1, count // (threads * 8))
+    blocks = iter(range(0, count, step))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                start = next(blocks, None)
+            if start is None:
+                return
+            work(range(start, min(count, start + step)))
+
+    futures = [pool.submit(worker) for _ in range(threads)]
     for future in futures:
         future.result()
