@@ -65,6 +65,11 @@ def test_five_daemons_train_three_rounds_and_survive_killed_supernodes(tmp_path:
         assert consumed["run_id"] == run_id and not event.exists()
         assert json.loads((fed.state / "runs.json").read_text())[run_id]["triggers"] == [event.name]
         wait_until("round 1", lambda: rounds_done(run_dir) >= 1, 300)
+        # no process of the federation sends Flower's telemetry (pollinate's default)
+        telemetry = fed.environments("FLWR_TELEMETRY_ENABLED")
+        assert any("flwr-serverapp" in p for p in telemetry), telemetry  # seen mid-run
+        assert len(telemetry) >= 2 + 2 * DEVICES, telemetry
+        assert {p: v for p, v in telemetry.items() if v != "0"} == {}
         killed = []
         for i in (3, 4):  # kill the SuperNodes (not the daemons) of two devices mid-run
             pid = json.loads((tmp_path / f"device-{i}" / "daemon.json").read_text())[

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,6 +91,7 @@ class Federation:
             "OMP_NUM_THREADS": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
+        self.env.pop("FLWR_TELEMETRY_ENABLED", None)  # pollinate's own default, as deployed
         self.server_args = list(server_args)
         self.device_args = device_args
         self.server: Proc | None = None
@@ -256,6 +258,26 @@ class Federation:
     def all_online(self) -> bool:
         """Whether every device's SuperNode is listed online."""
         return self.online() == self.devices
+
+    def environments(self, name: str) -> dict[str, str | None]:
+        """``name``'s value in the environment of every live process the federation's
+        commands started (SuperLink, SuperExec, ServerApp, SuperNodes, executors), keyed
+        ``pid command``. Not the ``pollinate`` commands themselves: ``/proc`` shows the
+        environment a process was started with, not what it set for itself and its children."""
+        import psutil
+
+        roots = [p.popen.pid for p in ([self.server] if self.server else []) + self.daemons]
+        seen: dict[str, str | None] = {}
+        for root in roots:
+            try:
+                procs = psutil.Process(root).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    label = f"{proc.pid} {' '.join(proc.cmdline())[:120]}"
+                    seen[label] = proc.environ().get(name)
+        return seen
 
     def daemon_status(self, i: int) -> dict[str, Any]:
         """Device ``i``'s ``daemon.json`` ({} while it is being written or missing)."""
