@@ -36,7 +36,8 @@ def test_a_killed_fork_costs_one_reply_and_the_device_trains_on(tmp_path: Path) 
         ])  # fmt: skip
         status = fed.daemon_status(0)
         executor, supernode = int(status["executor_pid"]), int(status["supernode_pid"])
-        wait_until("round 1", lambda: rounds_done(run_dir) >= 1, 300)
+        # looked at every 10 ms: a round of two devices can be over within the default 0.5 s
+        wait_until("round 1", lambda: rounds_done(run_dir) >= 1, 300, interval=0.01)
 
         # every fork device 0's executor makes for round 2 is SIGKILLed (Flower offers an
         # unfinished task again, so once is not enough to lose it) until the round is over
