@@ -32,7 +32,7 @@ __all__ = ["ForkExecutor", "main", "warm_up"]
 #: what is imported once, before the first task (the cost a cold start pays per message).
 #: torch._dynamo: torch imports it when the first optimizer is built, 1.5 s in every fork;
 #: scipy.stats and scipy.optimize: the exact full-batch accountant's (privacy.gaussian);
-#: Flower's ClientApp runner and TLS helpers, which each fork called first (about 30 ms each)
+#: Flower's ClientApp runner and TLS helpers, which each fork imported first (about 30 ms together)
 WARM_MODULES = (
     "torch", "torch._dynamo", "opacus", "scipy.stats", "scipy.optimize", "flwr.clientapp",
     "flwr.supernode.runtime.run_clientapp", "flwr.supercore.tls", "pollinate.clientapp.app",
