@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from pollinate._atomic import atomic_write_text
 from pollinate.config.latency import LatencyModel
 from pollinate.device.supernode import DEFAULT_POLL_S, POLL_ENV, poll_interval
+from pollinate.device.wake import WAKE_ENV, WAKE_FIFO, make_fifo
 from pollinate.device.zygote import check_zygote
 from pollinate.errors import ConfigError
 from pollinate.protocol import NodeKey
@@ -69,9 +70,8 @@ def parse_window(text: str) -> tuple[dt.time, dt.time]:
         start = dt.time.fromisoformat(start_s.strip())
         end = dt.time.fromisoformat(end_s.strip())
     except ValueError:
-        raise ConfigError(
-            f"--window {text!r} is not HH:MM-HH:MM (for example 22:00-06:00)"
-        ) from None
+        msg = f"--window {text!r} is not HH:MM-HH:MM (for example 22:00-06:00)"
+        raise ConfigError(msg) from None
     if start == end:
         raise ConfigError(f"--window {text!r} is empty; give different start and end times")
     return start, end
@@ -325,17 +325,18 @@ class EdgeDaemon:
                     self.stop.wait(5.0)
                 continue
             self._port = _free_port()
-            executor = None
+            executor, env = None, self._env()
+            if s.executor == "warm":  # the SuperNode wakes its executor when a message comes
+                env[WAKE_ENV] = str(make_fifo(state / WAKE_FIFO).resolve())
             with (state / "supernode.log").open("ab") as log_file:
                 process = subprocess.Popen(
                     self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                    env=self._env(), start_new_session=True,
+                    env=env, start_new_session=True,
                 )  # fmt: skip
                 if s.executor == "warm":  # stopped and restarted with the SuperNode
                     executor = subprocess.Popen(
                         self.executor_command(), stdout=log_file, stderr=subprocess.STDOUT,
-                        env={**self._env(), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
-                        start_new_session=True,
+                        env=env, start_new_session=True,
                     )  # fmt: skip
             started = time.monotonic()
             self._write_status(

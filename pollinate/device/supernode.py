@@ -12,7 +12,10 @@ and runtime API, unchanged) with those waits paced, through the ``time`` its loo
 - a node that handled a message within the last :data:`ACTIVE_WINDOW_S` asks again after
   ``$POLLINATE_SUPERNODE_POLL_S`` (the daemon's ``--poll-interval``, default 0.5 s);
 - an idle node keeps Flower's 3 s, so an idle fleet costs the SuperLink what Flower's does;
-- the waits for the local reply poll every :data:`LOCAL_STEP_S` (no network involved).
+- the waits for the local reply poll every :data:`LOCAL_STEP_S` (no network involved);
+- with ``$POLLINATE_EXECUTOR_WAKE`` set (the daemon's warm executor), each message it stores
+  wakes the executor at once (:mod:`pollinate.device.wake`), which otherwise polls for tasks
+  only once a second.
 
 Should a later Flower change that loop, the SuperNode runs unpaced, with one warning.
 """
@@ -26,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pollinate.device.wake import WAKE_ENV, Waker
 from pollinate.errors import ConfigError
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "PacedTime",
     "main",
     "poll_interval",
+    "wake_on_message",
 ]
 
 #: the environment variable the daemon passes its ``--poll-interval`` in
@@ -104,6 +109,25 @@ class PacedTime:
         return getattr(time, name)
 
 
+def wake_on_message(loop: Any, waker: Waker) -> bool:
+    """Have Flower's SuperNode loop (``loop``: its module) wake the executor each time it has
+    pulled and stored a message (and so made its task); ``False`` when the loop changed."""
+    pull = getattr(loop, "_pull_and_store_message", None)
+    if not callable(pull):
+        print("pollinate supernode: Flower's SuperNode loop changed; the executor is not woken "
+              "when a message arrives", file=sys.stderr)  # fmt: skip
+        return False
+
+    def pull_and_wake(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            waker.wake()
+        return run_id
+
+    loop._pull_and_store_message = pull_and_wake
+    return True
+
+
 def main() -> None:
     """Pace Flower's SuperNode loop, then run ``flower-supernode`` with this argv."""
     import flwr.supernode.start_client_internal as loop
@@ -116,6 +140,8 @@ def main() -> None:
     from pollinate._flower import pace_object_pulls, run_flower
 
     pace_object_pulls()
+    if wake_path := os.environ.get(WAKE_ENV):
+        wake_on_message(loop, Waker(wake_path))
     paced = getattr(loop, "time", None) is time  # a Flower whose loop sleeps through `time`
     if paced:
         loop.time = PacedTime(poll_s)  # type: ignore[attr-defined,assignment]

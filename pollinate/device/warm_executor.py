@@ -27,7 +27,14 @@ import signal
 import sys
 from typing import Any
 
+from pollinate.device.wake import IDLE_POLL_S
+
 __all__ = ["ForkExecutor", "main", "warm_up"]
+
+#: Flower's setting for how often its SuperExec asks the SuperNode for a task
+POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+#: how often an executor that the SuperNode cannot wake asks (a task waits half of it)
+UNWOKEN_POLL_S = 0.2
 
 #: what is imported once, before the first task (the cost a cold start pays per message).
 #: torch._dynamo: torch imports it when the first optimizer is built, 1.5 s in every fork;
@@ -136,6 +143,28 @@ def warm_up() -> None:
     gc.freeze()
 
 
+def _listen_for_wakes(flower: Any) -> bool:
+    """Sleep Flower's SuperExec loop on the SuperNode's wake FIFO (:mod:`.wake`) when the
+    daemon named one; ``False`` (and Flower's clock kept) when it did not, or it is unusable."""
+    import time
+
+    from pollinate.device.wake import WAKE_ENV, WakeableTime
+
+    path = os.environ.get(WAKE_ENV)
+    if not path or getattr(flower, "time", None) is not time:
+        if path:
+            print("warm executor: Flower's SuperExec loop changed; polling for tasks every "
+                  f"{UNWOKEN_POLL_S} s", file=sys.stderr)  # fmt: skip
+        return False
+    try:
+        flower.time = WakeableTime(path)
+    except OSError as err:
+        print(f"warm executor: no wakes from the SuperNode ({err}); polling for tasks every "
+              f"{UNWOKEN_POLL_S} s", file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Import what every task needs, then run Flower's SuperExec loop with forks."""
     parser = argparse.ArgumentParser(
@@ -148,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     warm_up()
     from flwr.supercore.superexec import run_superexec as flower
 
+    woken = _listen_for_wakes(flower)
+    # a task is taken when the SuperNode wakes us; without the FIFO, poll as we used to
+    os.environ.setdefault(POLL_INTERVAL_ENV, str(IDLE_POLL_S if woken else UNWOKEN_POLL_S))
     executor = ForkExecutor()
     # Flower's loop, our executor
     flower.get_executor = lambda *_a, **_k: executor  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 authentication, two `pollinate edge run` daemons): a device whose task forks are SIGKILLed in
 round 2 costs that round one reply, while the daemon, its SuperNode and the warm executor
 itself go on, and the device trains again in round 3. With a zygote (`pollinate edge zygote`)
-both devices' executors are forks of one process.
+both devices' executors are forks of one process, and each takes its task when its SuperNode
+wakes it (`device/wake.py`), not on its own poll.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def test_devices_on_one_host_share_a_zygote_and_a_lost_attachment_stops_its_exec
     tmp_path: Path,
 ) -> None:
     """Two daemons with `--zygote`: both executors are forks of one zygote (their own memory
-    a fraction of it) and a run completes; killing a daemon's attachment (SIGKILL) makes the
-    zygote stop that executor, and the daemon attaches a new one."""
+    a fraction of it) and a run completes, every task taken on its SuperNode's wake; killing
+    a daemon's attachment (SIGKILL) makes the zygote stop that executor, and the daemon
+    attaches a new one."""
     sock = tmp_path / "zygote.sock"
     zygote = Proc.spawn(
         "zygote", [*POLLINATE, "edge", "zygote", str(sock)], tmp_path / "zygote.log",
@@ -81,12 +83,17 @@ def test_devices_on_one_host_share_a_zygote_and_a_lost_attachment_stops_its_exec
     )  # fmt: skip
     try:
         wait_until("the zygote", sock.is_socket, 180)
-        fed = Federation(tmp_path / "fed", 2, device_args=lambda _: ["--zygote", str(sock)])
+        # the executors ask for tasks only every 60 s on their own (Flower's longest; more
+        # than a round's timeout): each round's task is taken when its SuperNode wakes them
+        fed = Federation(
+            tmp_path / "fed", 2, device_args=lambda _: ["--zygote", str(sock)],
+            device_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "60"},
+        )  # fmt: skip
         with fed:
             fed.start()
             run_dir = tmp_path / "run"
             fed.start_run(run_dir, [
-                "--rounds", "2", "--round-timeout", "60", "--min-train-nodes", "2",
+                "--rounds", "2", "--round-timeout", "45", "--min-train-nodes", "2",
                 "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.0",
                 "--set", "partitioner=resample", "--set", "samples-per-client=96",
             ])  # fmt: skip

@@ -29,7 +29,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -76,6 +76,7 @@ class Federation:
         daemon_nice: int = 0,
         server_args: Sequence[str] = (),
         device_args: Callable[[int], list[str]] = lambda _: [],
+        device_env: Mapping[str, str] | None = None,
         say: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -94,6 +95,7 @@ class Federation:
         self.env.pop("FLWR_TELEMETRY_ENABLED", None)  # pollinate's own default, as deployed
         self.server_args = list(server_args)
         self.device_args = device_args
+        self.device_env = {**self.env, **(device_env or {})}  # the daemons' own, on top
         self.server: Proc | None = None
         self.daemons: list[Proc] = []
         self.codes: list[int] = []  # the daemons' exit codes, once stopped
@@ -130,7 +132,9 @@ class Federation:
         t2 = time.monotonic()
         for i in range(self.devices):
             log = self.root / f"daemon-{i}.log"
-            self.daemons.append(Proc.spawn(f"daemon-{i}", self.daemon_command(i), log, self.env))
+            self.daemons.append(
+                Proc.spawn(f"daemon-{i}", self.daemon_command(i), log, self.device_env)
+            )
 
         def all_online() -> bool:
             self.check_alive()
