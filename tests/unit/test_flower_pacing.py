@@ -1,12 +1,16 @@
 """What ``pollinate/_flower.py`` changes in Flower, checked on Flower's own objects in a fresh
 interpreter (the changes are process-wide): object-pull retries start at 50 ms, and a
-SQLite state Flower opens (the SuperLink's) waits 60 s for its write lock."""
+SQLite state Flower opens (the SuperLink's) waits 60 s for its write lock; and the
+SuperLink's abort checks (put back after their test)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from pollinate.ops.superlink import SuperLinkSettings, superlink_command
 
@@ -111,3 +115,67 @@ def test_quick_record_items_keep_flowers_checks_errors_and_storage() -> None:
     assert seen["before"]["records bad key"].startswith("TypeError")
     assert seen["before"]["missing key"].startswith("KeyError")
     assert seen["before"]["after delete"] == "{'b': 2.0}"
+
+
+class _Runs:
+    """A LinkState's two methods that Flower's ``check_abort`` calls, counting the queries."""
+
+    def __init__(self) -> None:
+        from flwr.common.constant import Status
+
+        self.status = Status.RUNNING
+        self.sub_status = ""
+        self.queries = 0
+        self.cleaned: list[int] = []
+
+    def get_run_status(self, run_ids: set[int]) -> dict[int, object]:
+        from flwr.supercore.run import RunStatus
+
+        self.queries += 1
+        return {rid: RunStatus(self.status, self.sub_status, "") for rid in run_ids}
+
+    def cleanup_run(self, run_id: int) -> None:
+        self.cleaned.append(run_id)
+
+
+def test_quick_abort_checks_trust_a_live_run_briefly_and_never_a_stopped_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the SuperLink's fleet handlers call is swapped; a live run's answer is reused
+    for the TTL (one query), a stop is heard once the TTL is over, and a stopped run is
+    asked about (and refused) on every request, Flower's own words and clean-up included."""
+    from flwr.common.constant import Status, SubStatus
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    from pollinate._flower import quick_abort_checks
+
+    flowers = fleet_handlers.check_abort
+    monkeypatch.setattr(fleet_handlers, "check_abort", flowers)  # put back after the test
+    ttl = 0.3
+    assert quick_abort_checks(ttl) and quick_abort_checks(ttl)  # a second call: already done
+    check = fleet_handlers.check_abort
+    assert check is not flowers
+    aborting = [Status.PENDING, Status.STARTING, Status.FINISHED]
+    runs, other = _Runs(), _Runs()
+
+    assert [check(7, aborting, runs) for _ in range(5)] == [None] * 5
+    assert runs.queries == 1
+    assert check(8, aborting, runs) is None and runs.queries == 2  # another run: its own
+    assert check(7, aborting, other) is None and other.queries == 1  # another state: its own
+
+    runs.status, runs.sub_status = Status.FINISHED, SubStatus.STOPPED
+    assert check(7, aborting, runs) is None  # within the TTL: not heard yet
+    time.sleep(ttl + 0.05)
+    expected = flowers(7, aborting, _stopped())
+    assert expected is not None and "Stopped by user" in expected
+    for _ in range(3):
+        assert check(7, aborting, runs) == expected
+    assert runs.queries == 2 + 3 and runs.cleaned == [7, 7, 7]  # each stopped check asks
+
+
+def _stopped() -> _Runs:
+    from flwr.common.constant import Status, SubStatus
+
+    runs = _Runs()
+    runs.status, runs.sub_status = Status.FINISHED, SubStatus.STOPPED
+    return runs
