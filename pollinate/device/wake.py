@@ -88,11 +88,12 @@ class WakeableTime:
         if not stat.S_ISFIFO(path.stat().st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a FIFO")
         self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
 
     def sleep(self, seconds: float) -> None:
         """Wait up to ``seconds``, or until a wake arrives (then take every wake waiting)."""
-        readable, _, _ = select.select([self._fd], [], [], max(0.0, seconds))
-        if readable:
+        if self._poll.poll(max(0.0, seconds) * 1000.0):
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._fd, 4096):
                     pass
