@@ -25,9 +25,10 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from typing import Any
 
-from pollinate.device.wake import IDLE_POLL_S
+from pollinate.device.wake import IDLE_POLL_S, WAKE_ENV, WakeableTime
 
 __all__ = ["ForkExecutor", "main", "warm_up"]
 
@@ -146,10 +147,6 @@ def warm_up() -> None:
 def _listen_for_wakes(flower: Any) -> bool:
     """Sleep Flower's SuperExec loop on the SuperNode's wake FIFO (:mod:`.wake`) when the
     daemon named one; ``False`` (and Flower's clock kept) when it did not, or it is unusable."""
-    import time
-
-    from pollinate.device.wake import WAKE_ENV, WakeableTime
-
     path = os.environ.get(WAKE_ENV)
     if not path or getattr(flower, "time", None) is not time:
         if path:
