@@ -15,7 +15,7 @@ and runtime API, unchanged) with those waits paced, through the ``time`` its loo
 - the waits for the local reply poll every :data:`LOCAL_STEP_S` (no network involved);
 - with ``$POLLINATE_EXECUTOR_WAKE`` set (the daemon's warm executor), each message it stores
   wakes the executor at once (:mod:`pollinate.device.wake`), which otherwise polls for tasks
-  only once a second.
+  every 0.2 s.
 
 Should a later Flower change that loop, the SuperNode runs unpaced, with one warning.
 """
