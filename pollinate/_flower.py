@@ -31,24 +31,38 @@ and reads a few thousand Flower records a round: Flower's ``TypedDict`` (every r
 wraps each check and read in ``typing.cast(Callable[[K], None], ...)``, which builds two
 typing aliases per item set (about 8 ms of a 100-client round of 0.11 s, measured). It swaps
 in the same methods without the casts: the same checks, the same errors, the same storage.
+
+:func:`quick_task_expiry` is for a device with a warm executor. Flower gives a task its
+executor claimed :data:`FLOWER_TASK_HEARTBEAT_S` (30 s) to start before it offers the task
+again, and a running task twice that without a heartbeat before it fails the task with an
+error reply; its SuperNode meanwhile waits for that reply and pulls nothing else. Sized for a
+cold ``flwr-clientapp`` start, that made a fork killed mid-message (out of memory, say) cost
+its device the next round too (the 40 s round after the kill was over before the 60 s were).
+The SuperNode (``side="node"``) judges by :data:`WARM_TASK_HEARTBEAT_S` instead, and the
+executor's forks (``side="task"``) send their heartbeats on that clock (every 3.5-4.5 s).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "ABORT_CHECK_TTL_S",
     "FIRST_RETRY_S",
+    "FLOWER_TASK_HEARTBEAT_S",
     "LONGEST_RETRY_S",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "TASK_HEARTBEAT_ENV",
+    "WARM_TASK_HEARTBEAT_S",
     "pace_object_pulls",
     "patient_sqlite",
     "quick_abort_checks",
     "quick_record_items",
+    "quick_task_expiry",
     "run_flower",
+    "task_heartbeat_s",
 ]
 
 FIRST_RETRY_S = 0.05
@@ -166,6 +180,50 @@ def quick_record_items() -> bool:
     ):  # fmt: skip
         method.__doc__ = getattr(cls, name).__doc__
         setattr(cls, name, method)
+    return True
+
+
+#: Flower's task heartbeat interval (flwr 1.42): a claimed task starts within it, a running
+#: one is heard from within twice it
+FLOWER_TASK_HEARTBEAT_S = 30
+#: the warm executor's (its forks start in milliseconds); more than Flower's heartbeat call
+#: timeout of 5 s, since a sender waits (interval - 5 s) x 0.7-0.9 between heartbeats
+WARM_TASK_HEARTBEAT_S = 10.0
+#: the environment variable a daemon with a warm executor passes it in, to both processes
+TASK_HEARTBEAT_ENV = "POLLINATE_TASK_HEARTBEAT_S"
+
+
+def task_heartbeat_s(value: str) -> float:
+    """``$POLLINATE_TASK_HEARTBEAT_S`` as seconds; ``SystemExit`` with one line when it is not
+    a number from 6 to Flower's 30."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 6 <= seconds <= FLOWER_TASK_HEARTBEAT_S:  # also refuses nan
+        raise SystemExit(
+            f"{TASK_HEARTBEAT_ENV}={value!r} is not a number of seconds from 6 to "
+            f"{FLOWER_TASK_HEARTBEAT_S} (Flower's heartbeat call may take 5 s); unset it or use "
+            f"{WARM_TASK_HEARTBEAT_S:g}"
+        )
+    return seconds
+
+
+def quick_task_expiry(
+    interval_s: float = WARM_TASK_HEARTBEAT_S, *, side: Literal["node", "task"]
+) -> bool:
+    """Put Flower's task heartbeat on ``interval_s`` in this process (see the module's text):
+    the SuperNode's task state (``"node"``: claims expire after it, running tasks after twice
+    it) or the task heartbeats this process sends (``"task"``; a SuperNode's heartbeats to
+    its SuperLink are another clock, left as they are). ``False`` (nothing changed) when this
+    Flower keeps that interval elsewhere."""
+    import importlib
+
+    name = "supercore.corestate.in_memory_corestate" if side == "node" else "supercore.heartbeat"
+    module = importlib.import_module(f"flwr.{name}")
+    if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
+        return False
+    module.HEARTBEAT_DEFAULT_INTERVAL = interval_s  # type: ignore[attr-defined]
     return True
 
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from pollinate._atomic import atomic_write_text
 from pollinate.config.latency import LatencyModel
 from pollinate.device.supernode import DEFAULT_POLL_S, POLL_ENV, poll_interval
-from pollinate.device.wake import WAKE_ENV, WAKE_FIFO, make_fifo
+from pollinate.device.wake import warm_executor_env
 from pollinate.device.zygote import check_zygote
 from pollinate.errors import ConfigError
 from pollinate.protocol import NodeKey
@@ -326,8 +326,8 @@ class EdgeDaemon:
                 continue
             self._port = _free_port()
             executor, env = None, self._env()
-            if s.executor == "warm":  # the SuperNode wakes its executor when a message comes
-                env[WAKE_ENV] = str(make_fifo(state / WAKE_FIFO).resolve())
+            if s.executor == "warm":  # the SuperNode wakes it; its forks' 10 s heartbeat clock
+                env.update(warm_executor_env(state))
             with (state / "supernode.log").open("ab") as log_file:
                 process = subprocess.Popen(
                     self.command(), stdout=log_file, stderr=subprocess.STDOUT,

@@ -15,7 +15,10 @@ and runtime API, unchanged) with those waits paced, through the ``time`` its loo
 - the waits for the local reply poll every :data:`LOCAL_STEP_S` (no network involved);
 - with ``$POLLINATE_EXECUTOR_WAKE`` set (the daemon's warm executor), each message it stores
   wakes the executor at once (:mod:`pollinate.device.wake`), which otherwise polls for tasks
-  every 0.2 s.
+  every 0.2 s;
+- with ``$POLLINATE_TASK_HEARTBEAT_S`` set (the warm executor's 10 s), a task whose fork died
+  is offered again, or answered with an error reply, on that clock instead of Flower's 30 s
+  (``_flower.quick_task_expiry``).
 
 Should a later Flower change that loop, the SuperNode runs unpaced, with one warning.
 """
@@ -137,9 +140,19 @@ def main() -> None:
         poll_s = poll_interval(os.environ.get(POLL_ENV))
     except ConfigError as err:
         sys.exit(f"pollinate supernode: {err}")
-    from pollinate._flower import pace_object_pulls, run_flower
+    from pollinate._flower import (
+        TASK_HEARTBEAT_ENV,
+        pace_object_pulls,
+        quick_task_expiry,
+        run_flower,
+        task_heartbeat_s,
+    )
 
     pace_object_pulls()
+    heartbeat = os.environ.get(TASK_HEARTBEAT_ENV)  # a warm executor's forks: 10 s
+    if heartbeat and not quick_task_expiry(task_heartbeat_s(heartbeat), side="node"):
+        print("pollinate supernode: Flower's task state changed; a task whose process "
+                  "died is given up on Flower's own clock", file=sys.stderr)  # fmt: skip
     if wake_path := os.environ.get(WAKE_ENV):
         wake_on_message(loop, Waker(wake_path))
     paced = getattr(loop, "time", None) is time  # a Flower whose loop sleeps through `time`

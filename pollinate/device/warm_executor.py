@@ -8,8 +8,11 @@ tokens and TLS) with one executor swapped in: torch, Flower and pollinate's Clie
 imported once, and each task runs in a ``fork`` of this warm process, through Flower's own
 ``run_clientapp`` (pull the message, run the app, push the reply).
 
-A task that crashes or leaks takes only its fork down: Flower's task expiry reports it to the
-server as a failed reply, and the next task gets a fresh fork of the clean parent. The parent
+A task that crashes or leaks takes only its fork down, and the next task gets a fresh fork of
+the clean parent. A fork killed by a signal has its message answered with an error reply by
+the parent at once (:mod:`.fork_crash`); behind that, Flower's task expiry offers a task again
+or fails it with an error reply on a 10 s heartbeat clock rather than Flower's 30 s
+(``_flower.quick_task_expiry``, set in both the SuperNode and here). The parent
 never runs torch itself (no OpenMP threads to inherit) and holds no thread of its own when it
 forks. The daemon (``device/daemon.py``, ``--executor warm``) starts it in the SuperNode's
 process group, so stopping or killing the SuperNode stops it too.
@@ -28,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from pollinate.device.fork_crash import report, tell_parent
 from pollinate.device.wake import IDLE_POLL_S, WAKE_ENV, WakeableTime
 
 __all__ = ["ForkExecutor", "main", "warm_up"]
@@ -55,7 +59,7 @@ class ForkExecutor:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
         self._fallback = SubprocessExecutor()
-        self._children: set[int] = set()
+        self._children: dict[int, tuple[Any, int]] = {}  # pid: (its task, its pipe)
 
     def get_eligible_capacity(
         self, supported_task_types: set[Any], **_: Any
@@ -74,36 +78,52 @@ class ForkExecutor:
         if spec.task_type != TaskType.CLIENT_APP:
             return self._fallback.launch(spec)
         self.reconcile()
+        read, write = os.pipe()  # what Flower's runtime gave the fork (.fork_crash)
         pid = os.fork()
         if pid == 0:  # the task: Flower's ClientApp process, minus its imports
-            _run_task(spec)
-        self._children.add(pid)
+            os.close(read)
+            _run_task(spec, write)
+        os.close(write)
+        os.set_blocking(read, False)  # should the fork leave a child holding its end
+        self._children[pid] = (spec, read)
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap the forks that finished (a crashed one is the server's failed reply)."""
-        for pid in list(self._children):
+        """Reap the forks that finished; one killed by a signal has its message answered
+        with an error reply at once (:func:`.fork_crash.report`)."""
+        for pid, (spec, read) in list(self._children.items()):
             try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                done = pid
-            if done:
-                self._children.discard(pid)
+                done, status = pid, 0
+            if not done:
+                continue
+            del self._children[pid]
+            records = b""
+            with contextlib.suppress(OSError):
+                while chunk := os.read(read, 65536):
+                    records += chunk
+            os.close(read)
+            if os.WIFSIGNALED(status):
+                report(spec, os.WTERMSIG(status), records)
 
     def close(self) -> None:
         """Stop the forks still running."""
-        for pid in self._children:
+        for pid, (_, read) in self._children.items():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+            os.close(read)
         self._children.clear()
 
 
-def _run_task(spec: Any) -> None:
-    """In the fork: Flower's ``run_clientapp`` for one token, then leave at once."""
+def _run_task(spec: Any, tell: int) -> None:
+    """In the fork: Flower's ``run_clientapp`` for one token, telling the parent what it got
+    over ``tell``; then leave at once."""
     code = 0
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        tell_parent(tell)
         from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -173,6 +193,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     warm_up()
     from flwr.supercore.superexec import run_superexec as flower
+
+    from pollinate._flower import (
+        TASK_HEARTBEAT_ENV,
+        WARM_TASK_HEARTBEAT_S,
+        quick_task_expiry,
+        task_heartbeat_s,
+    )
+
+    # forks heartbeat on the clock the SuperNode judges them by (more often is harmless)
+    heartbeat = os.environ.get(TASK_HEARTBEAT_ENV)
+    interval = task_heartbeat_s(heartbeat) if heartbeat else WARM_TASK_HEARTBEAT_S
+    quick_task_expiry(interval, side="task")
 
     woken = _listen_for_wakes(flower)
     # a task is taken when the SuperNode wakes us; without the FIFO, poll as we used to

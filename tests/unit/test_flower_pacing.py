@@ -1,10 +1,13 @@
 """What ``pollinate/_flower.py`` changes in Flower, checked on Flower's own objects in a fresh
 interpreter (the changes are process-wide): object-pull retries start at 50 ms, and a
 SQLite state Flower opens (the SuperLink's) waits 60 s for its write lock; and the
-SuperLink's abort checks (put back after their test)."""
+SuperLink's abort checks (put back after their test); and a warm device's task heartbeat
+clock, on Flower's own SuperNode state and heartbeat sender."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pollinate._flower import task_heartbeat_s
+from pollinate.device.wake import warm_executor_env
 from pollinate.ops.superlink import SuperLinkSettings, superlink_command
 
 CODE = """
@@ -179,3 +184,75 @@ def _stopped() -> _Runs:
     runs = _Runs()
     runs.status, runs.sub_status = Status.FINISHED, SubStatus.STOPPED
     return runs
+
+
+TASK_EXPIRY = """
+import sys, time
+from flwr.common.constant import Status
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supernode.nodestate import NodeStateFactory
+
+from pollinate._flower import quick_task_expiry
+
+side, interval = sys.argv[1], float(sys.argv[2])
+if interval:
+    assert quick_task_expiry(interval, side=side)
+if side == "node":  # Flower's own task state, as a SuperNode holds it
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    task_id = state.create_task(TaskType.CLIENT_APP, run_id=1)
+    assert state.claim_task(task_id)
+    time.sleep(0.6)  # its executor's fork died before it started the task
+    print(state.get_tasks(task_ids=[task_id])[0].status.status)
+    if state.claim_task(task_id) and state.activate_task(task_id):  # offered again, started
+        time.sleep(1.1)  # the fork was killed mid-task
+        task = state.get_tasks(task_ids=[task_id])[0]
+        print(task.status.status, task.status.sub_status)
+else:  # Flower's own heartbeat sender, as a fork runs it
+    beats = []
+    sender = HeartbeatSender(lambda: beats.append(time.monotonic()) or True)
+    sender.start()
+    time.sleep(1.2)
+    sender.stop()
+    print(len(beats))
+"""
+
+
+def _task_expiry(side: str, interval: float) -> list[str]:
+    run = subprocess.run(
+        [sys.executable, "-c", TASK_EXPIRY, side, str(interval)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return run.stdout.strip().splitlines()
+
+
+def test_a_dead_forks_task_is_offered_again_then_failed_on_the_shorter_clock() -> None:
+    """Flower's SuperNode state on a 0.5 s clock: a claimed task not started within it is
+    pending again; a started one silent for twice it has failed (Flower then sends the server
+    its error reply). On Flower's own 30 s clock the same task is still "starting"."""
+    assert _task_expiry("node", 0.5) == ["pending", "finished failed"]
+    assert _task_expiry("node", 0) == ["starting"]
+
+
+def test_forks_send_heartbeats_on_the_shorter_clock() -> None:
+    """Flower's heartbeat sender waits (interval - 5 s) x 0.7-0.9: at 5.5 s, a beat every
+    0.35-0.45 s (3-4 in 1.2 s); on Flower's 30 s, one."""
+    assert 3 <= int(_task_expiry("task", 5.5)[0]) <= 4
+    assert _task_expiry("task", 0) == ["1"]
+
+
+@pytest.mark.parametrize("value", ["5", "31", "nan", "ten"])
+def test_a_task_heartbeat_outside_6_to_30_s_is_one_clear_error(value: str) -> None:
+    with pytest.raises(SystemExit, match=rf"POLLINATE_TASK_HEARTBEAT_S='{value}' is not a nu"):
+        task_heartbeat_s(value)
+    assert task_heartbeat_s("10") == 10.0
+
+
+def test_a_warm_executor_gets_its_fifo_and_the_10_s_clock(tmp_path: Path) -> None:
+    env = warm_executor_env(tmp_path)
+    assert env == {
+        "POLLINATE_EXECUTOR_WAKE": str((tmp_path / "executor.wake").resolve()),
+        "POLLINATE_TASK_HEARTBEAT_S": "10",
+    }
+    assert stat.S_ISFIFO(os.stat(env["POLLINATE_EXECUTOR_WAKE"]).st_mode)
