@@ -152,7 +152,7 @@ def main() -> None:
     heartbeat = os.environ.get(TASK_HEARTBEAT_ENV)  # a warm executor's forks: 10 s
     if heartbeat and not quick_task_expiry(task_heartbeat_s(heartbeat), side="node"):
         print("pollinate supernode: Flower's task state changed; a task whose process "
-                  "died is given up on Flower's own clock", file=sys.stderr)  # fmt: skip
+              "died is given up on Flower's own clock", file=sys.stderr)  # fmt: skip
     if wake_path := os.environ.get(WAKE_ENV):
         wake_on_message(loop, Waker(wake_path))
     paced = getattr(loop, "time", None) is time  # a Flower whose loop sleeps through `time`
