@@ -15,10 +15,11 @@ and runtime API, unchanged) with those waits paced, through the ``time`` its loo
 - the waits for the local reply poll every :data:`LOCAL_STEP_S` (no network involved);
 - with ``$POLLINATE_EXECUTOR_WAKE`` set (the daemon's warm executor), each message it stores
   wakes the executor at once (:mod:`pollinate.device.wake`), which otherwise polls for tasks
-  every 0.2 s;
-- with ``$POLLINATE_TASK_HEARTBEAT_S`` set (the warm executor's 10 s), a task whose fork died
-  is offered again, or answered with an error reply, on that clock instead of Flower's 30 s
-  (``_flower.quick_task_expiry``).
+  only once a second;
+- with ``$POLLINATE_TASK_HEARTBEAT_S`` set (the warm executor's 10 s), a task whose process
+  went silent is offered again, or failed with an error reply, on that clock instead of
+  Flower's 30 s (``_flower.quick_task_expiry``; a fork killed by a signal is answered sooner
+  still, by the executor: ``device/fork_crash.py``).
 
 Should a later Flower change that loop, the SuperNode runs unpaced, with one warning.
 """

@@ -10,9 +10,10 @@ Here the daemon makes a FIFO in the device's state folder and names it to both p
 with it the task for the executor); the executor sleeps on the FIFO instead of the clock, so
 it asks for the task at once, and otherwise every :data:`IDLE_POLL_S` (Flower's default); the
 fleet's SuperNodes went 1.95 -> 1.3 CPU s a 10-device round and its executors 0.58 -> 0.22. A
-task Flower offers again (its fork died before starting it) is not woken for and waits for
-that poll; it waits 10 s for Flower to offer it first (``_flower.quick_task_expiry``). A lost
-byte costs at most that interval; nothing else rides on the FIFO (it carries no data, only
+task Flower offers again (its process went silent before starting it; a fork killed by a
+signal is answered instead, ``device/fork_crash.py``) is not woken for and waits for that
+poll, after Flower's 10 s wait (``_flower.quick_task_expiry``). A lost byte costs at most
+that interval; nothing else rides on the FIFO (it carries no data, only
 "look now"), and it is private to the user (0600).
 
 :func:`warm_executor_env` is what the daemon gives both processes: the FIFO, and the 10 s
